@@ -1,0 +1,41 @@
+"""Cutting a list of tokenized texts into batches that compute little padding."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .errors import InvalidInputError
+
+__all__ = ["plan_batches", "padded_share"]
+
+
+def plan_batches(lengths: Sequence[int], max_tokens: int, max_batch: int) -> list[np.ndarray]:
+    """Group text indices into batches by a padded-token budget.
+
+    Texts are sorted by length (longest first, so the largest batch shape is met early),
+    and a batch grows while `rows * longest_row <= max_tokens` and `rows <= max_batch`.
+    A single text longer than the budget still gets a batch of its own.
+    """
+    if max_tokens < 1 or max_batch < 1:
+        raise InvalidInputError("max_tokens and max_batch must be positive")
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    batches: list[np.ndarray] = []
+    start = 0
+    while start < len(order):
+        width = lengths[order[start]]  # the longest row of this batch: order is descending
+        rows = max(1, min(max_batch, max_tokens // max(width, 1)))
+        batches.append(order[start : start + rows])
+        start += rows
+    return batches
+
+
+def padded_share(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:
+    """The share of computed token slots that are padding under a batch plan."""
+    real = padded = 0
+    for batch in batches:
+        rows = [lengths[i] for i in batch]
+        real += sum(rows)
+        padded += max(rows) * len(rows)
+    return 0.0 if padded == 0 else 1.0 - real / padded

@@ -1,0 +1,92 @@
+"""Opening a bundle directory and proving its files are the ones the manifest names."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BundleError
+from .manifest import Manifest, Variant
+
+__all__ = ["Bundle", "load_bundle", "file_sha256", "MANIFEST_FILE", "TOKENIZER_FILE", "GOLDEN_FILE"]
+
+MANIFEST_FILE = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
+GOLDEN_FILE = "golden.npz"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle directory and its manifest."""
+
+    path: Path
+    manifest: Manifest
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / TOKENIZER_FILE
+
+    def variant(self, precision: str) -> Variant:
+        try:
+            return self.manifest.variants[precision]
+        except KeyError:
+            have = ", ".join(self.manifest.variants) or "none"
+            raise BundleError(
+                f"bundle {self.path} has no {precision} variant (it has: {have})"
+            ) from None
+
+    def verify_variant(self, precision: str) -> Path:
+        """Check the variant's file (and external data) against the manifest; return its path."""
+        variant = self.variant(precision)
+        path = self.path / variant.file
+        _verify(path, variant.sha256, f"{precision} model")
+        for name in variant.external_data:
+            _verify(self.path / name, self.manifest.files.get(name), f"{precision} external data")
+        return path
+
+    def golden(self) -> tuple[list[str], np.ndarray]:
+        """The probe texts and their FP32 PyTorch reference vectors (pooled, not normalized)."""
+        with np.load(self.path / GOLDEN_FILE, allow_pickle=False) as data:
+            return [str(t) for t in data["texts"]], data["vectors"].astype(np.float32)
+
+
+def _verify(path: Path, expected: str | None, what: str) -> None:
+    if expected is None:
+        raise BundleError(f"manifest lists no sha256 for {path.name} ({what})")
+    if not path.is_file():
+        raise BundleError(f"bundle file {path.name} ({what}) is missing from {path.parent}")
+    actual = file_sha256(path)
+    if actual != expected:
+        raise BundleError(
+            f"bundle file {path.name} ({what}) fails its checksum: sha256 {actual[:12]}... "
+            f"but the manifest says {expected[:12]}...; the bundle is altered or corrupt"
+        )
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Read the manifest and verify every shared file (tokenizer, golden vectors, configs).
+
+    Model files are verified when a variant is chosen, so that opening a bundle with
+    three variants does not hash all three.
+    """
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise BundleError(f"bundle {path} does not exist or is not a directory")
+    manifest = Manifest.read(path / MANIFEST_FILE)
+    if TOKENIZER_FILE not in manifest.files:
+        raise BundleError(f"manifest of {path} lists no {TOKENIZER_FILE}")
+    for name, digest in manifest.files.items():
+        if not any(name in v.external_data for v in manifest.variants.values()):
+            _verify(path / name, digest, "bundle file")
+    return Bundle(path=path, manifest=manifest)

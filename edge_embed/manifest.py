@@ -1,0 +1,137 @@
+"""The bundle manifest: the single source of truth about a bundle.
+
+Code never infers pooling, padding, precision or dimensions from file names; it reads
+them here. The manifest is plain JSON (`manifest.json`) so that any tool can inspect it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BundleError, InvalidInputError
+
+__all__ = ["SCHEMA_VERSION", "PRECISIONS", "POOLINGS", "Parity", "Variant", "Manifest"]
+
+SCHEMA_VERSION = 1
+PRECISIONS = ("fp32", "fp16", "int8")
+POOLINGS = ("mean", "cls", "last_token")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Parity:
+    """How close a variant's vectors are to the PyTorch FP32 reference on the probe set."""
+
+    probes: int
+    cos_min: float
+    cos_mean: float
+    topk: int
+    topk_agreement: float
+    worst_text: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Variant:
+    """One ONNX file of the bundle at one precision."""
+
+    precision: str
+    file: str
+    sha256: str
+    bytes: int
+    opset: int
+    min_onnxruntime: str
+    recipe: dict[str, Any]
+    parity: Parity
+    external_data: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """Everything the runtime needs to turn texts into the same vectors as the source model."""
+
+    schema_version: int = SCHEMA_VERSION
+    model_id: str
+    revision: str | None
+    architecture: str
+    pooling: str
+    padding_side: str
+    append_eos: bool
+    eos_token_id: int | None
+    pad_token_id: int
+    max_length: int
+    dim: int
+    matryoshka_min_dim: int | None
+    instruction_template: str | None
+    default_instruction: str | None
+    graph_inputs: tuple[str, ...]
+    graph_output: str = "sentence_embedding"
+    files: dict[str, str] = field(default_factory=dict)
+    variants: dict[str, Variant] = field(default_factory=dict)
+    exporter: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.schema_version != SCHEMA_VERSION:
+            raise BundleError(
+                f"manifest schema version {self.schema_version} is not supported "
+                f"(this edge-embed reads version {SCHEMA_VERSION})"
+            )
+        if self.pooling not in POOLINGS:
+            raise BundleError(f"manifest pooling {self.pooling!r} is not one of {POOLINGS}")
+        if self.padding_side not in ("left", "right"):
+            raise BundleError(f"manifest padding_side {self.padding_side!r} is not left or right")
+        for name in self.variants:
+            if name not in PRECISIONS:
+                raise BundleError(f"manifest variant {name!r} is not one of {PRECISIONS}")
+
+    def check_dimensions(self, dimensions: int | None) -> int:
+        """The output width for a requested Matryoshka dimension, or InvalidInputError."""
+        if dimensions is None or dimensions == self.dim:
+            return self.dim
+        if isinstance(dimensions, bool) or not isinstance(dimensions, int):
+            raise InvalidInputError(f"dimensions must be an integer, got {dimensions!r}")
+        if self.matryoshka_min_dim is None:
+            raise InvalidInputError(
+                f"dimensions={dimensions} is not allowed: {self.model_id} has no Matryoshka "
+                f"training, only its full {self.dim} dimensions"
+            )
+        if not self.matryoshka_min_dim <= dimensions <= self.dim:
+            raise InvalidInputError(
+                f"dimensions={dimensions} is not allowed: {self.model_id} allows "
+                f"{self.matryoshka_min_dim}..{self.dim}"
+            )
+        return dimensions
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, ensure_ascii=False) + "\n"
+
+    def write(self, path: Path) -> None:
+        Path(path).write_text(self.to_json(), encoding="utf-8")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        try:
+            variants = {
+                name: Variant(
+                    **{**v, "parity": Parity(**v["parity"]), "external_data": tuple(v.get("external_data", ()))}
+                )
+                for name, v in data.get("variants", {}).items()
+            }
+            return cls(**{**data, "variants": variants, "graph_inputs": tuple(data["graph_inputs"])})
+        except (TypeError, KeyError) as exc:
+            raise BundleError(f"manifest is malformed: {exc}") from exc
+
+    @classmethod
+    def read(cls, path: Path) -> Manifest:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise BundleError(f"{path} is missing: not an edge-embed bundle") from exc
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BundleError(f"{path} cannot be read as JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise BundleError(f"{path} does not hold a JSON object")
+        return cls.from_dict(data)

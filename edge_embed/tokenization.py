@@ -1,0 +1,104 @@
+"""Turning texts into token ids exactly as the bundle's manifest prescribes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .errors import BundleError, InvalidInputError
+from .manifest import Manifest
+
+__all__ = ["BundleTokenizer", "check_texts", "pad_batch", "model_inputs"]
+
+
+def check_texts(texts: object) -> list[str]:
+    """Validate a caller's texts: a sequence of non-empty strings (a bare str is refused)."""
+    if isinstance(texts, (str, bytes)):
+        raise InvalidInputError("texts must be a list of strings, not a single string")
+    if not isinstance(texts, Sequence):
+        raise InvalidInputError(f"texts must be a list of strings, got {type(texts).__name__}")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InvalidInputError(f"texts[{i}] must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise InvalidInputError(f"texts[{i}] is empty or only whitespace")
+    return list(texts)
+
+
+class BundleTokenizer:
+    """The bundle's `tokenizers` tokenizer plus the manifest's rules (EOS, limits, prompts)."""
+
+    def __init__(self, tokenizer_path: Path, manifest: Manifest):
+        try:
+            self._tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+            raise BundleError(f"cannot load tokenizer {tokenizer_path}: {exc}") from exc
+        self._manifest = manifest
+        self._tokenizer.no_padding()
+        # With append_eos the runtime adds EOS itself, so the tokenizer keeps one slot free.
+        self._limit = manifest.max_length - (1 if manifest.append_eos else 0)
+        self._tokenizer.enable_truncation(self._limit)
+
+    def format(self, texts: list[str], instruction: str | None) -> list[str]:
+        """Apply the model's instruction template (queries); documents pass unchanged."""
+        if instruction is None:
+            return texts
+        template = self._manifest.instruction_template
+        if template is None:
+            raise InvalidInputError(
+                f"{self._manifest.model_id} does not take instructions; embed without one"
+            )
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise InvalidInputError("instruction must be a non-empty string")
+        return [template.format(instruction=instruction, text=t) for t in texts]
+
+    def encode(self, texts: list[str], *, truncate: bool = True) -> list[np.ndarray]:
+        """Token ids per text (int64, unpadded). truncate=False refuses over-long texts."""
+        encodings = self._tokenizer.encode_batch(texts)
+        ids = []
+        for i, enc in enumerate(encodings):
+            if not truncate and enc.overflowing:
+                raise InvalidInputError(
+                    f"texts[{i}] is longer than the model's {self._manifest.max_length} tokens "
+                    "and truncate is false"
+                )
+            seq = np.asarray(enc.ids, dtype=np.int64)
+            if self._manifest.append_eos and (seq.size == 0 or seq[-1] != self._manifest.eos_token_id):
+                seq = np.append(seq, np.int64(self._manifest.eos_token_id))
+            ids.append(seq)
+        return ids
+
+
+def pad_batch(
+    seqs: Sequence[np.ndarray], pad_id: int, side: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pad token id sequences to one width: (input_ids, attention_mask), both int64."""
+    width = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for row, seq in enumerate(seqs):
+        if side == "left":
+            ids[row, width - len(seq):] = seq
+            mask[row, width - len(seq):] = 1
+        else:
+            ids[row, : len(seq)] = seq
+            mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def model_inputs(
+    seqs: Sequence[np.ndarray], manifest: Manifest
+) -> dict[str, np.ndarray]:
+    """The padded arrays for exactly the graph inputs the manifest lists."""
+    ids, mask = pad_batch(seqs, manifest.pad_token_id, manifest.padding_side)
+    arrays = {"input_ids": ids, "attention_mask": mask}
+    if "position_ids" in manifest.graph_inputs:
+        # Positions count real tokens only, so a left-padded text sees the same positions
+        # as when it is alone.
+        arrays["position_ids"] = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    if "token_type_ids" in manifest.graph_inputs:
+        arrays["token_type_ids"] = np.zeros_like(ids)
+    return {name: arrays[name] for name in manifest.graph_inputs}

@@ -1,0 +1,320 @@
+"""Hugging Face model directory -> validated bundle. Nothing is written that missed its gate."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..batching import plan_batches
+from ..bundle import GOLDEN_FILE, MANIFEST_FILE, file_sha256
+from ..errors import ExportError, GateError
+from ..manifest import PRECISIONS, Manifest, Parity, Variant
+from ..platform import usable_cpu_count
+from ..tokenization import BundleTokenizer, model_inputs
+from .probes import PROBE_CATEGORIES, probe_texts
+from .source import SourceModel, read_source
+from .validation import Gates, check_gate, gate_failure, measure_parity
+
+__all__ = ["export", "parse_precisions"]
+
+Progress = Callable[[str], None]
+_REFERENCE_BATCH_TOKENS = 4096
+_SENSITIVITY_PROBES = 32
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return np.sum(a * b, axis=1)
+
+
+def console_progress() -> Progress:
+    """Timestamped progress lines on stderr (stdout stays free for results)."""
+    start = time.monotonic()
+
+    def report(message: str) -> None:
+        print(f"[export {time.monotonic() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    return report
+
+
+def parse_precisions(value: str | Sequence[str]) -> tuple[str, ...]:
+    """'fp32,int8' or a sequence -> a validated tuple in canonical order."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    wanted = {p.strip().lower() for p in items if p.strip()}
+    unknown = wanted - set(PRECISIONS)
+    if unknown or not wanted:
+        raise ExportError(f"precisions must be a non-empty subset of {','.join(PRECISIONS)}, got {value!r}")
+    return tuple(p for p in PRECISIONS if p in wanted)
+
+
+def _draft_manifest(source: SourceModel) -> Manifest:
+    return Manifest(
+        model_id=source.model_id,
+        revision=source.revision,
+        architecture=source.architecture,
+        pooling=source.pooling,
+        padding_side=source.padding_side,
+        append_eos=source.append_eos,
+        eos_token_id=source.eos_token_id,
+        pad_token_id=source.pad_token_id,
+        max_length=source.max_length,
+        dim=source.dim,
+        matryoshka_min_dim=source.matryoshka_min_dim,
+        instruction_template=source.instruction_template,
+        default_instruction=source.default_instruction,
+        graph_inputs=source.graph_inputs,
+    )
+
+
+def _probe_set(tokenizer: BundleTokenizer, source: SourceModel) -> list[str]:
+    texts = probe_texts()
+    if source.instruction_template:
+        # Instruction-aware models are mostly fed formatted queries: probe those too.
+        texts += tokenizer.format(list(PROBE_CATEGORIES["query"]), source.default_instruction)
+    return texts
+
+
+class _OnnxRunner:
+    """Runs a candidate graph over the probe token ids with the runtime's own batching."""
+
+    def __init__(self, manifest: Manifest, seqs: list[np.ndarray]):
+        self.manifest, self.seqs = manifest, seqs
+        self.batches = plan_batches([len(s) for s in seqs], _REFERENCE_BATCH_TOKENS, 64)
+
+    def __call__(self, path: Path) -> np.ndarray:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = usable_cpu_count()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        out = np.empty((len(self.seqs), self.manifest.dim), dtype=np.float32)
+        for batch in self.batches:
+            feeds = model_inputs([self.seqs[i] for i in batch], self.manifest)
+            out[batch] = session.run([self.manifest.graph_output], feeds)[0]
+        return out
+
+
+def _reference_vectors(model, manifest: Manifest, seqs: list[np.ndarray], progress: Progress) -> np.ndarray:
+    import torch
+
+    out = np.empty((len(seqs), manifest.dim), dtype=np.float32)
+    batches = plan_batches([len(s) for s in seqs], _REFERENCE_BATCH_TOKENS, 64)
+    done = 0
+    with torch.inference_mode():
+        for batch in batches:
+            feeds = model_inputs([seqs[i] for i in batch], manifest)
+            out[batch] = model(*(torch.from_numpy(feeds[n]) for n in manifest.graph_inputs)).numpy()
+            done += len(batch)
+        progress(f"reference vectors: {done}/{len(seqs)} probe texts")
+    return out
+
+
+def _search_int8(fp32_path: Path, work: Path, run: _OnnxRunner, reference: np.ndarray,
+                 texts: list[str], gates: Gates, progress: Progress) -> tuple[Path, dict, Parity]:
+    """Try INT8 recipes from fastest to most conservative; return the first that passes.
+
+    1. dynamic, per-channel weights; 2. the same with reduced weight range (avoids u8*s8
+    saturation on x86 without VNNI); 3. the better of those with the MatMuls whose lone
+    quantization hurts most kept in FP32, 1, 2, 4, ... of them; 4. weight-only 8-bit.
+    """
+    from .quantize import quantizable_matmuls, quantize_dynamic_int8, quantize_weight_only_int8
+
+    candidate = work / "candidate.int8.onnx"
+    tried: list[tuple[dict, Parity, GateError | None]] = []
+
+    def attempt(label: str, make: Callable[[], dict]) -> tuple[dict, Parity, GateError | None]:
+        recipe = make()
+        parity = measure_parity(reference, run(candidate), texts)
+        failure = gate_failure("int8", parity, gates)
+        verdict = "passes" if failure is None else "misses the gate"
+        progress(f"int8 {label}: cos mean {parity.cos_mean:.4f} min {parity.cos_min:.4f} -> {verdict}")
+        tried.append((recipe, parity, failure))
+        return tried[-1]
+
+    def finish(recipe: dict, parity: Parity) -> tuple[Path, dict, Parity]:
+        final = work / "model.int8.onnx"
+        candidate.replace(final)
+        return final, recipe, parity
+
+    for reduce_range in (False, True):
+        recipe, parity, failure = attempt(
+            f"dynamic per-channel{' reduce-range' if reduce_range else ''}",
+            lambda rr=reduce_range: quantize_dynamic_int8(fp32_path, candidate, per_channel=True, reduce_range=rr),
+        )
+        if failure is None:
+            return finish(recipe, parity)
+
+    best = max(tried, key=lambda t: (t[1].cos_min, t[1].cos_mean))
+    best_rr = best[0]["reduce_range"]
+    # Sensitivity is measured on the texts the best full recipe hurt most: they are the
+    # ones the gate is decided on, and a small set keeps one pass per MatMul cheap.
+    quantize_dynamic_int8(fp32_path, candidate, per_channel=True, reduce_range=best_rr)
+    cos_per_text = _cosines(reference, run(candidate))
+    hardest = np.argsort(cos_per_text)[:_SENSITIVITY_PROBES]
+    run_hardest = _OnnxRunner(run.manifest, [run.seqs[i] for i in hardest])
+    nodes = quantizable_matmuls(fp32_path)
+    progress(f"int8: measuring the sensitivity of {len(nodes)} MatMuls on the {len(hardest)} hardest texts")
+    damage = {}
+    for i, node in enumerate(nodes, 1):
+        quantize_dynamic_int8(fp32_path, candidate, per_channel=True, reduce_range=best_rr, nodes_to_quantize=[node])
+        damage[node] = 1.0 - float(_cosines(reference[hardest], run_hardest(candidate)).min())
+        if i % 10 == 0 or i == len(nodes):
+            progress(f"int8 sensitivity: {i}/{len(nodes)} MatMuls")
+    ranked = sorted(nodes, key=lambda n: -damage[n])
+    k = 1
+    while k <= len(nodes) // 2:
+        excluded = tuple(ranked[:k])
+        recipe, parity, failure = attempt(
+            f"dynamic per-channel, {k} sensitive MatMuls in fp32",
+            lambda ex=excluded: quantize_dynamic_int8(
+                fp32_path, candidate, per_channel=True, reduce_range=best_rr, exclude=ex
+            ),
+        )
+        if failure is None:
+            return finish(recipe, parity)
+        k *= 2
+
+    recipe, parity, failure = attempt("weight-only 8-bit", lambda: quantize_weight_only_int8(fp32_path, candidate))
+    if failure is None:
+        return finish(recipe, parity)
+    candidate.unlink(missing_ok=True)
+    best = max(tried, key=lambda t: (t[1].cos_min, t[1].cos_mean))
+    raise best[2]
+
+
+def export(
+    source_dir: str | Path,
+    out_dir: str | Path,
+    precisions: str | Sequence[str] = PRECISIONS,
+    *,
+    model_id: str | None = None,
+    revision: str | None = None,
+    max_length: int | None = None,
+    gates: Gates = Gates(),
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> Manifest:
+    """Export, validate every variant against the PyTorch FP32 reference, write the bundle.
+
+    The bundle is assembled in a sibling temporary directory and moved into place only
+    when every requested variant has passed its gate.
+    """
+    wanted = parse_precisions(precisions)
+    out_dir = Path(out_dir).expanduser().resolve()
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ExportError(f"{out_dir} exists and is not empty (pass overwrite to replace it)")
+    progress = progress or console_progress()
+    source = read_source(source_dir, model_id=model_id, revision=revision, max_length=max_length)
+    draft = _draft_manifest(source)
+    progress(
+        f"{source.model_id}: {source.architecture}, {source.pooling} pooling, {source.padding_side} "
+        f"padding, dim {source.dim}, max length {source.max_length}"
+    )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        manifest = _build(source, draft, work, wanted, gates, progress)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        work.rename(out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    progress(f"bundle written to {out_dir}")
+    return manifest
+
+
+def _build(source: SourceModel, draft: Manifest, work: Path, wanted: tuple[str, ...],
+           gates: Gates, progress: Progress) -> Manifest:
+    import onnxruntime
+    import torch
+
+    from .graph import MIN_ONNXRUNTIME, ONNX_OPSET, export_onnx, load_pooled_encoder
+
+    for name in source.tokenizer_files:
+        shutil.copyfile(source.path / name, work / name)
+    tokenizer = BundleTokenizer(work / "tokenizer.json", draft)
+    texts = _probe_set(tokenizer, source)
+    seqs = tokenizer.encode(texts)
+
+    torch.set_num_threads(usable_cpu_count())
+    progress(f"loading the PyTorch FP32 model from {source.path}")
+    model = load_pooled_encoder(source)
+    reference = _reference_vectors(model, draft, seqs, progress)
+    np.savez(work / GOLDEN_FILE, texts=np.array(texts), vectors=reference)
+
+    progress("exporting the FP32 ONNX graph (torch.onnx, dynamo)")
+    fp32_path = work / "model.fp32.onnx"
+    sample = model_inputs(sorted(seqs, key=len)[-2:], draft)
+    external = export_onnx(model, source, fp32_path, sample)
+    del model
+    run = _OnnxRunner(draft, seqs)
+
+    built: dict[str, tuple[Path, dict, Parity]] = {}
+    parity = measure_parity(reference, run(fp32_path), texts)
+    progress(f"fp32 parity: cos min {parity.cos_min:.6f}")
+    check_gate("fp32", parity, gates)
+    built["fp32"] = (fp32_path, {"method": "torch.onnx.export (dynamo)"}, parity)
+
+    if "fp16" in wanted:
+        from .quantize import to_fp16
+
+        progress("converting to FP16")
+        path = work / "model.fp16.onnx"
+        recipe = to_fp16(fp32_path, path)
+        parity = measure_parity(reference, run(path), texts)
+        progress(f"fp16 parity: cos min {parity.cos_min:.6f}")
+        check_gate("fp16", parity, gates)
+        built["fp16"] = (path, recipe, parity)
+
+    if "int8" in wanted:
+        progress("quantizing to INT8")
+        built["int8"] = _search_int8(fp32_path, work, run, reference, texts, gates, progress)
+
+    if "fp32" not in wanted:
+        fp32_path.unlink()
+        for name in external:
+            (work / name).unlink()
+        del built["fp32"]
+
+    variants = {}
+    for precision, (path, recipe, parity) in built.items():
+        variants[precision] = Variant(
+            precision=precision,
+            file=path.name,
+            sha256=file_sha256(path),
+            bytes=path.stat().st_size,
+            opset=ONNX_OPSET,
+            min_onnxruntime=MIN_ONNXRUNTIME,
+            recipe=recipe,
+            parity=parity,
+            external_data=tuple(external) if precision == "fp32" else (),
+        )
+    shared = [*source.tokenizer_files, GOLDEN_FILE, *(external if "fp32" in wanted else [])]
+    manifest = Manifest(
+        **{
+            **{f: getattr(draft, f) for f in draft.__dataclass_fields__ if f not in ("files", "variants", "exporter")},
+            "files": {name: file_sha256(work / name) for name in shared},
+            "variants": variants,
+            "exporter": {
+                "edge_embed": __version__,
+                "torch": torch.__version__,
+                "onnxruntime": onnxruntime.__version__,
+            },
+        }
+    )
+    manifest.write(work / MANIFEST_FILE)
+    for path in work.iterdir():
+        path.chmod(0o644)
+    work.chmod(0o755)
+    return manifest

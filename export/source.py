@@ -1,0 +1,227 @@
+"""Reading a local Hugging Face model directory into the facts a bundle manifest records.
+
+Everything is decided here, once, from the model's own files (config.json, the
+sentence-transformers configs, tokenizer_config.json) and the architecture's known
+rules; the runtime later reads only the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer
+
+from ..errors import ExportError
+
+__all__ = ["SourceModel", "read_source", "ARCHITECTURES"]
+
+QWEN3_QUERY_TEMPLATE = "Instruct: {instruction}\nQuery:{text}"
+QWEN3_DEFAULT_TASK = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+@dataclass(frozen=True)
+class ArchitectureRules:
+    """What a family needs when its model directory does not say."""
+
+    pooling: str
+    padding_side: str
+    needs_eos: bool
+    graph_inputs: tuple[str, ...]
+    matryoshka_min_dim: int | None
+    instruction_template: str | None
+    default_instruction: str | None
+    max_length_cap: int
+
+
+_BERT = ArchitectureRules(
+    pooling="mean",
+    padding_side="right",
+    needs_eos=False,
+    graph_inputs=("input_ids", "attention_mask"),
+    matryoshka_min_dim=None,
+    instruction_template=None,
+    default_instruction=None,
+    max_length_cap=512,
+)
+
+ARCHITECTURES: dict[str, ArchitectureRules] = {
+    "bert": _BERT,
+    "roberta": _BERT,
+    "xlm-roberta": _BERT,
+    "mpnet": _BERT,
+    "distilbert": _BERT,
+    # Qwen3-Embedding: last-token pooling over an appended EOS, left padding, Matryoshka
+    # output from 32 dims up, instruction-formatted queries. The 32k context is capped at
+    # 8192 by default: attention memory at 32k tokens does not fit an edge device.
+    "qwen3": ArchitectureRules(
+        pooling="last_token",
+        padding_side="left",
+        needs_eos=True,
+        graph_inputs=("input_ids", "attention_mask", "position_ids"),
+        matryoshka_min_dim=32,
+        instruction_template=QWEN3_QUERY_TEMPLATE,
+        default_instruction=QWEN3_DEFAULT_TASK,
+        max_length_cap=8192,
+    ),
+}
+
+_ST_POOLING = {
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_lasttoken": "last_token",
+}
+_ST_SUPPORTED_MODULES = {"Transformer", "Pooling", "Normalize"}
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    """A Hugging Face model directory and every rule its bundle will carry."""
+
+    path: Path
+    model_id: str
+    revision: str | None
+    architecture: str
+    pooling: str
+    padding_side: str
+    append_eos: bool
+    eos_token_id: int | None
+    pad_token_id: int
+    max_length: int
+    dim: int
+    matryoshka_min_dim: int | None
+    instruction_template: str | None
+    default_instruction: str | None
+    graph_inputs: tuple[str, ...]
+    tokenizer_files: tuple[str, ...]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ExportError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ExportError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _optional_json(path: Path) -> dict[str, Any]:
+    return _read_json(path) if path.is_file() else {}
+
+
+def _st_pooling(path: Path) -> str | None:
+    """Pooling named by the sentence-transformers config, if the model ships one."""
+    modules_file = path / "modules.json"
+    if not modules_file.is_file():
+        return None
+    modules = json.loads(modules_file.read_text(encoding="utf-8"))
+    pooling_dir = None
+    for module in modules:
+        kind = module.get("type", "").rsplit(".", 1)[-1]
+        if kind not in _ST_SUPPORTED_MODULES:
+            raise ExportError(
+                f"{path} uses a sentence-transformers {kind} module; edge-embed exports "
+                f"only {sorted(_ST_SUPPORTED_MODULES)}"
+            )
+        if kind == "Pooling":
+            pooling_dir = path / module.get("path", "")
+    if pooling_dir is None:
+        return None
+    config = _read_json(pooling_dir / "config.json")
+    chosen = [mode for key, mode in _ST_POOLING.items() if config.get(key)]
+    unsupported = [k for k, v in config.items() if k.startswith("pooling_mode") and v and k not in _ST_POOLING]
+    if unsupported or len(chosen) != 1:
+        raise ExportError(
+            f"{pooling_dir}/config.json asks for pooling {unsupported or chosen}; edge-embed "
+            f"supports exactly one of {sorted(set(_ST_POOLING.values()))}"
+        )
+    return chosen[0]
+
+
+def _token_id(tokenizer: Tokenizer, token: Any) -> int | None:
+    if isinstance(token, dict):  # tokenizer_config may hold AddedToken dicts
+        token = token.get("content")
+    return tokenizer.token_to_id(token) if isinstance(token, str) else None
+
+
+def read_source(
+    source_dir: str | Path,
+    *,
+    model_id: str | None = None,
+    revision: str | None = None,
+    max_length: int | None = None,
+) -> SourceModel:
+    """Decide pooling, padding, EOS, limits and prompts for a local model directory."""
+    path = Path(source_dir).expanduser().resolve()
+    if not (path / "config.json").is_file():
+        raise ExportError(f"{path} is not a Hugging Face model directory (no config.json)")
+    if not (path / "tokenizer.json").is_file():
+        raise ExportError(
+            f"{path} has no tokenizer.json; edge-embed needs a fast (tokenizers) tokenizer"
+        )
+    config = _read_json(path / "config.json")
+    arch = config.get("model_type")
+    if arch not in ARCHITECTURES:
+        raise ExportError(
+            f"{path}: model_type {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}"
+        )
+    rules = ARCHITECTURES[arch]
+    tok_config = _optional_json(path / "tokenizer_config.json")
+    st_config = _optional_json(path / "sentence_bert_config.json")
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+
+    pooling = _st_pooling(path) or rules.pooling
+    padding_side = tok_config.get("padding_side") or rules.padding_side
+    if pooling == "last_token" and padding_side != "left":
+        padding_side = "left"  # the graph handles either; left keeps the pooled token at -1
+
+    eos_id = _token_id(tokenizer, tok_config.get("eos_token"))
+    if eos_id is None and isinstance(config.get("eos_token_id"), int):
+        eos_id = config["eos_token_id"]
+    append_eos = False
+    if rules.needs_eos or pooling == "last_token":
+        if eos_id is None:
+            raise ExportError(f"{path}: last-token pooling needs an EOS token, and none is configured")
+        tokenizer.no_truncation()
+        append_eos = tokenizer.encode("probe").ids[-1:] != [eos_id]
+
+    pad_id = _token_id(tokenizer, tok_config.get("pad_token"))
+    if pad_id is None:
+        pad_id = config.get("pad_token_id") if isinstance(config.get("pad_token_id"), int) else eos_id
+    if pad_id is None:
+        pad_id = 0
+
+    limits = [rules.max_length_cap, config.get("max_position_embeddings")]
+    limits.append(st_config.get("max_seq_length"))
+    model_max = tok_config.get("model_max_length")
+    if isinstance(model_max, int) and model_max < 1_000_000:
+        limits.append(model_max)
+    natural = min(x for x in limits if isinstance(x, int) and x > 0)
+    if max_length is not None:
+        if not 2 <= max_length <= (config.get("max_position_embeddings") or max_length):
+            raise ExportError(f"max_length {max_length} is outside what the model supports")
+        natural = max_length
+
+    dim = int(config["hidden_size"])
+    files = [n for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json") if (path / n).is_file()]
+    return SourceModel(
+        path=path,
+        model_id=model_id or path.name,
+        revision=revision,
+        architecture=arch,
+        pooling=pooling,
+        padding_side=padding_side,
+        append_eos=append_eos,
+        eos_token_id=eos_id,
+        pad_token_id=int(pad_id),
+        max_length=int(natural),
+        dim=dim,
+        matryoshka_min_dim=rules.matryoshka_min_dim if rules.matryoshka_min_dim and rules.matryoshka_min_dim < dim else None,
+        instruction_template=rules.instruction_template,
+        default_instruction=rules.default_instruction,
+        graph_inputs=rules.graph_inputs,
+        tokenizer_files=tuple(files),
+    )

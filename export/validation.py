@@ -1,0 +1,74 @@
+"""Fidelity figures of a variant against the FP32 reference, and the gates they must pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import GateError
+from ..manifest import Parity
+
+__all__ = ["Gates", "measure_parity", "gate_failure", "check_gate"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Gates:
+    """Minimum cosine similarity to the PyTorch FP32 reference, per precision."""
+
+    fp32_cos_min: float = 0.9999
+    fp16_cos_min: float = 0.999
+    int8_cos_mean: float = 0.99
+    int8_cos_min: float = 0.97
+
+    def limits(self, precision: str) -> dict[str, float]:
+        """The figures a precision is judged by: {"cos_min": x, ...}."""
+        if precision == "fp32":
+            return {"cos_min": self.fp32_cos_min}
+        if precision == "fp16":
+            return {"cos_min": self.fp16_cos_min}
+        return {"cos_mean": self.int8_cos_mean, "cos_min": self.int8_cos_min}
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    v = v.astype(np.float64)
+    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+
+def measure_parity(reference: np.ndarray, candidate: np.ndarray, texts: list[str], topk: int = 10) -> Parity:
+    """Cosine to the reference per text, and how often each text keeps its top-k neighbours."""
+    ref, cand = _unit(reference), _unit(candidate)
+    cos = np.sum(ref * cand, axis=1)
+    k = max(1, min(topk, len(texts) - 1))
+    agreement = 1.0
+    if len(texts) > 1:
+        sim_ref, sim_cand = ref @ ref.T, cand @ cand.T
+        np.fill_diagonal(sim_ref, -np.inf)
+        np.fill_diagonal(sim_cand, -np.inf)
+        top_ref = np.argsort(-sim_ref, axis=1)[:, :k]
+        top_cand = np.argsort(-sim_cand, axis=1)[:, :k]
+        agreement = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(top_ref, top_cand)]))
+    worst = int(np.argmin(cos))
+    return Parity(
+        probes=len(texts),
+        cos_min=round(float(cos[worst]), 6),
+        cos_mean=round(float(cos.mean()), 6),
+        topk=k,
+        topk_agreement=round(agreement, 4),
+        worst_text=texts[worst],
+    )
+
+
+def gate_failure(precision: str, parity: Parity, gates: Gates) -> GateError | None:
+    """The error for the first figure below its gate, or None when the variant passes."""
+    for figure, limit in gates.limits(precision).items():
+        value = getattr(parity, figure)
+        if value < limit:
+            return GateError(precision, figure, value, limit, parity.worst_text)
+    return None
+
+
+def check_gate(precision: str, parity: Parity, gates: Gates) -> None:
+    failure = gate_failure(precision, parity, gates)
+    if failure is not None:
+        raise failure
