@@ -15,8 +15,10 @@ def plan_batches(lengths: Sequence[int], max_tokens: int, max_batch: int) -> lis
     """Group text indices into batches by a padded-token budget.
 
     Texts are sorted by length (longest first, so the largest batch shape is met early),
-    and a batch grows while `rows * longest_row <= max_tokens` and `rows <= max_batch`.
-    A single text longer than the budget still gets a batch of its own.
+    and a batch grows while `rows * longest_row <= max_tokens`, `rows <= max_batch` and
+    the next text is at least half as long as the longest (so a few long texts never
+    drag a crowd of short ones up to their width). A text longer than the budget still
+    gets a batch of its own.
     """
     if max_tokens < 1 or max_batch < 1:
         raise InvalidInputError("max_tokens and max_batch must be positive")
@@ -25,9 +27,12 @@ def plan_batches(lengths: Sequence[int], max_tokens: int, max_batch: int) -> lis
     start = 0
     while start < len(order):
         width = lengths[order[start]]  # the longest row of this batch: order is descending
-        rows = max(1, min(max_batch, max_tokens // max(width, 1)))
-        batches.append(order[start : start + rows])
-        start += rows
+        stop = min(len(order), start + max(1, min(max_batch, max_tokens // max(width, 1))))
+        end = start + 1
+        while end < stop and 2 * lengths[order[end]] >= width:
+            end += 1
+        batches.append(order[start:end])
+        start = end
     return batches
 
 

@@ -1,0 +1,157 @@
+"""`edge-embed`: export, embed and inspect bundles from the shell.
+
+Errors print one line on stderr and exit with the error class's own exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from .errors import EdgeEmbedError, InvalidInputError
+
+__all__ = ["main"]
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"EDGE_EMBED_{name}", default)
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return number
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-embed", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ex = sub.add_parser("export", help="export a Hugging Face model directory to a validated bundle")
+    ex.add_argument("source", help="local Hugging Face model directory")
+    ex.add_argument("out", help="bundle directory to write")
+    ex.add_argument("--precision", default="fp32,fp16,int8", help="comma-separated: fp32,fp16,int8")
+    ex.add_argument("--model-id", help="model id to record (default: the directory name)")
+    ex.add_argument("--revision", help="source revision to record")
+    ex.add_argument("--max-length", type=_positive_int, help="token limit to export for")
+    ex.add_argument("--int8-cos-min", type=float, help="INT8 gate: minimum cosine (default 0.97)")
+    ex.add_argument("--int8-cos-mean", type=float, help="INT8 gate: mean cosine (default 0.99)")
+    ex.add_argument("--fp16-cos-min", type=float, help="FP16 gate: minimum cosine (default 0.999)")
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+
+    em = sub.add_parser("embed", help="embed texts; prints one JSON object per line")
+    em.add_argument("texts", nargs="*", help="texts to embed; '-' reads one text per line from stdin")
+    _bundle_options(em)
+    em.add_argument("--dimensions", type=_positive_int, help="Matryoshka output width")
+    group = em.add_mutually_exclusive_group()
+    group.add_argument("--instruction", help="task instruction: embeds the texts as queries")
+    group.add_argument("--query", action="store_true", help="embed as queries with the model's default task")
+    em.add_argument("--no-normalize", action="store_true", help="return vectors without L2 normalization")
+    em.add_argument("--no-truncate", action="store_true", help="refuse texts over the token limit")
+
+    info = sub.add_parser("info", help="describe a bundle and what would run")
+    _bundle_options(info)
+    return parser
+
+
+def _bundle_options(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--bundle", default=_env("BUNDLE"), help="bundle directory (default: the default model)")
+    cmd.add_argument("--precision", default=_env("PRECISION", "auto"), help="fp32, fp16, int8 or auto")
+    cmd.add_argument("--threads", type=_positive_int, default=_env("THREADS"), help="CPU threads (default: affinity mask)")
+
+
+def _open(args: argparse.Namespace):
+    from . import load
+    from .default_model import ensure_default_bundle
+
+    bundle = args.bundle or ensure_default_bundle()
+    threads = int(args.threads) if args.threads else None
+    return load(bundle, precision=args.precision, threads=threads)
+
+
+def _read_texts(args: argparse.Namespace) -> list[str]:
+    if args.texts == ["-"]:
+        return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not args.texts:
+        raise InvalidInputError("give texts to embed, or '-' to read them from stdin")
+    return list(args.texts)
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from .export import Gates, export
+
+    overrides = {
+        "int8_cos_min": args.int8_cos_min,
+        "int8_cos_mean": args.int8_cos_mean,
+        "fp16_cos_min": args.fp16_cos_min,
+    }
+    gates = Gates(**{k: v for k, v in overrides.items() if v is not None})
+    manifest = export(
+        args.source,
+        args.out,
+        args.precision,
+        model_id=args.model_id,
+        revision=args.revision,
+        max_length=args.max_length,
+        gates=gates,
+        overwrite=args.overwrite,
+    )
+    for name, variant in manifest.variants.items():
+        p = variant.parity
+        print(f"{name}: {variant.bytes / 1e6:.1f} MB, cos min {p.cos_min:.4f} mean {p.cos_mean:.4f}, "
+              f"top-{p.topk} agreement {p.topk_agreement:.3f}")
+
+
+def _cmd_embed(args: argparse.Namespace) -> None:
+    texts = _read_texts(args)
+    with _open(args) as provider:
+        instruction = args.instruction
+        if args.query:
+            instruction = provider.manifest.default_instruction
+            if instruction is None:
+                raise InvalidInputError(f"{provider.manifest.model_id} has no query instruction")
+        vectors = provider.embed(
+            texts,
+            instruction=instruction,
+            dimensions=args.dimensions,
+            normalize=not args.no_normalize,
+            truncate=not args.no_truncate,
+        )
+    out = sys.stdout
+    for i, vector in enumerate(vectors):
+        out.write(json.dumps({"index": i, "embedding": [round(float(x), 7) for x in vector]}) + "\n")
+
+
+def _cmd_info(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    with _open(args) as provider:
+        manifest = dataclasses.asdict(provider.manifest)
+        report = {"provider": dataclasses.asdict(provider.info), "bundle": str(provider.bundle.path), "manifest": manifest}
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = {"export": _cmd_export, "embed": _cmd_embed, "info": _cmd_info}[args.command]
+    try:
+        command(args)
+    except EdgeEmbedError as exc:
+        print(f"edge-embed: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

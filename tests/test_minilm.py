@@ -1,0 +1,154 @@
+"""The real all-MiniLM-L6-v2, exported by the real pipeline, against PyTorch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import edge_embed
+from edge_embed.errors import BundleError, InvalidInputError
+
+from .conftest import minilm_source
+
+pytestmark = pytest.mark.slow
+
+TEXTS = [
+    "How do I reset my router to factory settings?",
+    "Hold the reset button for ten seconds to restore the router's defaults.",
+    "The recipe needs two cups of flour and a pinch of salt.",
+    "ok",
+    "Die Katze schläft auf dem Sofa.",
+    "def add(a, b):\n    return a + b",
+]
+
+
+def _torch_reference(texts: list[str]) -> np.ndarray:
+    """sentence-transformers' recipe for this model, written out: mean pooling, L2 norm."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_source())
+    model = AutoModel.from_pretrained(minilm_source()).eval()
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    pooled = (hidden * mask).sum(1) / mask.sum(1)
+    return torch.nn.functional.normalize(pooled, dim=1).numpy()
+
+
+def test_manifest_records_the_model(minilm_bundle):
+    manifest = edge_embed.load_bundle(minilm_bundle).manifest
+    assert manifest.model_id == "sentence-transformers/all-MiniLM-L6-v2"
+    assert (manifest.architecture, manifest.pooling, manifest.padding_side) == ("bert", "mean", "right")
+    assert (manifest.dim, manifest.max_length, manifest.matryoshka_min_dim) == (384, 256, None)
+    assert set(manifest.variants) == {"fp32", "fp16", "int8"}
+    assert manifest.variants["int8"].parity.probes >= 200
+    assert manifest.variants["int8"].parity.cos_min >= 0.97
+    assert manifest.variants["int8"].parity.cos_mean >= 0.99
+    assert manifest.variants["fp16"].parity.cos_min >= 0.999
+    for path in minilm_bundle.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize(("precision", "gate"), [("fp32", 0.9999), ("fp16", 0.999), ("int8", 0.97)])
+def test_variants_match_pytorch(minilm_bundle, precision, gate):
+    reference = _torch_reference(TEXTS)
+    with edge_embed.load(minilm_bundle, precision=precision) as provider:
+        vectors = provider.embed(TEXTS)
+        assert provider.info.precision == precision
+        assert provider.info.execution_providers[0] == "CPUExecutionProvider"
+    assert vectors.dtype == np.float32 and vectors.shape == (len(TEXTS), 384)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert np.sum(vectors * reference, axis=1).min() >= gate
+
+
+def test_variants_match_the_golden_vectors(minilm_bundle):
+    bundle = edge_embed.load_bundle(minilm_bundle)
+    texts, golden = bundle.golden()
+    golden = golden / np.linalg.norm(golden, axis=1, keepdims=True)
+    for precision, variant in bundle.manifest.variants.items():
+        with edge_embed.load(bundle, precision=precision) as provider:
+            cos = np.sum(provider.embed(texts) * golden, axis=1)
+        assert cos.min() == pytest.approx(variant.parity.cos_min, abs=2e-4)
+
+
+def test_embeddings_carry_meaning(minilm_bundle):
+    with edge_embed.load(minilm_bundle) as provider:
+        v = provider.embed(TEXTS[:3])
+    assert v[0] @ v[1] > 0.5 > v[0] @ v[2]
+
+
+def test_auto_precision_on_cpu_is_int8(minilm_bundle):
+    with edge_embed.load(minilm_bundle) as provider:
+        assert provider.info.precision == "int8"
+        assert provider.info.threads >= 1
+
+
+def test_same_vector_alone_and_in_any_batch(minilm_bundle):
+    from edge_embed.export.probes import probe_texts
+
+    texts = probe_texts()[:120]
+    with edge_embed.load(minilm_bundle, precision="fp32", max_batch_tokens=2048) as provider:
+        together = provider.embed(texts)
+        alone = np.vstack([provider.embed([t]) for t in texts[:40]])
+        shuffled_order = np.random.default_rng(0).permutation(len(texts))
+        shuffled = provider.embed([texts[i] for i in shuffled_order])
+    assert np.sum(together[:40] * alone, axis=1).min() >= 0.99999
+    assert np.sum(together[shuffled_order] * shuffled, axis=1).min() >= 0.99999
+
+
+def test_input_contract(minilm_bundle):
+    with edge_embed.load(minilm_bundle, precision="fp32") as provider:
+        assert provider.embed([]).shape == (0, 384)
+        with pytest.raises(InvalidInputError, match="no Matryoshka"):
+            provider.embed(["a"], dimensions=128)
+        with pytest.raises(InvalidInputError, match=r"texts\[1\] must be a string"):
+            provider.embed(["a", 3])
+        with pytest.raises(InvalidInputError, match="not a single string"):
+            provider.embed("a")
+        with pytest.raises(InvalidInputError, match=r"texts\[0\] is empty"):
+            provider.embed(["  "])
+        with pytest.raises(InvalidInputError, match="does not take instructions"):
+            provider.embed(["a"], instruction="find")
+        long_text = "word " * 600
+        assert provider.embed([long_text]).shape == (1, 384)
+        with pytest.raises(InvalidInputError, match=r"texts\[1\] is longer than the model's 256 tokens"):
+            provider.embed(["short", long_text], truncate=False)
+        raw = provider.embed(["hello"], normalize=False)
+        assert np.linalg.norm(raw) > 1.01 or np.linalg.norm(raw) < 0.99
+        assert provider.count_tokens(["hello world"]) == [4]
+
+
+def test_missing_and_altered_files_are_refused(minilm_bundle, tampered):
+    bundle = tampered(minilm_bundle)
+    (bundle / "tokenizer.json").write_text((bundle / "tokenizer.json").read_text() + " ")
+    with pytest.raises(BundleError, match="tokenizer.json .* fails its checksum"):
+        edge_embed.load(bundle)
+
+    (bundle / "tokenizer.json").unlink()
+    with pytest.raises(BundleError, match="tokenizer.json .* is missing"):
+        edge_embed.load(bundle)
+
+
+def test_altered_model_file_is_refused(minilm_bundle, tampered):
+    bundle = tampered(minilm_bundle)
+    with open(bundle / "model.int8.onnx", "r+b") as fh:
+        fh.seek(1000)
+        byte = fh.read(1)
+        fh.seek(1000)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(BundleError, match="model.int8.onnx .* fails its checksum"):
+        edge_embed.load(bundle, precision="int8")
+    (bundle / "model.fp16.onnx").unlink()
+    with pytest.raises(BundleError, match="model.fp16.onnx .* is missing"):
+        edge_embed.load(bundle, precision="fp16")
+    with pytest.raises(BundleError, match="has no bf16 variant"):
+        edge_embed.load(bundle, precision="bf16")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["pooling"] = "max"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="pooling 'max'"):
+        edge_embed.load(bundle)

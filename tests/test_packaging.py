@@ -1,0 +1,63 @@
+"""The layout contract: three top-level folders install as one `edge_embed` namespace."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from .conftest import REPO
+
+
+def test_runtime_never_imports_torch(minilm_bundle):
+    code = (
+        "import sys, edge_embed\n"
+        f"p = edge_embed.load({str(minilm_bundle)!r})\n"
+        "p.embed(['hello'])\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'onnx', 'edge_embed.export') if m in sys.modules)\n"
+        "print(heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_installed_package_names():
+    import edge_embed.backends.onnx
+    import edge_embed.export.pipeline
+
+    assert edge_embed.backends.onnx.__file__.endswith("backends/onnx.py")
+    assert edge_embed.export.pipeline.__file__.endswith("export/pipeline.py")
+
+
+def test_public_names_are_pinned():
+    import edge_embed
+
+    assert sorted(edge_embed.__all__) == sorted([
+        "__version__", "load", "load_bundle", "Bundle", "Manifest", "EmbeddingProvider",
+        "BundleEmbedder", "ProviderInfo", "EdgeEmbedError", "InvalidInputError", "BundleError",
+        "BackendUnavailableError", "ExportError", "GateError", "OverloadedError",
+    ])
+
+
+@pytest.mark.slow
+def test_wheel_carries_all_three_parts(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
+        check=True, timeout=300, capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("edge_embed-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for expected in ("edge_embed/cli.py", "edge_embed/backends/onnx.py", "edge_embed/export/pipeline.py",
+                     "edge_embed/export/probes.py"):
+        assert expected in names
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, timeout=300, capture_output=True)
+    probe = "import edge_embed.backends.onnx, edge_embed.export.pipeline as p; print(p.__file__)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(str(target))

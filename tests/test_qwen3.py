@@ -1,0 +1,130 @@
+"""A tiny Qwen3 (real architecture, random weights, trained tokenizer) through the pipeline."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import edge_embed
+from edge_embed.errors import GateError, InvalidInputError
+
+pytestmark = pytest.mark.slow
+
+DOCS = ["The quick brown fox jumps over the lazy dog.", "ok", "Wie spät ist es?", "x = [i * i for i in range(10)]"]
+
+
+def _torch_last_token(source, texts: list[str], side: str) -> np.ndarray:
+    """The model card's recipe written out independently: EOS-terminated ids, pad, take the last real token."""
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import AutoModel
+
+    tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
+    model = AutoModel.from_pretrained(source).eval()
+    ids = [tokenizer.encode(t).ids for t in texts]
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    assert all(seq[-1] == eos for seq in ids)
+    width = max(map(len, ids))
+    input_ids = torch.full((len(ids), width), eos)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, seq in enumerate(ids):
+        cols = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        input_ids[row, cols] = torch.tensor(seq)
+        mask[row, cols] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        hidden = model(input_ids=input_ids, attention_mask=mask, position_ids=positions).last_hidden_state
+    last = [width - 1 if side == "left" else len(seq) - 1 for seq in ids]
+    pooled = hidden[torch.arange(len(ids)), last]
+    return torch.nn.functional.normalize(pooled, dim=1).numpy()
+
+
+def test_manifest_rules(qwen3_bundle):
+    m = edge_embed.load_bundle(qwen3_bundle).manifest
+    assert (m.architecture, m.pooling, m.padding_side) == ("qwen3", "last_token", "left")
+    assert m.append_eos is False  # the trained tokenizer's post-processor appends EOS
+    assert m.graph_inputs == ("input_ids", "attention_mask", "position_ids")
+    assert (m.dim, m.matryoshka_min_dim) == (64, 32)
+    assert m.instruction_template == "Instruct: {instruction}\nQuery:{text}"
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_onnx_matches_pytorch_for_either_padding(qwen3_source, qwen3_bundle, side, precision):
+    reference = _torch_last_token(qwen3_source, DOCS, side)
+    with edge_embed.load(qwen3_bundle, precision=precision) as provider:
+        vectors = provider.embed(DOCS)
+    gate = 0.99999 if precision == "fp32" else 0.999
+    assert np.sum(vectors * reference, axis=1).min() >= gate
+
+
+def test_int8_passes_its_gate(qwen3_source, qwen3_bundle):
+    reference = _torch_last_token(qwen3_source, DOCS, "left")
+    with edge_embed.load(qwen3_bundle, precision="int8") as provider:
+        assert np.sum(provider.embed(DOCS) * reference, axis=1).min() >= 0.97
+
+
+def test_queries_use_the_instruction_template(qwen3_source, qwen3_bundle):
+    task = "Given a question, retrieve passages that answer it"
+    formatted = [f"Instruct: {task}\nQuery:{t}" for t in DOCS]
+    reference = _torch_last_token(qwen3_source, formatted, "left")
+    with edge_embed.load(qwen3_bundle, precision="fp32") as provider:
+        queries = provider.embed(DOCS, instruction=task)
+        documents = provider.embed(DOCS)
+        assert provider.count_tokens(DOCS[:1], instruction=task)[0] > provider.count_tokens(DOCS[:1])[0]
+    assert np.sum(queries * reference, axis=1).min() >= 0.99999
+    assert np.sum(queries * documents, axis=1).max() < 0.9999
+
+
+def test_matryoshka_truncates_then_normalizes(qwen3_bundle):
+    with edge_embed.load(qwen3_bundle, precision="fp32") as provider:
+        full = provider.embed(DOCS, normalize=False)
+        short = provider.embed(DOCS, dimensions=32)
+        with pytest.raises(InvalidInputError, match="allows 32..64"):
+            provider.embed(DOCS, dimensions=16)
+    expected = full[:, :32] / np.linalg.norm(full[:, :32], axis=1, keepdims=True)
+    assert short.shape == (len(DOCS), 32)
+    assert np.allclose(short, expected, atol=1e-6)
+
+
+def test_batch_invariance_with_left_padding(qwen3_bundle):
+    from edge_embed.export.probes import probe_texts
+
+    texts = probe_texts()[::3]
+    with edge_embed.load(qwen3_bundle, precision="fp32", max_batch_tokens=1024) as provider:
+        together = provider.embed(texts)
+        alone = np.vstack([provider.embed([t]) for t in texts[:30]])
+    assert np.sum(together[:30] * alone, axis=1).min() >= 0.99999
+
+
+def test_tokenizer_without_eos_rule_gets_eos_appended(qwen3_source, tmp_path):
+    from edge_embed.export import export
+
+    source = tmp_path / "src"
+    shutil.copytree(qwen3_source, source)
+    tok = json.loads((source / "tokenizer.json").read_text())
+    tok["post_processor"] = None
+    (source / "tokenizer.json").write_text(json.dumps(tok))
+    manifest = export(source, tmp_path / "bundle", "fp32", model_id="tiny-qwen3-noeos", progress=lambda _: None)
+    assert manifest.append_eos is True
+    with edge_embed.load(tmp_path / "bundle") as provider:
+        seq = provider.tokenizer.encode(["hello"])[0]
+        assert seq[-1] == manifest.eos_token_id
+        # Same ids as the EOS-appending tokenizer, so the same vector as the original export.
+    reference = _torch_last_token(qwen3_source, DOCS, "left")
+    with edge_embed.load(tmp_path / "bundle") as provider:
+        assert np.sum(provider.embed(DOCS) * reference, axis=1).min() >= 0.99999
+
+
+def test_unreachable_gate_writes_nothing(qwen3_source, tmp_path):
+    from edge_embed.export import Gates, export
+
+    out = tmp_path / "bundle"
+    with pytest.raises(GateError, match=r"int8 variant failed its gate: cos_min .* \(worst text") as info:
+        export(qwen3_source, out, "int8", gates=Gates(int8_cos_min=0.999999), progress=lambda _: None)
+    assert info.value.variant == "int8" and info.value.worst_text
+    assert not out.exists()
+    assert not list(tmp_path.iterdir())
