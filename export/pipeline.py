@@ -170,18 +170,37 @@ def _search_int8(fp32_path: Path, work: Path, run: _OnnxRunner, reference: np.nd
         if i % 10 == 0 or i == len(nodes):
             progress(f"int8 sensitivity: {i}/{len(nodes)} MatMuls")
     ranked = sorted(nodes, key=lambda n: -damage[n])
-    k = 1
-    while k <= len(nodes) // 2:
+
+    def keep_in_fp32(k: int) -> tuple[dict, Parity, GateError | None]:
         excluded = tuple(ranked[:k])
-        recipe, parity, failure = attempt(
+        return attempt(
             f"dynamic per-channel, {k} sensitive MatMuls in fp32",
-            lambda ex=excluded: quantize_dynamic_int8(
-                fp32_path, candidate, per_channel=True, reduce_range=best_rr, exclude=ex
-            ),
+            lambda: quantize_dynamic_int8(fp32_path, candidate, per_channel=True, reduce_range=best_rr, exclude=excluded),
         )
+
+    # Double the kept set until the gate passes, then bisect down to the fewest FP32
+    # MatMuls that still pass: each one kept costs speed.
+    low, k, passing = 0, 1, None
+    while k <= len(nodes) // 2:
+        recipe, parity, failure = keep_in_fp32(k)
         if failure is None:
-            return finish(recipe, parity)
-        k *= 2
+            passing = (k, recipe, parity)
+            break
+        low, k = k, k * 2
+    if passing is not None:
+        high = passing[0]
+        while high - low > 1:
+            mid = (low + high) // 2
+            recipe, parity, failure = keep_in_fp32(mid)
+            if failure is None:
+                high, passing = mid, (mid, recipe, parity)
+            else:
+                low = mid
+        if tried[-1][0] is not passing[1]:
+            # The candidate file holds the last attempt; rebuild the one that ships.
+            recipe, parity, _ = keep_in_fp32(passing[0])
+            passing = (passing[0], recipe, parity)
+        return finish(passing[1], passing[2])
 
     recipe, parity, failure = attempt("weight-only 8-bit", lambda: quantize_weight_only_int8(fp32_path, candidate))
     if failure is None:

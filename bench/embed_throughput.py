@@ -1,0 +1,243 @@
+"""Embedding throughput and fidelity, side by side in one run.
+
+Contenders on the same texts and threads: PyTorch eager (what a user runs today), plain
+ONNX Runtime on a default export with naive batches of 32, and edge-embed FP32 / INT8.
+Workloads: short queries (~14 tokens), passages (~130 tokens) and both mixed.
+Prints a table and writes JSON (bench/results/embed_throughput.json by default).
+
+    python bench/embed_throughput.py [--threads 2] [--repeat 3] [--qwen3-0.6b]
+
+--qwen3-0.6b adds a Qwen3-Embedding-0.6B-shaped model (real config, random weights:
+compute does not depend on values): export time, bundle size, load time, FP32 vs INT8
+throughput and peak RSS. It needs ~10 GB of memory and many minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+
+def workloads() -> dict[str, list[str]]:
+    """Deterministic texts built from the probe set: queries, passages, and the two mixed."""
+    from edge_embed.export.probes import PROBE_CATEGORIES
+
+    queries = [f"{q} {suffix}" for suffix in ("", "near me", "in 2024", "for beginners")
+               for q in PROBE_CATEGORIES["query"]]
+    words = " ".join(PROBE_CATEGORIES["passage"]).split()
+    passages = [" ".join(words[i : i + 100]) for i in range(0, len(words) - 100, 23)][:160]
+    mixed = [t for pair in zip(queries, passages) for t in pair] + queries[len(passages):]
+    return {"queries": queries, "passages": passages, "mixed": mixed}
+
+
+def timed(fn, texts: list[str], repeat: int) -> tuple[float, np.ndarray]:
+    fn(texts[:8])  # warm-up
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = fn(texts)
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def naive_batches(n: int, size: int = 32) -> list[list[int]]:
+    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+
+def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    m = mask[..., None].astype(np.float32)
+    v = (hidden * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def minilm_contenders(bundle: Path, threads: int, work: Path):
+    import onnxruntime as ort
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    import edge_embed
+    from conftest import minilm_source
+
+    torch.set_num_threads(threads)
+    tok = AutoTokenizer.from_pretrained(minilm_source())
+    model = AutoModel.from_pretrained(minilm_source()).eval()
+
+    def pytorch(texts):
+        out = []
+        for idx in naive_batches(len(texts)):
+            enc = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=256, return_tensors="pt")
+            with torch.inference_mode():
+                hidden = model(**enc).last_hidden_state.numpy()
+            out.append(mean_pool(hidden, enc["attention_mask"].numpy()))
+        return np.vstack(out)
+
+    plain_path = work / "plain.onnx"
+    sample = tok(["a sample", "another sample text"], padding=True, return_tensors="pt")
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    torch.onnx.export(model, tuple(sample[n] for n in names), input_names=names,
+                      output_names=["last_hidden_state"], dynamic_shapes={n: {0: batch, 1: seq} for n in names},
+                      dynamo=True).save(str(plain_path))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    plain = ort.InferenceSession(str(plain_path), options, providers=["CPUExecutionProvider"])
+
+    def plain_ort(texts):
+        out = []
+        for idx in naive_batches(len(texts)):
+            enc = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=256, return_tensors="np")
+            hidden = plain.run(None, {n: enc[n].astype(np.int64) for n in names})[0]
+            out.append(mean_pool(hidden, enc["attention_mask"]))
+        return np.vstack(out)
+
+    fp32 = edge_embed.load(bundle, precision="fp32", threads=threads)
+    int8 = edge_embed.load(bundle, precision="int8", threads=threads)
+    lengths = lambda texts: [len(s) for s in fp32.tokenizer.encode(texts)]  # noqa: E731
+    return {
+        "pytorch eager, batches of 32": (pytorch, "naive"),
+        "onnxruntime default export, batches of 32": (plain_ort, "naive"),
+        "edge-embed fp32": (fp32.embed, fp32),
+        "edge-embed int8": (int8.embed, int8),
+    }, lengths
+
+
+def padded_share_of(plan, lengths: list[int]) -> float:
+    from edge_embed.batching import padded_share, plan_batches
+
+    if plan == "naive":
+        return padded_share(lengths, naive_batches(len(lengths)))
+    return padded_share(lengths, plan_batches(lengths, plan.max_batch_tokens, plan.max_batch_size))
+
+
+def bench_minilm(args) -> list[dict]:
+    from conftest import MINILM_ID, minilm_source
+    from edge_embed.export import export
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        bundle = args.bundle or work / "bundle"
+        if not args.bundle:
+            export(minilm_source(), bundle, "fp32,int8", model_id=MINILM_ID)
+        contenders, lengths_of = minilm_contenders(Path(bundle), args.threads, work)
+        for workload, texts in workloads().items():
+            lengths = lengths_of(texts)
+            reference = None
+            for name, (fn, plan) in contenders.items():
+                seconds, vectors = timed(fn, texts, args.repeat)
+                if reference is None:
+                    reference = vectors
+                cos = np.sum(vectors * reference, axis=1)
+                rows.append({
+                    "model": "all-MiniLM-L6-v2", "workload": workload, "contender": name,
+                    "texts": len(texts), "mean_tokens": round(float(np.mean(lengths)), 1),
+                    "sentences_per_s": round(len(texts) / seconds, 1),
+                    "real_tokens_per_s": round(sum(lengths) / seconds),
+                    "padded_share": round(padded_share_of(plan, lengths), 3),
+                    "cos_min_vs_pytorch": round(float(cos.min()), 5),
+                    "cos_mean_vs_pytorch": round(float(cos.mean()), 5),
+                })
+    return rows
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_qwen3_06b(args) -> list[dict]:
+    """Qwen3-Embedding-0.6B shape with random weights: export, size, load, FP32 vs INT8."""
+    import torch
+    from transformers import Qwen3Config, Qwen3Model
+
+    import edge_embed
+    from conftest import build_tiny_qwen3
+    from edge_embed.export import export
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        src, bundle = Path(tmp) / "src", Path(tmp) / "bundle"
+        src.mkdir()
+        build_tiny_qwen3(src)  # for its tokenizer files; the weights are replaced below
+        config = Qwen3Config(
+            vocab_size=151669, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
+            num_key_value_heads=8, head_dim=128, intermediate_size=3072, max_position_embeddings=32768,
+            eos_token_id=0, pad_token_id=0,
+        )
+        torch.manual_seed(0)
+        Qwen3Model(config).save_pretrained(src)
+        start = time.perf_counter()
+        export(src, bundle, "fp32,int8", model_id="qwen3-embedding-0.6b-shape")
+        export_s = time.perf_counter() - start
+        manifest = edge_embed.load_bundle(bundle).manifest
+        texts = workloads()["mixed"][:128]
+        for precision in ("fp32", "int8"):
+            start = time.perf_counter()
+            provider = edge_embed.load(bundle, precision=precision, threads=args.threads)
+            load_s = time.perf_counter() - start
+            seconds, _ = timed(provider.embed, texts, 1)
+            rows.append({
+                "model": "qwen3-0.6b-shape", "precision": precision, "export_s": round(export_s, 1),
+                "bytes": manifest.variants[precision].bytes, "load_s": round(load_s, 2),
+                "sentences_per_s": round(len(texts) / seconds, 2),
+                "parity_cos_min": manifest.variants[precision].parity.cos_min,
+                "peak_rss_mb": round(peak_rss_mb()),
+            })
+            provider.close()
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    if not rows:
+        return
+    keys = list(rows[0])
+    widths = {k: max(len(k), *(len(str(r.get(k, ""))) for r in rows)) for k in keys}
+    print("  ".join(k.ljust(widths[k]) for k in keys))
+    for r in rows:
+        print("  ".join(str(r.get(k, "")).ljust(widths[k]) for k in keys))
+    print()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--bundle", type=Path, help="reuse an exported MiniLM bundle (fp32+int8)")
+    parser.add_argument("--qwen3-0.6b", dest="qwen3", action="store_true")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "embed_throughput.json")
+    args = parser.parse_args()
+
+    rows = bench_minilm(args)
+    print_table(rows)
+    summary = {}
+    for workload in workloads():
+        by = {r["contender"]: r["sentences_per_s"] for r in rows if r["workload"] == workload}
+        summary[workload] = {
+            "fp32_vs_plain_ort": round(by["edge-embed fp32"] / by["onnxruntime default export, batches of 32"], 2),
+            "int8_vs_fp32": round(by["edge-embed int8"] / by["edge-embed fp32"], 2),
+            "fp32_vs_pytorch": round(by["edge-embed fp32"] / by["pytorch eager, batches of 32"], 2),
+        }
+    print("ratios (sentences/s):", json.dumps(summary, indent=1))
+    qwen_rows = bench_qwen3_06b(args) if args.qwen3 else []
+    print_table(qwen_rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
+                    "threads": args.threads},
+        "minilm": rows, "ratios": summary, "qwen3_0_6b": qwen_rows,
+    }, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
