@@ -31,8 +31,8 @@ class PooledEncoder(torch.nn.Module):
     def __init__(self, encoder: torch.nn.Module, source: SourceModel):
         super().__init__()
         self.encoder = encoder
-        self.pooling = source.pooling
-        self.takes_positions = "position_ids" in source.graph_inputs
+        self.pooling = source.manifest.pooling
+        self.takes_positions = "position_ids" in source.manifest.graph_inputs
 
     def forward(self, input_ids, attention_mask, position_ids=None):
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -65,7 +65,7 @@ def export_onnx(model: PooledEncoder, source: SourceModel, out_path: Path, sampl
 
     Returns the names of external-data files written beside the model (none below 2 GB).
     """
-    names = list(source.graph_inputs)
+    names = list(source.manifest.graph_inputs)
     args = tuple(torch.from_numpy(sample[n]) for n in names)
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -55,30 +56,11 @@ def parse_precisions(value: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(p for p in PRECISIONS if p in wanted)
 
 
-def _draft_manifest(source: SourceModel) -> Manifest:
-    return Manifest(
-        model_id=source.model_id,
-        revision=source.revision,
-        architecture=source.architecture,
-        pooling=source.pooling,
-        padding_side=source.padding_side,
-        append_eos=source.append_eos,
-        eos_token_id=source.eos_token_id,
-        pad_token_id=source.pad_token_id,
-        max_length=source.max_length,
-        dim=source.dim,
-        matryoshka_min_dim=source.matryoshka_min_dim,
-        instruction_template=source.instruction_template,
-        default_instruction=source.default_instruction,
-        graph_inputs=source.graph_inputs,
-    )
-
-
-def _probe_set(tokenizer: BundleTokenizer, source: SourceModel) -> list[str]:
+def _probe_set(tokenizer: BundleTokenizer, manifest: Manifest) -> list[str]:
     texts = probe_texts()
-    if source.instruction_template:
+    if manifest.instruction_template:
         # Instruction-aware models are mostly fed formatted queries: probe those too.
-        texts += tokenizer.format(list(PROBE_CATEGORIES["query"]), source.default_instruction)
+        texts += tokenizer.format(list(PROBE_CATEGORIES["query"]), manifest.default_instruction)
     return texts
 
 
@@ -233,17 +215,17 @@ def export(
         raise ExportError(f"{out_dir} exists and is not empty (pass overwrite to replace it)")
     progress = progress or console_progress()
     source = read_source(source_dir, model_id=model_id, revision=revision, max_length=max_length)
-    draft = _draft_manifest(source)
+    draft = source.manifest
     progress(
-        f"{source.model_id}: {source.architecture}, {source.pooling} pooling, {source.padding_side} "
-        f"padding, dim {source.dim}, max length {source.max_length}"
+        f"{draft.model_id}: {draft.architecture}, {draft.pooling} pooling, {draft.padding_side} "
+        f"padding, dim {draft.dim}, max length {draft.max_length}"
     )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
-        manifest = _build(source, draft, work, wanted, gates, progress)
+        manifest = _build(source, work, wanted, gates, progress)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         work.rename(out_dir)
@@ -253,17 +235,17 @@ def export(
     return manifest
 
 
-def _build(source: SourceModel, draft: Manifest, work: Path, wanted: tuple[str, ...],
-           gates: Gates, progress: Progress) -> Manifest:
+def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gates, progress: Progress) -> Manifest:
     import onnxruntime
     import torch
 
     from .graph import MIN_ONNXRUNTIME, ONNX_OPSET, export_onnx, load_pooled_encoder
 
+    draft = source.manifest
     for name in source.tokenizer_files:
         shutil.copyfile(source.path / name, work / name)
     tokenizer = BundleTokenizer(work / "tokenizer.json", draft)
-    texts = _probe_set(tokenizer, source)
+    texts = _probe_set(tokenizer, draft)
     seqs = tokenizer.encode(texts)
 
     torch.set_num_threads(usable_cpu_count())
@@ -320,17 +302,11 @@ def _build(source: SourceModel, draft: Manifest, work: Path, wanted: tuple[str, 
             external_data=tuple(external) if precision == "fp32" else (),
         )
     shared = [*source.tokenizer_files, GOLDEN_FILE, *(external if "fp32" in wanted else [])]
-    manifest = Manifest(
-        **{
-            **{f: getattr(draft, f) for f in draft.__dataclass_fields__ if f not in ("files", "variants", "exporter")},
-            "files": {name: file_sha256(work / name) for name in shared},
-            "variants": variants,
-            "exporter": {
-                "edge_embed": __version__,
-                "torch": torch.__version__,
-                "onnxruntime": onnxruntime.__version__,
-            },
-        }
+    manifest = dataclasses.replace(
+        draft,
+        files={name: file_sha256(work / name) for name in shared},
+        variants=variants,
+        exporter={"edge_embed": __version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
     )
     manifest.write(work / MANIFEST_FILE)
     for path in work.iterdir():

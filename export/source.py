@@ -15,6 +15,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from ..errors import ExportError
+from ..manifest import Manifest
 
 __all__ = ["SourceModel", "read_source", "ARCHITECTURES"]
 
@@ -78,24 +79,11 @@ _ST_SUPPORTED_MODULES = {"Transformer", "Pooling", "Normalize"}
 
 @dataclass(frozen=True)
 class SourceModel:
-    """A Hugging Face model directory and every rule its bundle will carry."""
+    """A Hugging Face model directory and the draft manifest (no files or variants yet)."""
 
     path: Path
-    model_id: str
-    revision: str | None
-    architecture: str
-    pooling: str
-    padding_side: str
-    append_eos: bool
-    eos_token_id: int | None
-    pad_token_id: int
-    max_length: int
-    dim: int
-    matryoshka_min_dim: int | None
-    instruction_template: str | None
-    default_instruction: str | None
-    graph_inputs: tuple[str, ...]
     tokenizer_files: tuple[str, ...]
+    manifest: Manifest
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -207,8 +195,7 @@ def read_source(
 
     dim = int(config["hidden_size"])
     files = [n for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json") if (path / n).is_file()]
-    return SourceModel(
-        path=path,
+    manifest = Manifest(
         model_id=model_id or path.name,
         revision=revision,
         architecture=arch,
@@ -223,5 +210,5 @@ def read_source(
         instruction_template=rules.instruction_template,
         default_instruction=rules.default_instruction,
         graph_inputs=rules.graph_inputs,
-        tokenizer_files=tuple(files),
     )
+    return SourceModel(path=path, tokenizer_files=tuple(files), manifest=manifest)

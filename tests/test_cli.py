@@ -66,3 +66,18 @@ def test_info_reports_what_runs(minilm_bundle):
     assert report["provider"]["precision"] == "fp16"
     assert report["provider"]["execution_providers"] == ["CPUExecutionProvider"]
     assert report["manifest"]["variants"]["int8"]["recipe"]["method"]
+
+
+def test_main_job_exports_the_default_model_once(tmp_path):
+    env = {"EDGE_EMBED_CACHE": str(tmp_path / "cache")}
+    first = run("embed", "edge devices need fast embeddings", env=env)
+    assert first.returncode == 0, first.stderr
+    assert "int8" in first.stderr and "bundle written" in first.stderr  # progress was shown
+    (row,) = [json.loads(line) for line in first.stdout.splitlines()]
+    assert len(row["embedding"]) == 384
+    again = run("embed", "edge devices need fast embeddings", env=env)
+    assert again.returncode == 0 and again.stderr == ""  # reused, not re-exported
+    assert json.loads(again.stdout)["embedding"] == row["embedding"]
+    manifest = json.loads((tmp_path / "cache" / "bundles" / "all-MiniLM-L6-v2" / "manifest.json").read_text())
+    assert list(manifest["variants"]) == ["int8"]
+    assert manifest["model_id"] == "sentence-transformers/all-MiniLM-L6-v2"
