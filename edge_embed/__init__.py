@@ -12,7 +12,9 @@ from .errors import (
     ExportError,
     GateError,
     InvalidInputError,
+    ModelNotFoundError,
     OverloadedError,
+    UnauthenticatedError,
 )
 from .manifest import Manifest
 from .provider import BundleEmbedder, EmbeddingProvider, ProviderInfo
@@ -30,6 +32,8 @@ __all__ = [
     "ProviderInfo",
     "EdgeEmbedError",
     "InvalidInputError",
+    "ModelNotFoundError",
+    "UnauthenticatedError",
     "BundleError",
     "BackendUnavailableError",
     "ExportError",

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .errors import EdgeEmbedError, InvalidInputError
 
@@ -56,15 +57,50 @@ def _parser() -> argparse.ArgumentParser:
     em.add_argument("--no-normalize", action="store_true", help="return vectors without L2 normalization")
     em.add_argument("--no-truncate", action="store_true", help="refuse texts over the token limit")
 
+    em.add_argument("--server", default=_env("SERVER"), help="HOST:PORT of an edge-embed server to ask instead")
+    _client_options(em)
+
     info = sub.add_parser("info", help="describe a bundle and what would run")
     _bundle_options(info)
+
+    sv = sub.add_parser("serve", help="serve a bundle over gRPC (default: the default model)")
+    _bundle_options(sv, env_defaults=False)
+    sv.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
+    sv.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default: off)")
+    sv.add_argument("--max-batch-tokens", type=_positive_int, help="padded-token budget of one batch")
+    sv.add_argument("--max-batch-size", type=_positive_int, help="texts in one batch at most")
+    sv.add_argument("--max-wait-ms", type=float, help="how long a batch waits for company")
+    sv.add_argument("--max-queue", type=_positive_int, help="queued requests before RESOURCE_EXHAUSTED")
+    sv.add_argument("--max-inputs", type=_positive_int, help="texts per request at most")
+    sv.add_argument("--max-text-chars", type=_positive_int, help="characters per text at most")
+    sv.add_argument("--max-message-bytes", type=_positive_int, help="request size at most")
+    sv.add_argument("--token", help="require this bearer token (prefer EDGE_EMBED_TOKEN)")
+    sv.add_argument("--tls-cert", type=Path, help="server certificate (PEM)")
+    sv.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    sv.add_argument("--tls-client-ca", type=Path, help="CA that client certificates must chain to (mTLS)")
+    sv.add_argument("--grace-s", type=float, help="seconds in-flight requests get on shutdown")
+
+    hc = sub.add_parser("health", help="exit 0 when the server at --server reports SERVING")
+    hc.add_argument("--server", default=_env("SERVER", "127.0.0.1:50051"), help="HOST:PORT")
+    hc.add_argument("--timeout", type=float, default=3.0)
+    _client_options(hc)
     return parser
 
 
-def _bundle_options(cmd: argparse.ArgumentParser) -> None:
-    cmd.add_argument("--bundle", default=_env("BUNDLE"), help="bundle directory (default: the default model)")
-    cmd.add_argument("--precision", default=_env("PRECISION", "auto"), help="fp32, fp16, int8 or auto")
-    cmd.add_argument("--threads", type=_positive_int, default=_env("THREADS"), help="CPU threads (default: affinity mask)")
+def _client_options(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--token", default=_env("TOKEN"), help="bearer token for the server")
+    cmd.add_argument("--root-cert", type=Path, help="CA certificate to trust (enables TLS)")
+    cmd.add_argument("--client-cert", type=Path, help="client certificate for mutual TLS")
+    cmd.add_argument("--client-key", type=Path, help="client key for mutual TLS")
+
+
+def _bundle_options(cmd: argparse.ArgumentParser, env_defaults: bool = True) -> None:
+    """--bundle/--precision/--threads; `serve` resolves the environment in ServerConfig instead."""
+    env = _env if env_defaults else (lambda name, default=None: None)
+    cmd.add_argument("--bundle", type=Path, default=env("BUNDLE"), help="bundle directory (default: the default model)")
+    cmd.add_argument("--precision", default=env("PRECISION", "auto"), help="fp32, fp16, int8 or auto")
+    cmd.add_argument("--threads", type=_positive_int, default=env("THREADS"), help="CPU threads (default: affinity mask)")
 
 
 def _open(args: argparse.Namespace):
@@ -109,8 +145,26 @@ def _cmd_export(args: argparse.Namespace) -> None:
               f"top-{p.topk} agreement {p.topk_agreement:.3f}")
 
 
+def _client(args: argparse.Namespace, timeout: float = 30.0):
+    from .client import EmbedClient
+
+    return EmbedClient(args.server, token=args.token, root_cert=args.root_cert, client_cert=args.client_cert,
+                       client_key=args.client_key, timeout=timeout)
+
+
 def _cmd_embed(args: argparse.Namespace) -> None:
     texts = _read_texts(args)
+    if args.server:
+        with _client(args) as client:
+            instruction = args.instruction
+            if args.query:
+                instruction = client.info().default_instruction or None
+                if instruction is None:
+                    raise InvalidInputError("the served model has no query instruction")
+            vectors = client.embed(texts, instruction=instruction, dimensions=args.dimensions,
+                                   normalize=not args.no_normalize, truncate=not args.no_truncate)
+        _print_vectors(vectors)
+        return
     with _open(args) as provider:
         instruction = args.instruction
         if args.query:
@@ -124,6 +178,10 @@ def _cmd_embed(args: argparse.Namespace) -> None:
             normalize=not args.no_normalize,
             truncate=not args.no_truncate,
         )
+    _print_vectors(vectors)
+
+
+def _print_vectors(vectors) -> None:
     out = sys.stdout
     for i, vector in enumerate(vectors):
         out.write(json.dumps({"index": i, "embedding": [round(float(x), 7) for x in vector]}) + "\n")
@@ -138,9 +196,47 @@ def _cmd_info(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=2, ensure_ascii=False))
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    import asyncio
+    import logging
+    import time
+
+    from . import load
+    from .default_model import ensure_default_bundle
+    from .server import ServerConfig, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServerConfig.from_sources(vars(args))
+    bundle = config.bundle or ensure_default_bundle()
+    started = time.monotonic()
+    provider = load(bundle, precision=config.precision, threads=config.threads,
+                    max_batch_tokens=config.max_batch_tokens)
+    asyncio.run(serve(config, provider, load_seconds=time.monotonic() - started))
+
+
+def _cmd_health(args: argparse.Namespace) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from .errors import BackendUnavailableError
+
+    with _client(args, timeout=args.timeout) as client:
+        stub = health_pb2_grpc.HealthStub(client._channel)
+        try:
+            status = stub.Check(health_pb2.HealthCheckRequest(), timeout=args.timeout).status
+        except grpc.RpcError as exc:
+            raise BackendUnavailableError(f"{args.server}: {exc.code().name}: {exc.details()}") from None
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+    print(name)
+    if status != health_pb2.HealthCheckResponse.SERVING:
+        raise BackendUnavailableError(f"{args.server} is {name}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    command = {"export": _cmd_export, "embed": _cmd_embed, "info": _cmd_info}[args.command]
+    commands = {"export": _cmd_export, "embed": _cmd_embed, "info": _cmd_info, "serve": _cmd_serve,
+                "health": _cmd_health}
+    command = commands[args.command]
     try:
         command(args)
     except EdgeEmbedError as exc:

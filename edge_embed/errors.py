@@ -2,6 +2,8 @@
 
     EdgeEmbedError                 base; never raised itself
     ├── InvalidInputError          bad texts or options from a caller (also a ValueError)
+    ├── ModelNotFoundError         a request names a model the server does not hold
+    ├── UnauthenticatedError       a request without the server's bearer token
     ├── BundleError                a bundle is missing, malformed or fails its checksums
     ├── BackendUnavailableError    a requested backend or execution provider cannot run here
     ├── ExportError                the export pipeline could not produce a bundle
@@ -17,6 +19,8 @@ from __future__ import annotations
 __all__ = [
     "EdgeEmbedError",
     "InvalidInputError",
+    "ModelNotFoundError",
+    "UnauthenticatedError",
     "BundleError",
     "BackendUnavailableError",
     "ExportError",
@@ -33,6 +37,16 @@ class EdgeEmbedError(Exception):
 class InvalidInputError(EdgeEmbedError, ValueError):
     grpc_code = "INVALID_ARGUMENT"
     exit_code = 2
+
+
+class ModelNotFoundError(EdgeEmbedError):
+    grpc_code = "NOT_FOUND"
+    exit_code = 2
+
+
+class UnauthenticatedError(EdgeEmbedError):
+    grpc_code = "UNAUTHENTICATED"
+    exit_code = 7
 
 
 class BundleError(EdgeEmbedError):

@@ -103,20 +103,38 @@ class BundleEmbedder(abc.ABC):
         normalize: bool = True,
         truncate: bool = True,
     ) -> np.ndarray:
-        texts = check_texts(texts)
         width = self.manifest.check_dimensions(dimensions)
+        seqs = self.tokenize(texts, instruction=instruction, truncate=truncate)
+        return self.finish(self.embed_token_ids(seqs), width, normalize)
+
+    def tokenize(
+        self,
+        texts: Sequence[str],
+        *,
+        instruction: str | None = None,
+        truncate: bool = True,
+        field: str = "texts",
+    ) -> list[np.ndarray]:
+        """Validated texts -> token id sequences, the instruction template applied."""
+        texts = check_texts(texts, field)
         if not texts:
-            return np.zeros((0, width), dtype=np.float32)
-        seqs = self.tokenizer.encode(self.tokenizer.format(texts, instruction), truncate=truncate)
-        pooled = self.embed_token_ids(seqs)[:, :width]
+            return []
+        formatted = self.tokenizer.format(texts, instruction)
+        return self.tokenizer.encode(formatted, truncate=truncate, field=field)
+
+    @staticmethod
+    def finish(pooled: np.ndarray, width: int, normalize: bool) -> np.ndarray:
+        """Matryoshka cut to `width`, then L2 normalization: the order the models were trained in."""
+        out = pooled[:, :width]
         if normalize:
-            norms = np.linalg.norm(pooled, axis=1, keepdims=True)
-            pooled = pooled / np.maximum(norms, np.float32(1e-12))
-        return np.ascontiguousarray(pooled, dtype=np.float32)
+            out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), np.float32(1e-12))
+        return np.ascontiguousarray(out, dtype=np.float32)
 
     def embed_token_ids(self, seqs: list[np.ndarray]) -> np.ndarray:
         """Raw pooled vectors for tokenized texts, in input order, batched by token budget."""
         out = np.empty((len(seqs), self.manifest.dim), dtype=np.float32)
+        if not seqs:
+            return out
         lengths = [len(s) for s in seqs]
         for batch in plan_batches(lengths, self.max_batch_tokens, self.max_batch_size):
             out[batch] = self._forward([seqs[i] for i in batch])
@@ -128,8 +146,7 @@ class BundleEmbedder(abc.ABC):
         return out
 
     def count_tokens(self, texts: Sequence[str], *, instruction: str | None = None) -> list[int]:
-        texts = check_texts(texts)
-        return [len(s) for s in self.tokenizer.encode(self.tokenizer.format(texts, instruction))]
+        return [len(s) for s in self.tokenize(texts, instruction=instruction)]
 
     def close(self) -> None:
         """Release backend resources; the default holds none beyond Python objects."""

@@ -14,17 +14,20 @@ from .manifest import Manifest
 __all__ = ["BundleTokenizer", "check_texts", "pad_batch", "model_inputs"]
 
 
-def check_texts(texts: object) -> list[str]:
-    """Validate a caller's texts: a sequence of non-empty strings (a bare str is refused)."""
+def check_texts(texts: object, field: str = "texts") -> list[str]:
+    """Validate a caller's texts: a sequence of non-empty strings (a bare str is refused).
+
+    `field` is the name errors use for the texts (the server says `inputs`).
+    """
     if isinstance(texts, (str, bytes)):
-        raise InvalidInputError("texts must be a list of strings, not a single string")
+        raise InvalidInputError(f"{field} must be a list of strings, not a single string")
     if not isinstance(texts, Sequence):
-        raise InvalidInputError(f"texts must be a list of strings, got {type(texts).__name__}")
+        raise InvalidInputError(f"{field} must be a list of strings, got {type(texts).__name__}")
     for i, text in enumerate(texts):
         if not isinstance(text, str):
-            raise InvalidInputError(f"texts[{i}] must be a string, got {type(text).__name__}")
+            raise InvalidInputError(f"{field}[{i}] must be a string, got {type(text).__name__}")
         if not text.strip():
-            raise InvalidInputError(f"texts[{i}] is empty or only whitespace")
+            raise InvalidInputError(f"{field}[{i}] is empty or only whitespace")
     return list(texts)
 
 
@@ -55,14 +58,14 @@ class BundleTokenizer:
             raise InvalidInputError("instruction must be a non-empty string")
         return [template.format(instruction=instruction, text=t) for t in texts]
 
-    def encode(self, texts: list[str], *, truncate: bool = True) -> list[np.ndarray]:
+    def encode(self, texts: list[str], *, truncate: bool = True, field: str = "texts") -> list[np.ndarray]:
         """Token ids per text (int64, unpadded). truncate=False refuses over-long texts."""
         encodings = self._tokenizer.encode_batch(texts)
         ids = []
         for i, enc in enumerate(encodings):
             if not truncate and enc.overflowing:
                 raise InvalidInputError(
-                    f"texts[{i}] is longer than the model's {self._manifest.max_length} tokens "
+                    f"{field}[{i}] is longer than the model's {self._manifest.max_length} tokens "
                     "and truncate is false"
                 )
             seq = np.asarray(enc.ids, dtype=np.int64)

@@ -13,9 +13,15 @@ from .conftest import REPO
 
 def test_runtime_never_imports_torch(minilm_bundle):
     code = (
-        "import sys, edge_embed\n"
+        "import asyncio, sys, edge_embed\n"
+        "from edge_embed.server import ServerConfig, create_server\n"
+        "from edge_embed.client import EmbedClient\n"
         f"p = edge_embed.load({str(minilm_bundle)!r})\n"
         "p.embed(['hello'])\n"
+        "async def main():\n"
+        "    edge, port = await create_server(ServerConfig(port=0), p)\n"
+        "    await edge.stop(1)\n"
+        "asyncio.run(main())\n"
         "heavy = sorted(m for m in ('torch', 'transformers', 'onnx', 'edge_embed.export') if m in sys.modules)\n"
         "print(heavy)\n"
     )
@@ -39,6 +45,7 @@ def test_public_names_are_pinned():
         "__version__", "load", "load_bundle", "Bundle", "Manifest", "EmbeddingProvider",
         "BundleEmbedder", "ProviderInfo", "EdgeEmbedError", "InvalidInputError", "BundleError",
         "BackendUnavailableError", "ExportError", "GateError", "OverloadedError",
+        "ModelNotFoundError", "UnauthenticatedError",
     ])
 
 
@@ -51,7 +58,8 @@ def test_wheel_carries_all_three_parts(tmp_path):
     (wheel,) = tmp_path.glob("edge_embed-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for expected in ("edge_embed/cli.py", "edge_embed/backends/onnx.py", "edge_embed/export/pipeline.py",
-                     "edge_embed/export/probes.py"):
+                     "edge_embed/export/probes.py", "edge_embed/server/app.py", "edge_embed/v1/embed_pb2.py",
+                     "edge_embed/v1/embed.proto"):
         assert expected in names
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
@@ -61,3 +69,19 @@ def test_wheel_carries_all_three_parts(tmp_path):
                           cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(str(target))
+
+
+def test_grpc_stubs_match_the_proto(tmp_path):
+    """The committed stubs are what scripts/gen_proto.sh makes from embed.proto today."""
+    import shutil
+
+    (tmp_path / "edge_embed" / "v1").mkdir(parents=True)
+    shutil.copy(REPO / "edge_embed" / "v1" / "embed.proto", tmp_path / "edge_embed" / "v1")
+    subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc", "-I", ".", "--python_out=.", "--pyi_out=.",
+         "--grpc_python_out=.", "edge_embed/v1/embed.proto"],
+        cwd=tmp_path, check=True, timeout=60,
+    )
+    for name in ("embed_pb2.py", "embed_pb2.pyi", "embed_pb2_grpc.py"):
+        fresh = (tmp_path / "edge_embed" / "v1" / name).read_text()
+        assert fresh == (REPO / "edge_embed" / "v1" / name).read_text(), f"{name} is stale: run scripts/gen_proto.sh"

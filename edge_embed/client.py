@@ -1,0 +1,193 @@
+"""Clients for the edge_embed.v1 gRPC API, sync and asyncio, with deadlines and retries.
+
+Retries cover UNAVAILABLE and RESOURCE_EXHAUSTED only, and wait as long as the server's
+`retry-after-ms` hint says (else an exponential backoff). Status codes come back as
+the matching edge-embed errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from .errors import (
+    BackendUnavailableError,
+    EdgeEmbedError,
+    InvalidInputError,
+    ModelNotFoundError,
+    OverloadedError,
+    UnauthenticatedError,
+)
+from .v1 import embed_pb2 as pb
+
+__all__ = ["EmbedClient", "AsyncEmbedClient"]
+
+_METHOD = "/edge_embed.v1.EmbeddingService/"
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+_ERRORS = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidInputError,
+    grpc.StatusCode.NOT_FOUND: ModelNotFoundError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: OverloadedError,
+    grpc.StatusCode.UNAVAILABLE: BackendUnavailableError,
+}
+
+
+def _credentials(root_cert: Path | None, client_cert: Path | None, client_key: Path | None):
+    if root_cert is None and client_cert is None:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=root_cert.read_bytes() if root_cert else None,
+        private_key=client_key.read_bytes() if client_key else None,
+        certificate_chain=client_cert.read_bytes() if client_cert else None,
+    )
+
+
+def _request(texts, instruction, dimensions, normalize, truncate, model) -> pb.EmbedRequest:
+    if isinstance(texts, str):
+        raise InvalidInputError("texts must be a list of strings, not a single string")
+    return pb.EmbedRequest(
+        inputs=list(texts), instruction=instruction or "", dimensions=dimensions or 0,
+        normalize=normalize, truncate=truncate, model=model or "",
+    )
+
+
+def _vectors(response: pb.EmbedResponse) -> np.ndarray:
+    if not response.embeddings:
+        return np.zeros((0, response.dimensions), dtype=np.float32)
+    return np.array([e.values for e in response.embeddings], dtype=np.float32)
+
+
+def _translate(exc: grpc.RpcError) -> EdgeEmbedError:
+    cls = _ERRORS.get(exc.code(), EdgeEmbedError)
+    return cls(f"{exc.code().name}: {exc.details()}")
+
+
+def _retry_delay(exc: grpc.RpcError, attempt: int) -> float:
+    for key, value in exc.trailing_metadata() or ():
+        if key == "retry-after-ms" and value.isdigit():
+            return int(value) / 1000
+    return min(2.0, 0.05 * 2**attempt)
+
+
+class _Options:
+    def __init__(self, target, *, token, root_cert, client_cert, client_key, timeout, retries):
+        self.target = target
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.credentials = _credentials(root_cert, client_cert, client_key)
+        self.timeout = timeout
+        self.retries = retries
+        self.options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+
+
+class EmbedClient:
+    """Blocking client. `with EmbedClient("host:port") as c: c.embed([...])`."""
+
+    def __init__(self, target: str, *, token: str | None = None, root_cert: Path | None = None,
+                 client_cert: Path | None = None, client_key: Path | None = None,
+                 timeout: float = 10.0, retries: int = 3):
+        self._o = _Options(target, token=token, root_cert=root_cert, client_cert=client_cert,
+                           client_key=client_key, timeout=timeout, retries=retries)
+        if self._o.credentials:
+            self._channel = grpc.secure_channel(target, self._o.credentials, self._o.options)
+        else:
+            self._channel = grpc.insecure_channel(target, self._o.options)
+        self._embed = self._channel.unary_unary(_METHOD + "Embed", pb.EmbedRequest.SerializeToString,
+                                                pb.EmbedResponse.FromString)
+        self._info = self._channel.unary_unary(_METHOD + "Info", pb.InfoRequest.SerializeToString,
+                                               pb.InfoResponse.FromString)
+        self._tokenize = self._channel.unary_unary(_METHOD + "Tokenize", pb.TokenizeRequest.SerializeToString,
+                                                   pb.TokenizeResponse.FromString)
+
+    def _call(self, method, request):
+        deadline = time.monotonic() + self._o.timeout
+        for attempt in range(self._o.retries + 1):
+            try:
+                return method(request, timeout=max(0.001, deadline - time.monotonic()), metadata=self._o.metadata)
+            except grpc.RpcError as exc:
+                delay = _retry_delay(exc, attempt)
+                if exc.code() not in _RETRYABLE or attempt == self._o.retries or time.monotonic() + delay >= deadline:
+                    raise _translate(exc) from None
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def embed(self, texts: Sequence[str], *, instruction: str | None = None, dimensions: int | None = None,
+              normalize: bool = True, truncate: bool = True, model: str | None = None) -> np.ndarray:
+        return _vectors(self.embed_response(texts, instruction=instruction, dimensions=dimensions,
+                                            normalize=normalize, truncate=truncate, model=model))
+
+    def embed_response(self, texts: Sequence[str], **options) -> pb.EmbedResponse:
+        """The full response: vectors, token counts, queue and inference times."""
+        o = {"instruction": None, "dimensions": None, "normalize": True, "truncate": True, "model": None, **options}
+        return self._call(self._embed, _request(texts, **o))
+
+    def tokenize(self, texts: Sequence[str], *, instruction: str | None = None) -> list[list[int]]:
+        response = self._call(self._tokenize, pb.TokenizeRequest(inputs=list(texts), instruction=instruction or ""))
+        return [list(t.ids) for t in response.tokens]
+
+    def info(self) -> pb.InfoResponse:
+        return self._call(self._info, pb.InfoRequest())
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> EmbedClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncEmbedClient:
+    """asyncio client with the same options and retry rules as EmbedClient."""
+
+    def __init__(self, target: str, *, token: str | None = None, root_cert: Path | None = None,
+                 client_cert: Path | None = None, client_key: Path | None = None,
+                 timeout: float = 10.0, retries: int = 3):
+        self._o = _Options(target, token=token, root_cert=root_cert, client_cert=client_cert,
+                           client_key=client_key, timeout=timeout, retries=retries)
+        if self._o.credentials:
+            self._channel = grpc.aio.secure_channel(target, self._o.credentials, self._o.options)
+        else:
+            self._channel = grpc.aio.insecure_channel(target, self._o.options)
+        self._embed = self._channel.unary_unary(_METHOD + "Embed", pb.EmbedRequest.SerializeToString,
+                                                pb.EmbedResponse.FromString)
+        self._info = self._channel.unary_unary(_METHOD + "Info", pb.InfoRequest.SerializeToString,
+                                               pb.InfoResponse.FromString)
+
+    async def _call(self, method, request):
+        deadline = time.monotonic() + self._o.timeout
+        for attempt in range(self._o.retries + 1):
+            try:
+                return await method(request, timeout=max(0.001, deadline - time.monotonic()),
+                                    metadata=self._o.metadata)
+            except grpc.aio.AioRpcError as exc:
+                delay = _retry_delay(exc, attempt)
+                if exc.code() not in _RETRYABLE or attempt == self._o.retries or time.monotonic() + delay >= deadline:
+                    raise _translate(exc) from None
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def embed(self, texts: Sequence[str], **options) -> np.ndarray:
+        return _vectors(await self.embed_response(texts, **options))
+
+    async def embed_response(self, texts: Sequence[str], **options) -> pb.EmbedResponse:
+        o = {"instruction": None, "dimensions": None, "normalize": True, "truncate": True, "model": None, **options}
+        return await self._call(self._embed, _request(texts, **o))
+
+    async def info(self) -> pb.InfoResponse:
+        return await self._call(self._info, pb.InfoRequest())
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncEmbedClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,80 @@
+"""Server configuration: one frozen dataclass, built with flag > EDGE_EMBED_* env > default."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidInputError
+
+__all__ = ["ServerConfig", "ENV_PREFIX"]
+
+ENV_PREFIX = "EDGE_EMBED_"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """Everything `edge-embed serve` can be told; each field is also EDGE_EMBED_<NAME>."""
+
+    bundle: Path | None = None
+    precision: str = "auto"
+    threads: int | None = None
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int | None = None
+    max_batch_tokens: int = 4096
+    max_batch_size: int = 32
+    max_wait_ms: float = 2.0
+    max_queue: int = 256
+    max_inputs: int = 256
+    max_text_chars: int = 32_768
+    max_message_bytes: int = 8 * 1024 * 1024
+    token: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    grace_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_tokens", "max_batch_size", "max_queue", "max_inputs", "max_text_chars",
+                     "max_message_bytes"):
+            if getattr(self, name) < 1:
+                raise InvalidInputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_wait_ms < 0 or self.grace_s < 0:
+            raise InvalidInputError("max_wait_ms and grace_s must not be negative")
+        if not 0 <= self.port <= 65535:
+            raise InvalidInputError(f"port {self.port} is not a TCP port")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidInputError("TLS needs both tls_cert and tls_key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise InvalidInputError("mutual TLS (tls_client_ca) needs tls_cert and tls_key")
+
+    @classmethod
+    def from_sources(cls, flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> ServerConfig:
+        """Flags that are not None win, then EDGE_EMBED_<FIELD> variables, then defaults."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            if flags.get(field.name) is not None:
+                values[field.name] = flags[field.name]
+            elif (raw := env.get(ENV_PREFIX + field.name.upper())) not in (None, ""):
+                values[field.name] = _convert(field.name, field.type, raw)
+        return cls(**values)
+
+
+def _convert(name: str, type_name: str, raw: str) -> Any:
+    """An environment string as the field's type (annotations are strings here)."""
+    try:
+        if type_name.startswith("int"):
+            return int(raw)
+        if type_name.startswith("float"):
+            return float(raw)
+        if type_name.startswith("Path"):
+            return Path(raw)
+    except ValueError:
+        raise InvalidInputError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {type_name.split()[0]}") from None
+    return raw

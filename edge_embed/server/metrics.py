@@ -1,0 +1,49 @@
+"""Prometheus metrics of one server, in a registry of its own (tests run several servers)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
+
+__all__ = ["ServerMetrics"]
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes and friends
+        self.requests = Counter("edge_embed_requests", "RPCs by method and status code", ["method", "code"], registry=r)
+        self.queue_depth = Gauge("edge_embed_queue_depth", "requests waiting for a batch", registry=r)
+        self.batch_size = Histogram("edge_embed_batch_size", "texts per model batch", registry=r,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.batch_tokens = Histogram("edge_embed_batch_tokens", "padded tokens per model batch", registry=r,
+                                      buckets=(16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384))
+        self.queue_seconds = Histogram("edge_embed_queue_seconds", "time from arrival to batch start",
+                                       registry=r, buckets=_LATENCY_BUCKETS)
+        self.inference_seconds = Histogram("edge_embed_inference_seconds", "model time per batch",
+                                           registry=r, buckets=_LATENCY_BUCKETS)
+        self.total_seconds = Histogram("edge_embed_request_seconds", "Embed time inside the server",
+                                       registry=r, buckets=_LATENCY_BUCKETS)
+        self.model_load_seconds = Gauge("edge_embed_model_load_seconds", "time to load the model", registry=r)
+        self.serving = Gauge("edge_embed_serving", "1 when health is SERVING", registry=r)
+        self.model_info = Gauge("edge_embed_model_info", "the model being served", ["model", "precision", "backend",
+                                "execution_provider"], registry=r)
+
+    def observe_batch(self, texts: int, tokens: int, inference_s: float) -> None:
+        self.batch_size.observe(texts)
+        self.batch_tokens.observe(tokens)
+        self.inference_seconds.observe(inference_s)
+
+    def serve_http(self, host: str, port: int) -> int:
+        """Expose /metrics; returns the bound port (0 picks a free one)."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return server.server_port
+
+    def close(self) -> None:
+        http = getattr(self, "_http", None)
+        if http is not None:
+            http.shutdown()
+            http.server_close()

@@ -1,0 +1,27 @@
+"""Running a real gRPC server in a background event loop, for synchronous tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+
+from edge_embed.server import ServerConfig, create_server
+
+
+@contextlib.contextmanager
+def running_server(provider, **config):
+    """Yield (EdgeServer, "127.0.0.1:port"); the server lives on its own loop thread."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    cfg = ServerConfig(**{"host": "127.0.0.1", "port": 0, **config})
+    edge, port = asyncio.run_coroutine_threadsafe(create_server(cfg, provider), loop).result(60)
+    try:
+        yield edge, f"127.0.0.1:{port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(edge.stop(1.0), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
