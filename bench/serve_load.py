@@ -8,7 +8,7 @@ and batches of 32). Latencies are client side, from the scheduled send time to t
 over successful requests. Client and server share the machine: client CPU is reported too.
 Prints tables and writes JSON (bench/results/serve_load.json by default).
 
-    python bench/serve_load.py [--bundle PATH] [--rates 25,50,100] [--seconds 8] [--max-wait-ms 2] [--skip-sweep]
+    python bench/serve_load.py [--bundle PATH] [--rates 25,50,100] [--seconds 8] [--max-wait-ms 0] [--skip-sweep]
 """
 
 from __future__ import annotations
@@ -312,7 +312,7 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, help="bundle directory (default: the default model)")
     parser.add_argument("--rates", default="25,50,100,200,300,400,600", help="comma-separated QPS values")
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per rate and phase")
-    parser.add_argument("--max-wait-ms", type=float, default=2.0, help="server max-wait for the rate sweep")
+    parser.add_argument("--max-wait-ms", type=float, default=0.0, help="server max-wait for the rate sweep (the server default)")
     parser.add_argument("--skip-sweep", action="store_true", help="skip the max-wait sweep")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve_load.json")
     args = parser.parse_args()

@@ -68,8 +68,14 @@ def test_info_reports_what_runs(minilm_bundle):
     assert report["manifest"]["variants"]["int8"]["recipe"]["method"]
 
 
-def test_main_job_exports_the_default_model_once(tmp_path):
-    env = {"EDGE_EMBED_CACHE": str(tmp_path / "cache")}
+@pytest.fixture(scope="module")
+def default_cache(tmp_path_factory):
+    """One cache folder for the default-model tests: the first exports, the rest reuse."""
+    return tmp_path_factory.mktemp("default-cache")
+
+
+def test_main_job_exports_the_default_model_once(default_cache):
+    env = {"EDGE_EMBED_CACHE": str(default_cache)}
     first = run("embed", "edge devices need fast embeddings", env=env)
     assert first.returncode == 0, first.stderr
     assert "int8" in first.stderr and "bundle written" in first.stderr  # progress was shown
@@ -78,6 +84,35 @@ def test_main_job_exports_the_default_model_once(tmp_path):
     again = run("embed", "edge devices need fast embeddings", env=env)
     assert again.returncode == 0 and again.stderr == ""  # reused, not re-exported
     assert json.loads(again.stdout)["embedding"] == row["embedding"]
-    manifest = json.loads((tmp_path / "cache" / "bundles" / "all-MiniLM-L6-v2" / "manifest.json").read_text())
+    manifest = json.loads((default_cache / "bundles" / "all-MiniLM-L6-v2" / "manifest.json").read_text())
     assert list(manifest["variants"]) == ["int8"]
     assert manifest["model_id"] == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_main_job_serves_the_default_model(default_cache):
+    """The README's main job: `edge-embed serve` with no bundle, answered over gRPC."""
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "EDGE_EMBED_CACHE": str(default_cache)}
+    proc = subprocess.Popen([sys.executable, "-m", "edge_embed.cli", "serve", "--port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            health = run("health", "--server", f"127.0.0.1:{port}")
+            if health.returncode == 0:
+                break
+            assert proc.poll() is None, "serve exited early"
+            time.sleep(0.5)
+        assert health.stdout.strip() == "SERVING"
+        done = run("embed", "--server", f"127.0.0.1:{port}", "served text")
+        assert done.returncode == 0, done.stderr
+        assert len(json.loads(done.stdout)["embedding"]) == 384
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0

@@ -28,7 +28,7 @@ class ServerConfig:
     metrics_port: int | None = None
     max_batch_tokens: int = 4096
     max_batch_size: int = 32
-    max_wait_ms: float = 2.0
+    max_wait_ms: float = 0.0
     max_queue: int = 256
     max_inputs: int = 256
     max_text_chars: int = 32_768
