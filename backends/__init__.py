@@ -10,6 +10,7 @@ __all__ = ["BACKENDS", "backend_class"]
 
 BACKENDS: dict[str, str] = {
     "onnx": "edge_embed.backends.onnx:OnnxProvider",
+    "mlx": "edge_embed.backends.mlx:MlxProvider",
 }
 
 

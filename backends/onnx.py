@@ -9,6 +9,7 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import BackendUnavailableError, BundleError
+from ..manifest import variant_format
 from ..platform import usable_cpu_count
 from ..provider import BundleEmbedder, ProviderInfo
 from ..tokenization import model_inputs
@@ -91,6 +92,8 @@ class OnnxProvider(BundleEmbedder):
     def _choose_precision(bundle: Bundle, precision: str, providers: tuple[str, ...]) -> str:
         if precision != "auto":
             bundle.variant(precision)  # raises BundleError naming what the bundle has
+            if variant_format(precision) != "onnx":
+                raise BundleError(f"{precision} is an MLX variant; load it with backend='mlx'")
             return precision
         order = _GPU_PREFERENCE if providers[0] in _GPU_PROVIDERS else _CPU_PREFERENCE
         for candidate in order:

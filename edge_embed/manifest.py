@@ -14,10 +14,18 @@ from typing import Any
 
 from .errors import BundleError, InvalidInputError
 
-__all__ = ["SCHEMA_VERSION", "PRECISIONS", "POOLINGS", "Parity", "Variant", "Manifest"]
+__all__ = ["SCHEMA_VERSION", "PRECISIONS", "ONNX_PRECISIONS", "MLX_PRECISIONS", "POOLINGS", "Parity", "Variant",
+           "Manifest", "variant_format"]
 
 SCHEMA_VERSION = 1
-PRECISIONS = ("fp32", "fp16", "int8")
+ONNX_PRECISIONS = ("fp32", "fp16", "int8")
+MLX_PRECISIONS = ("mlx-fp32", "mlx-fp16")
+PRECISIONS = ONNX_PRECISIONS + MLX_PRECISIONS
+
+
+def variant_format(precision: str) -> str:
+    """"onnx" or "mlx": which kind of runtime a variant name is for."""
+    return "mlx" if precision in MLX_PRECISIONS else "onnx"
 POOLINGS = ("mean", "cls", "last_token")
 
 
@@ -35,14 +43,15 @@ class Parity:
 
 @dataclass(frozen=True, kw_only=True)
 class Variant:
-    """One ONNX file of the bundle at one precision."""
+    """One model file of the bundle at one precision: an ONNX graph, or MLX weights."""
 
     precision: str
     file: str
     sha256: str
     bytes: int
-    opset: int
-    min_onnxruntime: str
+    format: str = "onnx"
+    opset: int | None
+    min_onnxruntime: str | None
     recipe: dict[str, Any]
     parity: Parity
     external_data: tuple[str, ...] = ()

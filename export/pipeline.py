@@ -16,7 +16,7 @@ from .. import __version__
 from ..batching import plan_batches
 from ..bundle import GOLDEN_FILE, MANIFEST_FILE, file_sha256
 from ..errors import ExportError, GateError
-from ..manifest import PRECISIONS, Manifest, Parity, Variant
+from ..manifest import ONNX_PRECISIONS, PRECISIONS, Manifest, Parity, Variant, variant_format
 from ..platform import usable_cpu_count
 from ..tokenization import BundleTokenizer, model_inputs
 from .probes import PROBE_CATEGORIES, probe_texts
@@ -64,25 +64,28 @@ def _probe_set(tokenizer: BundleTokenizer, manifest: Manifest) -> list[str]:
     return texts
 
 
-class _OnnxRunner:
-    """Runs a candidate graph over the probe token ids with the runtime's own batching."""
+class _Runner:
+    """Runs a candidate over the probe token ids with the runtime's own batching."""
 
     def __init__(self, manifest: Manifest, seqs: list[np.ndarray]):
         self.manifest, self.seqs = manifest, seqs
         self.batches = plan_batches([len(s) for s in seqs], _REFERENCE_BATCH_TOKENS, 64)
 
+    def vectors(self, forward: Callable[[dict[str, np.ndarray]], np.ndarray]) -> np.ndarray:
+        out = np.empty((len(self.seqs), self.manifest.dim), dtype=np.float32)
+        for batch in self.batches:
+            out[batch] = forward(model_inputs([self.seqs[i] for i in batch], self.manifest))
+        return out
+
     def __call__(self, path: Path) -> np.ndarray:
+        """Vectors of an ONNX graph file."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = usable_cpu_count()
         options.log_severity_level = 3
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        out = np.empty((len(self.seqs), self.manifest.dim), dtype=np.float32)
-        for batch in self.batches:
-            feeds = model_inputs([self.seqs[i] for i in batch], self.manifest)
-            out[batch] = session.run([self.manifest.graph_output], feeds)[0]
-        return out
+        return self.vectors(lambda feeds: session.run([self.manifest.graph_output], feeds)[0])
 
 
 def _reference_vectors(model, manifest: Manifest, seqs: list[np.ndarray], progress: Progress) -> np.ndarray:
@@ -100,7 +103,7 @@ def _reference_vectors(model, manifest: Manifest, seqs: list[np.ndarray], progre
     return out
 
 
-def _search_int8(fp32_path: Path, work: Path, run: _OnnxRunner, reference: np.ndarray,
+def _search_int8(fp32_path: Path, work: Path, run: _Runner, reference: np.ndarray,
                  texts: list[str], gates: Gates, progress: Progress) -> tuple[Path, dict, Parity]:
     """Try INT8 recipes from fastest to most conservative; return the first that passes.
 
@@ -142,7 +145,7 @@ def _search_int8(fp32_path: Path, work: Path, run: _OnnxRunner, reference: np.nd
     quantize_dynamic_int8(fp32_path, candidate, per_channel=True, reduce_range=best_rr)
     cos_per_text = _cosines(reference, run(candidate))
     hardest = np.argsort(cos_per_text)[:_SENSITIVITY_PROBES]
-    run_hardest = _OnnxRunner(run.manifest, [run.seqs[i] for i in hardest])
+    run_hardest = _Runner(run.manifest, [run.seqs[i] for i in hardest])
     nodes = quantizable_matmuls(fp32_path)
     progress(f"int8: measuring the sensitivity of {len(nodes)} MatMuls on the {len(hardest)} hardest texts")
     damage = {}
@@ -192,10 +195,22 @@ def _search_int8(fp32_path: Path, work: Path, run: _OnnxRunner, reference: np.nd
     raise best[2]
 
 
+def _mlx_forward(work: Path, weights: Path, manifest: Manifest) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    """The MLX backend's encoder over candidate weights, as a feeds -> pooled function."""
+    from ..backends.mlx import MlxProvider
+
+    reason = MlxProvider.unavailable_reason()
+    if reason:
+        raise ExportError(f"the MLX variants are checked with MLX at export time, and {reason}")
+    from ..backends.mlx import MlxEncoder
+
+    return MlxEncoder(work / "config.json", weights, manifest)
+
+
 def export(
     source_dir: str | Path,
     out_dir: str | Path,
-    precisions: str | Sequence[str] = PRECISIONS,
+    precisions: str | Sequence[str] = ONNX_PRECISIONS,
     *,
     model_id: str | None = None,
     revision: str | None = None,
@@ -242,7 +257,7 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
     from .graph import MIN_ONNXRUNTIME, ONNX_OPSET, export_onnx, load_pooled_encoder
 
     draft = source.manifest
-    for name in source.tokenizer_files:
+    for name in source.copied_files:
         shutil.copyfile(source.path / name, work / name)
     tokenizer = BundleTokenizer(work / "tokenizer.json", draft)
     texts = _probe_set(tokenizer, draft)
@@ -253,13 +268,19 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
     model = load_pooled_encoder(source)
     reference = _reference_vectors(model, draft, seqs, progress)
     np.savez(work / GOLDEN_FILE, texts=np.array(texts), vectors=reference)
+    mlx_weights = {}
+    for precision in (p for p in wanted if variant_format(p) == "mlx"):
+        from .mlx_weights import save_mlx_weights
+
+        path = work / f"model.{precision}.safetensors"
+        mlx_weights[precision] = (path, save_mlx_weights(model.encoder, path, precision.removeprefix("mlx-")))
 
     progress("exporting the FP32 ONNX graph (torch.onnx, dynamo)")
     fp32_path = work / "model.fp32.onnx"
     sample = model_inputs(sorted(seqs, key=len)[-2:], draft)
     external = export_onnx(model, source, fp32_path, sample)
     del model
-    run = _OnnxRunner(draft, seqs)
+    run = _Runner(draft, seqs)
 
     built: dict[str, tuple[Path, dict, Parity]] = {}
     parity = measure_parity(reference, run(fp32_path), texts)
@@ -282,6 +303,13 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
         progress("quantizing to INT8")
         built["int8"] = _search_int8(fp32_path, work, run, reference, texts, gates, progress)
 
+    for precision, (path, recipe) in mlx_weights.items():
+        progress(f"checking the {precision} variant with MLX")
+        parity = measure_parity(reference, run.vectors(_mlx_forward(work, path, draft)), texts)
+        progress(f"{precision} parity: cos min {parity.cos_min:.6f}")
+        check_gate(precision, parity, gates)
+        built[precision] = (path, recipe, parity)
+
     if "fp32" not in wanted:
         fp32_path.unlink()
         for name in external:
@@ -290,18 +318,20 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
 
     variants = {}
     for precision, (path, recipe, parity) in built.items():
+        onnx = variant_format(precision) == "onnx"
         variants[precision] = Variant(
             precision=precision,
             file=path.name,
             sha256=file_sha256(path),
             bytes=path.stat().st_size,
-            opset=ONNX_OPSET,
-            min_onnxruntime=MIN_ONNXRUNTIME,
+            format=variant_format(precision),
+            opset=ONNX_OPSET if onnx else None,
+            min_onnxruntime=MIN_ONNXRUNTIME if onnx else None,
             recipe=recipe,
             parity=parity,
             external_data=tuple(external) if precision == "fp32" else (),
         )
-    shared = [*source.tokenizer_files, GOLDEN_FILE, *(external if "fp32" in wanted else [])]
+    shared = [*source.copied_files, GOLDEN_FILE, *(external if "fp32" in wanted else [])]
     manifest = dataclasses.replace(
         draft,
         files={name: file_sha256(work / name) for name in shared},

@@ -82,7 +82,7 @@ class SourceModel:
     """A Hugging Face model directory and the draft manifest (no files or variants yet)."""
 
     path: Path
-    tokenizer_files: tuple[str, ...]
+    copied_files: tuple[str, ...]
     manifest: Manifest
 
 
@@ -194,7 +194,9 @@ def read_source(
         natural = max_length
 
     dim = int(config["hidden_size"])
-    files = [n for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json") if (path / n).is_file()]
+    # config.json travels too: the MLX backend builds its encoder from it.
+    files = [n for n in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+             if (path / n).is_file()]
     manifest = Manifest(
         model_id=model_id or path.name,
         revision=revision,
@@ -211,4 +213,4 @@ def read_source(
         default_instruction=rules.default_instruction,
         graph_inputs=rules.graph_inputs,
     )
-    return SourceModel(path=path, tokenizer_files=tuple(files), manifest=manifest)
+    return SourceModel(path=path, copied_files=tuple(files), manifest=manifest)

@@ -23,9 +23,9 @@ class Gates:
 
     def limits(self, precision: str) -> dict[str, float]:
         """The figures a precision is judged by: {"cos_min": x, ...}."""
-        if precision == "fp32":
+        if precision in ("fp32", "mlx-fp32"):
             return {"cos_min": self.fp32_cos_min}
-        if precision == "fp16":
+        if precision in ("fp16", "mlx-fp16"):
             return {"cos_min": self.fp16_cos_min}
         return {"cos_mean": self.int8_cos_mean, "cos_min": self.int8_cos_min}
 

@@ -125,3 +125,36 @@ def tampered(tmp_path: Path):
         return dest
 
     return copy
+
+
+def mlx_unavailable_reason() -> str | None:
+    from edge_embed.backends.mlx import MlxProvider
+
+    return MlxProvider.unavailable_reason()
+
+
+@pytest.fixture(scope="session")
+def minilm_mlx_bundle() -> Path:
+    """MiniLM with ONNX FP32 beside MLX FP32/FP16 weights (each checked with MLX at export)."""
+    from edge_embed.export import export
+
+    if reason := mlx_unavailable_reason():
+        pytest.skip(f"MLX cannot run here: {reason}")
+
+    def build(dest: Path) -> None:
+        export(minilm_source(), dest / "bundle", "fp32,mlx-fp32,mlx-fp16", model_id=MINILM_ID)
+
+    return _cached("minilm-mlx", build) / "bundle"
+
+
+@pytest.fixture(scope="session")
+def qwen3_mlx_bundle(qwen3_source: Path) -> Path:
+    from edge_embed.export import export
+
+    if reason := mlx_unavailable_reason():
+        pytest.skip(f"MLX cannot run here: {reason}")
+
+    def build(dest: Path) -> None:
+        export(qwen3_source, dest / "bundle", "fp32,mlx-fp32,mlx-fp16", model_id="tiny-qwen3")
+
+    return _cached("qwen3-mlx", build) / "bundle"
