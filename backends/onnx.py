@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 
@@ -14,7 +22,7 @@ from ..platform import usable_cpu_count
 from ..provider import BundleEmbedder, ProviderInfo
 from ..tokenization import model_inputs
 
-__all__ = ["OnnxProvider"]
+__all__ = ["OnnxProvider", "trt_cache_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -22,14 +30,62 @@ log = logging.getLogger(__name__)
 _CPU_PREFERENCE = ("int8", "fp32", "fp16")
 _GPU_PREFERENCE = ("fp16", "fp32", "int8")
 _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_REASON_HINTS = ("Failed", "failed", "EP Error", "Require", "Please install", "cannot open")
+
+
+@contextlib.contextmanager
+def _captured_fds() -> Iterator[list[str]]:
+    """Collect what ONNX Runtime writes to fds 1 and 2 while a session is created.
+
+    A provider that cannot load is reported only there, as log lines and a printed
+    "EP Error", never as an exception; capturing also keeps that noise out of stdout.
+    """
+    lines: list[str] = []
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = (os.dup(1), os.dup(2))
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            sink.seek(0)
+            lines.extend(_ANSI.sub("", sink.read().decode(errors="replace")).splitlines())
+
+
+def _reason(lines: list[str]) -> str:
+    picked = [line.strip() for line in lines if any(h in line for h in _REASON_HINTS)]
+    return " | ".join(picked[:3]) or "ONNX Runtime gave no reason"
+
+
+def trt_cache_dir(bundle: Bundle, precision: str) -> Path:
+    """TensorRT engines are only valid for one model file, GPU and TensorRT version."""
+    from ..default_model import cache_dir
+
+    try:
+        trt_version = metadata.version("tensorrt")
+    except metadata.PackageNotFoundError:
+        trt_version = os.environ.get("TRT_VERSION", "system")
+    gpu = os.environ.get("EDGE_EMBED_GPU_NAME", "gpu0")
+    key = f"{bundle.variant(precision).sha256[:16]}-{re.sub(r'[^A-Za-z0-9.]+', '_', gpu)}-trt{trt_version}"
+    return cache_dir() / "tensorrt" / key
 
 
 class OnnxProvider(BundleEmbedder):
     """Runs a bundle variant with ONNX Runtime on the execution providers asked for.
 
     After the session exists, the providers ONNX Runtime really activated are compared
-    with the request: ONNX Runtime quietly drops ones it cannot load, and a silent CPU
-    fallback is exactly the kind of surprise this class refuses.
+    with the request: ONNX Runtime quietly drops ones it cannot load. With `strict`
+    (a forced choice) that is a BackendUnavailableError carrying ONNX Runtime's reason;
+    otherwise the fallback is logged and shown in `info.fallback`.
     """
 
     backend_name = "onnx"
@@ -46,6 +102,7 @@ class OnnxProvider(BundleEmbedder):
         precision: str = "auto",
         *,
         providers: tuple[str, ...] = ("CPUExecutionProvider",),
+        strict: bool = True,
         threads: int | None = None,
         **batching: int,
     ):
@@ -60,33 +117,62 @@ class OnnxProvider(BundleEmbedder):
         self.threads = threads if threads is not None else usable_cpu_count()
         if self.threads < 1:
             raise BackendUnavailableError(f"threads must be at least 1, got {self.threads}")
+        missing = [p for p in providers if p not in ort.get_available_providers()]
+        if missing and strict:
+            raise BackendUnavailableError(
+                f"ONNX Runtime {ort.__version__} here offers {ort.get_available_providers()}, not {missing}"
+            )
+        wanted = [p for p in providers if p not in missing] or ["CPUExecutionProvider"]
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        missing = [p for p in providers if p not in ort.get_available_providers()]
-        if missing:
-            raise BackendUnavailableError(
-                f"ONNX Runtime {ort.__version__} here offers {ort.get_available_providers()}, "
-                f"not {missing}"
-            )
-        try:
-            self._session = ort.InferenceSession(str(model_path), options, providers=list(providers))
-        except Exception as exc:  # ORT raises its own untyped exceptions
-            raise BundleError(f"ONNX Runtime cannot load {model_path.name}: {exc}") from exc
-        active = tuple(self._session.get_providers())
-        if providers[0] not in active:
-            raise BackendUnavailableError(
-                f"asked for {providers[0]} but ONNX Runtime activated only {active}"
-            )
-        self._active = active
+        options.log_severity_level = 2  # warnings carry the reason a provider did not load
+        with _captured_fds() as output:
+            try:
+                self._session = ort.InferenceSession(
+                    str(model_path), options, providers=[(p, self._provider_options(p)) for p in wanted]
+                )
+            except Exception as exc:  # ORT raises its own untyped exceptions
+                raise BundleError(f"ONNX Runtime cannot load {model_path.name}: {exc}") from exc
+        self._active = tuple(self._session.get_providers())
+        if providers[0] not in self._active:
+            why = f"asked for {providers[0]} but ONNX Runtime activated {list(self._active)}: {_reason(output)}"
+            if strict:
+                raise BackendUnavailableError(why)
+            self.fallback = why
+            log.warning("falling back: %s", why)
         names = {i.name for i in self._session.get_inputs()}
         if names != set(self.manifest.graph_inputs):
             raise BundleError(
                 f"{model_path.name} takes inputs {sorted(names)} but the manifest lists "
                 f"{list(self.manifest.graph_inputs)}"
             )
+
+    def _provider_options(self, name: str) -> dict[str, str]:
+        if name != "TensorrtExecutionProvider":
+            return {}
+        # Engines and timing caches persist, keyed by model, GPU and TensorRT version, and
+        # the shape profile spans every batch the batcher can form: no rebuild on restart,
+        # none on an unexpected shape.
+        cache = trt_cache_dir(self.bundle, self.precision)
+        cache.mkdir(parents=True, exist_ok=True)
+        rows, width = self.max_batch_size, self.manifest.max_length
+        opt_rows, opt_width = min(rows, 8), min(width, 128)
+
+        def shapes(r: int, w: int) -> str:
+            return ",".join(f"{n}:{r}x{w}" for n in self.manifest.graph_inputs)
+
+        return {
+            "trt_fp16_enable": "True",
+            "trt_engine_cache_enable": "True",
+            "trt_engine_cache_path": str(cache),
+            "trt_timing_cache_enable": "True",
+            "trt_timing_cache_path": str(cache),
+            "trt_profile_min_shapes": shapes(1, 1),
+            "trt_profile_opt_shapes": shapes(opt_rows, opt_width),
+            "trt_profile_max_shapes": shapes(rows, width),
+        }
 
     @staticmethod
     def _choose_precision(bundle: Bundle, precision: str, providers: tuple[str, ...]) -> str:
@@ -99,7 +185,7 @@ class OnnxProvider(BundleEmbedder):
         for candidate in order:
             if candidate in bundle.manifest.variants:
                 return candidate
-        raise BundleError(f"bundle {bundle.path} has no model variants")
+        raise BundleError(f"bundle {bundle.path} has no ONNX variants")
 
     @property
     def info(self) -> ProviderInfo:
@@ -114,7 +200,18 @@ class OnnxProvider(BundleEmbedder):
             execution_providers=self._active,
             threads=self.threads,
             instruction_aware=m.instruction_template is not None,
+            fallback=self.fallback,
+            parity=self.parity,
         )
+
+    def warm_shapes(self) -> list[tuple[int, int]]:
+        """Run the profile's corner shapes once, so engines exist before the first request."""
+        rows, width = self.max_batch_size, self.manifest.max_length
+        shapes = sorted({(1, 1), (min(rows, 8), min(width, 128)), (rows, width)})
+        for r, w in shapes:
+            seqs = [np.full(w, self.manifest.pad_token_id + 1, dtype=np.int64) for _ in range(r)]
+            self._forward(seqs)
+        return shapes
 
     def _forward(self, seqs: list[np.ndarray]) -> np.ndarray:
         feeds = model_inputs(seqs, self.manifest)

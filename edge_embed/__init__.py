@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from .bundle import Bundle, load_bundle
@@ -17,7 +18,11 @@ from .errors import (
     UnauthenticatedError,
 )
 from .manifest import Manifest
-from .provider import BundleEmbedder, EmbeddingProvider, ProviderInfo
+from .manifest import variant_format
+from .platform import PlatformInfo
+from .provider import DEFAULT_PARITY_PROBES, BundleEmbedder, EmbeddingProvider, ProviderInfo
+
+_log = logging.getLogger(__name__)
 
 __version__ = "0.1.0"
 
@@ -46,16 +51,51 @@ def load(
     bundle: str | Path | Bundle,
     precision: str = "auto",
     backend: str = "auto",
+    *,
+    parity_probes: int = DEFAULT_PARITY_PROBES,
+    enforce_parity: bool = True,
+    platform: PlatformInfo | None = None,
     **options: object,
 ) -> BundleEmbedder:
-    """Open a bundle and return a ready EmbeddingProvider for it.
+    """Open a bundle and return a ready EmbeddingProvider for this machine.
 
-    `backend="auto"` is ONNX Runtime on the CPU until platform detection lands; a named
-    backend that cannot run raises BackendUnavailableError rather than falling back.
+    `backend="auto"` tries the platform detector's candidates in order (MLX on Apple
+    Silicon, TensorRT/CUDA on NVIDIA, ACL, then the CPU) and records every fallback in
+    `info.fallback`. A named backend ("onnx", "mlx", "cpu", "cuda", "tensorrt", "acl")
+    that cannot run raises BackendUnavailableError; it never falls back. The provider
+    then embeds `parity_probes` golden texts and refuses the variant if it misses its
+    gate here (`enforce_parity=False` accepts it; `parity_probes=0` skips the check).
     """
     from .backends import backend_class
+    from .platform import choose_backends, snapshot_platform
 
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(bundle)
-    name = "onnx" if backend == "auto" else backend
-    return backend_class(name)(bundle, precision, **options)
+    forced = backend != "auto"
+    candidates = [c for c in choose_backends(platform or snapshot_platform(), backend) if c.chosen]
+    formats = {variant_format(p) for p in bundle.manifest.variants}
+    skipped: list[str] = []
+    for candidate in candidates:
+        if not forced and candidate.backend not in formats:
+            skipped.append(f"{candidate.backend}: the bundle has no {candidate.backend} variant")
+            continue
+        kwargs = dict(options)
+        if candidate.backend == "onnx":
+            kwargs.setdefault("providers", candidate.providers)
+            kwargs.setdefault("strict", forced)
+        try:
+            provider = backend_class(candidate.backend)(bundle, precision, **kwargs)
+        except BackendUnavailableError as exc:
+            if forced:
+                raise
+            skipped.append(f"{candidate.backend} {list(candidate.providers)}: {exc}")
+            continue
+        if skipped:
+            provider.fallback = "; ".join(skipped + ([provider.fallback] if provider.fallback else []))
+            _log.warning("fell back to %s: %s", provider.info.execution_providers[0], provider.fallback)
+        if parity_probes:
+            provider.check_parity(parity_probes, enforce=enforce_parity)
+        return provider
+    raise BackendUnavailableError(
+        "no backend can run this bundle here: " + ("; ".join(skipped) or "no candidate was usable")
+    )

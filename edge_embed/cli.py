@@ -81,6 +81,15 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--tls-client-ca", type=Path, help="CA that client certificates must chain to (mTLS)")
     sv.add_argument("--grace-s", type=float, help="seconds in-flight requests get on shutdown")
 
+    dr = sub.add_parser("doctor", help="what was detected, what would run and why")
+    dr.add_argument("--bundle", type=Path, default=_env("BUNDLE"), help="bundle to check (default: the default model)")
+    dr.add_argument("--backend", default=_env("BACKEND", "auto"), help="auto, onnx, mlx, cpu, cuda, tensorrt, acl")
+    dr.add_argument("--json", action="store_true", help="machine-readable output")
+
+    wm = sub.add_parser("warm", help="build TensorRT engines (and warm caches) for the batching limits")
+    _bundle_options(wm)
+    wm.add_argument("--max-batch-size", type=_positive_int, default=_env("MAX_BATCH_SIZE", "32"))
+
     hc = sub.add_parser("health", help="exit 0 when the server at --server reports SERVING")
     hc.add_argument("--server", default=_env("SERVER", "127.0.0.1:50051"), help="HOST:PORT")
     hc.add_argument("--timeout", type=float, default=3.0)
@@ -101,6 +110,8 @@ def _bundle_options(cmd: argparse.ArgumentParser, env_defaults: bool = True) -> 
     cmd.add_argument("--bundle", type=Path, default=env("BUNDLE"), help="bundle directory (default: the default model)")
     cmd.add_argument("--precision", default=env("PRECISION", "auto"), help="fp32, fp16, int8 or auto")
     cmd.add_argument("--threads", type=_positive_int, default=env("THREADS"), help="CPU threads (default: affinity mask)")
+    cmd.add_argument("--backend", default=env("BACKEND"),
+                     help="auto (default), onnx, mlx, cpu, cuda, tensorrt or acl; a forced one never falls back")
 
 
 def _open(args: argparse.Namespace):
@@ -109,7 +120,8 @@ def _open(args: argparse.Namespace):
 
     bundle = args.bundle or ensure_default_bundle()
     threads = int(args.threads) if args.threads else None
-    return load(bundle, precision=args.precision, threads=threads)
+    return load(bundle, precision=args.precision, backend=getattr(args, "backend", None) or "auto",
+                threads=threads)
 
 
 def _read_texts(args: argparse.Namespace) -> list[str]:
@@ -209,7 +221,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     config = ServerConfig.from_sources(vars(args))
     bundle = config.bundle or ensure_default_bundle()
     started = time.monotonic()
-    provider = load(bundle, precision=config.precision, threads=config.threads,
+    provider = load(bundle, precision=config.precision, backend=config.backend, threads=config.threads,
                     max_batch_tokens=config.max_batch_tokens)
     asyncio.run(serve(config, provider, load_seconds=time.monotonic() - started))
 
@@ -232,10 +244,37 @@ def _cmd_health(args: argparse.Namespace) -> None:
         raise BackendUnavailableError(f"{args.server} is {name}")
 
 
+def _cmd_doctor(args: argparse.Namespace) -> None:
+    from .doctor import diagnose, render
+
+    from .errors import BackendUnavailableError
+
+    report = diagnose(args.bundle, backend=args.backend)
+    print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else render(report))
+    problem = report.get("error") or report.get("bundle", {}).get("error") or report.get("would_run", {}).get("error")
+    if problem:
+        raise BackendUnavailableError(f"nothing can run: {problem}")
+
+
+def _cmd_warm(args: argparse.Namespace) -> None:
+    import time
+
+    from . import load
+    from .default_model import ensure_default_bundle
+
+    started = time.monotonic()
+    provider = load(args.bundle or ensure_default_bundle(), precision=args.precision, backend=args.backend or "auto",
+                    threads=int(args.threads) if args.threads else None, max_batch_size=int(args.max_batch_size))
+    shapes = provider.warm_shapes() if hasattr(provider, "warm_shapes") else []
+    info = provider.info
+    print(f"warmed {info.model_id} {info.precision} on {info.execution_providers[0]}: shapes {shapes} "
+          f"in {time.monotonic() - started:.1f} s")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"export": _cmd_export, "embed": _cmd_embed, "info": _cmd_info, "serve": _cmd_serve,
-                "health": _cmd_health}
+                "health": _cmd_health, "doctor": _cmd_doctor, "warm": _cmd_warm}
     command = commands[args.command]
     try:
         command(args)

@@ -11,12 +11,15 @@ import numpy as np
 
 from .batching import plan_batches
 from .bundle import Bundle
-from .errors import EdgeEmbedError
+from .errors import BundleError, EdgeEmbedError
+from .manifest import Parity
+from .parity import Gates, gate_failure, measure_parity
 from .tokenization import BundleTokenizer, check_texts
 
 __all__ = ["EmbeddingProvider", "ProviderInfo", "BundleEmbedder", "DEFAULT_MAX_BATCH_TOKENS", "DEFAULT_MAX_BATCH_SIZE"]
 
 DEFAULT_MAX_BATCH_TOKENS = 4096
+DEFAULT_PARITY_PROBES = 32
 DEFAULT_MAX_BATCH_SIZE = 64
 
 
@@ -33,6 +36,8 @@ class ProviderInfo:
     execution_providers: tuple[str, ...]
     threads: int
     instruction_aware: bool
+    fallback: str | None = None  # why a preferred backend or provider is not the one running
+    parity: Parity | None = None  # boot-time check against the bundle's golden vectors
 
 
 @runtime_checkable
@@ -85,6 +90,12 @@ class BundleEmbedder(abc.ABC):
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
         self.tokenizer = BundleTokenizer(bundle.tokenizer_path, bundle.manifest)
+        if not bundle.variant(precision).recipe.get("batch_invariant", True):
+            # Its vectors would depend on batch neighbours (per-batch activation scales):
+            # one text per batch keeps "same text, same vector".
+            self.max_batch_size = 1
+        self.parity: Parity | None = None
+        self.fallback: str | None = None
 
     @property
     @abc.abstractmethod
@@ -147,6 +158,36 @@ class BundleEmbedder(abc.ABC):
 
     def count_tokens(self, texts: Sequence[str], *, instruction: str | None = None) -> list[int]:
         return [len(s) for s in self.tokenize(texts, instruction=instruction)]
+
+    def parity_passes(self, gates: Gates = Gates()) -> bool:
+        """Whether the last boot parity check met the variant's gate."""
+        return self.parity is not None and gate_failure(self.precision, self.parity, gates) is None
+
+    def check_parity(self, probes: int = DEFAULT_PARITY_PROBES, *, enforce: bool = True,
+                     gates: Gates = Gates()) -> Parity:
+        """Embed golden probe texts here, on this device, and compare with the FP32 reference.
+
+        An INT8 or FP16 graph can score differently on other CPU kernels or GPUs than where
+        it was exported; this is the check that settles it. Below the variant's gate the
+        provider is refused (BundleError) unless `enforce` is false. `probes` texts are
+        spread evenly over the golden set, plus the export's worst one.
+        """
+        texts, reference = self.bundle.golden()
+        export_worst = self.manifest.variants[self.precision].parity.worst_text
+        picked = sorted(set(np.linspace(0, len(texts) - 1, min(probes, len(texts))).astype(int).tolist())
+                        | ({texts.index(export_worst)} if export_worst in texts else set()))
+        chosen = [texts[i] for i in picked]
+        seqs = self.tokenizer.encode(chosen)
+        parity = measure_parity(reference[picked], self.embed_token_ids(seqs), chosen)
+        self.parity = parity
+        failure = gate_failure(self.precision, parity, gates)
+        if failure is not None and enforce:
+            raise BundleError(
+                f"the {self.precision} variant fails its parity gate on this device: {failure.figure} "
+                f"{failure.value:.5f} < {failure.gate} against the FP32 reference (worst text: "
+                f"{failure.worst_text[:60]!r}); use another variant, or override the check to accept it"
+            )
+        return parity
 
     def close(self) -> None:
         """Release backend resources; the default holds none beyond Python objects."""

@@ -15,7 +15,7 @@ def __getattr__(name: str):
 
         return export
     if name == "Gates":
-        from .validation import Gates
+        from ..parity import Gates
 
         return Gates
     raise AttributeError(name)

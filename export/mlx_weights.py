@@ -21,4 +21,5 @@ def save_mlx_weights(encoder: torch.nn.Module, path: Path, precision: str) -> di
         for name, t in encoder.state_dict().items()
     }
     save_file(tensors, str(path), metadata={"format": "edge-embed-mlx"})
-    return {"method": "safetensors of the source weights", "dtype": precision, "names": "huggingface"}
+    return {"method": "safetensors of the source weights", "dtype": precision, "names": "huggingface",
+            "batch_invariant": True}

@@ -15,13 +15,13 @@ import numpy as np
 from .. import __version__
 from ..batching import plan_batches
 from ..bundle import GOLDEN_FILE, MANIFEST_FILE, file_sha256
-from ..errors import ExportError, GateError
+from ..errors import BundleError, ExportError, GateError
 from ..manifest import ONNX_PRECISIONS, PRECISIONS, Manifest, Parity, Variant, variant_format
 from ..platform import usable_cpu_count
 from ..tokenization import BundleTokenizer, model_inputs
 from .probes import PROBE_CATEGORIES, probe_texts
 from .source import SourceModel, read_source
-from .validation import Gates, check_gate, gate_failure, measure_parity
+from ..parity import Gates, check_gate, gate_failure, measure_parity
 
 __all__ = ["export", "parse_precisions"]
 
@@ -77,15 +77,20 @@ class _Runner:
             out[batch] = forward(model_inputs([self.seqs[i] for i in batch], self.manifest))
         return out
 
-    def __call__(self, path: Path) -> np.ndarray:
-        """Vectors of an ONNX graph file."""
+    def __call__(self, path: Path, *, alone: bool = False) -> np.ndarray:
+        """Vectors of an ONNX graph file; `alone` runs each text as its own batch, as the
+        runtime does for variants whose vectors depend on their batch neighbours."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = usable_cpu_count()
         options.log_severity_level = 3
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        return self.vectors(lambda feeds: session.run([self.manifest.graph_output], feeds)[0])
+        if not alone:
+            return self.vectors(lambda feeds: session.run([self.manifest.graph_output], feeds)[0])
+        return np.vstack([
+            session.run([self.manifest.graph_output], model_inputs([seq], self.manifest))[0] for seq in self.seqs
+        ])
 
 
 def _reference_vectors(model, manifest: Manifest, seqs: list[np.ndarray], progress: Progress) -> np.ndarray:
@@ -118,7 +123,7 @@ def _search_int8(fp32_path: Path, work: Path, run: _Runner, reference: np.ndarra
 
     def attempt(label: str, make: Callable[[], dict]) -> tuple[dict, Parity, GateError | None]:
         recipe = make()
-        parity = measure_parity(reference, run(candidate), texts)
+        parity = measure_parity(reference, run(candidate, alone=not recipe["batch_invariant"]), texts)
         failure = gate_failure("int8", parity, gates)
         verdict = "passes" if failure is None else "misses the gate"
         progress(f"int8 {label}: cos mean {parity.cos_mean:.4f} min {parity.cos_min:.4f} -> {verdict}")
@@ -143,7 +148,7 @@ def _search_int8(fp32_path: Path, work: Path, run: _Runner, reference: np.ndarra
     # Sensitivity is measured on the texts the best full recipe hurt most: they are the
     # ones the gate is decided on, and a small set keeps one pass per MatMul cheap.
     quantize_dynamic_int8(fp32_path, candidate, per_channel=True, reduce_range=best_rr)
-    cos_per_text = _cosines(reference, run(candidate))
+    cos_per_text = _cosines(reference, run(candidate, alone=True))
     hardest = np.argsort(cos_per_text)[:_SENSITIVITY_PROBES]
     run_hardest = _Runner(run.manifest, [run.seqs[i] for i in hardest])
     nodes = quantizable_matmuls(fp32_path)
@@ -151,7 +156,7 @@ def _search_int8(fp32_path: Path, work: Path, run: _Runner, reference: np.ndarra
     damage = {}
     for i, node in enumerate(nodes, 1):
         quantize_dynamic_int8(fp32_path, candidate, per_channel=True, reduce_range=best_rr, nodes_to_quantize=[node])
-        damage[node] = 1.0 - float(_cosines(reference[hardest], run_hardest(candidate)).min())
+        damage[node] = 1.0 - float(_cosines(reference[hardest], run_hardest(candidate, alone=True)).min())
         if i % 10 == 0 or i == len(nodes):
             progress(f"int8 sensitivity: {i}/{len(nodes)} MatMuls")
     ranked = sorted(nodes, key=lambda n: -damage[n])
@@ -195,16 +200,28 @@ def _search_int8(fp32_path: Path, work: Path, run: _Runner, reference: np.ndarra
     raise best[2]
 
 
-def _mlx_forward(work: Path, weights: Path, manifest: Manifest) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
-    """The MLX backend's encoder over candidate weights, as a feeds -> pooled function."""
-    from ..backends.mlx import MlxProvider
+def _check_mlx_can_export(manifest: Manifest) -> None:
+    """MLX variants are checked with MLX: fail before the long ONNX steps if that cannot work."""
+    from ..backends.mlx import SUPPORTED_ARCHITECTURES, MlxProvider
 
+    if manifest.architecture not in SUPPORTED_ARCHITECTURES:
+        raise ExportError(
+            f"the MLX backend does not implement {manifest.architecture!r} "
+            f"(it has {', '.join(SUPPORTED_ARCHITECTURES)}); export ONNX variants only"
+        )
     reason = MlxProvider.unavailable_reason()
     if reason:
         raise ExportError(f"the MLX variants are checked with MLX at export time, and {reason}")
+
+
+def _mlx_forward(work: Path, weights: Path, manifest: Manifest) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    """The MLX backend's encoder over candidate weights, as a feeds -> pooled function."""
     from ..backends.mlx import MlxEncoder
 
-    return MlxEncoder(work / "config.json", weights, manifest)
+    try:
+        return MlxEncoder(work / "config.json", weights, manifest)
+    except BundleError as exc:
+        raise ExportError(f"MLX cannot run the exported weights: {exc}") from exc
 
 
 def export(
@@ -231,6 +248,8 @@ def export(
     progress = progress or console_progress()
     source = read_source(source_dir, model_id=model_id, revision=revision, max_length=max_length)
     draft = source.manifest
+    if any(variant_format(p) == "mlx" for p in wanted):
+        _check_mlx_can_export(draft)
     progress(
         f"{draft.model_id}: {draft.architecture}, {draft.pooling} pooling, {draft.padding_side} "
         f"padding, dim {draft.dim}, max length {draft.max_length}"
@@ -286,7 +305,7 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
     parity = measure_parity(reference, run(fp32_path), texts)
     progress(f"fp32 parity: cos min {parity.cos_min:.6f}")
     check_gate("fp32", parity, gates)
-    built["fp32"] = (fp32_path, {"method": "torch.onnx.export (dynamo)"}, parity)
+    built["fp32"] = (fp32_path, {"method": "torch.onnx.export (dynamo)", "batch_invariant": True}, parity)
 
     if "fp16" in wanted:
         from .quantize import to_fp16
@@ -319,17 +338,18 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
     variants = {}
     for precision, (path, recipe, parity) in built.items():
         onnx = variant_format(precision) == "onnx"
+        extra = tuple(external) if precision == "fp32" else ()
         variants[precision] = Variant(
             precision=precision,
             file=path.name,
             sha256=file_sha256(path),
-            bytes=path.stat().st_size,
+            bytes=path.stat().st_size + sum((work / name).stat().st_size for name in extra),
             format=variant_format(precision),
             opset=ONNX_OPSET if onnx else None,
             min_onnxruntime=MIN_ONNXRUNTIME if onnx else None,
             recipe=recipe,
             parity=parity,
-            external_data=tuple(external) if precision == "fp32" else (),
+            external_data=extra,
         )
     shared = [*source.copied_files, GOLDEN_FILE, *(external if "fp32" in wanted else [])]
     manifest = dataclasses.replace(

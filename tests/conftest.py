@@ -21,7 +21,7 @@ MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 def _code_key(*extra: str) -> str:
     digest = hashlib.sha256()
-    for folder in ("export", "edge_embed"):
+    for folder in ("export", "edge_embed", "backends"):
         for path in sorted((REPO / folder).rglob("*.py")):
             digest.update(path.read_bytes())
     digest.update(Path(__file__).read_bytes())
@@ -36,14 +36,17 @@ def _cached(name: str, build) -> Path:
     if (target / ".complete").is_file():
         return target
     for stale in CACHE.glob(f"{name}-*"):
-        if stale.name.removesuffix(".partial").rsplit("-", 1)[0] == name:
+        if stale.name.split(".partial")[0].rsplit("-", 1)[0] == name:
             shutil.rmtree(stale, ignore_errors=True)
-    partial = target.with_name(target.name + ".partial")
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     build(partial)
-    partial.rename(target)
-    (target / ".complete").touch()
+    (partial / ".complete").touch()
+    try:
+        partial.rename(target)
+    except OSError:  # another test process finished the same build first
+        shutil.rmtree(partial, ignore_errors=True)
     return target
 
 

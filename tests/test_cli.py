@@ -116,3 +116,34 @@ def test_main_job_serves_the_default_model(default_cache):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
+
+
+def test_doctor_explains_what_runs_and_why(minilm_bundle):
+    done = run("doctor", "--bundle", str(minilm_bundle), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["platform"]["cpus"] >= 1 and report["platform"]["memory_bytes"] > 0
+    chosen = [c for c in report["candidates"] if c["chosen"]]
+    assert chosen and all(c["reason"] for c in report["candidates"])
+    run_ = report["would_run"]
+    assert run_["backend"] == "onnx" and run_["precision"] == "int8"
+    assert run_["parity_ok"] is True and run_["parity"]["probes"] >= 32
+    assert run_["memory"]["fits"] is True
+    text = run("doctor", "--bundle", str(minilm_bundle))
+    assert "Backend candidates" in text.stdout and "Would run" in text.stdout and "passes" in text.stdout
+
+
+def test_forced_backend_that_cannot_run_is_an_error(minilm_bundle):
+    done = run("embed", "--bundle", str(minilm_bundle), "x", env={"EDGE_EMBED_BACKEND": "tensorrt"})
+    assert done.returncode == 4 and "TensorrtExecutionProvider" in done.stderr and not done.stdout
+    doctor = run("doctor", "--bundle", str(minilm_bundle), "--backend", "tensorrt")
+    assert doctor.returncode == 4 and "TensorrtExecutionProvider" in doctor.stdout + doctor.stderr
+    warm = run("warm", "--bundle", str(minilm_bundle), "--backend", "cuda")
+    assert warm.returncode == 4 and "CUDAExecutionProvider" in warm.stderr
+    assert "Traceback" not in warm.stderr
+
+
+def test_warm_runs_the_profile_shapes(minilm_bundle):
+    done = run("warm", "--bundle", str(minilm_bundle), "--precision", "fp32", "--max-batch-size", "4")
+    assert done.returncode == 0, done.stderr
+    assert "CPUExecutionProvider" in done.stdout and "(4, 256)" in done.stdout

@@ -100,6 +100,34 @@ def test_same_vector_alone_and_in_any_batch(minilm_bundle):
     assert np.sum(together[shuffled_order] * shuffled, axis=1).min() >= 0.99999
 
 
+def test_int8_runs_one_text_per_batch_so_neighbours_do_not_matter(minilm_bundle):
+    """Dynamic INT8 scales activations per batch tensor; the runtime must hide that."""
+    from edge_embed.export.probes import probe_texts
+
+    texts = probe_texts()[::4]
+    manifest = edge_embed.load_bundle(minilm_bundle).manifest
+    assert manifest.variants["int8"].recipe["batch_invariant"] is False
+    with edge_embed.load(minilm_bundle, precision="int8") as provider:
+        assert provider.max_batch_size == 1
+        together = provider.embed(texts)
+        alone = np.vstack([provider.embed([t]) for t in texts])
+    assert np.sum(together * alone, axis=1).min() >= 0.99999
+
+
+def test_boot_parity_is_reported_and_enforced(minilm_bundle):
+    with edge_embed.load(minilm_bundle, precision="int8") as provider:
+        parity = provider.info.parity
+        assert parity is not None and parity.probes >= 32 and parity.cos_min >= 0.97
+    with edge_embed.load(minilm_bundle, precision="fp32", parity_probes=0) as provider:
+        assert provider.info.parity is None
+        # A stricter gate than the variant can meet: refused, unless overridden.
+        from edge_embed.parity import Gates
+
+        with pytest.raises(BundleError, match="fails its parity gate on this device"):
+            provider.check_parity(16, gates=Gates(fp32_cos_min=1.000001))
+        assert provider.check_parity(16, enforce=False, gates=Gates(fp32_cos_min=1.000001)).cos_min > 0.9999
+
+
 def test_input_contract(minilm_bundle):
     with edge_embed.load(minilm_bundle, precision="fp32") as provider:
         assert provider.embed([]).shape == (0, 384)

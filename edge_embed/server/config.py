@@ -22,6 +22,7 @@ class ServerConfig:
 
     bundle: Path | None = None
     precision: str = "auto"
+    backend: str = "auto"
     threads: int | None = None
     host: str = "127.0.0.1"
     port: int = 50051

@@ -1,4 +1,8 @@
-"""Fidelity figures of a variant against the FP32 reference, and the gates they must pass."""
+"""Fidelity figures of a variant against the FP32 reference, and the gates they must pass.
+
+Used twice: by the export before a variant is written, and by the runtime at load, on
+the device, against the bundle's golden vectors.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import GateError
-from ..manifest import Parity
+from .errors import GateError
+from .manifest import Parity
 
 __all__ = ["Gates", "measure_parity", "gate_failure", "check_gate"]
 

@@ -1,0 +1,137 @@
+"""`edge-embed doctor`: what this machine is, what would run on it, and why."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from .errors import EdgeEmbedError
+from .manifest import variant_format
+from .platform import choose_backends, snapshot_platform
+
+__all__ = ["diagnose", "render", "estimate_memory_bytes"]
+
+_GIB = 1024**3
+_MEMORY_HEADROOM = 0.8  # leave a fifth of memory to the OS and the app beside us
+
+
+def estimate_memory_bytes(variant_bytes: int, dim: int, max_batch_tokens: int) -> int:
+    """Weights plus runtime overhead (x1.25) plus activations at the token budget.
+
+    Activations: ~16 live [tokens, dim] float32 tensors at the peak of one layer
+    (attention scores of short texts stay small at these budgets).
+    """
+    return int(variant_bytes * 1.25 + 16 * max_batch_tokens * dim * 4)
+
+
+def diagnose(bundle_path: Path | None, backend: str = "auto", max_batch_tokens: int = 4096) -> dict[str, Any]:
+    """A report of detection, candidates, the variant that would run, parity and memory fit."""
+    from . import load, load_bundle
+    from .default_model import default_bundle_path
+
+    info = snapshot_platform()
+    report: dict[str, Any] = {"platform": _platform_dict(info)}
+    try:
+        candidates = choose_backends(info, backend)
+        report["candidates"] = [dataclasses.asdict(c) for c in candidates]
+    except EdgeEmbedError as exc:
+        report["candidates"] = []
+        report["error"] = str(exc)
+        return report
+    path = bundle_path or default_bundle_path()
+    report["bundle"] = {"path": str(path)}
+    try:
+        bundle = load_bundle(path)
+    except EdgeEmbedError as exc:
+        report["bundle"]["error"] = str(exc)
+        return report
+    m = bundle.manifest
+    report["bundle"].update({
+        "model": m.model_id,
+        "variants": {name: {"format": variant_format(name), "bytes": v.bytes, "export_cos_min": v.parity.cos_min}
+                     for name, v in m.variants.items()},
+    })
+    try:
+        provider = load(bundle, backend=backend, enforce_parity=False, platform=info)
+    except EdgeEmbedError as exc:
+        report["would_run"] = {"error": str(exc)}
+        return report
+    run = provider.info
+    variant = m.variants[run.precision]
+    needed = estimate_memory_bytes(variant.bytes, m.dim, max_batch_tokens)
+    available = int((info.memory_bytes or 0) * _MEMORY_HEADROOM)
+    report["would_run"] = {
+        "backend": run.backend,
+        "execution_providers": list(run.execution_providers),
+        "precision": run.precision,
+        "fallback": run.fallback,
+        "parity": dataclasses.asdict(run.parity) if run.parity else None,
+        "parity_ok": run.parity is not None and provider.parity_passes(),
+        "memory": {"estimated_bytes": needed, "usable_bytes": available, "fits": needed <= available,
+                   "rule": f"estimate <= {_MEMORY_HEADROOM:.0%} of memory"},
+    }
+    provider.close()
+    return report
+
+
+def _platform_dict(info) -> dict[str, Any]:
+    data = {f.name: getattr(info, f.name) for f in dataclasses.fields(info)}
+    data["cpu_flags"] = sorted(info.cpu_flags)
+    data["runtimes"] = dict(info.runtimes)
+    data["gpus"] = [dataclasses.asdict(g) for g in info.gpus]
+    data["ort_providers"] = list(info.ort_providers)
+    data["cpu_name"] = info.cpu_name
+    data["is_jetson"], data["is_apple_silicon"] = info.is_jetson, info.is_apple_silicon
+    return data
+
+
+def render(report: dict[str, Any]) -> str:
+    """The report as text a newcomer can read top to bottom."""
+    p = report["platform"]
+    lines = ["Platform"]
+    cpu = p.get("cpu_name") or p.get("cpu_model") or "unknown CPU"
+    lines.append(f"  {p['os']} {p['arch']}, {cpu}, {p['cpus']} usable CPUs, "
+                 f"{(p.get('memory_bytes') or 0) / _GIB:.1f} GiB memory, "
+                 f"{(p.get('disk_free_bytes') or 0) / _GIB:.1f} GiB free disk")
+    if p.get("jetson_model"):
+        lines.append(f"  Jetson: {p['jetson_model']} (L4T {p.get('l4t_release')})")
+    if p.get("apple_chip"):
+        lines.append(f"  Apple chip: {p['apple_chip']}")
+    for gpu in p.get("gpus") or ():
+        memory = f"{gpu['memory_bytes'] / _GIB:.1f} GiB" if gpu.get("memory_bytes") else "shared memory"
+        lines.append(f"  GPU: {gpu['name']} ({memory})")
+    runtimes = ", ".join(f"{k} {v}" for k, v in p["runtimes"].items()) or "none"
+    lines.append(f"  runtimes: {runtimes}; ONNX Runtime providers: {', '.join(p['ort_providers']) or 'none'}")
+    lines.append("Backend candidates (in order)")
+    for c in report["candidates"]:
+        mark = "use " if c["chosen"] else "skip"
+        providers = f" [{', '.join(c['providers'])}]" if c["providers"] else ""
+        lines.append(f"  [{mark}] {c['backend']}{providers} {c['precision']}: {c['reason']}")
+    if "error" in report:
+        lines.append(f"Error: {report['error']}")
+    bundle = report.get("bundle")
+    if bundle:
+        lines.append(f"Bundle {bundle['path']}")
+        if "error" in bundle:
+            lines.append(f"  cannot open: {bundle['error']}")
+        for name, v in bundle.get("variants", {}).items():
+            lines.append(f"  {name} ({v['format']}): {v['bytes'] / 1e6:.1f} MB, export cos min {v['export_cos_min']:.4f}")
+    run = report.get("would_run")
+    if run:
+        lines.append("Would run")
+        if "error" in run:
+            lines.append(f"  nothing: {run['error']}")
+        else:
+            lines.append(f"  {run['backend']} on {run['execution_providers'][0]}, {run['precision']}")
+            if run["fallback"]:
+                lines.append(f"  fallback: {run['fallback']}")
+            if run["parity"]:
+                verdict = "passes" if run["parity_ok"] else "FAILS its gate"
+                lines.append(f"  parity here: cos min {run['parity']['cos_min']:.4f} over "
+                             f"{run['parity']['probes']} golden texts, {verdict}")
+            mem = run["memory"]
+            fits = "fits" if mem["fits"] else "does NOT fit"
+            lines.append(f"  memory: ~{mem['estimated_bytes'] / 1e6:.0f} MB needed, {mem['usable_bytes'] / 1e6:.0f} MB "
+                         f"usable ({mem['rule']}): {fits}")
+    return "\n".join(lines)
