@@ -22,8 +22,7 @@ import numpy as np
 from ..bundle import Bundle
 from ..errors import BackendUnavailableError, BundleError
 from ..manifest import ONNX_PRECISIONS, Manifest
-from ..platform import usable_cpu_count
-from ..provider import BundleEmbedder, ProviderInfo
+from ..provider import BundleEmbedder
 from ..tokenization import model_inputs
 
 __all__ = ["MlxEncoder", "MlxProvider", "SUPPORTED_ARCHITECTURES"]
@@ -417,12 +416,9 @@ class MlxProvider(BundleEmbedder):
         import mlx.core as mx
 
         precision = self._choose_precision(bundle, precision)
-        super().__init__(bundle, precision, **batching)
+        super().__init__(bundle, precision, threads=threads, **batching)
         weights = bundle.verify_variant(precision)
         # MLX's CPU build sizes its own pools; the count is recorded for info and metrics.
-        self.threads = threads if threads is not None else usable_cpu_count()
-        if self.threads < 1:
-            raise BackendUnavailableError(f"threads must be at least 1, got {self.threads}")
         self._encoder = MlxEncoder(bundle.path / CONFIG_FILE, weights, self.manifest)
         device = mx.default_device()
         self._device = "gpu" if device.type == mx.DeviceType.gpu else "cpu"
@@ -444,21 +440,8 @@ class MlxProvider(BundleEmbedder):
         return precision
 
     @property
-    def info(self) -> ProviderInfo:
-        m = self.manifest
-        return ProviderInfo(
-            model_id=m.model_id,
-            dim=m.dim,
-            matryoshka_min_dim=m.matryoshka_min_dim,
-            max_length=m.max_length,
-            precision=self.precision,
-            backend=self.backend_name,
-            execution_providers=(f"mlx:{self._device}",),
-            threads=self.threads,
-            instruction_aware=m.instruction_template is not None,
-            fallback=self.fallback,
-            parity=self.parity,
-        )
+    def execution_providers(self) -> tuple[str, ...]:
+        return (f"mlx:{self._device}",)
 
     def _forward(self, seqs: list[np.ndarray]) -> np.ndarray:
         return self._encoder(model_inputs(seqs, self.manifest))

@@ -18,8 +18,7 @@ import numpy as np
 from ..bundle import Bundle
 from ..errors import BackendUnavailableError, BundleError
 from ..manifest import variant_format
-from ..platform import usable_cpu_count
-from ..provider import BundleEmbedder, ProviderInfo
+from ..provider import BundleEmbedder
 from ..tokenization import model_inputs
 
 __all__ = ["OnnxProvider", "trt_cache_dir"]
@@ -112,11 +111,8 @@ class OnnxProvider(BundleEmbedder):
         import onnxruntime as ort
 
         precision = self._choose_precision(bundle, precision, providers)
-        super().__init__(bundle, precision, **batching)
+        super().__init__(bundle, precision, threads=threads, **batching)
         model_path = bundle.verify_variant(precision)
-        self.threads = threads if threads is not None else usable_cpu_count()
-        if self.threads < 1:
-            raise BackendUnavailableError(f"threads must be at least 1, got {self.threads}")
         missing = [p for p in providers if p not in ort.get_available_providers()]
         if missing and strict:
             raise BackendUnavailableError(
@@ -188,21 +184,8 @@ class OnnxProvider(BundleEmbedder):
         raise BundleError(f"bundle {bundle.path} has no ONNX variants")
 
     @property
-    def info(self) -> ProviderInfo:
-        m = self.manifest
-        return ProviderInfo(
-            model_id=m.model_id,
-            dim=m.dim,
-            matryoshka_min_dim=m.matryoshka_min_dim,
-            max_length=m.max_length,
-            precision=self.precision,
-            backend=self.backend_name,
-            execution_providers=self._active,
-            threads=self.threads,
-            instruction_aware=m.instruction_template is not None,
-            fallback=self.fallback,
-            parity=self.parity,
-        )
+    def execution_providers(self) -> tuple[str, ...]:
+        return self._active
 
     def warm_shapes(self) -> list[tuple[int, int]]:
         """Run the profile's corner shapes once, so engines exist before the first request."""

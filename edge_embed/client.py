@@ -84,6 +84,21 @@ class _Options:
         self.retries = retries
         self.options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
 
+    def channel(self, grpc_module):
+        """A channel of `grpc` or `grpc.aio`, secure when TLS options were given."""
+        if self.credentials:
+            return grpc_module.secure_channel(self.target, self.credentials, self.options)
+        return grpc_module.insecure_channel(self.target, self.options)
+
+
+def _stubs(channel) -> tuple:
+    """(Embed, Info, Tokenize) callables on a channel, sync or asyncio alike."""
+    def stub(name: str, request, response):
+        return channel.unary_unary(_METHOD + name, request.SerializeToString, response.FromString)
+
+    return (stub("Embed", pb.EmbedRequest, pb.EmbedResponse), stub("Info", pb.InfoRequest, pb.InfoResponse),
+            stub("Tokenize", pb.TokenizeRequest, pb.TokenizeResponse))
+
 
 class EmbedClient:
     """Blocking client. `with EmbedClient("host:port") as c: c.embed([...])`."""
@@ -93,16 +108,8 @@ class EmbedClient:
                  timeout: float = 10.0, retries: int = 3):
         self._o = _Options(target, token=token, root_cert=root_cert, client_cert=client_cert,
                            client_key=client_key, timeout=timeout, retries=retries)
-        if self._o.credentials:
-            self._channel = grpc.secure_channel(target, self._o.credentials, self._o.options)
-        else:
-            self._channel = grpc.insecure_channel(target, self._o.options)
-        self._embed = self._channel.unary_unary(_METHOD + "Embed", pb.EmbedRequest.SerializeToString,
-                                                pb.EmbedResponse.FromString)
-        self._info = self._channel.unary_unary(_METHOD + "Info", pb.InfoRequest.SerializeToString,
-                                               pb.InfoResponse.FromString)
-        self._tokenize = self._channel.unary_unary(_METHOD + "Tokenize", pb.TokenizeRequest.SerializeToString,
-                                                   pb.TokenizeResponse.FromString)
+        self._channel = self._o.channel(grpc)
+        self._embed, self._info, self._tokenize = _stubs(self._channel)
 
     def _call(self, method, request):
         deadline = time.monotonic() + self._o.timeout
@@ -151,14 +158,8 @@ class AsyncEmbedClient:
                  timeout: float = 10.0, retries: int = 3):
         self._o = _Options(target, token=token, root_cert=root_cert, client_cert=client_cert,
                            client_key=client_key, timeout=timeout, retries=retries)
-        if self._o.credentials:
-            self._channel = grpc.aio.secure_channel(target, self._o.credentials, self._o.options)
-        else:
-            self._channel = grpc.aio.insecure_channel(target, self._o.options)
-        self._embed = self._channel.unary_unary(_METHOD + "Embed", pb.EmbedRequest.SerializeToString,
-                                                pb.EmbedResponse.FromString)
-        self._info = self._channel.unary_unary(_METHOD + "Info", pb.InfoRequest.SerializeToString,
-                                               pb.InfoResponse.FromString)
+        self._channel = self._o.channel(grpc.aio)
+        self._embed, self._info, _ = _stubs(self._channel)
 
     async def _call(self, method, request):
         deadline = time.monotonic() + self._o.timeout

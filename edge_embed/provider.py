@@ -81,9 +81,16 @@ class BundleEmbedder(abc.ABC):
         bundle: Bundle,
         precision: str,
         *,
+        threads: int | None = None,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     ):
+        from .errors import BackendUnavailableError
+        from .platform import usable_cpu_count
+
+        self.threads = threads if threads is not None else usable_cpu_count()
+        if self.threads < 1:
+            raise BackendUnavailableError(f"threads must be at least 1, got {self.threads}")
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.precision = precision
@@ -99,7 +106,25 @@ class BundleEmbedder(abc.ABC):
 
     @property
     @abc.abstractmethod
-    def info(self) -> ProviderInfo: ...
+    def execution_providers(self) -> tuple[str, ...]:
+        """Where the model really runs, as the backend reports it (not what was asked for)."""
+
+    @property
+    def info(self) -> ProviderInfo:
+        m = self.manifest
+        return ProviderInfo(
+            model_id=m.model_id,
+            dim=m.dim,
+            matryoshka_min_dim=m.matryoshka_min_dim,
+            max_length=m.max_length,
+            precision=self.precision,
+            backend=self.backend_name,
+            execution_providers=self.execution_providers,
+            threads=self.threads,
+            instruction_aware=m.instruction_template is not None,
+            fallback=self.fallback,
+            parity=self.parity,
+        )
 
     @abc.abstractmethod
     def _forward(self, seqs: list[np.ndarray]) -> np.ndarray:
