@@ -11,9 +11,10 @@ import numpy as np
 
 from .batching import plan_batches
 from .bundle import Bundle
-from .errors import BundleError, EdgeEmbedError
+from .errors import BackendUnavailableError, BundleError, EdgeEmbedError
 from .manifest import Parity
 from .parity import Gates, gate_failure, measure_parity
+from .platform import usable_cpu_count
 from .tokenization import BundleTokenizer, check_texts
 
 __all__ = ["EmbeddingProvider", "ProviderInfo", "BundleEmbedder", "DEFAULT_MAX_BATCH_TOKENS", "DEFAULT_MAX_BATCH_SIZE"]
@@ -85,9 +86,6 @@ class BundleEmbedder(abc.ABC):
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     ):
-        from .errors import BackendUnavailableError
-        from .platform import usable_cpu_count
-
         self.threads = threads if threads is not None else usable_cpu_count()
         if self.threads < 1:
             raise BackendUnavailableError(f"threads must be at least 1, got {self.threads}")
