@@ -12,7 +12,7 @@ import pytest
 
 import edge_embed
 from edge_embed.bundle import Bundle
-from edge_embed.errors import BackendUnavailableError, BundleError
+from edge_embed.errors import BundleError
 from edge_embed.parity import Gates
 from edge_embed.platform import PlatformInfo
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import subprocess
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,7 +18,6 @@ from edge_embed.errors import (
     BackendUnavailableError,
     InvalidInputError,
     ModelNotFoundError,
-    OverloadedError,
     UnauthenticatedError,
 )
 from edge_embed.v1 import embed_pb2 as pb
