@@ -13,7 +13,9 @@ from .errors import (
     ExportError,
     GateError,
     InvalidInputError,
+    MemoryBudgetError,
     ModelNotFoundError,
+    ModelNotReadyError,
     OverloadedError,
     UnauthenticatedError,
 )
@@ -44,6 +46,8 @@ __all__ = [
     "ExportError",
     "GateError",
     "OverloadedError",
+    "ModelNotReadyError",
+    "MemoryBudgetError",
 ]
 
 

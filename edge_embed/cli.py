@@ -31,6 +31,15 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _size(value: str) -> int:
+    from .server.pool import parse_bytes
+
+    try:
+        return parse_bytes(value)
+    except InvalidInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-embed", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,8 +72,17 @@ def _parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="describe a bundle and what would run")
     _bundle_options(info)
 
-    sv = sub.add_parser("serve", help="serve a bundle over gRPC (default: the default model)")
-    _bundle_options(sv, env_defaults=False)
+    sv = sub.add_parser("serve", help="serve bundles over gRPC (default: the default model)")
+    sv.add_argument("--bundle", action="append", metavar="[NAME=]PATH[@PRECISION]",
+                    help="a bundle to serve; repeat for several (requests pick one by `model`)")
+    sv.add_argument("--models-dir", type=Path, help="serve every bundle folder in this folder, named by folder")
+    sv.add_argument("--memory-budget", type=_size, help="process memory budget, e.g. 3GiB "
+                    "(default: detected memory less a fifth)")
+    sv.add_argument("--pin", action="append", metavar="NAME", help="load at start and never evict; repeatable")
+    sv.add_argument("--load-wait-s", type=float, help="how long a request waits for its model to load (default 60)")
+    sv.add_argument("--precision", help="fp32, fp16, int8 or auto, for bundles without @PRECISION")
+    sv.add_argument("--threads", type=_positive_int, help="CPU threads (default: affinity mask)")
+    sv.add_argument("--backend", help="auto (default), onnx, mlx, cpu, cuda, tensorrt or acl")
     sv.add_argument("--host", help="address to bind (default 127.0.0.1)")
     sv.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
     sv.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default: off)")
@@ -85,6 +103,23 @@ def _parser() -> argparse.ArgumentParser:
     dr.add_argument("--bundle", type=Path, default=_env("BUNDLE"), help="bundle to check (default: the default model)")
     dr.add_argument("--backend", default=_env("BACKEND", "auto"), help="auto, onnx, mlx, cpu, cuda, tensorrt, acl")
     dr.add_argument("--json", action="store_true", help="machine-readable output")
+
+    ck = sub.add_parser("check", help="can these models run on this device? a verdict per resource")
+    ck.add_argument("targets", nargs="+", metavar="MODEL_OR_BUNDLE",
+                    help="registry names or Hugging Face ids (`edge-embed models`), or bundle directories; "
+                         "several are checked together")
+    ck.add_argument("--precision", help="fp32, fp16, int8 or int4 (default: what would run here)")
+    ck.add_argument("--max-batch-tokens", type=_positive_int, default=4096, help="token budget of one batch")
+    ck.add_argument("--max-text-tokens", type=_positive_int, default=512,
+                    help="longest text served, for registry estimates (bundles use their own limit)")
+    ck.add_argument("--export-here", action="store_true",
+                    help="count disk to download the source and export on this device too")
+    ck.add_argument("--no-measure", action="store_true", help="estimate bundles instead of measuring them")
+    ck.add_argument("--backend", default=_env("BACKEND", "auto"), help="backend to measure bundles on")
+    ck.add_argument("--json", action="store_true", help="machine-readable output")
+
+    ms = sub.add_parser("models", help="known models with their memory and disk estimates")
+    ms.add_argument("--json", action="store_true", help="machine-readable output")
 
     wm = sub.add_parser("warm", help="build TensorRT engines (and warm caches) for the batching limits")
     _bundle_options(wm)
@@ -211,19 +246,25 @@ def _cmd_info(args: argparse.Namespace) -> None:
 def _cmd_serve(args: argparse.Namespace) -> None:
     import asyncio
     import logging
-    import time
 
-    from . import load
     from .default_model import ensure_default_bundle
     from .server import ServerConfig, serve
+    from .server.app import pool_from_config
+    from .server.pool import parse_model_sources
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = ServerConfig.from_sources(vars(args))
-    bundle = config.bundle or ensure_default_bundle()
-    started = time.monotonic()
-    provider = load(bundle, precision=config.precision, backend=config.backend, threads=config.threads,
-                    max_batch_tokens=config.max_batch_tokens)
-    asyncio.run(serve(config, provider, load_seconds=time.monotonic() - started))
+    flags = dict(vars(args))
+    flags["bundle"] = tuple(args.bundle) if args.bundle else None
+    flags["pin"] = tuple(args.pin) if args.pin else None
+    config = ServerConfig.from_sources(flags)
+    sources = parse_model_sources(config.bundle, config.models_dir, config.precision)
+    if not sources:
+        sources = parse_model_sources((str(ensure_default_bundle()),), None, config.precision)
+
+    async def run() -> None:
+        await serve(config, pool_from_config(config, sources))
+
+    asyncio.run(run())
 
 
 def _cmd_health(args: argparse.Namespace) -> None:
@@ -271,13 +312,45 @@ def _cmd_warm(args: argparse.Namespace) -> None:
           f"in {time.monotonic() - started:.1f} s")
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .check import NOT_FEASIBLE, check, render_check
+    from .registry import Limits
+
+    report = check(args.targets, args.precision, limits=Limits(args.max_batch_tokens, args.max_text_tokens),
+                   export_here=args.export_here, measure=not args.no_measure, backend=args.backend)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else render_check(report))
+    return _NOT_FEASIBLE_EXIT if report.verdict == NOT_FEASIBLE else 0
+
+
+def _cmd_models(args: argparse.Namespace) -> None:
+    from .check import registry_rows
+    from .registry import PRECISIONS
+
+    rows = registry_rows()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{'model':<28} {'kind':<16} {'params':>7} {'dim':>5} {'context':>7}  "
+          + "  ".join(f"{p + ' MB':>9}" for p in PRECISIONS) + "  planning MB")
+    for r in rows:
+        planning = f"{r['planning_mb']:,} ({r['planning_precision']})" if r["planning_mb"] else "-"
+        print(f"{r['name']:<28} {r['kind']:<16} {r['params'] / 1e9:>6.2f}B {r['dim']:>5} {r['max_context']:>7}  "
+              + "  ".join(f"{r['memory_bytes'][p] / 1e6:>9,.0f}" for p in PRECISIONS) + f"  {planning}")
+    print("memory = process base + weights + runtime + activations at 4096 tokens/batch, texts <= 512 tokens "
+          "(see `edge-embed check` and docs/models.md)")
+
+
+_NOT_FEASIBLE_EXIT = 9
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"export": _cmd_export, "embed": _cmd_embed, "info": _cmd_info, "serve": _cmd_serve,
-                "health": _cmd_health, "doctor": _cmd_doctor, "warm": _cmd_warm}
+                "health": _cmd_health, "doctor": _cmd_doctor, "warm": _cmd_warm, "check": _cmd_check,
+                "models": _cmd_models}
     command = commands[args.command]
     try:
-        command(args)
+        code = command(args)
     except EdgeEmbedError as exc:
         print(f"edge-embed: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -285,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

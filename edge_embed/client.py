@@ -17,6 +17,7 @@ import numpy as np
 
 from .errors import (
     BackendUnavailableError,
+    BundleError,
     EdgeEmbedError,
     InvalidInputError,
     ModelNotFoundError,
@@ -28,13 +29,13 @@ from .v1 import embed_pb2 as pb
 __all__ = ["EmbedClient", "AsyncEmbedClient"]
 
 _METHOD = "/edge_embed.v1.EmbeddingService/"
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 _ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidInputError,
     grpc.StatusCode.NOT_FOUND: ModelNotFoundError,
     grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: OverloadedError,
     grpc.StatusCode.UNAVAILABLE: BackendUnavailableError,
+    grpc.StatusCode.FAILED_PRECONDITION: BundleError,
 }
 
 
@@ -68,11 +69,24 @@ def _translate(exc: grpc.RpcError) -> EdgeEmbedError:
     return cls(f"{exc.code().name}: {exc.details()}")
 
 
-def _retry_delay(exc: grpc.RpcError, attempt: int) -> float:
+def _hint_ms(exc: grpc.RpcError) -> int | None:
     for key, value in exc.trailing_metadata() or ():
         if key == "retry-after-ms" and value.isdigit():
-            return int(value) / 1000
-    return min(2.0, 0.05 * 2**attempt)
+            return int(value)
+    return None
+
+
+def _retryable(exc: grpc.RpcError) -> bool:
+    """UNAVAILABLE, and RESOURCE_EXHAUSTED when the server says waiting helps (a full
+    queue sends a hint; a model too big for the memory budget does not)."""
+    code = exc.code()
+    return code == grpc.StatusCode.UNAVAILABLE or (
+        code == grpc.StatusCode.RESOURCE_EXHAUSTED and _hint_ms(exc) is not None)
+
+
+def _retry_delay(exc: grpc.RpcError, attempt: int) -> float:
+    hint = _hint_ms(exc)
+    return hint / 1000 if hint is not None else min(2.0, 0.05 * 2**attempt)
 
 
 class _Options:
@@ -118,7 +132,7 @@ class EmbedClient:
                 return method(request, timeout=max(0.001, deadline - time.monotonic()), metadata=self._o.metadata)
             except grpc.RpcError as exc:
                 delay = _retry_delay(exc, attempt)
-                if exc.code() not in _RETRYABLE or attempt == self._o.retries or time.monotonic() + delay >= deadline:
+                if not _retryable(exc) or attempt == self._o.retries or time.monotonic() + delay >= deadline:
                     raise _translate(exc) from None
                 time.sleep(delay)
         raise AssertionError("unreachable")
@@ -137,8 +151,9 @@ class EmbedClient:
         response = self._call(self._tokenize, pb.TokenizeRequest(inputs=list(texts), instruction=instruction or ""))
         return [list(t.ids) for t in response.tokens]
 
-    def info(self) -> pb.InfoResponse:
-        return self._call(self._info, pb.InfoRequest())
+    def info(self, model: str | None = None) -> pb.InfoResponse:
+        """The server's models and memory; top-level fields describe `model` (default: the default one)."""
+        return self._call(self._info, pb.InfoRequest(model=model or ""))
 
     def close(self) -> None:
         self._channel.close()
@@ -169,7 +184,7 @@ class AsyncEmbedClient:
                                     metadata=self._o.metadata)
             except grpc.aio.AioRpcError as exc:
                 delay = _retry_delay(exc, attempt)
-                if exc.code() not in _RETRYABLE or attempt == self._o.retries or time.monotonic() + delay >= deadline:
+                if not _retryable(exc) or attempt == self._o.retries or time.monotonic() + delay >= deadline:
                     raise _translate(exc) from None
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
@@ -181,8 +196,8 @@ class AsyncEmbedClient:
         o = {"instruction": None, "dimensions": None, "normalize": True, "truncate": True, "model": None, **options}
         return await self._call(self._embed, _request(texts, **o))
 
-    async def info(self) -> pb.InfoResponse:
-        return await self._call(self._info, pb.InfoRequest())
+    async def info(self, model: str | None = None) -> pb.InfoResponse:
+        return await self._call(self._info, pb.InfoRequest(model=model or ""))
 
     async def close(self) -> None:
         await self._channel.close()

@@ -6,23 +6,16 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from .check import HEADROOM
 from .errors import EdgeEmbedError
+from .memory import stored_footprint
 from .manifest import variant_format
 from .platform import choose_backends, snapshot_platform
+from .registry import PROCESS_BASE_BYTES, bundle_estimate
 
-__all__ = ["diagnose", "render", "estimate_memory_bytes"]
+__all__ = ["diagnose", "render"]
 
 _GIB = 1024**3
-_MEMORY_HEADROOM = 0.8  # leave a fifth of memory to the OS and the app beside us
-
-
-def estimate_memory_bytes(variant_bytes: int, dim: int, max_batch_tokens: int) -> int:
-    """Weights plus runtime overhead (x1.25) plus activations at the token budget.
-
-    Activations: ~16 live [tokens, dim] float32 tensors at the peak of one layer
-    (attention scores of short texts stay small at these budgets).
-    """
-    return int(variant_bytes * 1.25 + 16 * max_batch_tokens * dim * 4)
 
 
 def diagnose(bundle_path: Path | None, backend: str = "auto", max_batch_tokens: int = 4096) -> dict[str, Any]:
@@ -58,9 +51,8 @@ def diagnose(bundle_path: Path | None, backend: str = "auto", max_batch_tokens: 
         report["would_run"] = {"error": str(exc)}
         return report
     run = provider.info
-    variant = m.variants[run.precision]
-    needed = estimate_memory_bytes(variant.bytes, m.dim, max_batch_tokens)
-    available = int((info.memory_bytes or 0) * _MEMORY_HEADROOM)
+    needed, figure = _memory_need(bundle, run, max_batch_tokens)
+    available = int((info.memory_bytes or 0) * HEADROOM)
     report["would_run"] = {
         "backend": run.backend,
         "execution_providers": list(run.execution_providers),
@@ -68,11 +60,22 @@ def diagnose(bundle_path: Path | None, backend: str = "auto", max_batch_tokens: 
         "fallback": run.fallback,
         "parity": dataclasses.asdict(run.parity) if run.parity else None,
         "parity_ok": run.parity is not None and provider.parity_passes(),
-        "memory": {"estimated_bytes": needed, "usable_bytes": available, "fits": needed <= available,
-                   "rule": f"estimate <= {_MEMORY_HEADROOM:.0%} of memory"},
+        "memory": {"estimated_bytes": needed, "figure": figure, "usable_bytes": available,
+                   "fits": needed <= available,
+                   "rule": f"process base + the model <= {HEADROOM:.0%} of memory (as `edge-embed check`)"},
     }
     provider.close()
     return report
+
+
+def _memory_need(bundle, run, max_batch_tokens: int) -> tuple[int, str]:
+    """The process's need with this model: measured on this device when stored, else estimated."""
+    variant = bundle.manifest.variants[run.precision]
+    memory, activations = bundle_estimate(bundle.manifest, bundle.path, run.precision, max_batch_tokens)
+    stored = stored_footprint(variant.sha256, run.execution_providers[0], max_batch_tokens)
+    if stored is not None:
+        return PROCESS_BASE_BYTES + stored.total(activations), "measured on this device"
+    return PROCESS_BASE_BYTES + memory, "estimate (`edge-embed check BUNDLE` measures it)"
 
 
 def _platform_dict(info) -> dict[str, Any]:
@@ -132,6 +135,6 @@ def render(report: dict[str, Any]) -> str:
                              f"{run['parity']['probes']} golden texts, {verdict}")
             mem = run["memory"]
             fits = "fits" if mem["fits"] else "does NOT fit"
-            lines.append(f"  memory: ~{mem['estimated_bytes'] / 1e6:.0f} MB needed, {mem['usable_bytes'] / 1e6:.0f} MB "
-                         f"usable ({mem['rule']}): {fits}")
+            lines.append(f"  memory: ~{mem['estimated_bytes'] / 1e6:.0f} MB needed ({mem['figure']}), "
+                         f"{mem['usable_bytes'] / 1e6:.0f} MB usable ({mem['rule']}): {fits}")
     return "\n".join(lines)

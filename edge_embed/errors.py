@@ -8,7 +8,9 @@
     ├── BackendUnavailableError    a requested backend or execution provider cannot run here
     ├── ExportError                the export pipeline could not produce a bundle
     │   └── GateError              a variant missed its fidelity gate; nothing was written
+    ├── ModelNotReadyError         the requested model is loading or waits for memory; retry
     └── OverloadedError            the server queue is full; retry later
+        └── MemoryBudgetError      a model cannot fit the memory budget even alone; do not retry
 
 Each class carries the gRPC status code name and the CLI exit code that the server and
 the CLI use; no other place maps errors.
@@ -26,12 +28,15 @@ __all__ = [
     "ExportError",
     "GateError",
     "OverloadedError",
+    "ModelNotReadyError",
+    "MemoryBudgetError",
 ]
 
 
 class EdgeEmbedError(Exception):
     grpc_code = "INTERNAL"
     exit_code = 1
+    retry_after_ms: int | None = None  # set where waiting is known to cure it (a full queue)
 
 
 class InvalidInputError(EdgeEmbedError, ValueError):
@@ -79,3 +84,16 @@ class GateError(ExportError):
 class OverloadedError(EdgeEmbedError):
     grpc_code = "RESOURCE_EXHAUSTED"
     exit_code = 6
+
+
+class ModelNotReadyError(EdgeEmbedError):
+    grpc_code = "UNAVAILABLE"
+    exit_code = 4
+
+    def __init__(self, message: str, retry_after_ms: int):
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+
+class MemoryBudgetError(OverloadedError):
+    """Eviction cannot help: the model is bigger than the budget left beside pinned ones."""

@@ -19,11 +19,17 @@ CACHE = Path(os.environ.get("EDGE_EMBED_TEST_CACHE", REPO / ".cache" / "test-bun
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 
+# Code that cannot change what an export writes: serving, the CLI, sizing advice.
+_NOT_EXPORT_CODE = ("edge_embed/server/", "edge_embed/v1/", "edge_embed/cli.py", "edge_embed/client.py",
+                    "edge_embed/check.py", "edge_embed/registry.py", "edge_embed/memory.py", "edge_embed/doctor.py")
+
+
 def _code_key(*extra: str) -> str:
     digest = hashlib.sha256()
     for folder in ("export", "edge_embed", "backends"):
         for path in sorted((REPO / folder).rglob("*.py")):
-            digest.update(path.read_bytes())
+            if not path.relative_to(REPO).as_posix().startswith(_NOT_EXPORT_CODE):
+                digest.update(path.read_bytes())
     digest.update(Path(__file__).read_bytes())
     for item in extra:
         digest.update(item.encode())

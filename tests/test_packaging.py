@@ -45,7 +45,7 @@ def test_public_names_are_pinned():
         "__version__", "load", "load_bundle", "Bundle", "Manifest", "EmbeddingProvider",
         "BundleEmbedder", "ProviderInfo", "EdgeEmbedError", "InvalidInputError", "BundleError",
         "BackendUnavailableError", "ExportError", "GateError", "OverloadedError",
-        "ModelNotFoundError", "UnauthenticatedError",
+        "ModelNotFoundError", "UnauthenticatedError", "ModelNotReadyError", "MemoryBudgetError",
     ])
 
 

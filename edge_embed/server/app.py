@@ -7,6 +7,7 @@ import logging
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,10 +18,11 @@ from ..v1 import embed_pb2
 from .batcher import TokenBudgetBatcher
 from .config import ServerConfig
 from .metrics import ServerMetrics
+from .pool import ModelPool, ModelSource
 from .service import SERVICE_NAME, BearerTokenInterceptor, EmbeddingService, method_handlers
 from .systemd import Notifier
 
-__all__ = ["EdgeServer", "create_server", "serve", "WARMUP_TEXTS"]
+__all__ = ["EdgeServer", "create_server", "serve", "WARMUP_TEXTS", "pool_from_config", "default_memory_budget"]
 
 log = logging.getLogger("edge_embed.server")
 WARMUP_TEXTS = ["warm up", "edge-embed is getting ready to serve requests with a longer text"]
@@ -34,7 +36,7 @@ class EdgeServer:
 
     grpc_server: grpc.aio.Server
     service: EmbeddingService
-    batcher: TokenBudgetBatcher
+    pool: ModelPool
     health: health.aio.HealthServicer
     metrics: ServerMetrics
     port: int
@@ -50,7 +52,7 @@ class EdgeServer:
         """Refuse new RPCs, let in-flight ones finish (up to `grace` s), then stop the worker."""
         await self.set_serving(False)
         await self.grpc_server.stop(grace)
-        await self.batcher.stop()
+        await self.pool.close()
         self.metrics.close()
 
 
@@ -62,14 +64,13 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
-async def create_server(config: ServerConfig, provider: Any, *, warm_up: bool = True) -> tuple[EdgeServer, int]:
-    """Build, warm up and start a server for `provider`; port 0 binds a free port.
+async def create_server(config: ServerConfig, models: Any, *, warm_up: bool = True) -> tuple[EdgeServer, int]:
+    """Build, warm up and start a server for a provider or a ModelPool; port 0 binds a free port.
 
-    Health turns SERVING only after a warm-up batch has gone through the model.
+    Health turns SERVING only after the pool's first models loaded and a warm-up batch
+    went through each of them.
     """
     metrics = ServerMetrics()
-    info = provider.info
-    metrics.model_info.labels(info.model_id, info.precision, info.backend, info.execution_providers[0]).set(1)
     health_servicer = health.aio.HealthServicer()
     edge: EdgeServer | None = None
 
@@ -78,16 +79,32 @@ async def create_server(config: ServerConfig, provider: Any, *, warm_up: bool = 
             await edge.set_serving(False)
 
     loop = asyncio.get_running_loop()
-    batcher = TokenBudgetBatcher(
-        provider.embed_token_ids,
-        max_batch_tokens=config.max_batch_tokens,
-        max_batch_size=config.max_batch_size,
-        max_wait_s=config.max_wait_ms / 1000,
-        max_queue=config.max_queue,
-        on_death=lambda exc: loop.create_task(mark_dead()),
-        on_batch=metrics.observe_batch,
-    )
-    service = EmbeddingService(provider, config, batcher, metrics)
+
+    def make_batcher(provider: Any) -> TokenBudgetBatcher:
+        return TokenBudgetBatcher(
+            provider.embed_token_ids,
+            max_batch_tokens=config.max_batch_tokens,
+            max_batch_size=config.max_batch_size,
+            max_wait_s=config.max_wait_ms / 1000,
+            max_queue=config.max_queue,
+            on_death=lambda exc: loop.create_task(mark_dead()),
+            on_batch=metrics.observe_batch,
+        )
+
+    if isinstance(models, ModelPool):
+        pool = models
+        pool.bind(make_batcher, metrics)
+        await pool.start()
+    else:  # one provider, loaded by the caller: a pool of one pinned model
+        name = models.manifest.model_id
+        path = getattr(getattr(models, "bundle", None), "path", Path("."))
+        pool = ModelPool([ModelSource(name, path)], budget_bytes=2**62, loader=_no_loader, cost_of=_no_cost)
+        pool.bind(make_batcher, metrics)
+        pool.adopt(name, models)
+        info = models.info
+        metrics.model_info.labels(info.model_id, info.precision, info.backend, info.execution_providers[0]).set(1)
+    metrics.observe_pool(pool)
+    service = EmbeddingService(pool, config, metrics)
     interceptors = [BearerTokenInterceptor(config.token)] if config.token else []
     transport_limit = config.max_message_bytes + 1024 * 1024  # our own check answers first, clearly
     server = grpc.aio.server(
@@ -108,11 +125,12 @@ async def create_server(config: ServerConfig, provider: Any, *, warm_up: bool = 
     address = f"{config.host}:{config.port}"
     credentials = _credentials(config)
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    edge = EdgeServer(server, service, batcher, health_servicer, metrics, port)
+    edge = EdgeServer(server, service, pool, health_servicer, metrics, port)
     await edge.set_serving(False)
-    batcher.start()
     if warm_up:
-        await batcher.submit(provider.tokenize(WARMUP_TEXTS))
+        for model in pool.models.values():
+            if model.batcher is not None:
+                await model.batcher.submit(model.provider.tokenize(WARMUP_TEXTS))
     await server.start()
     if config.metrics_port is not None:
         edge.metrics_port = metrics.serve_http(config.host, config.metrics_port)
@@ -120,15 +138,22 @@ async def create_server(config: ServerConfig, provider: Any, *, warm_up: bool = 
     return edge, port
 
 
-async def serve(config: ServerConfig, provider: Any, load_seconds: float = 0.0) -> None:
+async def serve(config: ServerConfig, models: Any) -> None:
     """Run until SIGTERM/SIGINT, then drain: no accepted request goes unanswered."""
     notifier = Notifier()
-    edge, port = await create_server(config, provider)
-    edge.metrics.model_load_seconds.set(load_seconds)
-    info = provider.info
-    log.info("serving %s (%s, %s on %s) on %s:%d", info.model_id, info.precision, info.backend,
-             info.execution_providers[0], config.host, port)
-    notifier.notify("READY=1", f"STATUS=serving {info.model_id} on port {port}")
+    started = time.monotonic()
+    edge, port = await create_server(config, models)
+    edge.metrics.model_load_seconds.set(time.monotonic() - started)
+    pool = edge.pool
+    for model in pool.models.values():
+        if model.info is not None:
+            info = model.info
+            log.info("serving %s (%s, %s on %s) on %s:%d", model.name, info.precision, info.backend,
+                     info.execution_providers[0], config.host, port)
+    if len(pool.models) > 1:
+        log.info("%d models, memory budget %s MB, %s MB committed", len(pool.models),
+                 f"{pool.budget_bytes / 1e6:,.0f}", f"{pool.committed_bytes / 1e6:,.0f}")
+    notifier.notify("READY=1", f"STATUS=serving {', '.join(pool.models)} on port {port}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -145,18 +170,83 @@ async def serve(config: ServerConfig, provider: Any, load_seconds: float = 0.0) 
         watchdog.cancel()
     await edge.stop(config.grace_s)
     log.info("stopped after %.2f s of drain", time.monotonic() - started)
-    if edge.batcher.dead is not None:
+    if edge.pool.dead is not None:
         raise SystemExit(1)
 
 
 async def _wait_dead(edge: EdgeServer) -> None:
-    while edge.batcher.dead is None:
+    while edge.pool.dead is None:
         await asyncio.sleep(0.5)
 
 
 async def _watchdog(notifier: Notifier, edge: EdgeServer, interval_s: float) -> None:
     """Ping systemd only while the model worker is alive, so a hung worker gets restarted."""
     while True:
-        if edge.batcher.dead is None:
+        if edge.pool.dead is None:
             notifier.notify("WATCHDOG=1")
         await asyncio.sleep(interval_s)
+
+
+def _no_loader(source: ModelSource) -> Any:
+    raise AssertionError(f"{source.name} was adopted loaded; it is never loaded here")
+
+
+def _no_cost(source: ModelSource) -> tuple[int, str]:
+    return 0, "outside the pool"
+
+
+def default_memory_budget(memory_bytes: int | None) -> int:
+    """The detected memory less a reserve for the OS and the apps beside us (the `check`
+    headroom rule: a fifth); 4 GiB when the memory is unknown."""
+    from ..check import HEADROOM
+
+    return int(memory_bytes * HEADROOM) if memory_bytes else 4 * 1024**3
+
+
+def pool_from_config(config: ServerConfig, sources: list[ModelSource]) -> ModelPool:
+    """The pool `edge-embed serve` runs: real loads, stored or estimated costs, and each
+    load's measured RSS growth stored as this device's figure."""
+    from .. import load
+    from ..bundle import MANIFEST_FILE
+    from ..check import bundle_default_precision
+    from ..manifest import Manifest
+    from ..memory import Footprint, import_runtimes, store_footprint, stored_footprint
+    from ..platform import snapshot_platform
+    from ..registry import bundle_estimate
+
+    tokens = config.max_batch_tokens
+
+    def variant_of(source: ModelSource, manifest: Manifest) -> str:
+        return source.precision if source.precision in manifest.variants else bundle_default_precision(
+            manifest.variants)
+
+    def cost_of(source: ModelSource) -> tuple[int, str]:
+        manifest = Manifest.read(source.path / MANIFEST_FILE)
+        precision = variant_of(source, manifest)
+        memory, activations = bundle_estimate(manifest, source.path, precision, tokens)
+        stored = stored_footprint(manifest.variants[precision].sha256, None, tokens)
+        if stored is not None:
+            return stored.total(activations), "measured on this device"
+        return memory, "estimate"
+
+    def loader(source: ModelSource) -> Any:
+        return load(source.path, precision=source.precision, backend=config.backend, threads=config.threads,
+                    max_batch_tokens=tokens)
+
+    def after_load(model, growth: int, peak: int | None) -> int:
+        info, manifest = model.info, model.manifest
+        variant = manifest.variants[info.precision]
+        _, activations = bundle_estimate(manifest, model.source.path, info.precision, tokens)
+        footprint = store_footprint(Footprint(
+            model_id=manifest.model_id, precision=info.precision, execution_provider=info.execution_providers[0],
+            variant_sha256=variant.sha256, max_batch_tokens=tokens, resident=max(growth, 0),
+            load_peak=max(peak if peak is not None else growth, 0), batch_peak=None, batch_shape=None,
+            measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        ))
+        return footprint.total(activations)
+
+    for source in sources:
+        import_runtimes(Manifest.read(source.path / MANIFEST_FILE).variants)
+    budget = config.memory_budget or default_memory_budget(snapshot_platform().memory_bytes)
+    return ModelPool(sources, budget_bytes=budget, loader=loader, cost_of=cost_of, pinned=config.pin,
+                     load_wait_s=config.load_wait_s, after_load=after_load)

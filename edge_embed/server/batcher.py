@@ -103,9 +103,10 @@ class TokenBudgetBatcher:
         try:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:
-            raise OverloadedError(
-                f"the request queue is full ({self.max_queue} waiting); retry after {self.retry_after_ms()} ms"
-            ) from None
+            hint = self.retry_after_ms()
+            error = OverloadedError(f"the request queue is full ({self.max_queue} waiting); retry after {hint} ms")
+            error.retry_after_ms = hint
+            raise error from None
         return await item.future
 
     def retry_after_ms(self) -> int:

@@ -20,7 +20,11 @@ ENV_PREFIX = "EDGE_EMBED_"
 class ServerConfig:
     """Everything `edge-embed serve` can be told; each field is also EDGE_EMBED_<NAME>."""
 
-    bundle: Path | None = None
+    bundle: tuple[str, ...] = ()  # [NAME=]PATH[@PRECISION]; the env form is comma-separated
+    models_dir: Path | None = None
+    memory_budget: int | None = None  # bytes for the whole process; None: detected memory less a fifth
+    pin: tuple[str, ...] = ()
+    load_wait_s: float = 60.0
     precision: str = "auto"
     backend: str = "auto"
     threads: int | None = None
@@ -45,8 +49,15 @@ class ServerConfig:
                      "max_message_bytes"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_wait_ms < 0 or self.grace_s < 0:
-            raise InvalidInputError("max_wait_ms and grace_s must not be negative")
+        if self.max_wait_ms < 0 or self.grace_s < 0 or self.load_wait_s < 0:
+            raise InvalidInputError("max_wait_ms, grace_s and load_wait_s must not be negative")
+        if self.memory_budget is not None and self.memory_budget < 1:
+            raise InvalidInputError(f"memory_budget must be positive, got {self.memory_budget}")
+        for name in ("bundle", "pin"):
+            if isinstance(getattr(self, name), (str, Path)):
+                object.__setattr__(self, name, (str(getattr(self, name)),))
+            else:
+                object.__setattr__(self, name, tuple(str(v) for v in getattr(self, name)))
         if not 0 <= self.port <= 65535:
             raise InvalidInputError(f"port {self.port} is not a TCP port")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -69,7 +80,16 @@ class ServerConfig:
 
 def _convert(name: str, type_name: str, raw: str) -> Any:
     """An environment string as the field's type (annotations are strings here)."""
+    if name == "memory_budget":
+        from .pool import parse_bytes
+
+        try:
+            return parse_bytes(raw)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"{ENV_PREFIX}MEMORY_BUDGET: {exc}") from None
     try:
+        if type_name.startswith("tuple"):
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
         if type_name.startswith("int"):
             return int(raw)
         if type_name.startswith("float"):

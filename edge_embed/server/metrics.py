@@ -31,6 +31,35 @@ class ServerMetrics:
         self.model_info = Gauge("edge_embed_model_info", "the model being served", ["model", "precision", "backend",
                                 "execution_provider"], registry=r)
 
+        self.model_requests = Counter("edge_embed_model_requests", "requests per model", ["model"], registry=r)
+        self.model_loads = Counter("edge_embed_model_loads", "model loads", ["model"], registry=r)
+        self.model_evictions = Counter("edge_embed_model_evictions", "models evicted to make room", ["model"],
+                                       registry=r)
+        self.model_resident_bytes = Gauge("edge_embed_model_resident_bytes",
+                                          "bytes charged to the budget per resident model", ["model"], registry=r)
+        self.model_load_seconds_by_model = Gauge("edge_embed_model_last_load_seconds", "time of the last load",
+                                                 ["model"], registry=r)
+        self.memory_budget_bytes = Gauge("edge_embed_memory_budget_bytes", "the process memory budget", registry=r)
+        self.memory_committed_bytes = Gauge("edge_embed_memory_committed_bytes",
+                                            "process base plus the resident models' charges", registry=r)
+
+    def observe_load(self, model, seconds: float, pool) -> None:
+        self.model_loads.labels(model.name).inc()
+        self.model_load_seconds_by_model.labels(model.name).set(seconds)
+        self.model_resident_bytes.labels(model.name).set(model.cost)
+        info = model.info
+        self.model_info.labels(info.model_id, info.precision, info.backend, info.execution_providers[0]).set(1)
+        self.observe_pool(pool)
+
+    def observe_eviction(self, model, pool) -> None:
+        self.model_evictions.labels(model.name).inc()
+        self.model_resident_bytes.labels(model.name).set(0)
+        self.observe_pool(pool)
+
+    def observe_pool(self, pool) -> None:
+        self.memory_budget_bytes.set(pool.budget_bytes)
+        self.memory_committed_bytes.set(pool.committed_bytes)
+
     def observe_batch(self, texts: int, tokens: int, inference_s: float) -> None:
         self.batch_size.observe(texts)
         self.batch_tokens.observe(tokens)

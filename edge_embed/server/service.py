@@ -11,11 +11,13 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from .. import __version__
-from ..errors import EdgeEmbedError, InvalidInputError, ModelNotFoundError, OverloadedError, UnauthenticatedError
+from ..errors import EdgeEmbedError, InvalidInputError, UnauthenticatedError
 from ..v1 import embed_pb2 as pb
-from .batcher import TokenBudgetBatcher, WorkerDiedError
+from ..memory import rss_bytes
+from .batcher import WorkerDiedError
 from .config import ServerConfig
 from .metrics import ServerMetrics
+from .pool import ModelPool
 
 __all__ = ["EmbeddingService", "grpc_status", "SERVICE_NAME", "method_handlers", "BearerTokenInterceptor"]
 
@@ -50,20 +52,14 @@ def _safe_deserializer(message_type: type, max_bytes: int) -> Callable[[bytes], 
 
 
 class EmbeddingService:
-    """Checks every request field, then hands token ids to the shared batcher."""
+    """Checks every request field, then hands token ids to the requested model's batcher."""
 
-    def __init__(self, provider: Any, config: ServerConfig, batcher: TokenBudgetBatcher, metrics: ServerMetrics):
-        self.provider = provider
+    def __init__(self, pool: ModelPool, config: ServerConfig, metrics: ServerMetrics):
+        self.pool = pool
         self.config = config
-        self.batcher = batcher
         self.metrics = metrics
-        self.model_id = provider.manifest.model_id
 
     # -- request checks ---------------------------------------------------------------
-
-    def _check_model(self, model: str) -> None:
-        if model and model != self.model_id:
-            raise ModelNotFoundError(f"model {model!r} is not served here; this server has {self.model_id!r}")
 
     def _check_inputs(self, inputs: list[str]) -> None:
         if not inputs:
@@ -76,12 +72,18 @@ class EmbeddingService:
                     f"inputs[{i}] has {len(text)} characters; the limit is {self.config.max_text_chars}"
                 )
 
-    async def _tokenize(self, inputs: list[str], instruction: str, truncate: bool) -> list:
+    @staticmethod
+    async def _tokenize(provider: Any, inputs: list[str], instruction: str, truncate: bool) -> list:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             None,
-            lambda: self.provider.tokenize(inputs, instruction=instruction or None, truncate=truncate, field="inputs"),
+            lambda: provider.tokenize(inputs, instruction=instruction or None, truncate=truncate, field="inputs"),
         )
+
+    @staticmethod
+    def _deadline(context: grpc.aio.ServicerContext | None) -> float | None:
+        remaining = context.time_remaining() if context is not None else None
+        return None if remaining is None else time.monotonic() + remaining
 
     # -- RPC bodies -------------------------------------------------------------------
 
@@ -89,27 +91,28 @@ class EmbeddingService:
         start = time.monotonic()
         if isinstance(request, _Malformed):
             raise InvalidInputError(request.reason)
-        self._check_model(request.model)
+        self.pool.find(request.model)
         inputs = list(request.inputs)
         self._check_inputs(inputs)
-        try:
-            width = self.provider.manifest.check_dimensions(request.dimensions or None)
-        except InvalidInputError as exc:
-            raise InvalidInputError(f"dimensions: {exc}") from None
         normalize = request.normalize if request.HasField("normalize") else True
         truncate = request.truncate if request.HasField("truncate") else True
-        seqs = await self._tokenize(inputs, request.instruction, truncate)
-        remaining = context.time_remaining() if context is not None else None
-        deadline = None if remaining is None else time.monotonic() + remaining
-        self.metrics.queue_depth.set(self.batcher.depth)
-        result = await self.batcher.submit(seqs, deadline)
-        vectors = self.provider.finish(result.vectors, width, normalize)
+        deadline = self._deadline(context)
+        async with self.pool.use(request.model, deadline) as model:
+            provider, batcher = model.provider, model.batcher
+            try:
+                width = provider.manifest.check_dimensions(request.dimensions or None)
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"dimensions: {exc}") from None
+            seqs = await self._tokenize(provider, inputs, request.instruction, truncate)
+            self.metrics.queue_depth.set(batcher.depth)
+            result = await batcher.submit(seqs, deadline)
+            vectors = provider.finish(result.vectors, width, normalize)
         self.metrics.queue_seconds.observe(result.queue_s)
         self.metrics.total_seconds.observe(time.monotonic() - start)
         return pb.EmbedResponse(
             embeddings=[pb.Embedding(values=v.tolist()) for v in vectors],
             token_counts=[len(s) for s in seqs],
-            model=self.model_id,
+            model=model.name,
             dimensions=width,
             queue_ms=result.queue_s * 1000,
             inference_ms=result.inference_s * 1000,
@@ -118,31 +121,43 @@ class EmbeddingService:
     async def tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         if isinstance(request, _Malformed):
             raise InvalidInputError(request.reason)
-        self._check_model(request.model)
+        self.pool.find(request.model)
         inputs = list(request.inputs)
         self._check_inputs(inputs)
-        seqs = await self._tokenize(inputs, request.instruction, True)
+        async with self.pool.use(request.model, self._deadline(context)) as model:
+            seqs = await self._tokenize(model.provider, inputs, request.instruction, True)
         return pb.TokenizeResponse(
             tokens=[pb.TokenIds(ids=s.tolist()) for s in seqs], token_counts=[len(s) for s in seqs]
         )
 
     async def info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
-        info, c = self.provider.info, self.config
+        """The named (or default) model's facts, every model's state and the memory budget;
+        a model never loaded is described from its manifest alone."""
+        if isinstance(request, _Malformed):
+            raise InvalidInputError(request.reason)
+        model, c, pool = self.pool.find(request.model), self.config, self.pool
+        top: dict[str, Any] = {}
+        if model.info is not None:
+            info = model.info
+            top = dict(precision=info.precision, backend=info.backend,
+                       execution_providers=list(info.execution_providers))
+        manifest = model.manifest or model.source_manifest()
         return pb.InfoResponse(
-            model=info.model_id,
-            dim=info.dim,
-            min_dim=info.matryoshka_min_dim or info.dim,
-            max_length=info.max_length,
-            precision=info.precision,
-            backend=info.backend,
-            execution_providers=list(info.execution_providers),
-            instruction_aware=info.instruction_aware,
-            default_instruction=self.provider.manifest.default_instruction or "",
+            model=model.name,
+            dim=manifest.dim,
+            min_dim=manifest.matryoshka_min_dim or manifest.dim,
+            max_length=manifest.max_length,
+            instruction_aware=manifest.instruction_template is not None,
+            default_instruction=manifest.default_instruction or "",
             batching=pb.BatchingLimits(
                 max_batch_tokens=c.max_batch_tokens, max_batch_size=c.max_batch_size, max_wait_ms=c.max_wait_ms,
                 max_queue=c.max_queue, max_inputs_per_request=c.max_inputs, max_text_chars=c.max_text_chars,
             ),
             version=__version__,
+            models=[_model_status(s) for s in pool.status()],
+            memory=pb.MemoryBudget(budget_bytes=pool.budget_bytes, committed_bytes=pool.committed_bytes,
+                                   base_bytes=pool.base_bytes, rss_bytes=rss_bytes() or 0),
+            **top,
         )
 
     async def embed_stream(
@@ -179,10 +194,22 @@ class EmbeddingService:
         return pb.EmbedStreamResponse(request_id=rid, response=response)
 
 
-def _retry_metadata(exc: BaseException, batcher: TokenBudgetBatcher) -> tuple:
-    if isinstance(exc, (OverloadedError, WorkerDiedError)):
-        return (("retry-after-ms", str(batcher.retry_after_ms())),)
-    return ()
+def _model_status(s: dict[str, Any]) -> pb.ModelStatus:
+    return pb.ModelStatus(
+        name=s["name"], model_id=s["model_id"], state=s["state"], pinned=s["pinned"], precision=s["precision"],
+        charged_bytes=s["charged_bytes"], charged_from=s["charged_from"],
+        resident_measured_bytes=max(0, s["resident_measured_bytes"] or 0), loads=s["loads"],
+        evictions=s["evictions"], requests=s["requests"], parity_cos_min=s["parity_cos_min"] or 0.0,
+        parity_ok=bool(s["parity_ok"]), error=s["error"] or "",
+    )
+
+
+def _retry_metadata(exc: BaseException) -> tuple:
+    """The `retry-after-ms` hint of errors a retry can cure (a full queue, a loading model)."""
+    hint = getattr(exc, "retry_after_ms", None)
+    if hint is None and isinstance(exc, WorkerDiedError):
+        hint = 1000
+    return (("retry-after-ms", str(int(hint))),) if hint is not None else ()
 
 
 def _unary(service: EmbeddingService, name: str, body: Callable) -> Callable:
@@ -198,7 +225,7 @@ def _unary(service: EmbeddingService, name: str, body: Callable) -> Callable:
             code = grpc_status(exc)
             service.metrics.requests.labels(name, code.name).inc()
             message = str(exc) if isinstance(exc, EdgeEmbedError) else f"internal error: {exc!r}"
-            await context.abort(code, message, trailing_metadata=_retry_metadata(exc, service.batcher))
+            await context.abort(code, message, trailing_metadata=_retry_metadata(exc))
         service.metrics.requests.labels(name, "OK").inc()
         return response
 

@@ -89,8 +89,10 @@ class TokenizeResponse(_message.Message):
     def __init__(self, tokens: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ..., token_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class BatchingLimits(_message.Message):
     __slots__ = ("max_batch_tokens", "max_batch_size", "max_wait_ms", "max_queue", "max_inputs_per_request", "max_text_chars")
@@ -109,7 +111,7 @@ class BatchingLimits(_message.Message):
     def __init__(self, max_batch_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_wait_ms: _Optional[float] = ..., max_queue: _Optional[int] = ..., max_inputs_per_request: _Optional[int] = ..., max_text_chars: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "dim", "min_dim", "max_length", "precision", "backend", "execution_providers", "instruction_aware", "default_instruction", "batching", "version")
+    __slots__ = ("model", "dim", "min_dim", "max_length", "precision", "backend", "execution_providers", "instruction_aware", "default_instruction", "batching", "version", "models", "memory")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     MIN_DIM_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +123,8 @@ class InfoResponse(_message.Message):
     DEFAULT_INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     BATCHING_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
     model: str
     dim: int
     min_dim: int
@@ -132,4 +136,50 @@ class InfoResponse(_message.Message):
     default_instruction: str
     batching: BatchingLimits
     version: str
-    def __init__(self, model: _Optional[str] = ..., dim: _Optional[int] = ..., min_dim: _Optional[int] = ..., max_length: _Optional[int] = ..., precision: _Optional[str] = ..., backend: _Optional[str] = ..., execution_providers: _Optional[_Iterable[str]] = ..., instruction_aware: _Optional[bool] = ..., default_instruction: _Optional[str] = ..., batching: _Optional[_Union[BatchingLimits, _Mapping]] = ..., version: _Optional[str] = ...) -> None: ...
+    models: _containers.RepeatedCompositeFieldContainer[ModelStatus]
+    memory: MemoryBudget
+    def __init__(self, model: _Optional[str] = ..., dim: _Optional[int] = ..., min_dim: _Optional[int] = ..., max_length: _Optional[int] = ..., precision: _Optional[str] = ..., backend: _Optional[str] = ..., execution_providers: _Optional[_Iterable[str]] = ..., instruction_aware: _Optional[bool] = ..., default_instruction: _Optional[str] = ..., batching: _Optional[_Union[BatchingLimits, _Mapping]] = ..., version: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., memory: _Optional[_Union[MemoryBudget, _Mapping]] = ...) -> None: ...
+
+class ModelStatus(_message.Message):
+    __slots__ = ("name", "model_id", "state", "pinned", "precision", "charged_bytes", "charged_from", "resident_measured_bytes", "loads", "evictions", "requests", "parity_cos_min", "parity_ok", "error")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    CHARGED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHARGED_FROM_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_MEASURED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOADS_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PARITY_COS_MIN_FIELD_NUMBER: _ClassVar[int]
+    PARITY_OK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    model_id: str
+    state: str
+    pinned: bool
+    precision: str
+    charged_bytes: int
+    charged_from: str
+    resident_measured_bytes: int
+    loads: int
+    evictions: int
+    requests: int
+    parity_cos_min: float
+    parity_ok: bool
+    error: str
+    def __init__(self, name: _Optional[str] = ..., model_id: _Optional[str] = ..., state: _Optional[str] = ..., pinned: _Optional[bool] = ..., precision: _Optional[str] = ..., charged_bytes: _Optional[int] = ..., charged_from: _Optional[str] = ..., resident_measured_bytes: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., requests: _Optional[int] = ..., parity_cos_min: _Optional[float] = ..., parity_ok: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+
+class MemoryBudget(_message.Message):
+    __slots__ = ("budget_bytes", "committed_bytes", "base_bytes", "rss_bytes")
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BASE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    budget_bytes: int
+    committed_bytes: int
+    base_bytes: int
+    rss_bytes: int
+    def __init__(self, budget_bytes: _Optional[int] = ..., committed_bytes: _Optional[int] = ..., base_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ...) -> None: ...

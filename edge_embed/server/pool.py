@@ -1,0 +1,408 @@
+"""Several bundles in one server within a memory budget: load on first use, evict LRU.
+
+The budget covers the whole process: `base` (the RSS measured when the pool starts, with
+the runtimes imported) plus every resident model's cost. A model's cost is its stored
+measurement when there is one (edge_embed.memory), else the registry rule's estimate,
+and after each load the RSS growth measured here replaces the estimate. To admit a
+model the pool evicts the least recently used idle ones; pinned models and models with
+requests in flight are never evicted, so no request of an evicted model is dropped. A
+model that cannot fit even alone is refused with RESOURCE_EXHAUSTED and the figures.
+
+A request for a model that is loading (or waiting for memory) waits up to its deadline,
+capped by `load_wait_s`, then gets UNAVAILABLE with a `retry-after-ms` hint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import BundleError, InvalidInputError, MemoryBudgetError, ModelNotFoundError, ModelNotReadyError
+from ..memory import peak_rss_bytes, release_free_memory, reset_peak_rss, rss_bytes
+from .batcher import TokenBudgetBatcher
+
+__all__ = ["ModelSource", "PooledModel", "ModelPool", "parse_model_sources", "parse_bytes"]
+
+log = logging.getLogger("edge_embed.server.pool")
+
+UNLOADED, LOADING, LOADED, EVICTING, EVICTED, FAILED = "unloaded", "loading", "loaded", "evicting", "evicted", "failed"
+_MiB = 1024**2
+# gRPC buffers, executor threads and allocator slack that grow after the pool starts.
+_PROCESS_SLACK_BYTES = 32 * _MiB
+_RETRY_FAILED_S = 30.0  # a model whose load failed answers with that error this long before a retry
+
+
+def parse_bytes(text: str | int) -> int:
+    """'2GiB', '1500MB', '512M', '1073741824' -> bytes."""
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+             "kib": 1024, "mib": _MiB, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
+    raw = str(text).strip().lower().replace(" ", "")
+    number = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = raw[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in units or value <= 0:
+        raise InvalidInputError(f"{text!r} is not a size: use bytes or a unit such as 1500MB or 2GiB")
+    return int(value * units[unit])
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """One servable model: a name requests use, a bundle directory, a precision."""
+
+    name: str
+    path: Path
+    precision: str = "auto"
+
+
+def parse_model_sources(specs: tuple[str, ...], models_dir: Path | None, precision: str = "auto") -> list[ModelSource]:
+    """`[NAME=]PATH[@PRECISION]` entries, then every bundle folder under `models_dir`.
+
+    Without NAME a model is named by its manifest's model id; folders under
+    `models_dir` are named by the folder.
+    """
+    from ..bundle import MANIFEST_FILE
+    from ..manifest import Manifest
+
+    sources: list[ModelSource] = []
+    for spec in specs:
+        name, sep, rest = spec.partition("=")
+        if not sep:
+            name, rest = "", spec
+        path_text, at, chosen = rest.rpartition("@") if "@" in rest else (rest, "", "")
+        path = Path(path_text).expanduser()
+        if not (path / MANIFEST_FILE).is_file():
+            raise BundleError(f"--bundle {spec!r}: {path} is not a bundle directory (no {MANIFEST_FILE})")
+        sources.append(ModelSource(name or Manifest.read(path / MANIFEST_FILE).model_id, path,
+                                   chosen if at else precision))
+    if models_dir is not None:
+        if not models_dir.is_dir():
+            raise BundleError(f"models folder {models_dir} does not exist")
+        found = sorted(p for p in models_dir.iterdir() if (p / MANIFEST_FILE).is_file())
+        if not found:
+            raise BundleError(f"models folder {models_dir} holds no bundle (no */{MANIFEST_FILE})")
+        sources.extend(ModelSource(p.name, p, precision) for p in found)
+    names = [s.name for s in sources]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise InvalidInputError(f"two models are named {', '.join(map(repr, duplicates))}: name them with NAME=PATH")
+    return sources
+
+
+class PooledModel:
+    """One model's place in the pool; `provider` and `batcher` exist while loaded."""
+
+    def __init__(self, source: ModelSource, pinned: bool):
+        self.source = source
+        self.name = source.name
+        self.pinned = pinned
+        self.state = UNLOADED
+        self.provider: Any = None
+        self.batcher: TokenBudgetBatcher | None = None
+        self.info: Any = None  # ProviderInfo of the last load
+        self.manifest: Any = None
+        self.cost = 0  # bytes charged against the budget while resident
+        self.cost_source = "estimate"
+        self.resident_measured: int | None = None
+        self.inflight = 0
+        self.last_used = 0.0
+        self.loads = 0
+        self.evictions = 0
+        self.requests = 0
+        self.error: str | None = None
+        self.parity_ok: bool | None = None
+        self.waiting_for: str | None = None  # why a load is held back, for callers that time out
+        self.failure: tuple[float, Exception] | None = None  # (when, why) the last load failed
+        self.loading: asyncio.Task | None = None
+        self.owned = True  # False for a provider the caller loaded: the caller closes it
+
+    @property
+    def resident(self) -> bool:
+        return self.state in (LOADED, EVICTING)
+
+    def source_manifest(self) -> Any:
+        """The bundle's manifest, read without loading the model."""
+        from ..bundle import MANIFEST_FILE
+        from ..manifest import Manifest
+
+        if self.manifest is None:
+            self.manifest = Manifest.read(self.source.path / MANIFEST_FILE)
+        return self.manifest
+
+
+def _load_done(model: PooledModel, task: asyncio.Task) -> None:
+    model.loading = None
+    model.waiting_for = None
+    if not task.cancelled():
+        task.exception()  # every waiter got it; a load nobody waits for any more is logged in _load
+
+
+class ModelPool:
+    """The models a server holds, loaded and evicted within `budget_bytes`."""
+
+    def __init__(
+        self,
+        sources: list[ModelSource],
+        *,
+        budget_bytes: int,
+        loader: Callable[[ModelSource], Any],
+        cost_of: Callable[[ModelSource], tuple[int, str]],
+        pinned: tuple[str, ...] = (),
+        load_wait_s: float = 60.0,
+        after_load: Callable[[PooledModel, int, int | None], int | None] | None = None,
+    ):
+        if not sources:
+            raise InvalidInputError("the pool needs at least one model")
+        unknown = sorted(set(pinned) - {s.name for s in sources})
+        if unknown:
+            raise InvalidInputError(f"--pin names unknown models {unknown}; known: {[s.name for s in sources]}")
+        self.models = {s.name: PooledModel(s, s.name in pinned or len(sources) == 1) for s in sources}
+        self.default = sources[0].name
+        self.budget_bytes = budget_bytes
+        self.load_wait_s = load_wait_s
+        self._loader = loader
+        self._cost_fn = cost_of
+        self._after_load = after_load
+        self._make_batcher: Callable[[Any], TokenBudgetBatcher] | None = None
+        self.metrics: Any = None
+        self.base_bytes = (rss_bytes() or 0) + _PROCESS_SLACK_BYTES
+        self._admit = asyncio.Lock()
+        self._released = asyncio.Condition()
+
+    # -- figures ----------------------------------------------------------------------
+
+    @property
+    def committed_bytes(self) -> int:
+        return self.base_bytes + sum(m.cost for m in self.models.values() if m.resident or m.state == LOADING)
+
+    def charge_for(self, name: str) -> tuple[int, str]:
+        """(bytes, where the figure comes from) that admitting this model would charge now."""
+        return self._cost_fn(self.models[name].source)
+
+    @property
+    def dead(self) -> BaseException | None:
+        for m in self.models.values():
+            if m.batcher is not None and m.batcher.dead is not None:
+                return m.batcher.dead
+        return None
+
+    def find(self, name: str) -> PooledModel:
+        """By name, or by model id when exactly one model has it; '' is the default model."""
+        if not name:
+            return self.models[self.default]
+        if name in self.models:
+            return self.models[name]
+        by_id = [m for m in self.models.values() if m.manifest is not None and m.manifest.model_id == name]
+        if len(by_id) == 1:
+            return by_id[0]
+        raise ModelNotFoundError(f"model {name!r} is not served here; this server has {sorted(self.models)}")
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def bind(self, make_batcher: Callable[[Any], TokenBudgetBatcher], metrics: Any = None) -> None:
+        """Attach the server's batcher factory and metrics (the server owns both)."""
+        self._make_batcher, self.metrics = make_batcher, metrics
+
+    async def start(self) -> None:
+        """Load the pinned models (or the default one) before the server says SERVING."""
+        first = [m for m in self.models.values() if m.pinned] or [self.models[self.default]]
+        for model in first:
+            await self._ensure_loaded(model, None, wait_s=None)
+
+    def adopt(self, name: str, provider: Any) -> None:
+        """Take an already loaded provider as a pinned model (a server built around one)."""
+        model = self.models[name]
+        model.provider, model.info, model.manifest = provider, provider.info, provider.manifest
+        parity_passes = getattr(provider, "parity_passes", None)
+        model.parity_ok = parity_passes() if parity_passes and provider.info.parity is not None else None
+        model.batcher = self._make_batcher(provider)
+        model.batcher.start()
+        model.state, model.loads, model.last_used = LOADED, 1, time.monotonic()
+        model.cost, model.cost_source, model.owned = 0, "outside the pool", False
+
+    async def close(self) -> None:
+        """Let loads in progress finish (their threads cannot be interrupted), then unload all."""
+        loading = [m.loading for m in self.models.values() if m.loading is not None]
+        if loading:
+            await asyncio.gather(*loading, return_exceptions=True)
+        for model in self.models.values():
+            if model.batcher is not None:
+                await model.batcher.stop()
+            if model.provider is not None and model.owned:
+                model.provider.close()
+
+    @contextlib.asynccontextmanager
+    async def use(self, name: str, deadline: float | None = None) -> AsyncIterator[PooledModel]:
+        """A loaded model for one request; it cannot be evicted until the request is done."""
+        model = self.find(name)
+        model.requests += 1
+        if self.metrics is not None:
+            self.metrics.model_requests.labels(model.name).inc()
+        if model.state != LOADED:
+            wait = self.load_wait_s if deadline is None else min(self.load_wait_s, deadline - time.monotonic())
+            await self._ensure_loaded(model, deadline, wait_s=max(0.0, wait))
+        model.inflight += 1  # no await since the state check: eviction cannot slip in between
+        model.last_used = time.monotonic()
+        try:
+            yield model
+        finally:
+            model.inflight -= 1
+            model.last_used = time.monotonic()
+            async with self._released:
+                self._released.notify_all()
+
+    async def _ensure_loaded(self, model: PooledModel, deadline: float | None, wait_s: float | None) -> None:
+        while model.state != LOADED:
+            failure = model.failure
+            if model.loading is None and failure is not None and time.monotonic() - failure[0] < _RETRY_FAILED_S:
+                raise failure[1]  # a broken bundle is not reloaded for every request
+            if model.loading is None:
+                model.loading = asyncio.ensure_future(self._load(model))
+                model.loading.add_done_callback(lambda task, m=model: _load_done(m, task))
+            task = model.loading
+            try:
+                await asyncio.wait_for(asyncio.shield(task), wait_s)
+            except asyncio.TimeoutError:
+                doing = model.waiting_for or model.state
+                raise ModelNotReadyError(
+                    f"model {model.name!r} is not ready after {wait_s:.1f} s: {doing}", retry_after_ms=1000,
+                ) from None
+
+    # -- admission, loading, eviction -------------------------------------------------
+
+    def _victim(self, exclude: PooledModel) -> PooledModel | None:
+        idle = [m for m in self.models.values()
+                if m.state == LOADED and not m.pinned and m.inflight == 0 and m is not exclude]
+        return min(idle, key=lambda m: m.last_used) if idle else None
+
+    async def _make_room(self, model: PooledModel, cost: int) -> None:
+        if self.base_bytes + cost > self.budget_bytes:
+            raise MemoryBudgetError(
+                f"model {model.name!r} needs {cost / 1e6:,.0f} MB ({model.cost_source}) and the process "
+                f"{self.base_bytes / 1e6:,.0f} MB: {(self.base_bytes + cost) / 1e6:,.0f} MB is over the memory "
+                f"budget of {self.budget_bytes / 1e6:,.0f} MB even with every other model evicted"
+            )
+        pinned = [m for m in self.models.values() if m.pinned and m.resident and m is not model]
+        pinned_bytes = sum(m.cost for m in pinned)
+        if self.base_bytes + pinned_bytes + cost > self.budget_bytes:
+            raise MemoryBudgetError(
+                f"model {model.name!r} needs {cost / 1e6:,.0f} MB ({model.cost_source}); beside the pinned "
+                f"{', '.join(m.name for m in pinned)} ({pinned_bytes / 1e6:,.0f} MB) and the process "
+                f"({self.base_bytes / 1e6:,.0f} MB) that is over the memory budget of "
+                f"{self.budget_bytes / 1e6:,.0f} MB"
+            )
+        started = time.monotonic()
+        while self.committed_bytes + cost > self.budget_bytes:
+            victim = self._victim(model)
+            if victim is not None:
+                await self._evict(victim)
+                continue
+            held = ", ".join(f"{m.name} ({'pinned' if m.pinned else f'{m.inflight} in flight'})"
+                             for m in self.models.values() if m.resident)
+            model.waiting_for = (f"it needs {cost / 1e6:,.0f} MB and the budget is held by busy or pinned "
+                                 f"models: {held}")
+            left = self.load_wait_s - (time.monotonic() - started)
+            if left <= 0:
+                raise ModelNotReadyError(f"model {model.name!r}: {model.waiting_for}", retry_after_ms=1000)
+            async with self._released:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._released.wait(), left)
+        model.waiting_for = None
+
+    async def _load(self, model: PooledModel) -> None:
+        async with self._admit:
+            if model.state == LOADED:
+                return
+            cost, model.cost_source = self.charge_for(model.name)
+            await self._make_room(model, cost)
+            model.state, model.error, model.cost = LOADING, None, cost
+            log.info("loading %s from %s (%s MB charged, %s)", model.name, model.source.path,
+                     f"{model.cost / 1e6:,.0f}", model.cost_source)
+            loop = asyncio.get_running_loop()
+            started = time.monotonic()
+            try:
+                provider, growth, peak = await loop.run_in_executor(None, self._load_measured, model.source)
+            except Exception as exc:
+                model.state, model.error, model.cost = FAILED, str(exc), 0
+                model.failure = (time.monotonic(), exc)
+                log.error("loading %s failed: %s", model.name, exc)
+                raise
+            model.failure = None
+            model.provider, model.info, model.manifest = provider, provider.info, provider.manifest
+            model.parity_ok = provider.parity_passes() if provider.info.parity is not None else None
+            model.resident_measured = growth
+            if self._after_load is not None and growth is not None:
+                measured = self._after_load(model, growth, peak)
+                if measured is not None:
+                    model.cost, model.cost_source = max(model.cost, measured), "measured here"
+            model.batcher = self._make_batcher(provider)
+            model.batcher.start()
+            model.state, model.last_used = LOADED, time.monotonic()
+            model.loads += 1
+            if self.metrics is not None:
+                self.metrics.observe_load(model, time.monotonic() - started, self)
+            log.info("loaded %s in %.1f s; %s MB committed of %s MB", model.name, time.monotonic() - started,
+                     f"{self.committed_bytes / 1e6:,.0f}", f"{self.budget_bytes / 1e6:,.0f}")
+            # A load that measured bigger than charged may have pushed the pool over: settle now.
+            while self.committed_bytes > self.budget_bytes and (victim := self._victim(model)) is not None:
+                await self._evict(victim)
+
+    def _load_measured(self, source: ModelSource) -> tuple[Any, int | None, int | None]:
+        before = rss_bytes()
+        can_peak = reset_peak_rss()
+        provider = self._loader(source)
+        after, peak = rss_bytes(), peak_rss_bytes() if can_peak else None
+        if before is None or after is None:
+            return provider, None, None
+        return provider, after - before, (peak - before) if peak is not None else None
+
+    async def _evict(self, model: PooledModel) -> None:
+        log.info("evicting %s (idle since %.1f s ago) to make room", model.name, time.monotonic() - model.last_used)
+        model.state = EVICTING
+        batcher, held = model.batcher, [model.provider]
+        model.batcher = model.provider = None
+        if batcher is not None:
+            await batcher.stop()
+        del batcher
+
+        def release() -> None:
+            provider = held.pop()  # the last reference: the session is freed before the trim
+            if provider is not None:
+                provider.close()
+            del provider
+            gc.collect()
+            release_free_memory()
+
+        await asyncio.get_running_loop().run_in_executor(None, release)
+        model.state, model.cost = EVICTED, 0
+        model.evictions += 1
+        if self.metrics is not None:
+            self.metrics.observe_eviction(model, self)
+
+    # -- reporting --------------------------------------------------------------------
+
+    def status(self) -> list[dict[str, Any]]:
+        out = []
+        for m in self.models.values():
+            parity = m.info.parity if m.info is not None else None
+            out.append({
+                "name": m.name, "state": m.state, "pinned": m.pinned, "path": str(m.source.path),
+                "model_id": m.manifest.model_id if m.manifest is not None else "",
+                "precision": m.info.precision if m.info is not None else m.source.precision,
+                "charged_bytes": m.cost, "charged_from": m.cost_source,
+                "resident_measured_bytes": m.resident_measured, "inflight": m.inflight,
+                "loads": m.loads, "evictions": m.evictions, "requests": m.requests, "error": m.error,
+                "parity_cos_min": parity.cos_min if parity is not None else None, "parity_ok": m.parity_ok,
+            })
+        return out

@@ -1,0 +1,287 @@
+"""The model pool: several real bundles in one server within a memory budget.
+
+Real bundles (MiniLM FP32 and INT8 from one export, the tiny Qwen3) behind a real gRPC
+server; budgets are set from the pool's own charges so exactly the intended models fit.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edge_embed.client import EmbedClient
+from edge_embed.errors import BackendUnavailableError, BundleError, OverloadedError
+from edge_embed.memory import measure_footprint, peak_rss_bytes
+from edge_embed.server import ServerConfig
+from edge_embed.server.app import pool_from_config
+from edge_embed.server.pool import ModelSource, parse_bytes, parse_model_sources
+from edge_embed.v1 import embed_pb2 as pb
+
+from .servers import running_server
+from .test_serve_process import free_port
+
+TEXT = ["edge devices have a few gigabytes of memory shared by everything"]
+
+
+@pytest.fixture
+def footprints(tmp_path, monkeypatch):
+    """A private EDGE_EMBED_CACHE, so stored measurements start empty for each test."""
+    monkeypatch.setenv("EDGE_EMBED_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def three(minilm_bundle, qwen3_bundle, footprints) -> list[ModelSource]:
+    """Three models, each measured first (as `edge-embed check` does), so charges are stable."""
+    sources = parse_model_sources(
+        (f"minilm-fp32={minilm_bundle}@fp32", f"minilm-int8={minilm_bundle}@int8", f"qwen3={qwen3_bundle}@fp32"),
+        None,
+    )
+    for source in sources:
+        measure_footprint(source.path, source.precision)
+    return sources
+
+
+def _pool(sources, budget: int | None = None, **config):
+    cfg = ServerConfig(memory_budget=budget or 2**40, **config)
+    return pool_from_config(cfg, sources), cfg
+
+
+def _info(target: str) -> pb.InfoResponse:
+    with EmbedClient(target) as client:
+        return client.info()
+
+
+def _states(target: str) -> dict[str, str]:
+    return {m.name: m.state for m in _info(target).models}
+
+
+def _embed(target: str, model: str, texts=TEXT, timeout: float = 60.0, retries: int = 0) -> np.ndarray:
+    with EmbedClient(target, timeout=timeout, retries=retries) as client:
+        return client.embed(texts, model=model)
+
+
+def test_sizes_parse_and_bad_ones_say_how():
+    assert parse_bytes("1500MB") == 1_500_000_000
+    assert parse_bytes("2GiB") == 2 * 1024**3
+    assert parse_bytes("512 M") == 512_000_000
+    assert parse_bytes("1073741824") == 1024**3
+    for bad in ("", "lots", "-1GB", "2XB", "0"):
+        with pytest.raises(ValueError, match="not a size"):
+            parse_bytes(bad)
+
+
+def test_model_sources_name_paths_and_precisions(minilm_bundle, qwen3_bundle, tmp_path):
+    sources = parse_model_sources((str(minilm_bundle), f"q={qwen3_bundle}@int8"), None)
+    assert [(s.name, s.precision) for s in sources] == [("sentence-transformers/all-MiniLM-L6-v2", "auto"),
+                                                        ("q", "int8")]
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "small").symlink_to(qwen3_bundle)
+    (folder / "not-a-bundle").mkdir()
+    assert [s.name for s in parse_model_sources((), folder)] == ["small"]
+    with pytest.raises(ValueError, match="named 'x'"):
+        parse_model_sources((f"x={minilm_bundle}", f"x={qwen3_bundle}"), None)
+    with pytest.raises(Exception, match="not a bundle directory"):
+        parse_model_sources((str(tmp_path),), None)
+
+
+def test_models_load_on_first_use_and_the_least_recently_used_is_evicted(three, footprints):
+    """Budget: any two of the three fit, all three do not. The third evicts the LRU one."""
+    probe, _ = _pool(three)
+    charge = {s.name: probe.charge_for(s.name)[0] for s in three}
+    big = sorted(charge.values())
+    budget = probe.base_bytes + big[2] + big[1] + big[0] // 2
+    pool, cfg = _pool(three, budget, port=0)
+    with running_server(pool, memory_budget=budget) as (edge, target):
+        # The default (first) model loads at start; the others on first use.
+        assert _states(target) == {"minilm-fp32": "loaded", "minilm-int8": "unloaded", "qwen3": "unloaded"}
+        fp32 = _embed(target, "minilm-fp32")
+        int8 = _embed(target, "minilm-int8")
+        assert _states(target) == {"minilm-fp32": "loaded", "minilm-int8": "loaded", "qwen3": "unloaded"}
+        assert float(fp32[0] @ int8[0]) > 0.97  # two precisions of one model, really loaded
+        _embed(target, "qwen3")  # does not fit beside both: minilm-fp32 is least recently used
+        assert _states(target) == {"minilm-fp32": "evicted", "minilm-int8": "loaded", "qwen3": "loaded"}
+        again = _embed(target, "minilm-fp32")  # reloads; now minilm-int8 is the LRU one
+        assert _states(target) == {"minilm-fp32": "loaded", "minilm-int8": "evicted", "qwen3": "loaded"}
+        assert np.allclose(again, fp32, atol=1e-6)
+
+        info = _info(target)
+        assert info.memory.committed_bytes <= info.memory.budget_bytes == budget
+        by_name = {m.name: m for m in info.models}
+        assert (by_name["minilm-fp32"].loads, by_name["minilm-fp32"].evictions) == (2, 1)
+        assert by_name["minilm-int8"].evictions == 1 and by_name["qwen3"].loads == 1
+        assert by_name["minilm-fp32"].resident_measured_bytes > 50_000_000  # an 87 MB graph, measured
+        assert by_name["minilm-fp32"].parity_ok and by_name["minilm-fp32"].parity_cos_min > 0.9999
+        evictions = edge.metrics.model_evictions.labels("minilm-fp32")._value.get()
+        assert evictions == 1
+        assert edge.metrics.model_requests.labels("qwen3")._value.get() == 1
+
+
+def test_pinned_models_stay_and_busy_models_are_not_evicted(three, footprints):
+    probe, _ = _pool(three)
+    charge = {s.name: probe.charge_for(s.name)[0] for s in three}
+    # Room for the pinned FP32 model and one more, never two more.
+    budget = probe.base_bytes + charge["minilm-fp32"] + max(charge["minilm-int8"], charge["qwen3"]) + 1_000_000
+    pool, _ = _pool(three, budget, pin=("minilm-fp32",), load_wait_s=0.3)
+    long_texts = ["a long passage about memory budgets on small devices " * 20] * 256
+    with running_server(pool, memory_budget=budget, max_inputs=256) as (edge, target):
+        _embed(target, "minilm-int8", retries=20)  # loads take longer than load_wait_s: retry on the hint
+        results: dict[str, object] = {}
+
+        def busy() -> None:
+            try:
+                results["busy"] = _embed(target, "minilm-int8", long_texts, timeout=120)
+            except Exception as exc:  # noqa: BLE001 - recorded for the assertion below
+                results["busy"] = exc
+
+        worker = threading.Thread(target=busy)
+        worker.start()
+        deadline = time.monotonic() + 10
+        while edge.pool.models["minilm-int8"].inflight == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        # qwen3 needs minilm-int8's memory, which is busy: wait 0.3 s, then UNAVAILABLE with a hint.
+        with pytest.raises(BackendUnavailableError, match="busy or pinned"):
+            _embed(target, "qwen3")
+        worker.join(120)
+        assert isinstance(results["busy"], np.ndarray) and results["busy"].shape == (256, 384)
+        _embed(target, "qwen3", retries=20)  # now minilm-int8 is idle and goes; the pinned model stays
+        assert _states(target) == {"minilm-fp32": "loaded", "minilm-int8": "evicted", "qwen3": "loaded"}
+
+
+def test_a_model_too_big_for_the_budget_is_refused_with_the_figures(three, footprints):
+    probe, _ = _pool(three)
+    budget = probe.base_bytes + probe.charge_for("qwen3")[0] + 1_000_000
+    sources = [three[2], three[0]]  # qwen3 is the default and fits; minilm-fp32 never can
+    pool, _ = _pool(sources, budget)
+    with running_server(pool, memory_budget=budget) as (edge, target):
+        with pytest.raises(OverloadedError, match=r"RESOURCE_EXHAUSTED.*minilm-fp32.*over the memory budget"):
+            _embed(target, "minilm-fp32", retries=3)  # no retry hint: the client does not retry
+        assert _states(target) == {"qwen3": "loaded", "minilm-fp32": "unloaded"}
+        assert _embed(target, "qwen3").shape == (1, 64)
+
+    # Pinned models count as never leaving: beside a pinned qwen3 the FP32 model cannot fit.
+    pool, _ = _pool([three[2], three[1], three[0]], None, pin=("qwen3",))
+    with running_server(pool) as (edge, target):
+        # The budget, set once qwen3's load was measured here: minilm-fp32 would fit alone,
+        # minilm-int8 fits beside the pinned qwen3, minilm-fp32 does not.
+        pool.budget_bytes = pool.committed_bytes + pool.charge_for("minilm-fp32")[0] - 1_000_000
+        assert _embed(target, "minilm-int8").shape == (1, 384)
+        with pytest.raises(OverloadedError, match="beside the pinned qwen3"):
+            _embed(target, "minilm-fp32")
+
+
+def test_requests_wait_for_a_loading_model_and_info_never_loads(three, footprints):
+    pool, _ = _pool(three)
+    with running_server(pool) as (edge, target):
+        assert _info(target).models[1].state == "unloaded"
+        with EmbedClient(target) as client:
+            info = client.info(model="minilm-int8")
+        assert info.model == "minilm-int8" and info.dim == 384 and info.precision == ""
+        assert _states(target)["minilm-int8"] == "unloaded"
+
+        # Eight concurrent first requests share one load.
+        with EmbedClient(target, timeout=60) as client:
+            threads = [threading.Thread(target=client.embed, args=(TEXT,), kwargs={"model": "minilm-int8"})
+                       for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+        status = {m.name: m for m in _info(target).models}["minilm-int8"]
+        assert status.loads == 1 and status.requests == 8 and status.state == "loaded"
+
+
+@pytest.mark.slow
+def test_serve_process_rss_stays_under_the_budget(minilm_bundle, qwen3_bundle, tmp_path):
+    """`edge-embed serve` with three bundles and a budget for two: the kernel's peak RSS of
+    the server process stays under the budget through loads, evictions and reloads."""
+    env = {**os.environ, "EDGE_EMBED_CACHE": str(tmp_path / "cache")}
+    specs = [f"minilm-fp32={minilm_bundle}@fp32", f"minilm-int8={minilm_bundle}@int8", f"qwen3={qwen3_bundle}@fp32"]
+
+    def serve(budget: str) -> tuple[subprocess.Popen, str]:
+        port = free_port()
+        argv = [sys.executable, "-m", "edge_embed.cli", "serve", "--port", str(port), "--memory-budget", budget]
+        for spec in specs:
+            argv += ["--bundle", spec]
+        proc = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        target = f"127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                _info(target)
+                return proc, target
+            except Exception:  # noqa: BLE001 - not up yet
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(0.2)
+        proc.kill()
+        raise AssertionError("server did not start")
+
+    # First run, roomy: learn each model's charge (measured loads are stored in the cache).
+    proc, target = serve("20GB")
+    try:
+        for name in ("minilm-fp32", "minilm-int8", "qwen3"):
+            _embed(target, name)
+        info = _info(target)
+        charges = sorted(m.charged_bytes for m in info.models)
+        base = info.memory.base_bytes
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+
+    budget = base + charges[2] + charges[1] + charges[0] // 2
+    proc, target = serve(str(budget))
+    try:
+        # Texts at the token limit, 16 per request: batches fill the 4096-token budget.
+        full = [" ".join(["memory"] * 600)] * 16
+        for name in ("minilm-int8", "qwen3", "minilm-fp32", "minilm-int8", "qwen3", "minilm-fp32"):
+            _embed(target, name, full)
+        info = _info(target)
+        states = {m.name: m.state for m in info.models}
+        assert sorted(states.values()) == ["evicted", "loaded", "loaded"], states
+        assert sum(m.evictions for m in info.models) >= 2
+        peak = peak_rss_bytes(proc.pid)
+        print(f"budget {budget / 1e6:.0f} MB, peak RSS {peak / 1e6:.0f} MB, charges {charges}, base {base}")
+        assert peak is not None and peak <= budget, (peak, budget)
+        assert info.memory.committed_bytes <= budget
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "evicting" in out
+
+
+def test_config_takes_models_and_budget_from_flags_then_environment():
+    env = {"EDGE_EMBED_BUNDLE": "a=/m/a@int8, /m/b", "EDGE_EMBED_MEMORY_BUDGET": "2GiB",
+           "EDGE_EMBED_PIN": "a", "EDGE_EMBED_LOAD_WAIT_S": "5"}
+    config = ServerConfig.from_sources({}, env)
+    assert config.bundle == ("a=/m/a@int8", "/m/b") and config.pin == ("a",)
+    assert config.memory_budget == 2 * 1024**3 and config.load_wait_s == 5.0
+    flagged = ServerConfig.from_sources({"bundle": ("/x",), "memory_budget": 10**9}, env)
+    assert flagged.bundle == ("/x",) and flagged.memory_budget == 10**9
+    with pytest.raises(ValueError, match="not a size"):
+        ServerConfig.from_sources({}, {"EDGE_EMBED_MEMORY_BUDGET": "lots"})
+
+
+def test_a_broken_bundle_fails_alone_and_says_why(qwen3_bundle, minilm_bundle, tampered, footprints):
+    broken = tampered(qwen3_bundle)
+    data = bytearray((broken / "model.fp32.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (broken / "model.fp32.onnx").write_bytes(bytes(data))
+    sources = parse_model_sources((f"good={minilm_bundle}@int8", f"bad={broken}@fp32"), None)
+    pool, _ = _pool(sources)
+    with running_server(pool) as (edge, target):
+        for _ in range(2):  # the first load fails; the second request gets the recorded error
+            with pytest.raises(BundleError, match="FAILED_PRECONDITION.*checksum"):
+                _embed(target, "bad")
+        status = {m.name: m for m in _info(target).models}
+        assert status["bad"].state == "failed" and "checksum" in status["bad"].error
+        assert status["bad"].loads == 0 and status["bad"].requests == 2
+        assert _embed(target, "good").shape == (1, 384)
