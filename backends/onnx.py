@@ -21,7 +21,7 @@ from ..manifest import variant_format
 from ..provider import BundleEmbedder
 from ..tokenization import model_inputs
 
-__all__ = ["OnnxProvider", "trt_cache_dir"]
+__all__ = ["OnnxProvider", "trt_cache_dir", "auto_precision"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,12 @@ def _captured_fds() -> Iterator[list[str]]:
 def _reason(lines: list[str]) -> str:
     picked = [line.strip() for line in lines if any(h in line for h in _REASON_HINTS)]
     return " | ".join(picked[:3]) or "ONNX Runtime gave no reason"
+
+
+def auto_precision(variants, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> str | None:
+    """The ONNX variant precision="auto" runs on these providers; None if the bundle has none."""
+    order = _GPU_PREFERENCE if providers[0] in _GPU_PROVIDERS else _CPU_PREFERENCE
+    return next((candidate for candidate in order if candidate in variants), None)
 
 
 def trt_cache_dir(bundle: Bundle, precision: str) -> Path:
@@ -177,11 +183,10 @@ class OnnxProvider(BundleEmbedder):
             if variant_format(precision) != "onnx":
                 raise BundleError(f"{precision} is an MLX variant; load it with backend='mlx'")
             return precision
-        order = _GPU_PREFERENCE if providers[0] in _GPU_PROVIDERS else _CPU_PREFERENCE
-        for candidate in order:
-            if candidate in bundle.manifest.variants:
-                return candidate
-        raise BundleError(f"bundle {bundle.path} has no ONNX variants")
+        chosen = auto_precision(bundle.manifest.variants, providers)
+        if chosen is None:
+            raise BundleError(f"bundle {bundle.path} has no ONNX variants")
+        return chosen
 
     @property
     def execution_providers(self) -> tuple[str, ...]:

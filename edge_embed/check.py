@@ -161,8 +161,6 @@ def _need_from_spec(spec: ModelSpec, precision: str, limits: Limits, export_here
 def check_specs(specs: list[ModelSpec], precision: str, info: PlatformInfo, limits: Limits = Limits(),
                 export_here: bool = False, suggest: bool = True) -> CheckReport:
     """The verdict for registry models (the pure core: tests hand it a PlatformInfo)."""
-    if precision not in PRECISIONS:
-        raise InvalidInputError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     needs = [_need_from_spec(s, precision, limits, export_here) for s in specs]
     report = CheckReport(_device(info), precision, tuple(needs), _resources(needs, info, export_here))
     if suggest and report.verdict != FEASIBLE:
@@ -212,7 +210,7 @@ def _suggest(specs, precision, info, limits, export_here) -> list[dict[str, Any]
     return found
 
 
-def _bundle_need(path: Path, precision: str, limits: Limits, measure: bool, backend: str) -> tuple[ModelNeed, str]:
+def _bundle_need(path: Path, precision: str, limits: Limits, measure: bool, backend: str) -> ModelNeed:
     """A local bundle's figures: measured on this device (stored, or measured now) or estimated."""
     from .bundle import load_bundle
     from .memory import measure_footprint, stored_footprint
@@ -229,16 +227,15 @@ def _bundle_need(path: Path, precision: str, limits: Limits, measure: bool, back
     if footprint is not None:
         total = footprint.total(activations)
         return ModelNeed(m.model_id, chosen, f"measured on this device ({footprint.execution_provider})",
-                         total, 0, total, on_disk=on_disk), chosen
-    return ModelNeed(m.model_id, chosen, "bundle estimate", memory, 0, memory, on_disk=on_disk), chosen
+                         total, 0, total, on_disk=on_disk)
+    return ModelNeed(m.model_id, chosen, "bundle estimate", memory, 0, memory, on_disk=on_disk)
 
 
 def bundle_default_precision(variants) -> str:
-    """The variant `auto` picks on a CPU: the smallest ONNX one, else MLX."""
-    for p in ("int8", "fp16", "fp32", "mlx-fp16", "mlx-fp32"):
-        if p in variants:
-            return p
-    return next(iter(variants))
+    """The variant `auto` runs on a CPU (the ONNX backend's own rule), else the first one."""
+    from .backends.onnx import auto_precision
+
+    return auto_precision(variants) or next(iter(variants))
 
 
 def check(
@@ -270,7 +267,7 @@ def check(
     for target in targets:
         path = Path(target)
         if path.is_dir():
-            need, _ = _bundle_need(path, wanted, limits, measure, backend)
+            need = _bundle_need(path, wanted, limits, measure, backend)
         else:
             need = _need_from_spec(find_model(target), wanted, limits, export_here)
         needs.append(need)

@@ -80,9 +80,7 @@ def _parser() -> argparse.ArgumentParser:
                     "(default: detected memory less a fifth)")
     sv.add_argument("--pin", action="append", metavar="NAME", help="load at start and never evict; repeatable")
     sv.add_argument("--load-wait-s", type=float, help="how long a request waits for its model to load (default 60)")
-    sv.add_argument("--precision", help="fp32, fp16, int8 or auto, for bundles without @PRECISION")
-    sv.add_argument("--threads", type=_positive_int, help="CPU threads (default: affinity mask)")
-    sv.add_argument("--backend", help="auto (default), onnx, mlx, cpu, cuda, tensorrt or acl")
+    _bundle_options(sv, env_defaults=False, with_bundle=False)
     sv.add_argument("--host", help="address to bind (default 127.0.0.1)")
     sv.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
     sv.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default: off)")
@@ -139,10 +137,13 @@ def _client_options(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--client-key", type=Path, help="client key for mutual TLS")
 
 
-def _bundle_options(cmd: argparse.ArgumentParser, env_defaults: bool = True) -> None:
-    """--bundle/--precision/--threads; `serve` resolves the environment in ServerConfig instead."""
+def _bundle_options(cmd: argparse.ArgumentParser, env_defaults: bool = True, with_bundle: bool = True) -> None:
+    """--bundle/--precision/--threads/--backend; `serve` resolves the environment in
+    ServerConfig instead and takes several bundles."""
     env = _env if env_defaults else (lambda name, default=None: None)
-    cmd.add_argument("--bundle", type=Path, default=env("BUNDLE"), help="bundle directory (default: the default model)")
+    if with_bundle:
+        cmd.add_argument("--bundle", type=Path, default=env("BUNDLE"),
+                         help="bundle directory (default: the default model)")
     cmd.add_argument("--precision", default=env("PRECISION", "auto"), help="fp32, fp16, int8 or auto")
     cmd.add_argument("--threads", type=_positive_int, default=env("THREADS"), help="CPU threads (default: affinity mask)")
     cmd.add_argument("--backend", default=env("BACKEND"),

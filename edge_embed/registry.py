@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelNotFoundError
+from .errors import InvalidInputError, ModelNotFoundError
 
 __all__ = [
     "PRECISIONS",
@@ -156,12 +156,15 @@ def estimate(spec: ModelSpec, precision: str, limits: Limits = Limits()) -> Esti
 
 def _check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+        raise InvalidInputError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
 def _qwen3(name: str, kind: str, params: int, hidden: int, layers: int, heads: int, intermediate: int, **kw) -> ModelSpec:
     defaults = dict(modality="text", max_context=32_768, pooling="last_token", license="Apache-2.0", vocab=151_669,
-                    family="qwen3-embedding" if kind == "embedding" else "qwen3-reranker")
+                    family="qwen3-embedding")
+    if kind == "reranker":  # scores a (query, document) pair from the yes/no logits of its last token
+        defaults.update(dim=1, pooling="yes/no logit of the last token", family="qwen3-reranker",
+                        note="scores (query, document) pairs; output is one relevance score")
     return ModelSpec(name=name, kind=kind, params=params, hidden=hidden, layers=layers, heads=heads,
                      intermediate=intermediate, **{**defaults, **kw})
 
@@ -177,14 +180,11 @@ REGISTRY: dict[str, ModelSpec] = {
         _qwen3("qwen3-embedding-8b", "embedding", 7_567_295_488, 4096, 36, 32, 12288,
                hf_id="Qwen/Qwen3-Embedding-8B", dim=4096, matryoshka_min_dim=32),
         _qwen3("qwen3-reranker-0.6b", "reranker", 595_776_512, 1024, 28, 16, 3072,
-               hf_id="Qwen/Qwen3-Reranker-0.6B", dim=1, pooling="yes/no logit of the last token",
-               note="scores (query, document) pairs; output is one relevance score"),
+               hf_id="Qwen/Qwen3-Reranker-0.6B"),
         _qwen3("qwen3-reranker-4b", "reranker", 4_021_774_336, 2560, 36, 32, 9728,
-               hf_id="Qwen/Qwen3-Reranker-4B", dim=1, pooling="yes/no logit of the last token",
-               note="scores (query, document) pairs; output is one relevance score"),
+               hf_id="Qwen/Qwen3-Reranker-4B"),
         _qwen3("qwen3-reranker-8b", "reranker", 8_188_515_328, 4096, 36, 32, 12288,
-               hf_id="Qwen/Qwen3-Reranker-8B", dim=1, pooling="yes/no logit of the last token",
-               note="scores (query, document) pairs; output is one relevance score"),
+               hf_id="Qwen/Qwen3-Reranker-8B"),
         _qwen3("qwen3-vl-embedding-2b", "embedding", 2_127_532_032, 2048, 28, 16, 6144,
                hf_id="Qwen/Qwen3-VL-Embedding-2B", modality="text+image", dim=2048, vocab=_QWEN_VL_VOCAB,
                matryoshka_dims=(256, 512, 768, 1024, 1536, 2048), family="qwen3-vl-embedding",
@@ -195,8 +195,7 @@ REGISTRY: dict[str, ModelSpec] = {
                planning_mb=16_000, planning_precision="fp16",
                note="includes the vision tower; activations here are for text inputs"),
         _qwen3("qwen3-vl-reranker-8b", "reranker", 8_767_123_696, 4096, 36, 32, 12288,
-               hf_id="Qwen/Qwen3-VL-Reranker-8B", modality="text+image", dim=1, vocab=_QWEN_VL_VOCAB,
-               pooling="yes/no logit of the last token", family="qwen3-vl-reranker",
+               hf_id="Qwen/Qwen3-VL-Reranker-8B", modality="text+image", vocab=_QWEN_VL_VOCAB, family="qwen3-vl-reranker",
                planning_mb=16_000, planning_precision="fp16",
                note="scores (query, document) pairs; includes the vision tower"),
         ModelSpec(name="all-minilm-l6-v2", hf_id="sentence-transformers/all-MiniLM-L6-v2", kind="embedding",
