@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ..batching import BatchLimits
 from ..bundle import Bundle
 from ..errors import BackendUnavailableError, BundleError
 from ..manifest import ONNX_PRECISIONS, Manifest
@@ -408,7 +409,7 @@ class MlxProvider(BundleEmbedder):
         precision: str = "auto",
         *,
         threads: int | None = None,
-        **batching: int,
+        limits: BatchLimits = BatchLimits(),
     ):
         reason = self.unavailable_reason()
         if reason:
@@ -416,7 +417,7 @@ class MlxProvider(BundleEmbedder):
         import mlx.core as mx
 
         precision = self._choose_precision(bundle, precision)
-        super().__init__(bundle, precision, threads=threads, **batching)
+        super().__init__(bundle, precision, threads=threads, limits=limits)
         weights = bundle.verify_variant(precision)
         # MLX's CPU build sizes its own pools; the count is recorded for info and metrics.
         self._encoder = MlxEncoder(bundle.path / CONFIG_FILE, weights, self.manifest)
@@ -424,11 +425,16 @@ class MlxProvider(BundleEmbedder):
         self._device = "gpu" if device.type == mx.DeviceType.gpu else "cpu"
 
     @staticmethod
+    def auto_precision(variants, providers: tuple[str, ...] = ()) -> str | None:
+        """The MLX variant precision="auto" runs; None if the bundle has none."""
+        return next((candidate for candidate in _AUTO_ORDER if candidate in variants), None)
+
+    @staticmethod
     def _choose_precision(bundle: Bundle, precision: str) -> str:
         if precision == "auto":
-            for candidate in _AUTO_ORDER:
-                if candidate in bundle.manifest.variants:
-                    return candidate
+            chosen = MlxProvider.auto_precision(bundle.manifest.variants)
+            if chosen is not None:
+                return chosen
             have = ", ".join(bundle.manifest.variants) or "none"
             raise BundleError(
                 f"bundle {bundle.path} has no MLX variant (it has: {have}); export it with "

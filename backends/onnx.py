@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..batching import BatchLimits
 from ..bundle import Bundle
 from ..errors import BackendUnavailableError, BundleError
 from ..manifest import variant_format
@@ -109,7 +110,7 @@ class OnnxProvider(BundleEmbedder):
         providers: tuple[str, ...] = ("CPUExecutionProvider",),
         strict: bool = True,
         threads: int | None = None,
-        **batching: int,
+        limits: BatchLimits = BatchLimits(),
     ):
         reason = self.unavailable_reason()
         if reason:
@@ -117,7 +118,7 @@ class OnnxProvider(BundleEmbedder):
         import onnxruntime as ort
 
         precision = self._choose_precision(bundle, precision, providers)
-        super().__init__(bundle, precision, threads=threads, **batching)
+        super().__init__(bundle, precision, threads=threads, limits=limits)
         model_path = bundle.verify_variant(precision)
         missing = [p for p in providers if p not in ort.get_available_providers()]
         if missing and strict:
@@ -159,7 +160,7 @@ class OnnxProvider(BundleEmbedder):
         # none on an unexpected shape.
         cache = trt_cache_dir(self.bundle, self.precision)
         cache.mkdir(parents=True, exist_ok=True)
-        rows, width = self.max_batch_size, self.manifest.max_length
+        rows, width = self.limits.max_batch_size, self.manifest.max_length
         opt_rows, opt_width = min(rows, 8), min(width, 128)
 
         def shapes(r: int, w: int) -> str:
@@ -188,13 +189,17 @@ class OnnxProvider(BundleEmbedder):
             raise BundleError(f"bundle {bundle.path} has no ONNX variants")
         return chosen
 
+    @staticmethod
+    def auto_precision(variants, providers: tuple[str, ...]) -> str | None:
+        return auto_precision(variants, providers)
+
     @property
     def execution_providers(self) -> tuple[str, ...]:
         return self._active
 
     def warm_shapes(self) -> list[tuple[int, int]]:
         """Run the profile's corner shapes once, so engines exist before the first request."""
-        rows, width = self.max_batch_size, self.manifest.max_length
+        rows, width = self.limits.max_batch_size, self.manifest.max_length
         shapes = sorted({(1, 1), (min(rows, 8), min(width, 128)), (rows, width)})
         for r, w in shapes:
             seqs = [np.full(w, self.manifest.pad_token_id + 1, dtype=np.int64) for _ in range(r)]

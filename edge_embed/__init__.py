@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from .batching import BatchLimits
 from .bundle import Bundle, load_bundle
 from .errors import (
     BackendUnavailableError,
@@ -16,13 +17,16 @@ from .errors import (
     MemoryBudgetError,
     ModelNotFoundError,
     ModelNotReadyError,
+    ModelRunError,
+    NonFiniteOutputError,
     OverloadedError,
     UnauthenticatedError,
+    WorkerStoppedError,
 )
 from .manifest import Manifest
 from .manifest import variant_format
 from .platform import PlatformInfo
-from .provider import DEFAULT_PARITY_PROBES, BundleEmbedder, EmbeddingProvider, ProviderInfo
+from .provider import DEFAULT_PARITY_PROBES, BundleEmbedder, EmbeddingProvider, ModelRunner, ProviderInfo
 
 _log = logging.getLogger(__name__)
 
@@ -31,10 +35,13 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "load",
+    "planned_precision",
     "load_bundle",
     "Bundle",
     "Manifest",
     "EmbeddingProvider",
+    "ModelRunner",
+    "BatchLimits",
     "BundleEmbedder",
     "ProviderInfo",
     "EdgeEmbedError",
@@ -48,7 +55,31 @@ __all__ = [
     "OverloadedError",
     "ModelNotReadyError",
     "MemoryBudgetError",
+    "ModelRunError",
+    "NonFiniteOutputError",
+    "WorkerStoppedError",
 ]
+
+
+def planned_precision(manifest: Manifest, precision: str = "auto", backend: str = "auto",
+                      platform: PlatformInfo | None = None) -> str:
+    """The variant `load` would run here, without loading it: what a memory charge must price.
+
+    Follows load's own order (the detector's candidates, skipping backends the bundle has
+    no variant for); a load that then falls back may still run another one.
+    """
+    from .backends import backend_class
+    from .platform import choose_backends, snapshot_platform
+
+    if precision != "auto":
+        return precision
+    formats = {variant_format(p) for p in manifest.variants}
+    for candidate in choose_backends(platform or snapshot_platform(), backend):
+        if candidate.chosen and (backend != "auto" or candidate.backend in formats):
+            chosen = backend_class(candidate.backend).auto_precision(manifest.variants, candidate.providers)
+            if chosen is not None:
+                return chosen
+    return next(iter(manifest.variants))
 
 
 def load(

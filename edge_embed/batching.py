@@ -3,12 +3,36 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import InvalidInputError
 
-__all__ = ["plan_batches", "padded_share"]
+__all__ = ["BatchLimits", "plan_batches", "padded_share"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchLimits:
+    """The one home of the batch limits: what one model run may hold.
+
+    `max_batch_tokens` bounds rows x padded width (activation memory scales with it);
+    `max_batch_size` bounds the rows. The server's batcher, in-process `embed`, the
+    model pool's memory charges and the TensorRT profiles all read the same value.
+    """
+
+    max_batch_tokens: int = 4096
+    max_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_tokens", "max_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
+
+    def fits(self, rows: int, width: int) -> bool:
+        """Whether a batch of `rows` texts padded to `width` tokens is within the limits."""
+        return rows <= self.max_batch_size and rows * width <= self.max_batch_tokens
 
 
 def plan_batches(lengths: Sequence[int], max_tokens: int, max_batch: int) -> list[np.ndarray]:

@@ -87,7 +87,13 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch-tokens", type=_positive_int, help="padded-token budget of one batch")
     sv.add_argument("--max-batch-size", type=_positive_int, help="texts in one batch at most")
     sv.add_argument("--max-wait-ms", type=float, help="how long a batch waits for company")
-    sv.add_argument("--max-queue", type=_positive_int, help="queued requests before RESOURCE_EXHAUSTED")
+    sv.add_argument("--max-queue-tokens", type=_positive_int,
+                    help="tokens queued per model before RESOURCE_EXHAUSTED (default: 16 batches' worth)")
+    sv.add_argument("--max-concurrent-rpcs", type=_positive_int, help="RPCs handled at once (default 64)")
+    sv.add_argument("--run-timeout-s", type=float,
+                    help="a model run longer than this means the worker hung: stop serving (default 120)")
+    sv.add_argument("--max-consecutive-failures", type=_positive_int,
+                    help="batches failing in a row before the worker stops (default 5)")
     sv.add_argument("--max-inputs", type=_positive_int, help="texts per request at most")
     sv.add_argument("--max-text-chars", type=_positive_int, help="characters per text at most")
     sv.add_argument("--max-message-bytes", type=_positive_int, help="request size at most")
@@ -121,7 +127,8 @@ def _parser() -> argparse.ArgumentParser:
 
     wm = sub.add_parser("warm", help="build TensorRT engines (and warm caches) for the batching limits")
     _bundle_options(wm)
-    wm.add_argument("--max-batch-size", type=_positive_int, default=_env("MAX_BATCH_SIZE", "32"))
+    wm.add_argument("--max-batch-size", type=_positive_int, default=_env("MAX_BATCH_SIZE"),
+                    help="texts in one batch at most, as `serve` is given (default 32)")
 
     hc = sub.add_parser("health", help="exit 0 when the server at --server reports SERVING")
     hc.add_argument("--server", default=_env("SERVER", "127.0.0.1:50051"), help="HOST:PORT")
@@ -302,12 +309,15 @@ def _cmd_warm(args: argparse.Namespace) -> None:
     import time
 
     from . import load
+    from .batching import BatchLimits
     from .default_model import ensure_default_bundle
 
     started = time.monotonic()
+    limits = BatchLimits(**({"max_batch_size": int(args.max_batch_size)} if args.max_batch_size else {}))
     provider = load(args.bundle or ensure_default_bundle(), precision=args.precision, backend=args.backend or "auto",
-                    threads=int(args.threads) if args.threads else None, max_batch_size=int(args.max_batch_size))
-    shapes = provider.warm_shapes() if hasattr(provider, "warm_shapes") else []
+                    threads=int(args.threads) if args.threads else None, limits=limits)
+    warm = getattr(provider, "warm_shapes", None)  # only backends that build engines ahead have it
+    shapes = warm() if warm is not None else []
     info = provider.info
     print(f"warmed {info.model_id} {info.precision} on {info.execution_providers[0]}: shapes {shapes} "
           f"in {time.monotonic() - started:.1f} s")

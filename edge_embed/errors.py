@@ -9,11 +9,17 @@
     ├── ExportError                the export pipeline could not produce a bundle
     │   └── GateError              a variant missed its fidelity gate; nothing was written
     ├── ModelNotReadyError         the requested model is loading or waits for memory; retry
-    └── OverloadedError            the server queue is full; retry later
-        └── MemoryBudgetError      a model cannot fit the memory budget even alone; do not retry
+    ├── ModelRunError              a model run failed (a backend error such as an allocation failure);
+    │                              only that batch's requests fail; a retry may succeed
+    ├── NonFiniteOutputError       the model produced NaN or infinity for one input; that request fails
+    ├── WorkerStoppedError         the model worker failed repeatedly or hung; the server stops serving
+    └── OverloadedError            the server is at its queue, concurrency or memory limit; retry later
+        └── MemoryBudgetError      the work cannot fit the memory budget even alone; do not retry
 
 Each class carries the gRPC status code name and the CLI exit code that the server and
-the CLI use; no other place maps errors.
+the CLI use, and says whether waiting can cure it (`retry_after_ms`, sent to clients as the
+`retry-after-ms` trailer); `grpc_code_of` and `retry_after_ms_of` are the only readers.
+Exceptions from other libraries never travel past the backend boundary untranslated.
 """
 
 from __future__ import annotations
@@ -30,6 +36,11 @@ __all__ = [
     "OverloadedError",
     "ModelNotReadyError",
     "MemoryBudgetError",
+    "ModelRunError",
+    "NonFiniteOutputError",
+    "WorkerStoppedError",
+    "grpc_code_of",
+    "retry_after_ms_of",
 ]
 
 
@@ -37,6 +48,11 @@ class EdgeEmbedError(Exception):
     grpc_code = "INTERNAL"
     exit_code = 1
     retry_after_ms: int | None = None  # set where waiting is known to cure it (a full queue)
+
+    def __init__(self, message: str = "", *, retry_after_ms: int | None = None):
+        super().__init__(message)
+        if retry_after_ms is not None:
+            self.retry_after_ms = int(retry_after_ms)
 
 
 class InvalidInputError(EdgeEmbedError, ValueError):
@@ -89,11 +105,45 @@ class OverloadedError(EdgeEmbedError):
 class ModelNotReadyError(EdgeEmbedError):
     grpc_code = "UNAVAILABLE"
     exit_code = 4
-
-    def __init__(self, message: str, retry_after_ms: int):
-        super().__init__(message)
-        self.retry_after_ms = retry_after_ms
+    retry_after_ms = 1000
 
 
 class MemoryBudgetError(OverloadedError):
-    """Eviction cannot help: the model is bigger than the budget left beside pinned ones."""
+    """Eviction cannot help: the work is bigger than the budget left beside pinned models."""
+
+
+class ModelRunError(EdgeEmbedError):
+    """The backend failed to run a batch. Transient causes (memory) are common: retry."""
+
+    grpc_code = "UNAVAILABLE"
+    exit_code = 4
+    retry_after_ms = 200
+
+
+class NonFiniteOutputError(EdgeEmbedError):
+    """The model gave NaN or infinity for one input: a vector that must never be returned.
+
+    A client's text can cause it (an FP16 overflow, say), so it is no INTERNAL error; a
+    retry of the same input gets the same answer.
+    """
+
+    grpc_code = "FAILED_PRECONDITION"
+    exit_code = 1
+
+
+class WorkerStoppedError(EdgeEmbedError):
+    """A model worker that failed repeatedly or hung; a restart (the supervisor's) cures it."""
+
+    grpc_code = "UNAVAILABLE"
+    exit_code = 4
+    retry_after_ms = 1000
+
+
+def grpc_code_of(exc: BaseException) -> str:
+    """The gRPC status code name for any exception; a foreign one is a bug, so INTERNAL."""
+    return exc.grpc_code if isinstance(exc, EdgeEmbedError) else "INTERNAL"
+
+
+def retry_after_ms_of(exc: BaseException) -> int | None:
+    """How long a client should wait before retrying, where waiting can help."""
+    return exc.retry_after_ms if isinstance(exc, EdgeEmbedError) else None

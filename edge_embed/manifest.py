@@ -23,6 +23,23 @@ MLX_PRECISIONS = ("mlx-fp32", "mlx-fp16")
 PRECISIONS = ONNX_PRECISIONS + MLX_PRECISIONS
 
 
+def check_dimensions(dimensions: int | None, *, model_id: str, dim: int, min_dim: int | None) -> int:
+    """The output width for a requested Matryoshka dimension (None: the full width), or
+    InvalidInputError naming what the model allows."""
+    if dimensions is None or dimensions == dim:
+        return dim
+    if isinstance(dimensions, bool) or not isinstance(dimensions, int):
+        raise InvalidInputError(f"dimensions must be an integer, got {dimensions!r}")
+    if min_dim is None:
+        raise InvalidInputError(
+            f"dimensions={dimensions} is not allowed: {model_id} has no Matryoshka "
+            f"training, only its full {dim} dimensions"
+        )
+    if not min_dim <= dimensions <= dim:
+        raise InvalidInputError(f"dimensions={dimensions} is not allowed: {model_id} allows {min_dim}..{dim}")
+    return dimensions
+
+
 def variant_format(precision: str) -> str:
     """"onnx" or "mlx": which kind of runtime a variant name is for."""
     return "mlx" if precision in MLX_PRECISIONS else "onnx"
@@ -97,21 +114,7 @@ class Manifest:
 
     def check_dimensions(self, dimensions: int | None) -> int:
         """The output width for a requested Matryoshka dimension, or InvalidInputError."""
-        if dimensions is None or dimensions == self.dim:
-            return self.dim
-        if isinstance(dimensions, bool) or not isinstance(dimensions, int):
-            raise InvalidInputError(f"dimensions must be an integer, got {dimensions!r}")
-        if self.matryoshka_min_dim is None:
-            raise InvalidInputError(
-                f"dimensions={dimensions} is not allowed: {self.model_id} has no Matryoshka "
-                f"training, only its full {self.dim} dimensions"
-            )
-        if not self.matryoshka_min_dim <= dimensions <= self.dim:
-            raise InvalidInputError(
-                f"dimensions={dimensions} is not allowed: {self.model_id} allows "
-                f"{self.matryoshka_min_dim}..{self.dim}"
-            )
-        return dimensions
+        return check_dimensions(dimensions, model_id=self.model_id, dim=self.dim, min_dim=self.matryoshka_min_dim)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, ensure_ascii=False) + "\n"

@@ -201,19 +201,20 @@ def _measure_here(bundle: str, precision: str, backend: str, max_batch_tokens: i
     import numpy as np
 
     from . import load, load_bundle
+    from .batching import BatchLimits
+
     opened = load_bundle(bundle)
     import_runtimes(opened.manifest.variants)
     if not reset_peak_rss():
         raise EdgeEmbedError("this system cannot reset the RSS high-water mark (/proc/self/clear_refs)")
     before = rss_bytes()
-    provider = load(opened, precision=precision, backend=backend, max_batch_tokens=max_batch_tokens)
+    provider = load(opened, precision=precision, backend=backend,
+                    limits=BatchLimits(max_batch_tokens=max_batch_tokens))
     resident = rss_bytes() - before
     load_peak = peak_rss_bytes() - before
     m = provider.manifest
     length = min(m.max_length, max_batch_tokens)
-    rows = max(1, max_batch_tokens // length)
-    if provider.max_batch_size:
-        rows = min(rows, provider.max_batch_size)
+    rows = min(max(1, max_batch_tokens // length), provider.limits.max_batch_size)
     special = {m.pad_token_id, m.eos_token_id}
     token = next(i for i in range(100, 10_000) if i not in special)
     seqs = [np.full(length, token, dtype=np.int64) for _ in range(rows)]

@@ -1,27 +1,36 @@
-"""The EmbeddingProvider contract and the shared text -> vector pipeline of every backend."""
+"""The provider contracts and the shared text -> vector pipeline of every backend.
+
+Two contracts, one narrow inside the other:
+
+- `ModelRunner` is all the server uses: tokenize, run exactly the batch it is given,
+  post-process. The server's batcher decides every batch; a runner never re-plans it.
+- `EmbeddingProvider` adds what an application calls in process: `embed` (which plans
+  its own batches under the same `BatchLimits`), `count_tokens`, and a context manager.
+
+Every backend implements both through `BundleEmbedder`.
+"""
 
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
-from .batching import plan_batches
+from .batching import BatchLimits, plan_batches
 from .bundle import Bundle
-from .errors import BackendUnavailableError, BundleError, EdgeEmbedError
-from .manifest import Parity
+from .errors import BackendUnavailableError, BundleError, EdgeEmbedError, ModelRunError, NonFiniteOutputError
+from .manifest import Parity, check_dimensions
 from .parity import Gates, gate_failure, measure_parity
 from .platform import usable_cpu_count
 from .tokenization import BundleTokenizer, check_texts
 
-__all__ = ["EmbeddingProvider", "ProviderInfo", "BundleEmbedder", "DEFAULT_MAX_BATCH_TOKENS", "DEFAULT_MAX_BATCH_SIZE"]
+__all__ = ["ModelRunner", "EmbeddingProvider", "ProviderInfo", "BundleEmbedder", "finish_vectors"]
 
-DEFAULT_MAX_BATCH_TOKENS = 4096
 DEFAULT_PARITY_PROBES = 32
-DEFAULT_MAX_BATCH_SIZE = 64
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,16 +46,48 @@ class ProviderInfo:
     execution_providers: tuple[str, ...]
     threads: int
     instruction_aware: bool
+    default_instruction: str | None = None
+    # False for a variant whose vectors depend on batch neighbours: it runs one text per batch.
+    batch_invariant: bool = True
     fallback: str | None = None  # why a preferred backend or provider is not the one running
     parity: Parity | None = None  # boot-time check against the bundle's golden vectors
+    parity_ok: bool | None = None  # whether that check met the variant's gate; None: not checked
+
+    def check_dimensions(self, dimensions: int | None) -> int:
+        """The output width for a requested Matryoshka dimension, or InvalidInputError."""
+        return check_dimensions(dimensions, model_id=self.model_id, dim=self.dim, min_dim=self.matryoshka_min_dim)
+
+    def batch_limits(self, limits: BatchLimits) -> BatchLimits:
+        """`limits` narrowed to what this variant can run while keeping "same text, same vector"."""
+        return limits if self.batch_invariant else dataclasses.replace(limits, max_batch_size=1)
 
 
 @runtime_checkable
-class EmbeddingProvider(Protocol):
-    """Texts in, float32 vectors out; synchronous (the server owns concurrency)."""
+class ModelRunner(Protocol):
+    """What the server needs of a loaded model, and nothing more.
+
+    `run_batch` runs exactly the sequences it is given as one batch and returns raw pooled
+    vectors [len(seqs), dim]; it raises only EdgeEmbedError (foreign exceptions are
+    translated at the backend boundary). `finish` cuts, checks and normalizes them.
+    """
 
     @property
     def info(self) -> ProviderInfo: ...
+
+    def tokenize(
+        self, texts: Sequence[str], *, instruction: str | None = None, truncate: bool = True, field: str = "texts"
+    ) -> list[np.ndarray]: ...
+
+    def run_batch(self, seqs: Sequence[np.ndarray]) -> np.ndarray: ...
+
+    def finish(self, pooled: np.ndarray, width: int, normalize: bool, *, field: str = "texts") -> np.ndarray: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class EmbeddingProvider(ModelRunner, Protocol):
+    """Texts in, float32 vectors out; synchronous (the server owns concurrency)."""
 
     def embed(
         self,
@@ -60,11 +101,23 @@ class EmbeddingProvider(Protocol):
 
     def count_tokens(self, texts: Sequence[str], *, instruction: str | None = None) -> list[int]: ...
 
-    def close(self) -> None: ...
-
     def __enter__(self) -> EmbeddingProvider: ...
 
     def __exit__(self, *exc: object) -> None: ...
+
+
+def finish_vectors(pooled: np.ndarray, width: int, normalize: bool, *, field: str = "texts",
+                   what: str = "the model") -> np.ndarray:
+    """Matryoshka cut to `width`, then L2 normalization (the order the models were trained
+    in). A non-finite row is never returned: NonFiniteOutputError names its input."""
+    finite = np.isfinite(pooled).all(axis=1)
+    if not finite.all():
+        bad = int(np.flatnonzero(~finite)[0])
+        raise NonFiniteOutputError(f"{what} produced a non-finite vector for {field}[{bad}]")
+    out = pooled[:, :width]
+    if normalize:
+        out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), np.float32(1e-12))
+    return np.ascontiguousarray(out, dtype=np.float32)
 
 
 class BundleEmbedder(abc.ABC):
@@ -72,33 +125,25 @@ class BundleEmbedder(abc.ABC):
 
     A backend subclasses this and implements `_forward`: padded arrays in, pooled
     (unnormalized) float32 vectors out. Everything a caller can get wrong is checked
-    here, once, for every backend.
+    here, once, for every backend, and `run_batch` is the boundary where a backend's own
+    exceptions become ModelRunError.
     """
 
     backend_name: ClassVar[str]
 
-    def __init__(
-        self,
-        bundle: Bundle,
-        precision: str,
-        *,
-        threads: int | None = None,
-        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-    ):
+    def __init__(self, bundle: Bundle, precision: str, *, threads: int | None = None,
+                 limits: BatchLimits = BatchLimits()):
         self.threads = threads if threads is not None else usable_cpu_count()
         if self.threads < 1:
             raise BackendUnavailableError(f"threads must be at least 1, got {self.threads}")
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.precision = precision
-        self.max_batch_tokens = max_batch_tokens
-        self.max_batch_size = max_batch_size
         self.tokenizer = BundleTokenizer(bundle.tokenizer_path, bundle.manifest)
-        if not bundle.variant(precision).recipe.get("batch_invariant", True):
-            # Its vectors would depend on batch neighbours (per-batch activation scales):
-            # one text per batch keeps "same text, same vector".
-            self.max_batch_size = 1
+        # A variant whose vectors depend on batch neighbours (per-batch activation scales)
+        # runs one text per batch: that keeps "same text, same vector".
+        self.batch_invariant = bool(bundle.variant(precision).recipe.get("batch_invariant", True))
+        self.limits = limits if self.batch_invariant else dataclasses.replace(limits, max_batch_size=1)
         self.parity: Parity | None = None
         self.fallback: str | None = None
 
@@ -120,8 +165,11 @@ class BundleEmbedder(abc.ABC):
             execution_providers=self.execution_providers,
             threads=self.threads,
             instruction_aware=m.instruction_template is not None,
+            default_instruction=m.default_instruction,
+            batch_invariant=self.batch_invariant,
             fallback=self.fallback,
             parity=self.parity,
+            parity_ok=None if self.parity is None else self.parity_passes(),
         )
 
     @abc.abstractmethod
@@ -153,30 +201,35 @@ class BundleEmbedder(abc.ABC):
         texts = check_texts(texts, field)
         if not texts:
             return []
-        formatted = self.tokenizer.format(texts, instruction)
-        return self.tokenizer.encode(formatted, truncate=truncate, field=field)
+        return self.tokenizer.encode(texts, instruction=instruction, truncate=truncate, field=field)
 
-    @staticmethod
-    def finish(pooled: np.ndarray, width: int, normalize: bool) -> np.ndarray:
-        """Matryoshka cut to `width`, then L2 normalization: the order the models were trained in."""
-        out = pooled[:, :width]
-        if normalize:
-            out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), np.float32(1e-12))
-        return np.ascontiguousarray(out, dtype=np.float32)
+    def finish(self, pooled: np.ndarray, width: int, normalize: bool, *, field: str = "texts") -> np.ndarray:
+        return finish_vectors(pooled, width, normalize, field=field, what=f"the {self.precision} model")
+
+    def run_batch(self, seqs: Sequence[np.ndarray]) -> np.ndarray:
+        """Run exactly this batch. The backend boundary: its exceptions become ModelRunError."""
+        if not seqs:
+            return np.empty((0, self.manifest.dim), dtype=np.float32)
+        shape = f"{len(seqs)} x {max(len(s) for s in seqs)} tokens"
+        try:
+            return self._forward(list(seqs))
+        except EdgeEmbedError:
+            raise
+        except MemoryError as exc:
+            raise ModelRunError(f"the {self.precision} model ran out of memory on a batch of {shape}") from exc
+        except Exception as exc:  # noqa: BLE001 - the backend boundary: ORT and MLX raise their own types
+            raise ModelRunError(
+                f"the {self.backend_name} backend failed on a batch of {shape}: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def embed_token_ids(self, seqs: list[np.ndarray]) -> np.ndarray:
-        """Raw pooled vectors for tokenized texts, in input order, batched by token budget."""
+        """Raw pooled vectors for tokenized texts, in input order, batched under `limits`."""
         out = np.empty((len(seqs), self.manifest.dim), dtype=np.float32)
         if not seqs:
             return out
         lengths = [len(s) for s in seqs]
-        for batch in plan_batches(lengths, self.max_batch_tokens, self.max_batch_size):
-            out[batch] = self._forward([seqs[i] for i in batch])
-        if not np.isfinite(out).all():
-            bad = int(np.flatnonzero(~np.isfinite(out).all(axis=1))[0])
-            raise EdgeEmbedError(
-                f"the {self.precision} model produced a non-finite vector for texts[{bad}]"
-            )
+        for batch in plan_batches(lengths, self.limits.max_batch_tokens, self.limits.max_batch_size):
+            out[batch] = self.run_batch([seqs[i] for i in batch])
         return out
 
     def count_tokens(self, texts: Sequence[str], *, instruction: str | None = None) -> list[int]:
@@ -201,7 +254,12 @@ class BundleEmbedder(abc.ABC):
                         | ({texts.index(export_worst)} if export_worst in texts else set()))
         chosen = [texts[i] for i in picked]
         seqs = self.tokenizer.encode(chosen)
-        parity = measure_parity(reference[picked], self.embed_token_ids(seqs), chosen)
+        vectors = self.embed_token_ids(seqs)
+        if not np.isfinite(vectors).all():
+            bad = int(np.flatnonzero(~np.isfinite(vectors).all(axis=1))[0])
+            raise BundleError(f"the {self.precision} variant gives a non-finite vector on this device for the "
+                              f"golden text {chosen[bad][:60]!r}")
+        parity = measure_parity(reference[picked], vectors, chosen)
         self.parity = parity
         failure = gate_failure(self.precision, parity, gates)
         if failure is not None and enforce:

@@ -44,6 +44,8 @@ class BundleTokenizer:
         # With append_eos the runtime adds EOS itself, so the tokenizer keeps one slot free.
         self._limit = manifest.max_length - (1 if manifest.append_eos else 0)
         self._tokenizer.enable_truncation(self._limit)
+        # Words are rarely longer than 8 characters a token; longer texts try a prefix first.
+        self.prefix_chars = max(2048, 8 * manifest.max_length)
 
     def format(self, texts: list[str], instruction: str | None) -> list[str]:
         """Apply the model's instruction template (queries); documents pass unchanged."""
@@ -58,9 +60,22 @@ class BundleTokenizer:
             raise InvalidInputError("instruction must be a non-empty string")
         return [template.format(instruction=instruction, text=t) for t in texts]
 
-    def encode(self, texts: list[str], *, truncate: bool = True, field: str = "texts") -> list[np.ndarray]:
-        """Token ids per text (int64, unpadded). truncate=False refuses over-long texts."""
-        encodings = self._tokenizer.encode_batch(texts)
+    def encode(self, texts: list[str], *, instruction: str | None = None, truncate: bool = True,
+               field: str = "texts") -> list[np.ndarray]:
+        """Token ids per text (int64, unpadded), the instruction template applied.
+
+        truncate=False refuses over-long texts. A text far longer than the model's limit is
+        tokenized from a prefix of `prefix_chars` characters when that provably gives the
+        same kept tokens (the cut falls in a word after the last kept one), so a huge text
+        costs what the model reads, not what was sent; otherwise it is tokenized whole.
+        """
+        cut = [t if len(t) <= self.prefix_chars else t[: self.prefix_chars] for t in texts]
+        encodings = self._tokenizer.encode_batch(self.format(cut, instruction))
+        whole = [i for i, t in enumerate(texts) if len(t) > self.prefix_chars and not _cut_is_exact(encodings[i])]
+        if whole:
+            redone = self._tokenizer.encode_batch(self.format([texts[i] for i in whole], instruction))
+            for i, enc in zip(whole, redone):
+                encodings[i] = enc
         ids = []
         for i, enc in enumerate(encodings):
             if not truncate and enc.overflowing:
@@ -73,6 +88,20 @@ class BundleTokenizer:
                 seq = np.append(seq, np.int64(self._manifest.eos_token_id))
             ids.append(seq)
         return ids
+
+
+def _cut_is_exact(encoding) -> bool:
+    """Whether tokenizing a cut prefix kept exactly the tokens the whole text would keep.
+
+    Pre-tokenizers split text into words locally, so words wholly before the cut tokenize
+    the same; the last two words of the prefix (the one the cut split, and whitespace
+    handling next to it) may not. The kept tokens must all come from earlier words.
+    """
+    if not encoding.overflowing:
+        return False  # the prefix fits: the cut may have dropped tokens the model would read
+    kept = [w for w in encoding.word_ids if w is not None]
+    last = [w for w in encoding.overflowing[-1].word_ids if w is not None]
+    return bool(kept) and bool(last) and max(kept) < max(last) - 1
 
 
 def pad_batch(

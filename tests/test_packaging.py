@@ -46,6 +46,8 @@ def test_public_names_are_pinned():
         "BundleEmbedder", "ProviderInfo", "EdgeEmbedError", "InvalidInputError", "BundleError",
         "BackendUnavailableError", "ExportError", "GateError", "OverloadedError",
         "ModelNotFoundError", "UnauthenticatedError", "ModelNotReadyError", "MemoryBudgetError",
+        "ModelRunner", "BatchLimits", "ModelRunError", "NonFiniteOutputError", "WorkerStoppedError",
+        "planned_precision",
     ])
 
 

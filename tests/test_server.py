@@ -195,7 +195,7 @@ def test_tls_and_mutual_tls(certs):
 
 def test_full_queue_rejects_with_a_retry_hint():
     fake = FakeProvider(delay_s=0.2)
-    with running_server(fake, max_queue=2, max_batch_size=1, max_wait_ms=0) as (_, target):
+    with running_server(fake, max_queue_tokens=12, max_batch_size=1, max_wait_ms=0) as (_, target):
         with grpc.insecure_channel(target) as ch:
             call = ch.unary_unary(METHOD + "Embed", pb.EmbedRequest.SerializeToString, pb.EmbedResponse.FromString)
             futures = [call.future(pb.EmbedRequest(inputs=[f"t {i}"]), timeout=10) for i in range(8)]
@@ -215,7 +215,7 @@ def test_full_queue_rejects_with_a_retry_hint():
 
 def test_client_retries_overload_until_it_gets_through():
     fake = FakeProvider(delay_s=0.05)
-    with running_server(fake, max_queue=1, max_batch_size=1, max_wait_ms=0) as (_, target):
+    with running_server(fake, max_queue_tokens=11, max_batch_size=1, max_wait_ms=0) as (_, target):
         with EmbedClient(target, retries=50, timeout=30) as client, ThreadPoolExecutor(6) as pool:
             results = list(pool.map(lambda i: client.embed([f"r {i}"]), range(6)))
     assert all(r.shape == (1, 8) for r in results)
@@ -230,28 +230,13 @@ def test_expired_requests_are_dropped_before_compute():
             time.sleep(0.1)
             with pytest.raises(grpc.RpcError) as info:
                 call(pb.EmbedRequest(inputs=["gives up early"]), timeout=0.1)
-            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # Refused at once when the measured speed says it cannot make its deadline, else
+            # dropped from the queue when the deadline passes: never computed either way.
+            assert info.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
             slow.result()
             time.sleep(0.6)
     computed = [t for batch in fake.batches for t in batch]
     assert fake.tokenize(["gives up early"])[0].tolist() not in [list(t) for t in computed]
-
-
-def test_worker_death_fails_pending_and_turns_health_off():
-    fake = FakeProvider()
-    with running_server(fake) as (edge, target):
-        fake.delay_s, fake.fail_with = 0.2, RuntimeError("device lost")
-        with EmbedClient(target, retries=0) as client, ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(client.embed, [f"x {i}"]) for i in range(4)]
-            for f in futures:
-                with pytest.raises(BackendUnavailableError, match="worker has stopped"):
-                    f.result()
-        deadline = time.monotonic() + 5
-        while health_status(target) != health_pb2.HealthCheckResponse.NOT_SERVING and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert health_status(target) == health_pb2.HealthCheckResponse.NOT_SERVING
-        with EmbedClient(target, retries=0) as client, pytest.raises(BackendUnavailableError):
-            client.embed(["after death"])
 
 
 def test_thousands_of_malformed_requests_leave_the_server_correct():

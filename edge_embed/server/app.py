@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -14,11 +15,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ..provider import ModelRunner
 from ..v1 import embed_pb2
 from .batcher import TokenBudgetBatcher
 from .config import ServerConfig
 from .metrics import ServerMetrics
-from .pool import ModelPool, ModelSource
+from .pool import ModelPool, ModelSource, PooledModel
 from .service import SERVICE_NAME, BearerTokenInterceptor, EmbeddingService, method_handlers
 from .systemd import Notifier
 
@@ -53,6 +55,7 @@ class EdgeServer:
         await self.set_serving(False)
         await self.grpc_server.stop(grace)
         await self.pool.close()
+        self.service.close()
         self.metrics.close()
 
 
@@ -64,8 +67,10 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
-async def create_server(config: ServerConfig, models: Any, *, warm_up: bool = True) -> tuple[EdgeServer, int]:
-    """Build, warm up and start a server for a provider or a ModelPool; port 0 binds a free port.
+async def create_server(config: ServerConfig, models: ModelRunner | ModelPool, *,
+                        warm_up: bool = True) -> tuple[EdgeServer, int]:
+    """Build, warm up and start a server for one loaded runner or a ModelPool; port 0
+    binds a free port.
 
     Health turns SERVING only after the pool's first models loaded and a warm-up batch
     went through each of them.
@@ -73,36 +78,40 @@ async def create_server(config: ServerConfig, models: Any, *, warm_up: bool = Tr
     metrics = ServerMetrics()
     health_servicer = health.aio.HealthServicer()
     edge: EdgeServer | None = None
+    loop = asyncio.get_running_loop()
 
-    async def mark_dead() -> None:
+    async def mark_stopped(model: PooledModel) -> None:
+        model_pool.mark_stopped(model)
         if edge is not None:
             await edge.set_serving(False)
 
-    loop = asyncio.get_running_loop()
-
-    def make_batcher(provider: Any) -> TokenBudgetBatcher:
+    def make_batcher(model: PooledModel) -> TokenBudgetBatcher:
+        runner = model.runner
         return TokenBudgetBatcher(
-            provider.embed_token_ids,
-            max_batch_tokens=config.max_batch_tokens,
-            max_batch_size=config.max_batch_size,
+            runner.run_batch,
+            limits=runner.info.batch_limits(config.limits),
             max_wait_s=config.max_wait_ms / 1000,
-            max_queue=config.max_queue,
-            on_death=lambda exc: loop.create_task(mark_dead()),
+            max_queue_tokens=config.queue_tokens,
+            run_timeout_s=config.run_timeout_s,
+            max_consecutive_failures=config.max_consecutive_failures,
             on_batch=metrics.observe_batch,
+            on_stop=lambda error: loop.create_task(mark_stopped(model)),
+            oversize=lambda rows, width: model_pool.oversize_run(model, rows, width),
         )
 
     if isinstance(models, ModelPool):
-        pool = models
-        pool.bind(make_batcher, metrics)
-        await pool.start()
-    else:  # one provider, loaded by the caller: a pool of one pinned model
-        name = models.manifest.model_id
-        path = getattr(getattr(models, "bundle", None), "path", Path("."))
-        pool = ModelPool([ModelSource(name, path)], budget_bytes=2**62, loader=_no_loader, cost_of=_no_cost)
-        pool.bind(make_batcher, metrics)
-        pool.adopt(name, models)
+        model_pool = models
+        model_pool.bind(make_batcher, metrics)
+        await model_pool.start()
+    else:  # one runner, loaded by the caller: a pool of one pinned model
         info = models.info
+        path = getattr(getattr(models, "bundle", None), "path", Path("."))
+        model_pool = ModelPool([ModelSource(info.model_id, path)], budget_bytes=2**62, loader=_no_loader,
+                               cost_of=_no_cost)
+        model_pool.bind(make_batcher, metrics)
+        model_pool.adopt(info.model_id, models, getattr(models, "manifest", None))
         metrics.model_info.labels(info.model_id, info.precision, info.backend, info.execution_providers[0]).set(1)
+    pool = model_pool
     metrics.observe_pool(pool)
     service = EmbeddingService(pool, config, metrics)
     interceptors = [BearerTokenInterceptor(config.token)] if config.token else []
@@ -114,6 +123,7 @@ async def create_server(config: ServerConfig, models: Any, *, warm_up: bool = Tr
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
             ("grpc.so_reuseport", 0),
         ],
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
     server.add_generic_rpc_handlers((method_handlers(service, config.max_message_bytes),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -130,7 +140,8 @@ async def create_server(config: ServerConfig, models: Any, *, warm_up: bool = Tr
     if warm_up:
         for model in pool.models.values():
             if model.batcher is not None:
-                await model.batcher.submit(model.provider.tokenize(WARMUP_TEXTS))
+                with model.batcher.admit(len(WARMUP_TEXTS) * model.runner.info.max_length) as ticket:
+                    await ticket.submit(model.runner.tokenize(WARMUP_TEXTS))
     await server.start()
     if config.metrics_port is not None:
         edge.metrics_port = metrics.serve_http(config.host, config.metrics_port)
@@ -138,8 +149,13 @@ async def create_server(config: ServerConfig, models: Any, *, warm_up: bool = Tr
     return edge, port
 
 
-async def serve(config: ServerConfig, models: Any) -> None:
-    """Run until SIGTERM/SIGINT, then drain: no accepted request goes unanswered."""
+async def serve(config: ServerConfig, models: ModelPool) -> None:
+    """Run until SIGTERM/SIGINT, then drain: no accepted request goes unanswered.
+
+    A model worker that stops (repeated failures, or a run past the run timeout) ends the
+    process with exit code 1 for the supervisor to restart; systemd's watchdog is fed only
+    while no run is overdue.
+    """
     notifier = Notifier()
     started = time.monotonic()
     edge, port = await create_server(config, models)
@@ -161,33 +177,39 @@ async def serve(config: ServerConfig, models: Any) -> None:
     watchdog = None
     if notifier.watchdog_interval_s:
         watchdog = loop.create_task(_watchdog(notifier, edge, notifier.watchdog_interval_s))
-    dead = loop.create_task(_wait_dead(edge))
-    await asyncio.wait([loop.create_task(stop.wait()), dead], return_when=asyncio.FIRST_COMPLETED)
+    stopped = loop.create_task(_wait_stopped(edge))
+    await asyncio.wait([loop.create_task(stop.wait()), stopped], return_when=asyncio.FIRST_COMPLETED)
     notifier.notify("STOPPING=1", "STATUS=draining")
-    log.info("draining (grace %.0f s)", config.grace_s)
-    started = time.monotonic()
     if watchdog:
         watchdog.cancel()
+    if pool.stopped is not None and pool.hung:
+        # The stuck run's thread can be neither interrupted nor joined: leave at once.
+        log.error("exiting for a restart: %s", pool.stopped)
+        logging.shutdown()
+        os._exit(1)
+    log.info("draining (grace %.0f s)", config.grace_s)
+    started = time.monotonic()
     await edge.stop(config.grace_s)
     log.info("stopped after %.2f s of drain", time.monotonic() - started)
-    if edge.pool.dead is not None:
+    if pool.stopped is not None:
+        log.error("exiting for a restart: %s", pool.stopped)
         raise SystemExit(1)
 
 
-async def _wait_dead(edge: EdgeServer) -> None:
-    while edge.pool.dead is None:
-        await asyncio.sleep(0.5)
+async def _wait_stopped(edge: EdgeServer) -> None:
+    while edge.pool.stopped is None and not edge.pool.hung:
+        await asyncio.sleep(0.25)
 
 
 async def _watchdog(notifier: Notifier, edge: EdgeServer, interval_s: float) -> None:
-    """Ping systemd only while the model worker is alive, so a hung worker gets restarted."""
+    """Ping systemd only while every model worker is alive and no run is overdue."""
     while True:
-        if edge.pool.dead is None:
+        if edge.pool.stopped is None and not edge.pool.hung:
             notifier.notify("WATCHDOG=1")
         await asyncio.sleep(interval_s)
 
 
-def _no_loader(source: ModelSource) -> Any:
+def _no_loader(source: ModelSource) -> ModelRunner:
     raise AssertionError(f"{source.name} was adopted loaded; it is never loaded here")
 
 
@@ -206,32 +228,36 @@ def default_memory_budget(memory_bytes: int | None) -> int:
 def pool_from_config(config: ServerConfig, sources: list[ModelSource]) -> ModelPool:
     """The pool `edge-embed serve` runs: real loads, stored or estimated costs, and each
     load's measured RSS growth stored as this device's figure."""
-    from .. import load
+    from .. import load, planned_precision
     from ..bundle import MANIFEST_FILE
-    from ..check import bundle_default_precision
     from ..manifest import Manifest
     from ..memory import Footprint, import_runtimes, store_footprint, stored_footprint
     from ..platform import snapshot_platform
     from ..registry import bundle_estimate
 
     tokens = config.max_batch_tokens
-
-    def variant_of(source: ModelSource, manifest: Manifest) -> str:
-        return source.precision if source.precision in manifest.variants else bundle_default_precision(
-            manifest.variants)
+    platform = snapshot_platform()
 
     def cost_of(source: ModelSource) -> tuple[int, str]:
+        """Charged for the variant a load will really run here (FP16 on a GPU, INT8 on a CPU)."""
         manifest = Manifest.read(source.path / MANIFEST_FILE)
-        precision = variant_of(source, manifest)
+        precision = planned_precision(manifest, source.precision, config.backend, platform)
         memory, activations = bundle_estimate(manifest, source.path, precision, tokens)
         stored = stored_footprint(manifest.variants[precision].sha256, None, tokens)
         if stored is not None:
             return stored.total(activations), "measured on this device"
         return memory, "estimate"
 
-    def loader(source: ModelSource) -> Any:
+    def loader(source: ModelSource) -> ModelRunner:
         return load(source.path, precision=source.precision, backend=config.backend, threads=config.threads,
-                    max_batch_tokens=tokens)
+                    limits=config.limits, platform=platform)
+
+    def oversize_bytes(model: PooledModel, rows: int, width: int) -> int:
+        """Activations of a batch past the token budget, beyond those charged at the budget."""
+        precision = model.info.precision
+        _, at_budget = bundle_estimate(model.manifest, model.source.path, precision, tokens)
+        _, needed = bundle_estimate(model.manifest, model.source.path, precision, rows * width)
+        return max(0, needed - at_budget)
 
     def after_load(model, growth: int, peak: int | None) -> int:
         info, manifest = model.info, model.manifest
@@ -247,6 +273,6 @@ def pool_from_config(config: ServerConfig, sources: list[ModelSource]) -> ModelP
 
     for source in sources:
         import_runtimes(Manifest.read(source.path / MANIFEST_FILE).variants)
-    budget = config.memory_budget or default_memory_budget(snapshot_platform().memory_bytes)
+    budget = config.memory_budget or default_memory_budget(platform.memory_bytes)
     return ModelPool(sources, budget_bytes=budget, loader=loader, cost_of=cost_of, pinned=config.pin,
-                     load_wait_s=config.load_wait_s, after_load=after_load)
+                     load_wait_s=config.load_wait_s, after_load=after_load, oversize_bytes=oversize_bytes)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..batching import BatchLimits
 from ..errors import InvalidInputError
 
 __all__ = ["ServerConfig", "ENV_PREFIX"]
@@ -31,10 +32,13 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int | None = None
-    max_batch_tokens: int = 4096
-    max_batch_size: int = 32
+    max_batch_tokens: int = BatchLimits.max_batch_tokens
+    max_batch_size: int = BatchLimits.max_batch_size
     max_wait_ms: float = 0.0
-    max_queue: int = 256
+    max_queue_tokens: int | None = None  # tokens queued per model; None: 16 batches' worth
+    max_concurrent_rpcs: int = 64  # RPCs handled at once; more get RESOURCE_EXHAUSTED
+    run_timeout_s: float = 120.0  # a model run longer than this means the worker hung
+    max_consecutive_failures: int = 5  # batches failing in a row before the worker stops
     max_inputs: int = 256
     max_text_chars: int = 32_768
     max_message_bytes: int = 8 * 1024 * 1024
@@ -45,12 +49,16 @@ class ServerConfig:
     grace_s: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_tokens", "max_batch_size", "max_queue", "max_inputs", "max_text_chars",
-                     "max_message_bytes"):
+        for name in ("max_batch_tokens", "max_batch_size", "max_inputs", "max_text_chars", "max_message_bytes",
+                     "max_concurrent_rpcs", "max_consecutive_failures"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_queue_tokens is not None and self.max_queue_tokens < 1:
+            raise InvalidInputError(f"max_queue_tokens must be at least 1, got {self.max_queue_tokens}")
         if self.max_wait_ms < 0 or self.grace_s < 0 or self.load_wait_s < 0:
             raise InvalidInputError("max_wait_ms, grace_s and load_wait_s must not be negative")
+        if self.run_timeout_s <= 0:
+            raise InvalidInputError(f"run_timeout_s must be positive, got {self.run_timeout_s}")
         if self.memory_budget is not None and self.memory_budget < 1:
             raise InvalidInputError(f"memory_budget must be positive, got {self.memory_budget}")
         for name in ("bundle", "pin"):
@@ -64,6 +72,15 @@ class ServerConfig:
             raise InvalidInputError("TLS needs both tls_cert and tls_key")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise InvalidInputError("mutual TLS (tls_client_ca) needs tls_cert and tls_key")
+
+    @property
+    def limits(self) -> BatchLimits:
+        return BatchLimits(max_batch_tokens=self.max_batch_tokens, max_batch_size=self.max_batch_size)
+
+    @property
+    def queue_tokens(self) -> int:
+        """The queued-token limit per model (admission happens against it before tokenizing)."""
+        return self.max_queue_tokens if self.max_queue_tokens is not None else 16 * self.max_batch_tokens
 
     @classmethod
     def from_sources(cls, flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> ServerConfig:

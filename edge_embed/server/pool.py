@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import gc
 import logging
 import time
@@ -25,14 +26,50 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BundleError, InvalidInputError, MemoryBudgetError, ModelNotFoundError, ModelNotReadyError
+from ..manifest import Manifest
 from ..memory import peak_rss_bytes, release_free_memory, reset_peak_rss, rss_bytes
+from ..provider import ModelRunner, ProviderInfo
 from .batcher import TokenBudgetBatcher
 
-__all__ = ["ModelSource", "PooledModel", "ModelPool", "parse_model_sources", "parse_bytes"]
+__all__ = ["ModelSource", "ModelState", "ModelStatus", "PooledModel", "ModelPool", "parse_model_sources",
+           "parse_bytes"]
 
 log = logging.getLogger("edge_embed.server.pool")
 
-UNLOADED, LOADING, LOADED, EVICTING, EVICTED, FAILED = "unloaded", "loading", "loaded", "evicting", "evicted", "failed"
+
+class ModelState(enum.Enum):
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    LOADED = "loaded"
+    EVICTING = "evicting"
+    EVICTED = "evicted"
+    FAILED = "failed"
+    STOPPED = "stopped"  # its worker failed repeatedly or hung: the process must restart
+
+
+UNLOADED, LOADING, LOADED, EVICTING, EVICTED, FAILED, STOPPED = ModelState
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelStatus:
+    """One model's place in the pool at one moment, as Info and metrics report it."""
+
+    name: str
+    state: ModelState
+    pinned: bool
+    path: str
+    model_id: str
+    precision: str
+    charged_bytes: int
+    charged_from: str
+    resident_measured_bytes: int | None
+    inflight: int
+    loads: int
+    evictions: int
+    requests: int
+    error: str | None
+    parity_cos_min: float | None
+    parity_ok: bool | None
 _MiB = 1024**2
 # gRPC buffers, executor threads and allocator slack that grow after the pool starts.
 _PROCESS_SLACK_BYTES = 32 * _MiB
@@ -101,40 +138,38 @@ def parse_model_sources(specs: tuple[str, ...], models_dir: Path | None, precisi
 
 
 class PooledModel:
-    """One model's place in the pool; `provider` and `batcher` exist while loaded."""
+    """One model's place in the pool; `runner` and `batcher` exist while loaded."""
 
     def __init__(self, source: ModelSource, pinned: bool):
         self.source = source
         self.name = source.name
         self.pinned = pinned
         self.state = UNLOADED
-        self.provider: Any = None
+        self.runner: ModelRunner | None = None
         self.batcher: TokenBudgetBatcher | None = None
-        self.info: Any = None  # ProviderInfo of the last load
-        self.manifest: Any = None
+        self.info: ProviderInfo | None = None  # of the last load
+        self.manifest: Manifest | None = None
         self.cost = 0  # bytes charged against the budget while resident
         self.cost_source = "estimate"
         self.resident_measured: int | None = None
-        self.inflight = 0
+        self.inflight = 0  # requests holding or waiting for this model: it is not evicted under them
         self.last_used = 0.0
         self.loads = 0
         self.evictions = 0
         self.requests = 0
         self.error: str | None = None
-        self.parity_ok: bool | None = None
         self.waiting_for: str | None = None  # why a load is held back, for callers that time out
         self.failure: tuple[float, Exception] | None = None  # (when, why) the last load failed
         self.loading: asyncio.Task | None = None
-        self.owned = True  # False for a provider the caller loaded: the caller closes it
+        self.owned = True  # False for a runner the caller loaded: the caller closes it
 
     @property
     def resident(self) -> bool:
-        return self.state in (LOADED, EVICTING)
+        return self.state in (LOADED, EVICTING, STOPPED)
 
-    def source_manifest(self) -> Any:
+    def source_manifest(self) -> Manifest:
         """The bundle's manifest, read without loading the model."""
         from ..bundle import MANIFEST_FILE
-        from ..manifest import Manifest
 
         if self.manifest is None:
             self.manifest = Manifest.read(self.source.path / MANIFEST_FILE)
@@ -156,11 +191,12 @@ class ModelPool:
         sources: list[ModelSource],
         *,
         budget_bytes: int,
-        loader: Callable[[ModelSource], Any],
+        loader: Callable[[ModelSource], ModelRunner],
         cost_of: Callable[[ModelSource], tuple[int, str]],
         pinned: tuple[str, ...] = (),
         load_wait_s: float = 60.0,
         after_load: Callable[[PooledModel, int, int | None], int | None] | None = None,
+        oversize_bytes: Callable[[PooledModel, int, int], int] | None = None,
     ):
         if not sources:
             raise InvalidInputError("the pool needs at least one model")
@@ -174,7 +210,8 @@ class ModelPool:
         self._loader = loader
         self._cost_fn = cost_of
         self._after_load = after_load
-        self._make_batcher: Callable[[Any], TokenBudgetBatcher] | None = None
+        self._oversize_bytes = oversize_bytes
+        self._make_batcher: Callable[[PooledModel], TokenBudgetBatcher] | None = None
         self.metrics: Any = None
         self.base_bytes = (rss_bytes() or 0) + _PROCESS_SLACK_BYTES
         self._admit = asyncio.Lock()
@@ -191,11 +228,17 @@ class ModelPool:
         return self._cost_fn(self.models[name].source)
 
     @property
-    def dead(self) -> BaseException | None:
+    def stopped(self) -> BaseException | None:
+        """The error of a model worker that stopped (failed repeatedly or hung), if any."""
         for m in self.models.values():
-            if m.batcher is not None and m.batcher.dead is not None:
-                return m.batcher.dead
+            if m.batcher is not None and m.batcher.stopped is not None:
+                return m.batcher.stopped
         return None
+
+    @property
+    def hung(self) -> bool:
+        """Whether a model run is stuck past its timeout (its thread can never be joined)."""
+        return any(m.batcher is not None and (m.batcher.hung or m.batcher.overdue()) for m in self.models.values())
 
     def find(self, name: str) -> PooledModel:
         """By name, or by model id when exactly one model has it; '' is the default model."""
@@ -210,7 +253,7 @@ class ModelPool:
 
     # -- lifecycle --------------------------------------------------------------------
 
-    def bind(self, make_batcher: Callable[[Any], TokenBudgetBatcher], metrics: Any = None) -> None:
+    def bind(self, make_batcher: Callable[[PooledModel], TokenBudgetBatcher], metrics: Any = None) -> None:
         """Attach the server's batcher factory and metrics (the server owns both)."""
         self._make_batcher, self.metrics = make_batcher, metrics
 
@@ -220,13 +263,13 @@ class ModelPool:
         for model in first:
             await self._ensure_loaded(model, None, wait_s=None)
 
-    def adopt(self, name: str, provider: Any) -> None:
-        """Take an already loaded provider as a pinned model (a server built around one)."""
+    def adopt(self, name: str, runner: ModelRunner, manifest: Manifest | None = None) -> None:
+        """Take an already loaded runner as a pinned model (a server built around one)."""
         model = self.models[name]
-        model.provider, model.info, model.manifest = provider, provider.info, provider.manifest
-        parity_passes = getattr(provider, "parity_passes", None)
-        model.parity_ok = parity_passes() if parity_passes and provider.info.parity is not None else None
-        model.batcher = self._make_batcher(provider)
+        model.runner, model.info = runner, runner.info
+        if manifest is not None:
+            model.manifest = manifest
+        model.batcher = self._make_batcher(model)
         model.batcher.start()
         model.state, model.loads, model.last_used = LOADED, 1, time.monotonic()
         model.cost, model.cost_source, model.owned = 0, "outside the pool", False
@@ -239,8 +282,8 @@ class ModelPool:
         for model in self.models.values():
             if model.batcher is not None:
                 await model.batcher.stop()
-            if model.provider is not None and model.owned:
-                model.provider.close()
+            if model.runner is not None and model.owned:
+                model.runner.close()
 
     @contextlib.asynccontextmanager
     async def use(self, name: str, deadline: float | None = None) -> AsyncIterator[PooledModel]:
@@ -249,12 +292,14 @@ class ModelPool:
         model.requests += 1
         if self.metrics is not None:
             self.metrics.model_requests.labels(model.name).inc()
-        if model.state != LOADED:
-            wait = self.load_wait_s if deadline is None else min(self.load_wait_s, deadline - time.monotonic())
-            await self._ensure_loaded(model, deadline, wait_s=max(0.0, wait))
-        model.inflight += 1  # no await since the state check: eviction cannot slip in between
-        model.last_used = time.monotonic()
+        # Counted before waiting for a load: the load's waiters own the model it brings in,
+        # so the next queued load cannot evict it before they run (no ping-pong).
+        model.inflight += 1
         try:
+            if model.state != LOADED:
+                wait = self.load_wait_s if deadline is None else min(self.load_wait_s, deadline - time.monotonic())
+                await self._ensure_loaded(model, deadline, wait_s=max(0.0, wait))
+            model.last_used = time.monotonic()
             yield model
         finally:
             model.inflight -= 1
@@ -264,6 +309,8 @@ class ModelPool:
 
     async def _ensure_loaded(self, model: PooledModel, deadline: float | None, wait_s: float | None) -> None:
         while model.state != LOADED:
+            if model.state == STOPPED:
+                raise model.batcher.stopped
             failure = model.failure
             if model.loading is None and failure is not None and time.monotonic() - failure[0] < _RETRY_FAILED_S:
                 raise failure[1]  # a broken bundle is not reloaded for every request
@@ -274,10 +321,31 @@ class ModelPool:
             try:
                 await asyncio.wait_for(asyncio.shield(task), wait_s)
             except asyncio.TimeoutError:
-                doing = model.waiting_for or model.state
-                raise ModelNotReadyError(
-                    f"model {model.name!r} is not ready after {wait_s:.1f} s: {doing}", retry_after_ms=1000,
-                ) from None
+                doing = model.waiting_for or model.state.value
+                raise ModelNotReadyError(f"model {model.name!r} is not ready after {wait_s:.1f} s: {doing}") from None
+
+    def mark_stopped(self, model: PooledModel) -> None:
+        """Its worker failed repeatedly or hung: requests get UNAVAILABLE until a restart."""
+        model.state, model.error = STOPPED, str(model.batcher.stopped if model.batcher else "stopped")
+
+    @contextlib.asynccontextmanager
+    async def oversize_run(self, model: PooledModel, rows: int, width: int) -> AsyncIterator[None]:
+        """Charge the extra activations of a batch past the token budget (a text longer than
+        it runs alone) for the length of that run; evict idle models to make room, or refuse."""
+        extra = self._oversize_bytes(model, rows, width) if self._oversize_bytes is not None else 0
+        if extra > 0:
+            while self.committed_bytes + extra > self.budget_bytes and (victim := self._victim(model)) is not None:
+                await self._evict(victim)
+            if self.committed_bytes + extra > self.budget_bytes:
+                raise MemoryBudgetError(
+                    f"a text of {width:,} tokens needs {extra / 1e6:,.0f} MB of activations beyond a batch at the "
+                    f"token budget; with {self.committed_bytes / 1e6:,.0f} MB committed that is over the memory "
+                    f"budget of {self.budget_bytes / 1e6:,.0f} MB (send it with truncate, or shorter)")
+        model.cost += extra
+        try:
+            yield
+        finally:
+            model.cost -= extra
 
     # -- admission, loading, eviction -------------------------------------------------
 
@@ -314,7 +382,7 @@ class ModelPool:
                                  f"models: {held}")
             left = self.load_wait_s - (time.monotonic() - started)
             if left <= 0:
-                raise ModelNotReadyError(f"model {model.name!r}: {model.waiting_for}", retry_after_ms=1000)
+                raise ModelNotReadyError(f"model {model.name!r}: {model.waiting_for}")
             async with self._released:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._released.wait(), left)
@@ -332,21 +400,21 @@ class ModelPool:
             loop = asyncio.get_running_loop()
             started = time.monotonic()
             try:
-                provider, growth, peak = await loop.run_in_executor(None, self._load_measured, model.source)
+                runner, growth, peak = await loop.run_in_executor(None, self._load_measured, model.source)
             except Exception as exc:
                 model.state, model.error, model.cost = FAILED, str(exc), 0
                 model.failure = (time.monotonic(), exc)
                 log.error("loading %s failed: %s", model.name, exc)
                 raise
             model.failure = None
-            model.provider, model.info, model.manifest = provider, provider.info, provider.manifest
-            model.parity_ok = provider.parity_passes() if provider.info.parity is not None else None
+            model.runner, model.info = runner, runner.info
+            model.source_manifest()
             model.resident_measured = growth
             if self._after_load is not None and growth is not None:
                 measured = self._after_load(model, growth, peak)
                 if measured is not None:
                     model.cost, model.cost_source = max(model.cost, measured), "measured here"
-            model.batcher = self._make_batcher(provider)
+            model.batcher = self._make_batcher(model)
             model.batcher.start()
             model.state, model.last_used = LOADED, time.monotonic()
             model.loads += 1
@@ -358,29 +426,29 @@ class ModelPool:
             while self.committed_bytes > self.budget_bytes and (victim := self._victim(model)) is not None:
                 await self._evict(victim)
 
-    def _load_measured(self, source: ModelSource) -> tuple[Any, int | None, int | None]:
+    def _load_measured(self, source: ModelSource) -> tuple[ModelRunner, int | None, int | None]:
         before = rss_bytes()
         can_peak = reset_peak_rss()
-        provider = self._loader(source)
+        runner = self._loader(source)
         after, peak = rss_bytes(), peak_rss_bytes() if can_peak else None
         if before is None or after is None:
-            return provider, None, None
-        return provider, after - before, (peak - before) if peak is not None else None
+            return runner, None, None
+        return runner, after - before, (peak - before) if peak is not None else None
 
     async def _evict(self, model: PooledModel) -> None:
         log.info("evicting %s (idle since %.1f s ago) to make room", model.name, time.monotonic() - model.last_used)
         model.state = EVICTING
-        batcher, held = model.batcher, [model.provider]
-        model.batcher = model.provider = None
+        batcher, held = model.batcher, [model.runner]
+        model.batcher = model.runner = None
         if batcher is not None:
             await batcher.stop()
         del batcher
 
         def release() -> None:
-            provider = held.pop()  # the last reference: the session is freed before the trim
-            if provider is not None:
-                provider.close()
-            del provider
+            runner = held.pop()  # the last reference: the session is freed before the trim
+            if runner is not None:
+                runner.close()
+            del runner
             gc.collect()
             release_free_memory()
 
@@ -392,17 +460,17 @@ class ModelPool:
 
     # -- reporting --------------------------------------------------------------------
 
-    def status(self) -> list[dict[str, Any]]:
+    def status(self) -> list[ModelStatus]:
         out = []
         for m in self.models.values():
             parity = m.info.parity if m.info is not None else None
-            out.append({
-                "name": m.name, "state": m.state, "pinned": m.pinned, "path": str(m.source.path),
-                "model_id": m.manifest.model_id if m.manifest is not None else "",
-                "precision": m.info.precision if m.info is not None else m.source.precision,
-                "charged_bytes": m.cost, "charged_from": m.cost_source,
-                "resident_measured_bytes": m.resident_measured, "inflight": m.inflight,
-                "loads": m.loads, "evictions": m.evictions, "requests": m.requests, "error": m.error,
-                "parity_cos_min": parity.cos_min if parity is not None else None, "parity_ok": m.parity_ok,
-            })
+            out.append(ModelStatus(
+                name=m.name, state=m.state, pinned=m.pinned, path=str(m.source.path),
+                model_id=m.manifest.model_id if m.manifest is not None else "",
+                precision=m.info.precision if m.info is not None else m.source.precision,
+                charged_bytes=m.cost, charged_from=m.cost_source, resident_measured_bytes=m.resident_measured,
+                inflight=m.inflight, loads=m.loads, evictions=m.evictions, requests=m.requests, error=m.error,
+                parity_cos_min=parity.cos_min if parity is not None else None,
+                parity_ok=m.info.parity_ok if m.info is not None else None,
+            ))
         return out

@@ -3,61 +3,125 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from .. import __version__
-from ..errors import EdgeEmbedError, InvalidInputError, UnauthenticatedError
-from ..v1 import embed_pb2 as pb
+from ..errors import (
+    EdgeEmbedError,
+    InvalidInputError,
+    OverloadedError,
+    UnauthenticatedError,
+    grpc_code_of,
+    retry_after_ms_of,
+)
 from ..memory import rss_bytes
-from .batcher import WorkerDiedError
+from ..provider import ModelRunner
+from ..v1 import embed_pb2 as pb
 from .config import ServerConfig
 from .metrics import ServerMetrics
-from .pool import ModelPool
+from .pool import ModelPool, ModelStatus
 
-__all__ = ["EmbeddingService", "grpc_status", "SERVICE_NAME", "method_handlers", "BearerTokenInterceptor"]
+log = logging.getLogger(__name__)
+
+__all__ = ["EmbeddingService", "grpc_status", "SERVICE_NAME", "method_handlers", "BearerTokenInterceptor",
+           "RequestMemory"]
 
 SERVICE_NAME = "edge_embed.v1.EmbeddingService"
 _STREAM_WINDOW = 64  # stream messages in flight at once; beyond this the reader waits
+# Texts up to this many characters in all are tokenized on the event loop (tens of
+# microseconds); bigger requests go to the tokenizer thread, one at a time.
+_INLINE_TOKENIZE_CHARS = 4096
+# A request's bytes live about three times while it is handled: gRPC's buffer, the parsed
+# message and its Python strings; plus the response's vectors.
+_REQUEST_COPIES = 3
+_REQUEST_OVERHEAD_BYTES = 64 * 1024
 
 
 def grpc_status(exc: BaseException) -> grpc.StatusCode:
-    """The one place errors become status codes: each error class names its own."""
-    if isinstance(exc, EdgeEmbedError):
-        return getattr(grpc.StatusCode, exc.grpc_code)
-    return grpc.StatusCode.INTERNAL
+    """The one place errors become gRPC status codes: each error class names its own."""
+    return getattr(grpc.StatusCode, grpc_code_of(exc))
+
+
+class RequestMemory:
+    """Admission by memory: the bytes of requests being handled stay within what the
+    memory budget leaves beside the process and its resident models."""
+
+    def __init__(self, available: Callable[[], int]):
+        self._available = available
+        self.held = 0
+
+    def try_reserve(self, nbytes: int) -> bool:
+        if self.held and self.held + nbytes > self._available():
+            return False
+        self.held += nbytes
+        return True
+
+    def release(self, nbytes: int) -> None:
+        self.held -= nbytes
 
 
 class _Malformed:
     """Stands in for a request whose bytes did not parse, so the handler can say why."""
 
-    def __init__(self, reason: str):
-        self.reason = reason
+    def __init__(self, error: EdgeEmbedError):
+        self.error = error
 
 
-def _safe_deserializer(message_type: type, max_bytes: int) -> Callable[[bytes], Any]:
+@dataclass(frozen=True)
+class _Admitted:
+    """A parsed request and the memory it holds until it is answered."""
+
+    message: Any
+    nbytes: int
+
+
+def _parser(message_type: type, max_bytes: int, memory: RequestMemory) -> Callable[[bytes], Any]:
     def parse(data: bytes) -> Any:
         if len(data) > max_bytes:
-            return _Malformed(f"the request is {len(data)} bytes; the limit is {max_bytes}")
+            return _Malformed(InvalidInputError(f"the request is {len(data)} bytes; the limit is {max_bytes}"))
+        cost = _REQUEST_COPIES * len(data) + _REQUEST_OVERHEAD_BYTES
+        if not memory.try_reserve(cost):
+            return _Malformed(OverloadedError(
+                f"requests being handled hold {memory.held / 1e6:,.0f} MB and this one needs {cost / 1e6:,.1f} MB "
+                "more than the memory budget leaves: retry after 200 ms", retry_after_ms=200))
         try:
-            return message_type.FromString(data)
+            return _Admitted(message_type.FromString(data), cost)
         except DecodeError as exc:
-            return _Malformed(f"the request does not parse (invalid UTF-8 in a string field?): {exc}")
+            memory.release(cost)
+            return _Malformed(InvalidInputError(
+                f"the request does not parse (invalid UTF-8 in a string field?): {exc}"))
 
     return parse
 
 
+def _character_bound(inputs: list[str], instruction: str, max_length: int) -> int:
+    """Tokens the inputs can take at most, before tokenizing: a token covers at least one
+    character here (special tokens aside), and no text exceeds the model's limit."""
+    extra = len(instruction) + 8
+    return sum(min(max_length, len(t) + extra) for t in inputs)
+
+
 class EmbeddingService:
-    """Checks every request field, then hands token ids to the requested model's batcher."""
+    """Checks every request field, admits it by tokens, and hands token ids to its model's batcher."""
 
     def __init__(self, pool: ModelPool, config: ServerConfig, metrics: ServerMetrics):
         self.pool = pool
         self.config = config
         self.metrics = metrics
+        self.memory = RequestMemory(lambda: pool.budget_bytes - pool.committed_bytes)
+        self._tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-embed-tokenize")
+
+    def close(self) -> None:
+        self._tokenizer.shutdown(wait=False, cancel_futures=True)
 
     # -- request checks ---------------------------------------------------------------
 
@@ -72,13 +136,13 @@ class EmbeddingService:
                     f"inputs[{i}] has {len(text)} characters; the limit is {self.config.max_text_chars}"
                 )
 
-    @staticmethod
-    async def _tokenize(provider: Any, inputs: list[str], instruction: str, truncate: bool) -> list:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            None,
-            lambda: provider.tokenize(inputs, instruction=instruction or None, truncate=truncate, field="inputs"),
-        )
+    async def _tokenize(self, runner: ModelRunner, inputs: list[str], instruction: str, truncate: bool) -> list:
+        def run() -> list:
+            return runner.tokenize(inputs, instruction=instruction or None, truncate=truncate, field="inputs")
+
+        if sum(len(t) for t in inputs) <= _INLINE_TOKENIZE_CHARS:
+            return run()
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer, run)
 
     @staticmethod
     def _deadline(context: grpc.aio.ServicerContext | None) -> float | None:
@@ -89,8 +153,6 @@ class EmbeddingService:
 
     async def embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         start = time.monotonic()
-        if isinstance(request, _Malformed):
-            raise InvalidInputError(request.reason)
         self.pool.find(request.model)
         inputs = list(request.inputs)
         self._check_inputs(inputs)
@@ -98,34 +160,38 @@ class EmbeddingService:
         truncate = request.truncate if request.HasField("truncate") else True
         deadline = self._deadline(context)
         async with self.pool.use(request.model, deadline) as model:
-            provider, batcher = model.provider, model.batcher
+            runner, batcher = model.runner, model.batcher
+            info = runner.info
             try:
-                width = provider.manifest.check_dimensions(request.dimensions or None)
+                width = info.check_dimensions(request.dimensions or None)
             except InvalidInputError as exc:
                 raise InvalidInputError(f"dimensions: {exc}") from None
-            seqs = await self._tokenize(provider, inputs, request.instruction, truncate)
-            self.metrics.queue_depth.set(batcher.depth)
-            result = await batcher.submit(seqs, deadline)
-            vectors = provider.finish(result.vectors, width, normalize)
+            bound = _character_bound(inputs, request.instruction, info.max_length)
+            with batcher.admit(bound, deadline) as ticket:
+                seqs = await self._tokenize(runner, inputs, request.instruction, truncate)
+                self.metrics.queue_depth.set(batcher.depth)
+                result = await ticket.submit(seqs)
+            vectors = runner.finish(result.vectors, width, normalize, field="inputs")
         self.metrics.queue_seconds.observe(result.queue_s)
         self.metrics.total_seconds.observe(time.monotonic() - start)
-        return pb.EmbedResponse(
-            embeddings=[pb.Embedding(values=v.tolist()) for v in vectors],
+        response = pb.EmbedResponse(
             token_counts=[len(s) for s in seqs],
             model=model.name,
             dimensions=width,
             queue_ms=result.queue_s * 1000,
             inference_ms=result.inference_s * 1000,
         )
+        add = response.embeddings.add
+        for v in vectors:
+            add().values.extend(v)
+        return response
 
     async def tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
-        if isinstance(request, _Malformed):
-            raise InvalidInputError(request.reason)
         self.pool.find(request.model)
         inputs = list(request.inputs)
         self._check_inputs(inputs)
         async with self.pool.use(request.model, self._deadline(context)) as model:
-            seqs = await self._tokenize(model.provider, inputs, request.instruction, True)
+            seqs = await self._tokenize(model.runner, inputs, request.instruction, True)
         return pb.TokenizeResponse(
             tokens=[pb.TokenIds(ids=s.tolist()) for s in seqs], token_counts=[len(s) for s in seqs]
         )
@@ -133,15 +199,13 @@ class EmbeddingService:
     async def info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         """The named (or default) model's facts, every model's state and the memory budget;
         a model never loaded is described from its manifest alone."""
-        if isinstance(request, _Malformed):
-            raise InvalidInputError(request.reason)
         model, c, pool = self.pool.find(request.model), self.config, self.pool
         top: dict[str, Any] = {}
         if model.info is not None:
             info = model.info
             top = dict(precision=info.precision, backend=info.backend,
                        execution_providers=list(info.execution_providers))
-        manifest = model.manifest or model.source_manifest()
+        manifest = model.source_manifest()
         return pb.InfoResponse(
             model=model.name,
             dim=manifest.dim,
@@ -151,64 +215,83 @@ class EmbeddingService:
             default_instruction=manifest.default_instruction or "",
             batching=pb.BatchingLimits(
                 max_batch_tokens=c.max_batch_tokens, max_batch_size=c.max_batch_size, max_wait_ms=c.max_wait_ms,
-                max_queue=c.max_queue, max_inputs_per_request=c.max_inputs, max_text_chars=c.max_text_chars,
+                max_queue_tokens=c.queue_tokens, max_inputs_per_request=c.max_inputs,
+                max_text_chars=c.max_text_chars, max_concurrent_rpcs=c.max_concurrent_rpcs,
+                run_timeout_s=c.run_timeout_s,
             ),
             version=__version__,
             models=[_model_status(s) for s in pool.status()],
             memory=pb.MemoryBudget(budget_bytes=pool.budget_bytes, committed_bytes=pool.committed_bytes,
-                                   base_bytes=pool.base_bytes, rss_bytes=rss_bytes() or 0),
+                                   base_bytes=pool.base_bytes, rss_bytes=rss_bytes() or 0,
+                                   requests_bytes=self.memory.held),
             **top,
         )
 
     async def embed_stream(
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.EmbedStreamResponse]:
-        """Answers in request order; messages are computed concurrently so they can share batches."""
-        pending: asyncio.Queue = asyncio.Queue(maxsize=_STREAM_WINDOW)
+        """Answers in request order; messages are computed concurrently so they can share batches.
+
+        At most `_STREAM_WINDOW` messages are in flight; when the client goes away, the
+        reader and every message still in flight are cancelled.
+        """
+        window: asyncio.Queue = asyncio.Queue(maxsize=_STREAM_WINDOW)
 
         async def read() -> None:
             try:
                 async for request in requests:
-                    rid = "" if isinstance(request, _Malformed) else request.request_id
-                    task = asyncio.ensure_future(self._answer(request, context))
-                    await pending.put((rid, task))
-            finally:
-                await pending.put(None)
+                    await window.put(asyncio.ensure_future(self._answer(request, context)))
+            except asyncio.CancelledError:
+                raise  # the consumer is gone; nobody waits for the end marker
+            except Exception:  # noqa: BLE001 - a broken client stream simply ends the stream
+                pass
+            await window.put(None)
 
         reader = asyncio.ensure_future(read())
         try:
-            while (entry := await pending.get()) is not None:
-                rid, task = entry
+            while (task := await window.get()) is not None:
                 yield await task
         finally:
             reader.cancel()
+            while not window.empty():
+                task = window.get_nowait()
+                if task is not None:
+                    task.cancel()
 
     async def _answer(self, request: Any, context: grpc.aio.ServicerContext) -> pb.EmbedStreamResponse:
-        rid = "" if isinstance(request, _Malformed) else request.request_id
+        message = request.message if isinstance(request, _Admitted) else None
+        rid = message.request_id if message is not None else ""
         try:
-            response = await self.embed(request, context)
-        except EdgeEmbedError as exc:
-            self.metrics.requests.labels("EmbedStream.message", grpc_status(exc).name).inc()
-            return pb.EmbedStreamResponse(request_id=rid, error=pb.StreamError(code=grpc_status(exc).name, message=str(exc)))
+            if isinstance(request, _Malformed):
+                raise request.error
+            response = await self.embed(message, context)
+        except Exception as exc:  # noqa: BLE001 - one message's error is that message's answer
+            code = grpc_status(exc)
+            if not isinstance(exc, EdgeEmbedError):
+                log.exception("EmbedStream message failed")
+            self.metrics.requests.labels("EmbedStream.message", code.name).inc()
+            text = str(exc) if isinstance(exc, EdgeEmbedError) else f"internal error: {exc!r}"
+            return pb.EmbedStreamResponse(request_id=rid, error=pb.StreamError(code=code.name, message=text))
+        finally:
+            if isinstance(request, _Admitted):
+                self.memory.release(request.nbytes)
         self.metrics.requests.labels("EmbedStream.message", "OK").inc()
         return pb.EmbedStreamResponse(request_id=rid, response=response)
 
 
-def _model_status(s: dict[str, Any]) -> pb.ModelStatus:
+def _model_status(s: ModelStatus) -> pb.ModelStatus:
     return pb.ModelStatus(
-        name=s["name"], model_id=s["model_id"], state=s["state"], pinned=s["pinned"], precision=s["precision"],
-        charged_bytes=s["charged_bytes"], charged_from=s["charged_from"],
-        resident_measured_bytes=max(0, s["resident_measured_bytes"] or 0), loads=s["loads"],
-        evictions=s["evictions"], requests=s["requests"], parity_cos_min=s["parity_cos_min"] or 0.0,
-        parity_ok=bool(s["parity_ok"]), error=s["error"] or "",
+        name=s.name, model_id=s.model_id, state=s.state.value, pinned=s.pinned, precision=s.precision,
+        charged_bytes=s.charged_bytes, charged_from=s.charged_from,
+        resident_measured_bytes=max(0, s.resident_measured_bytes or 0), loads=s.loads,
+        evictions=s.evictions, requests=s.requests, parity_cos_min=s.parity_cos_min or 0.0,
+        parity_ok=bool(s.parity_ok), error=s.error or "",
     )
 
 
 def _retry_metadata(exc: BaseException) -> tuple:
-    """The `retry-after-ms` hint of errors a retry can cure (a full queue, a loading model)."""
-    hint = getattr(exc, "retry_after_ms", None)
-    if hint is None and isinstance(exc, WorkerDiedError):
-        hint = 1000
+    """The `retry-after-ms` trailer of errors a wait can cure (a full queue, a loading model)."""
+    hint = retry_after_ms_of(exc)
     return (("retry-after-ms", str(int(hint))),) if hint is not None else ()
 
 
@@ -217,15 +300,22 @@ def _unary(service: EmbeddingService, name: str, body: Callable) -> Callable:
 
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            response = await body(request, context)
+            if isinstance(request, _Malformed):
+                raise request.error
+            response = await body(request.message, context)
         except asyncio.CancelledError:
             service.metrics.requests.labels(name, "CANCELLED").inc()
             raise
         except Exception as exc:  # noqa: BLE001 - the boundary: every error becomes a status
             code = grpc_status(exc)
             service.metrics.requests.labels(name, code.name).inc()
+            if not isinstance(exc, EdgeEmbedError):
+                log.exception("%s failed", name)
             message = str(exc) if isinstance(exc, EdgeEmbedError) else f"internal error: {exc!r}"
             await context.abort(code, message, trailing_metadata=_retry_metadata(exc))
+        finally:
+            if isinstance(request, _Admitted):
+                service.memory.release(request.nbytes)
         service.metrics.requests.labels(name, "OK").inc()
         return response
 
@@ -234,7 +324,7 @@ def _unary(service: EmbeddingService, name: str, body: Callable) -> Callable:
 
 def method_handlers(service: EmbeddingService, max_message_bytes: int) -> grpc.GenericRpcHandler:
     def parse(message_type: type) -> Callable[[bytes], Any]:
-        return _safe_deserializer(message_type, max_message_bytes)
+        return _parser(message_type, max_message_bytes, service.memory)
 
     return grpc.method_handlers_generic_handler(
         SERVICE_NAME,
@@ -262,14 +352,16 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     _OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
     def __init__(self, token: str):
-        self._expected = f"Bearer {token}"
+        self._expected = f"Bearer {token}".encode()
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
         if details.method.startswith(self._OPEN_PREFIXES) or handler is None:
             return handler
         metadata = dict(details.invocation_metadata or ())
-        if metadata.get("authorization") == self._expected:
+        given = metadata.get("authorization", "")
+        given = given.encode() if isinstance(given, str) else bytes(given)
+        if hmac.compare_digest(given, self._expected):  # constant time: no timing oracle on the token
             return handler
         error = UnauthenticatedError("missing or wrong bearer token (metadata 'authorization: Bearer <token>')")
 

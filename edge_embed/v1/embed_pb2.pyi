@@ -95,20 +95,24 @@ class InfoRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class BatchingLimits(_message.Message):
-    __slots__ = ("max_batch_tokens", "max_batch_size", "max_wait_ms", "max_queue", "max_inputs_per_request", "max_text_chars")
+    __slots__ = ("max_batch_tokens", "max_batch_size", "max_wait_ms", "max_inputs_per_request", "max_text_chars", "max_queue_tokens", "max_concurrent_rpcs", "run_timeout_s")
     MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
-    MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     MAX_INPUTS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_TEXT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_RPCS_FIELD_NUMBER: _ClassVar[int]
+    RUN_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     max_batch_tokens: int
     max_batch_size: int
     max_wait_ms: float
-    max_queue: int
     max_inputs_per_request: int
     max_text_chars: int
-    def __init__(self, max_batch_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_wait_ms: _Optional[float] = ..., max_queue: _Optional[int] = ..., max_inputs_per_request: _Optional[int] = ..., max_text_chars: _Optional[int] = ...) -> None: ...
+    max_queue_tokens: int
+    max_concurrent_rpcs: int
+    run_timeout_s: float
+    def __init__(self, max_batch_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_wait_ms: _Optional[float] = ..., max_inputs_per_request: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., max_queue_tokens: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ..., run_timeout_s: _Optional[float] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
     __slots__ = ("model", "dim", "min_dim", "max_length", "precision", "backend", "execution_providers", "instruction_aware", "default_instruction", "batching", "version", "models", "memory")
@@ -173,13 +177,15 @@ class ModelStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., model_id: _Optional[str] = ..., state: _Optional[str] = ..., pinned: _Optional[bool] = ..., precision: _Optional[str] = ..., charged_bytes: _Optional[int] = ..., charged_from: _Optional[str] = ..., resident_measured_bytes: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., requests: _Optional[int] = ..., parity_cos_min: _Optional[float] = ..., parity_ok: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
 
 class MemoryBudget(_message.Message):
-    __slots__ = ("budget_bytes", "committed_bytes", "base_bytes", "rss_bytes")
+    __slots__ = ("budget_bytes", "committed_bytes", "base_bytes", "rss_bytes", "requests_bytes")
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_BYTES_FIELD_NUMBER: _ClassVar[int]
     BASE_BYTES_FIELD_NUMBER: _ClassVar[int]
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_BYTES_FIELD_NUMBER: _ClassVar[int]
     budget_bytes: int
     committed_bytes: int
     base_bytes: int
     rss_bytes: int
-    def __init__(self, budget_bytes: _Optional[int] = ..., committed_bytes: _Optional[int] = ..., base_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ...) -> None: ...
+    requests_bytes: int
+    def __init__(self, budget_bytes: _Optional[int] = ..., committed_bytes: _Optional[int] = ..., base_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., requests_bytes: _Optional[int] = ...) -> None: ...
