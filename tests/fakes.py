@@ -26,8 +26,11 @@ FAKE_MANIFEST = Manifest(
 )
 
 
+_FAULT_WORDS = {"poison": 1001, "nan": 1002, "hang": 1003, "oom": 1004}  # never a hash of another word
+
+
 def word_id(word: str) -> int:
-    return zlib.crc32(word.encode()) % 1000 + 1
+    return _FAULT_WORDS.get(word) or zlib.crc32(word.encode()) % 1000 + 1
 
 
 class FakeProvider:

@@ -1,0 +1,358 @@
+"""A real gRPC server under faults and overload: a FakeProvider that raises, hangs or
+returns NaN, floods of big requests, and clients that go away."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from edge_embed.batching import BatchLimits
+from edge_embed.client import EmbedClient
+from edge_embed.errors import BackendUnavailableError, BundleError, OverloadedError
+from edge_embed.server.batcher import TokenBudgetBatcher
+from edge_embed.server.service import RequestMemory
+from edge_embed.v1 import embed_pb2 as pb
+
+from .fakes import FakeProvider
+from .servers import running_server
+
+METHOD = "/edge_embed.v1.EmbeddingService/"
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def health(target: str) -> int:
+    with grpc.insecure_channel(target) as ch:
+        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+
+def wait_for_health(target: str, status: int, timeout: float = 5.0) -> int:
+    deadline = time.monotonic() + timeout
+    while (now := health(target)) != status and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return now
+
+
+def expected(fake: FakeProvider, text: str) -> np.ndarray:
+    v = FakeProvider.vector(fake.tokenize([text])[0])
+    return v / np.linalg.norm(v)
+
+
+def outcome(fn, *args, **kwargs) -> object:
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - the test inspects it
+        return exc
+
+
+def test_a_failing_batch_fails_only_the_request_that_breaks_it():
+    """Eight requests share batches; one holds a text that makes the backend raise a
+    foreign exception. Only that request fails (UNAVAILABLE, retryable); the server serves on."""
+    fake = FakeProvider(delay_s=0.05)
+    texts = [f"request {i} words" for i in range(8)]
+    texts[5] = "request 5 poison"
+    with running_server(fake, max_wait_ms=30) as (edge, target):
+        with EmbedClient(target, retries=0) as client, ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda t: outcome(client.embed, [t]), texts))
+        assert max(len(b) for b in fake.batches) > 1  # they did share a batch
+        for i, result in enumerate(results):
+            if i == 5:
+                assert isinstance(result, BackendUnavailableError), result
+                assert "choked on a poisoned text" in str(result)
+            else:
+                assert isinstance(result, np.ndarray), result
+                assert np.allclose(result[0], expected(fake, texts[i]), atol=1e-6)
+        assert health(target) == SERVING
+        assert edge.pool.stopped is None
+        with EmbedClient(target) as client:
+            assert client.embed(["after the fault"]).shape == (1, 8)
+
+
+def test_a_non_finite_vector_fails_only_its_owner_naming_the_input():
+    fake = FakeProvider(delay_s=0.05)
+    with running_server(fake, max_wait_ms=30) as (_, target):
+        with EmbedClient(target, retries=0) as client, ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(outcome, client.embed, ["fine text", "this gives nan"]),
+                       pool.submit(outcome, client.embed, ["a neighbour"]),
+                       pool.submit(outcome, client.embed, ["another neighbour"])]
+            bad, *good = [f.result() for f in futures]
+        assert isinstance(bad, BundleError) and "FAILED_PRECONDITION" in str(bad)
+        assert "non-finite vector for inputs[1]" in str(bad)
+        for result in good:
+            assert isinstance(result, np.ndarray) and np.isfinite(result).all()
+        assert health(target) == SERVING
+
+
+def test_repeated_failures_stop_the_worker_and_turn_health_off():
+    fake = FakeProvider()
+    with running_server(fake, max_consecutive_failures=3, max_batch_size=1) as (edge, target):
+        fake.fail_with = RuntimeError("device lost")
+        with EmbedClient(target, retries=0) as client:
+            for i in range(3):
+                with pytest.raises(BackendUnavailableError, match="device lost"):
+                    client.embed([f"x {i}"])
+            assert wait_for_health(target, NOT_SERVING) == NOT_SERVING
+            with pytest.raises(BackendUnavailableError, match="failed 3 batches in a row"):
+                client.embed(["after the worker stopped"])
+        assert edge.pool.stopped is not None
+        assert [s.state.value for s in edge.pool.status()] == ["stopped"]
+
+
+def test_a_success_between_failures_keeps_the_worker():
+    fake = FakeProvider()
+    with running_server(fake, max_consecutive_failures=2, max_batch_size=1) as (edge, target):
+        with EmbedClient(target, retries=0) as client:
+            for i in range(4):
+                assert isinstance(outcome(client.embed, [f"poison {i}"]), BackendUnavailableError)
+                assert client.embed([f"fine {i}"]).shape == (1, 8)
+        assert health(target) == SERVING and edge.pool.stopped is None
+
+
+def test_a_hung_run_turns_health_off_fails_pending_and_starves_the_watchdog(tmp_path):
+    from edge_embed.server.app import _watchdog
+    from edge_embed.server.systemd import Notifier
+
+    from .test_serve_process import NotifySocket
+
+    fake = FakeProvider()
+    fake.hang.set()
+    notify = NotifySocket(tmp_path / "notify.sock")
+    try:
+        with running_server(fake, run_timeout_s=0.5) as (edge, target):
+            loop = edge.pool.models["fake-model"].batcher._task.get_loop()
+            notifier = Notifier({"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "100000"})
+            dog = asyncio.run_coroutine_threadsafe(_watchdog(notifier, edge, 0.05), loop)
+            assert notify.wait_for("WATCHDOG=1", 2)
+            with EmbedClient(target, retries=0, timeout=10) as client, ThreadPoolExecutor(3) as pool:
+                started = time.monotonic()
+                hung = pool.submit(outcome, client.embed, ["this will hang"])
+                time.sleep(0.1)
+                waiting = pool.submit(outcome, client.embed, ["queued behind it"])
+                results = [hung.result(), waiting.result()]
+                took = time.monotonic() - started
+            for result in results:
+                assert isinstance(result, BackendUnavailableError), result
+                assert "did not finish within the run timeout of 0.5 s" in str(result)
+            assert took < 3
+            assert wait_for_health(target, NOT_SERVING) == NOT_SERVING
+            assert edge.pool.hung
+            notify.wait_for("drain what was sent before", 0.3)
+            notify.lines.clear()
+            notify.wait_for("WATCHDOG=1", 0.5)
+            assert "WATCHDOG=1" not in notify.lines  # systemd will restart the process
+            dog.cancel()
+    finally:
+        fake.hang.clear()  # let the stuck thread end, so the test server can stop
+        notify.sock.close()
+
+
+def test_a_cancelled_stream_cancels_its_messages_in_flight():
+    fake = FakeProvider(delay_s=0.1)
+    with running_server(fake, max_batch_size=1) as (edge, target):
+        batcher = edge.pool.models["fake-model"].batcher
+        with grpc.insecure_channel(target) as ch:
+            stream = ch.stream_stream(METHOD + "EmbedStream", pb.EmbedRequest.SerializeToString,
+                                      pb.EmbedStreamResponse.FromString)
+            sent = threading.Event()
+
+            def requests():
+                for i in range(40):
+                    yield pb.EmbedRequest(inputs=[f"stream message {i}"], request_id=str(i))
+                sent.set()
+                time.sleep(30)  # keep the stream open, as a live client would
+
+            call = stream(requests(), timeout=60)
+            first = next(call)
+            assert first.request_id == "0"
+            assert sent.wait(5)
+            call.cancel()
+        deadline = time.monotonic() + 5
+        while (batcher.depth or batcher.queued_tokens) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert batcher.depth == 0 and batcher.queued_tokens == 0
+        computed = fake.seen_texts()
+        time.sleep(0.5)
+        assert fake.seen_texts() <= computed + 1  # nothing more runs for the cancelled messages
+        assert computed < 40
+        assert edge.service.memory.held == 0
+        with EmbedClient(target) as client:
+            assert client.embed(["still serving"]).shape == (1, 8)
+
+
+def test_stream_fuzz_gets_a_client_error_for_every_bad_message():
+    fake = FakeProvider()
+    rng = random.Random(3)
+
+    def messages():
+        for i in range(300):
+            yield pb.EmbedRequest(
+                inputs=[("".join(chr(rng.randint(0, 0x2FFF)) for _ in range(rng.randint(0, 80))))
+                        for _ in range(rng.randint(0, 5))],
+                dimensions=rng.choice([0, 1, 4, 8, 9, 2**31]), instruction=rng.choice(["", "find", " "]),
+                model=rng.choice(["", "fake-model", "nope"]), truncate=rng.choice([True, False]), request_id=str(i),
+            ).SerializeToString() if rng.random() < 0.7 else bytes(rng.getrandbits(8) for _ in range(20))
+
+    with running_server(fake, max_inputs=4, max_text_chars=60) as (_, target):
+        with grpc.insecure_channel(target) as ch:
+            stream = ch.stream_stream(METHOD + "EmbedStream", None, pb.EmbedStreamResponse.FromString)
+            answers = list(stream(messages(), timeout=60))
+        assert len(answers) == 300
+        codes = {a.error.code for a in answers if a.HasField("error")}
+        assert codes and codes <= {"INVALID_ARGUMENT", "NOT_FOUND"}, codes
+        assert any(a.HasField("response") for a in answers)
+        assert health(target) == SERVING
+
+
+def test_small_requests_are_not_stuck_behind_big_ones():
+    """A request of 200 texts takes 40 batches of 5; a one-text request sent after it rides
+    the next batch instead of waiting for all of them."""
+    fake = FakeProvider(delay_s=0.05)
+    with running_server(fake, max_batch_size=5, max_inputs=256) as (_, target):
+        with EmbedClient(target, retries=0, timeout=60) as client, ThreadPoolExecutor(2) as pool:
+            big = pool.submit(client.embed, [f"big text number {i}" for i in range(200)])
+            time.sleep(0.3)
+            started = time.monotonic()
+            small = client.embed(["small and urgent"])
+            small_took = time.monotonic() - started
+            assert not big.done()
+            assert big.result().shape == (200, 8)
+        assert small.shape == (1, 8) and small_took < 0.5, small_took
+
+
+def test_big_requests_past_their_deadline_are_refused_fast_with_a_hint():
+    fake = FakeProvider(delay_s=0.05)
+    with running_server(fake, max_batch_size=4, max_inputs=256) as (_, target):
+        with EmbedClient(target, retries=0, timeout=60) as client:
+            client.embed([f"measure speed {i}" for i in range(8)])
+        with grpc.insecure_channel(target) as ch:
+            call = ch.unary_unary(METHOD + "Embed", pb.EmbedRequest.SerializeToString, pb.EmbedResponse.FromString)
+            first = call.future(pb.EmbedRequest(inputs=[f"w{i} " * 30 for i in range(200)]), timeout=60)
+            time.sleep(0.2)
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as info:
+                call(pb.EmbedRequest(inputs=[f"v{i} " * 30 for i in range(200)]), timeout=1.5)
+            assert time.monotonic() - started < 0.5
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "past its deadline" in info.value.details()
+            assert int(dict(info.value.trailing_metadata())["retry-after-ms"]) > 0
+            first.cancel()
+
+
+def test_admission_counts_tokens_before_tokenizing():
+    """The queue limit is in tokens: one request of many long texts fills it; more are
+    refused at once with a retry hint, and the queue never holds more than the limit plus
+    the one request admitted into an empty queue."""
+    fake = FakeProvider(delay_s=0.2)
+    with running_server(fake, max_batch_size=8, max_inputs=64, max_queue_tokens=1000) as (edge, target):
+        batcher = edge.pool.models["fake-model"].batcher
+        peak = []
+        stop = threading.Event()
+
+        def watch():
+            while not stop.is_set():
+                peak.append(batcher.queued_tokens)
+                time.sleep(0.002)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        with grpc.insecure_channel(target) as ch:
+            call = ch.unary_unary(METHOD + "Embed", pb.EmbedRequest.SerializeToString, pb.EmbedResponse.FromString)
+            futures = [call.future(pb.EmbedRequest(inputs=["word " * 60] * 20), timeout=30) for _ in range(6)]
+            codes = []
+            for f in futures:
+                try:
+                    f.result()
+                    codes.append("OK")
+                except grpc.RpcError as exc:
+                    codes.append(exc.code().name)
+                    assert int(dict(exc.trailing_metadata())["retry-after-ms"]) > 0
+        stop.set()
+        watcher.join()
+        assert "OK" in codes and "RESOURCE_EXHAUSTED" in codes, codes
+        assert max(peak) <= 1000 + 20 * 64
+
+
+def test_request_memory_is_admitted_against_the_budget_left():
+    memory = RequestMemory(lambda: 1000)
+    assert memory.try_reserve(600)
+    assert not memory.try_reserve(600)
+    memory.release(600)
+    assert memory.try_reserve(5000)  # alone it is always let in: it could never run otherwise
+    assert not memory.try_reserve(1)
+
+
+def test_requests_beyond_the_memory_left_get_resource_exhausted():
+    fake = FakeProvider(delay_s=0.3)
+    with running_server(fake, max_inputs=256) as (edge, target):
+        edge.pool.budget_bytes = edge.pool.committed_bytes + 3_000_000  # room for one big request
+        with grpc.insecure_channel(target) as ch:
+            call = ch.unary_unary(METHOD + "Embed", pb.EmbedRequest.SerializeToString, pb.EmbedResponse.FromString)
+            big = pb.EmbedRequest(inputs=["word " * 1000] * 200)  # 1 MB
+            futures = [call.future(big, timeout=30) for _ in range(4)]
+            codes = []
+            for f in futures:
+                try:
+                    f.result()
+                    codes.append("OK")
+                except grpc.RpcError as exc:
+                    codes.append(exc.code().name)
+                    assert "memory budget" in exc.details()
+        assert "OK" in codes and "RESOURCE_EXHAUSTED" in codes, codes
+        assert edge.service.memory.held == 0
+
+
+def test_a_text_past_the_token_budget_runs_alone_and_is_charged_at_its_length():
+    fake = FakeProvider(max_length=512)
+    with running_server(fake, max_batch_tokens=100, max_inputs=8) as (edge, target):
+        model = edge.pool.models["fake-model"]
+        charged = []
+        edge.pool._oversize_bytes = lambda m, rows, width: charged.append((rows, width)) or 10_000
+        with EmbedClient(target, retries=0) as client:
+            vectors = client.embed(["long " * 300, "short one"])
+        assert vectors.shape == (2, 8)
+        assert (1, 300) in charged
+        assert [len(b) for b in fake.batches if len(b[0]) == 300] == [1]  # alone
+        assert model.cost == 0  # the extra charge is returned after the run
+        edge.pool._oversize_bytes = lambda m, rows, width: 10**15
+        edge.pool.budget_bytes = edge.pool.committed_bytes + 10**9
+        with EmbedClient(target, retries=0) as client:
+            with pytest.raises(OverloadedError, match="needs .* MB of activations"):
+                client.embed(["long " * 300])
+            assert client.embed(["short texts still run"]).shape == (1, 8)
+
+
+def test_batcher_splits_a_failed_batch_and_counts_whole_failures_only():
+    calls = []
+
+    def run(seqs):
+        calls.append(len(seqs))
+        if any(int(s[0]) == 13 for s in seqs):
+            raise RuntimeError("bad row")
+        return np.ones((len(seqs), 4), np.float32)
+
+    async def scenario():
+        batcher = TokenBudgetBatcher(run, limits=BatchLimits(max_batch_tokens=1000, max_batch_size=16),
+                                     max_wait_s=0.05, max_queue_tokens=10_000, run_timeout_s=5,
+                                     max_consecutive_failures=2)
+        batcher.start()
+
+        async def one(first):
+            with batcher.admit(2) as ticket:
+                return await ticket.submit([np.array([first, 1])])
+
+        results = await asyncio.gather(*(one(i) for i in range(10, 18)), return_exceptions=True)
+        await batcher.stop()
+        return batcher, results
+
+    batcher, results = asyncio.run(scenario())
+    assert [type(r).__name__ for r in results].count("ModelRunError") == 1
+    assert type(results[3]).__name__ == "ModelRunError"
+    assert batcher.stopped is None and batcher.consecutive_failures == 0
+    assert calls[0] == 8 and len(calls) <= 1 + 2 * 3 + 1
