@@ -103,7 +103,11 @@ PY
         extra=(--extra-index-url "$ort_index_url")
     fi
     mapfile -t requirements <<<"$requirements"
-    "${pip[@]}" install --quiet "${extra[@]}" "${requirements[@]}" "$onnxruntime"
+    local constraints=()
+    if [ -f "$here/constraints.txt" ]; then
+        constraints=(--constraint "$here/constraints.txt")  # the tested ONNX Runtime
+    fi
+    "${pip[@]}" install --quiet "${extra[@]}" "${constraints[@]}" "${requirements[@]}" "$onnxruntime"
     "$venv/bin/edge-embed" --help >/dev/null
 }
 

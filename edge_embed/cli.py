@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -253,14 +254,12 @@ def _cmd_info(args: argparse.Namespace) -> None:
 
 def _cmd_serve(args: argparse.Namespace) -> None:
     import asyncio
-    import logging
 
     from .default_model import ensure_default_bundle
     from .server import ServerConfig, serve
     from .server.app import pool_from_config
     from .server.pool import parse_model_sources
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     flags = dict(vars(args))
     flags["bundle"] = tuple(args.bundle) if args.bundle else None
     flags["pin"] = tuple(args.pin) if args.pin else None
@@ -354,6 +353,34 @@ def _cmd_models(args: argparse.Namespace) -> None:
 _NOT_FEASIBLE_EXIT = 9
 
 
+class _OurLinesFilter(logging.Filter):
+    """The console shows edge-embed's own lines from INFO up, and other libraries' lines
+    only when they are errors; EDGE_EMBED_LOG_LEVEL=debug shows everything."""
+
+    def __init__(self, everything: bool):
+        super().__init__()
+        self.everything = everything
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ours = record.name == "edge_embed" or record.name.startswith("edge_embed.")
+        return self.everything or ours or record.levelno >= logging.ERROR
+
+
+def _configure_logging() -> None:
+    level_name = (_env("LOG_LEVEL") or "info").upper()
+    level = logging.getLevelName(level_name)
+    if not isinstance(level, int):
+        raise InvalidInputError(f"EDGE_EMBED_LOG_LEVEL={level_name.lower()!r} is not a level (debug, info, warning)")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_OurLinesFilter(everything=level <= logging.DEBUG))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(min(level, logging.INFO))
+    logging.getLogger("edge_embed").setLevel(level)
+    logging.captureWarnings(True)  # library warnings are third-party detail too
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"export": _cmd_export, "embed": _cmd_embed, "info": _cmd_info, "serve": _cmd_serve,
@@ -361,6 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "models": _cmd_models}
     command = commands[args.command]
     try:
+        _configure_logging()
         code = command(args)
     except EdgeEmbedError as exc:
         print(f"edge-embed: error: {exc}", file=sys.stderr)

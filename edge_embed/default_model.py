@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from .bundle import MANIFEST_FILE
-from .errors import BundleError
+from .errors import BundleError, ExportError
 
 __all__ = ["DEFAULT_MODEL_ID", "cache_dir", "default_bundle_path", "ensure_default_bundle"]
 
@@ -35,7 +38,12 @@ def _weights_dir() -> Path:
 
 
 def ensure_default_bundle() -> Path:
-    """The default bundle, exported into the cache on first use (needs the export extra)."""
+    """The default bundle, exported into the cache on first use (needs the export extra).
+
+    The export runs in a child process, so the caller (a server) never imports torch and
+    keeps none of the export's memory; its progress lines reach our stderr. The bundle
+    appears atomically: a partial export never looks like a bundle.
+    """
     path = default_bundle_path()
     if (path / MANIFEST_FILE).is_file():
         return path
@@ -44,7 +52,21 @@ def ensure_default_bundle() -> Path:
             f"no default bundle in {path} yet, and exporting it needs the export extra: "
             "pip install 'edge-embed[export]' (or pass --bundle)"
         )
-    from .export import export
-
-    export(_weights_dir(), path, ("int8",), model_id=DEFAULT_MODEL_ID, overwrite=True)
+    weights = _weights_dir()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    print(f"edge-embed: first run: exporting {DEFAULT_MODEL_ID} to an INT8 bundle in {path} (once)",
+          file=sys.stderr, flush=True)
+    argv = [sys.executable, "-m", "edge_embed.cli", "export", str(weights), str(partial), "--precision", "int8",
+            "--model-id", DEFAULT_MODEL_ID]
+    done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(), check=False)
+    if done.returncode != 0 or not (partial / MANIFEST_FILE).is_file():
+        shutil.rmtree(partial, ignore_errors=True)
+        raise ExportError(f"exporting the default model failed (exit code {done.returncode}); see the lines above")
+    try:
+        partial.rename(path)
+    except OSError:  # another process finished the same export first
+        shutil.rmtree(partial, ignore_errors=True)
+    print(f"edge-embed: the default bundle is ready in {path}", file=sys.stderr, flush=True)
     return path

@@ -52,7 +52,9 @@ class PooledEncoder(torch.nn.Module):
 def load_pooled_encoder(source: SourceModel) -> PooledEncoder:
     """The source model in FP32, eval mode, with its pooling: the reference for every gate."""
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # the pipeline reports progress itself
     try:
         encoder = AutoModel.from_pretrained(source.path, dtype=torch.float32)
     except (OSError, ValueError) as exc:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -74,23 +75,10 @@ def default_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("default-cache")
 
 
-def test_main_job_exports_the_default_model_once(default_cache):
-    env = {"EDGE_EMBED_CACHE": str(default_cache)}
-    first = run("embed", "edge devices need fast embeddings", env=env)
-    assert first.returncode == 0, first.stderr
-    assert "int8" in first.stderr and "bundle written" in first.stderr  # progress was shown
-    (row,) = [json.loads(line) for line in first.stdout.splitlines()]
-    assert len(row["embedding"]) == 384
-    again = run("embed", "edge devices need fast embeddings", env=env)
-    assert again.returncode == 0 and again.stderr == ""  # reused, not re-exported
-    assert json.loads(again.stdout)["embedding"] == row["embedding"]
-    manifest = json.loads((default_cache / "bundles" / "all-MiniLM-L6-v2" / "manifest.json").read_text())
-    assert list(manifest["variants"]) == ["int8"]
-    assert manifest["model_id"] == "sentence-transformers/all-MiniLM-L6-v2"
-
-
-def test_main_job_serves_the_default_model(default_cache):
-    """The README's main job: `edge-embed serve` with no bundle, answered over gRPC."""
+def test_main_job_exports_the_default_model_in_a_child_and_serves_it(default_cache, tmp_path):
+    """The README's main job on a fresh machine: `edge-embed serve` with no bundle exports
+    the default model first (in a child process, so the server never loads torch), shows
+    only our progress lines, then answers over gRPC."""
     import signal
     import socket
     import time
@@ -99,23 +87,45 @@ def test_main_job_serves_the_default_model(default_cache):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "EDGE_EMBED_CACHE": str(default_cache)}
-    proc = subprocess.Popen([sys.executable, "-m", "edge_embed.cli", "serve", "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    console = tmp_path / "console.txt"
+    with console.open("w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "edge_embed.cli", "serve", "--port", str(port)], env=env,
+                                stdout=sink, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             health = run("health", "--server", f"127.0.0.1:{port}")
             if health.returncode == 0:
                 break
-            assert proc.poll() is None, "serve exited early"
+            assert proc.poll() is None, console.read_text()
             time.sleep(0.5)
         assert health.stdout.strip() == "SERVING"
         done = run("embed", "--server", f"127.0.0.1:{port}", "served text")
         assert done.returncode == 0, done.stderr
         assert len(json.loads(done.stdout)["embedding"]) == 384
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        assert "libtorch" not in maps  # the export ran in a child process
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
+    lines = console.read_text().splitlines()
+    assert "bundle is ready" in console.read_text() and any(line.startswith("[export") for line in lines)
+    # Our progress lines and log lines only: no library's INFO chatter (onnxscript, onnx_ir, the quantizer).
+    assert len(lines) < 40, lines
+    ours = ("[export", "edge-embed:", "int8:")
+    assert all(line.startswith(ours) or " edge_embed." in line for line in lines), lines
+
+
+def test_the_default_model_is_exported_once(default_cache):
+    env = {"EDGE_EMBED_CACHE": str(default_cache)}
+    first = run("embed", "edge devices need fast embeddings", env=env)
+    assert first.returncode == 0 and first.stderr == "", first.stderr  # reused, not re-exported
+    (row,) = [json.loads(line) for line in first.stdout.splitlines()]
+    assert len(row["embedding"]) == 384
+    manifest = json.loads((default_cache / "bundles" / "all-MiniLM-L6-v2" / "manifest.json").read_text())
+    assert list(manifest["variants"]) == ["int8"]
+    assert manifest["model_id"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert not list((default_cache / "bundles").glob(".*partial*"))
 
 
 def test_doctor_explains_what_runs_and_why(minilm_bundle):

@@ -87,3 +87,17 @@ def test_grpc_stubs_match_the_proto(tmp_path):
     for name in ("embed_pb2.py", "embed_pb2.pyi", "embed_pb2_grpc.py"):
         fresh = (tmp_path / "edge_embed" / "v1" / name).read_text()
         assert fresh == (REPO / "edge_embed" / "v1" / name).read_text(), f"{name} is stale: run scripts/gen_proto.sh"
+
+
+def test_the_tested_onnx_runtime_is_the_one_pinned_for_devices():
+    """scripts/setup.sh, deploy/install.sh and the images install with deploy/constraints.txt:
+    the runtime under test is the runtime that ships."""
+    from importlib.metadata import version
+
+    pins = dict(line.split("==") for line in (REPO / "deploy" / "constraints.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    assert version("onnxruntime") == pins["onnxruntime"]
+    for path in ("scripts/setup.sh", "deploy/install.sh"):
+        assert "constraints.txt" in (REPO / path).read_text(), path
+    for path in ("docker/Dockerfile", "docker/Dockerfile.jetson"):
+        assert "deploy/constraints.txt" in (REPO / path).read_text(), path

@@ -631,3 +631,17 @@ def test_snapshot_of_this_machine():
     heavy = new_modules & {"mlx", "torch", "tensorrt"}
     assert heavy == set()
     assert choose_backends(info)[0].chosen
+
+
+def test_the_pool_charges_the_variant_a_load_would_really_run():
+    """precision=auto picks FP16 on an NVIDIA GPU and INT8 on a CPU: the memory charge
+    must price that same variant, not the CPU rule everywhere."""
+    from edge_embed import planned_precision
+    from tests.fakes import FAKE_MANIFEST
+
+    manifest = dataclasses.replace(FAKE_MANIFEST, variants={p: None for p in ("fp32", "fp16", "int8")})
+    assert planned_precision(manifest, "auto", "auto", captured("jetson-orin-nano-jp6", **ORT_GPU)) == "fp16"
+    assert planned_precision(manifest, "auto", "auto", captured("x86-avx2", **ORT_CPU_ONLY)) == "int8"
+    assert planned_precision(manifest, "fp32", "auto", captured("jetson-orin-nano-jp6", **ORT_GPU)) == "fp32"
+    only_fp32 = dataclasses.replace(manifest, variants={"fp32": None})
+    assert planned_precision(only_fp32, "auto", "auto", captured("jetson-orin-nano-jp6", **ORT_GPU)) == "fp32"

@@ -285,3 +285,38 @@ def test_a_broken_bundle_fails_alone_and_says_why(qwen3_bundle, minilm_bundle, t
         assert status["bad"].state == "failed" and "checksum" in status["bad"].error
         assert status["bad"].loads == 0 and status["bad"].requests == 2
         assert _embed(target, "good").shape == (1, 384)
+
+
+def test_two_models_that_never_fit_together_do_not_thrash(minilm_bundle, footprints):
+    """Budget for one of two models; 3 rounds of 5 + 5 concurrent calls. A finished load
+    belongs to the calls that waited for it, so every call is answered and the models
+    swap a few times, not hundreds."""
+    sources = parse_model_sources((f"a={minilm_bundle}@int8", f"b={minilm_bundle}@fp32"), None)
+    for source in sources:
+        measure_footprint(source.path, source.precision)
+    pool, _ = _pool(sources)
+    with running_server(pool, max_inputs=64) as (edge, target):
+        charges = sorted(pool.charge_for(name)[0] for name in ("a", "b"))
+        pool.budget_bytes = pool.base_bytes + charges[1] + charges[0] // 2  # either fits, never both
+        results: list[object] = []
+        lock = threading.Lock()
+
+        def call(name: str, i: int) -> None:
+            try:
+                vectors = _embed(target, name, [f"round text {i} for {name}"] * 4, timeout=60)
+                outcome = vectors.shape
+            except Exception as exc:  # noqa: BLE001 - recorded for the assertion below
+                outcome = exc
+            with lock:
+                results.append(outcome)
+
+        for round_ in range(3):
+            threads = [threading.Thread(target=call, args=(name, 10 * round_ + i)) for name in ("a", "b")
+                       for i in range(5)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+        loads = {m.name: m.loads for m in _info(target).models}
+    assert results == [(4, 384)] * 30, [r for r in results if not isinstance(r, tuple)]
+    assert sum(loads.values()) <= 8, loads

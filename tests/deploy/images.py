@@ -23,7 +23,7 @@ IMAGE = "localhost/edge-embed-test"
 BASE = "localhost/edge-embed-test-base"
 # What the Dockerfiles copy from the build context, and what deploy/install.sh installs.
 CONTEXT_PATHS = ["pyproject.toml", "README.md", "edge_embed", "backends", "export", "docker", "deploy/install.sh",
-                 "deploy/systemd"]
+                 "deploy/constraints.txt", "deploy/systemd"]
 BASE_PACKAGES = ["python3", "python3-venv", "ca-certificates", "passwd"]
 # ONNX Runtime's INT8 kernels run ~8x faster under qemu as a Neoverse N1 (Graviton2,
 # Ampere Altra: dot-product, no SVE) than as qemu's default "max" CPU, whose SVE is slow.
