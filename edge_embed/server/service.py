@@ -40,9 +40,9 @@ _STREAM_WINDOW = 64  # stream messages in flight at once; beyond this the reader
 # Texts up to this many characters in all are tokenized on the event loop (tens of
 # microseconds); bigger requests go to the tokenizer thread, one at a time.
 _INLINE_TOKENIZE_CHARS = 4096
-# A request's bytes live about three times while it is handled: gRPC's buffer, the parsed
-# message and its Python strings; plus the response's vectors.
-_REQUEST_COPIES = 3
+# A request's bytes live several times while it is handled: gRPC's buffers, the parsed
+# message, its Python strings, the tokenizer's input (measured: about 6 for big requests).
+_REQUEST_COPIES = 6
 _REQUEST_OVERHEAD_BYTES = 64 * 1024
 
 
@@ -103,13 +103,6 @@ def _parser(message_type: type, max_bytes: int, memory: RequestMemory) -> Callab
     return parse
 
 
-def _character_bound(inputs: list[str], instruction: str, max_length: int) -> int:
-    """Tokens the inputs can take at most, before tokenizing: a token covers at least one
-    character here (special tokens aside), and no text exceeds the model's limit."""
-    extra = len(instruction) + 8
-    return sum(min(max_length, len(t) + extra) for t in inputs)
-
-
 class EmbeddingService:
     """Checks every request field, admits it by tokens, and hands token ids to its model's batcher."""
 
@@ -154,8 +147,11 @@ class EmbeddingService:
     async def embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         start = time.monotonic()
         self.pool.find(request.model)
-        inputs = list(request.inputs)
-        self._check_inputs(inputs)
+        count = len(request.inputs)  # counted without making Python strings of the texts
+        if count == 0:
+            raise InvalidInputError("inputs is empty: send at least one text")
+        if count > self.config.max_inputs:
+            raise InvalidInputError(f"inputs has {count} texts; the limit is {self.config.max_inputs}")
         normalize = request.normalize if request.HasField("normalize") else True
         truncate = request.truncate if request.HasField("truncate") else True
         deadline = self._deadline(context)
@@ -166,9 +162,14 @@ class EmbeddingService:
                 width = info.check_dimensions(request.dimensions or None)
             except InvalidInputError as exc:
                 raise InvalidInputError(f"dimensions: {exc}") from None
-            bound = _character_bound(inputs, request.instruction, info.max_length)
+            # Admission by tokens before the texts are even copied out of the message: a
+            # token takes at least one byte of UTF-8, and no text passes the model's limit.
+            bound = min(count * info.max_length, request.ByteSize() + count * (len(request.instruction) + 8))
             with batcher.admit(bound, deadline) as ticket:
+                inputs = list(request.inputs)
+                self._check_inputs(inputs)
                 seqs = await self._tokenize(runner, inputs, request.instruction, truncate)
+                del inputs
                 self.metrics.queue_depth.set(batcher.depth)
                 result = await ticket.submit(seqs)
             vectors = runner.finish(result.vectors, width, normalize, field="inputs")
