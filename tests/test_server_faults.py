@@ -223,7 +223,7 @@ def test_small_requests_are_not_stuck_behind_big_ones():
             small_took = time.monotonic() - started
             assert not big.done()
             assert big.result().shape == (200, 8)
-        assert small.shape == (1, 8) and small_took < 0.5, small_took
+        assert small.shape == (1, 8) and small_took < 1.0, small_took
 
 
 def test_big_requests_past_their_deadline_are_refused_fast_with_a_hint():
@@ -238,7 +238,7 @@ def test_big_requests_past_their_deadline_are_refused_fast_with_a_hint():
             started = time.monotonic()
             with pytest.raises(grpc.RpcError) as info:
                 call(pb.EmbedRequest(inputs=[f"v{i} " * 30 for i in range(200)]), timeout=1.5)
-            assert time.monotonic() - started < 0.5
+            assert time.monotonic() - started < 1.0
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "past its deadline" in info.value.details()
             assert int(dict(info.value.trailing_metadata())["retry-after-ms"]) > 0

@@ -249,8 +249,8 @@ def pool_from_config(config: ServerConfig, sources: list[ModelSource]) -> ModelP
         return memory, "estimate"
 
     def loader(source: ModelSource) -> ModelRunner:
-        return load(source.path, precision=source.precision, backend=config.backend, threads=config.threads,
-                    limits=config.limits, platform=platform)
+        return load(source.path, precision=source.precision, backend=config.backend,
+                    threads=config.model_threads(), limits=config.limits, platform=platform)
 
     def oversize_bytes(model: PooledModel, rows: int, width: int) -> int:
         """Activations of a batch past the token budget, beyond those charged at the budget."""

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 # Called after each model run: (texts, padded tokens, seconds).
 BatchObserver = Callable[[int, int, float], None]
 _THROUGHPUT_SMOOTHING = 0.2  # weight of the newest batch in the tokens/s estimate
+# Batches handed to the model thread at once: one running, one waiting to start the moment
+# it ends. More would make late small requests wait behind batches formed without them.
+_PIPELINE_DEPTH = 2
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,8 @@ class TokenBudgetBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-embed-model")
         self.stopped: WorkerStoppedError | None = None
         self.hung = False
-        self.running_since: float | None = None
+        self.running_since: float | None = None  # set by the model thread while a run is on
+        self._running: set[asyncio.Task] = set()  # batches handed to the model thread
         self.tokens_per_s: float | None = None
         self.consecutive_failures = 0
         self.failed_runs = 0
@@ -219,20 +223,39 @@ class TokenBudgetBatcher:
     # -- the consumer -----------------------------------------------------------------
 
     async def _consume(self) -> None:
+        """Form batches and keep the model thread fed: while one batch runs, the next one
+        waits in the executor, so the thread never idles for an event-loop round trip."""
+        watch = asyncio.get_running_loop().create_task(self._watch_runs(), name="edge-embed-run-timeout")
         try:
             while self.stopped is None:
                 await self._wait_for_work()
                 batch = self._form_batch()
                 if batch:
-                    await self._run(batch)
+                    task = asyncio.get_running_loop().create_task(self._run(batch))
+                    self._running.add(task)
+                    task.add_done_callback(self._running.discard)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - a bug here must not leave callers waiting
             log.exception("the batcher failed")
             self._stop(WorkerStoppedError(f"the model worker stopped: {exc!r}"))
+        finally:
+            watch.cancel()
+
+    async def _watch_runs(self) -> None:
+        """Stop the worker when a model run passes the run timeout (it can never be
+        interrupted: only a process restart frees its thread)."""
+        period = min(1.0, self.run_timeout_s / 4)
+        while self.stopped is None:
+            await asyncio.sleep(period)
+            if self.overdue():
+                self.hung = True
+                self._stop(WorkerStoppedError(
+                    f"a model run did not finish within the run timeout of {self.run_timeout_s:g} s; "
+                    "the worker is hung"))
 
     async def _wait_for_work(self) -> None:
-        while not self._active:
+        while not self._schedulable() or len(self._running) >= _PIPELINE_DEPTH:
             self._wakeup.clear()
             await self._wakeup.wait()
         if self.max_wait_s <= 0:
@@ -244,6 +267,9 @@ class TokenBudgetBatcher:
                 await asyncio.wait_for(self._wakeup.wait(), left)
             except asyncio.TimeoutError:
                 break
+
+    def _schedulable(self) -> bool:
+        return any(t.next < len(t.seqs) for t in self._active)
 
     def _budget_filled(self) -> bool:
         rows = sum(len(t.seqs) - t.next for t in self._active)
@@ -290,6 +316,7 @@ class TokenBudgetBatcher:
                         self._fail(ticket, exc)
                     return
             succeeded = await self._run_split(batch)
+        self._wakeup.set()  # room in the pipeline
         if self.stopped is not None:
             return
         if succeeded:
@@ -305,9 +332,11 @@ class TokenBudgetBatcher:
         """Run a batch; if it fails, run each half of its requests apart. True if any ran."""
         try:
             vectors, seconds = await self._execute([t.seqs[i] for t, i in batch])
-        except _Hung:
-            return False
+        except asyncio.CancelledError:
+            raise
         except Exception as exc:  # noqa: BLE001 - run_batch raises EdgeEmbedError; a bug is a failure too
+            if self.stopped is not None:
+                return False
             self.failed_runs += 1
             error = exc if isinstance(exc, EdgeEmbedError) else ModelRunError(f"the model run failed: {exc!r}")
             self.last_failure = str(error)
@@ -323,21 +352,17 @@ class TokenBudgetBatcher:
         self._deliver(batch, vectors, seconds)
         return True
 
-    async def _execute(self, seqs: list[np.ndarray]) -> tuple[np.ndarray, float]:
-        loop = asyncio.get_running_loop()
+    def _timed_run(self, seqs: list[np.ndarray]) -> tuple[np.ndarray, float]:
+        """In the model thread: one run, its start visible to the run-timeout watch."""
         started = self.running_since = time.monotonic()
-        work = loop.run_in_executor(self._executor, self._run_batch, seqs)
         try:
-            vectors = await asyncio.wait_for(asyncio.shield(work), self.run_timeout_s)
-        except asyncio.TimeoutError:
-            self.hung = True
-            self._stop(WorkerStoppedError(
-                f"a model run of {len(seqs)} x {max(len(s) for s in seqs)} tokens did not finish within the "
-                f"run timeout of {self.run_timeout_s:g} s; the worker is hung"))
-            raise _Hung() from None
+            return self._run_batch(seqs), time.monotonic() - started
         finally:
             self.running_since = None
-        seconds = time.monotonic() - started
+
+    async def _execute(self, seqs: list[np.ndarray]) -> tuple[np.ndarray, float]:
+        loop = asyncio.get_running_loop()
+        vectors, seconds = await loop.run_in_executor(self._executor, self._timed_run, seqs)
         if len(vectors) != len(seqs):
             raise ModelRunError(f"the model returned {len(vectors)} vectors for {len(seqs)} texts")
         tokens = len(seqs) * max(len(s) for s in seqs)
@@ -382,6 +407,9 @@ class TokenBudgetBatcher:
         self.stopped = error
         for ticket in list(self._active):
             self._fail(ticket, error)
+        for task in list(self._running):
+            if task is not asyncio.current_task():
+                task.cancel()  # a hung run's waiter would wait forever
         if self._task is not None and self._task is not asyncio.current_task():
             self._task.cancel()
         if self._on_stop is not None:
@@ -393,7 +421,7 @@ class TokenBudgetBatcher:
         After a hung run the executor thread cannot be joined; it is abandoned.
         """
         if self._task is not None and self.stopped is None:
-            while self._active or self.running_since is not None:
+            while self._active or self._running:
                 await asyncio.sleep(0.005)
             self._task.cancel()
             try:
@@ -401,10 +429,6 @@ class TokenBudgetBatcher:
             except asyncio.CancelledError:
                 pass
         self._executor.shutdown(wait=not self.hung, cancel_futures=True)
-
-
-class _Hung(Exception):
-    """A run passed the run timeout; the batcher has already stopped."""
 
 
 def _width(batch: list[tuple[Ticket, int]]) -> int:

@@ -28,7 +28,7 @@ class ServerConfig:
     load_wait_s: float = 60.0
     precision: str = "auto"
     backend: str = "auto"
-    threads: int | None = None
+    threads: int | None = None  # None: the usable cores less one (see model_threads)
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int | None = None
@@ -76,6 +76,14 @@ class ServerConfig:
     @property
     def limits(self) -> BatchLimits:
         return BatchLimits(max_batch_tokens=self.max_batch_tokens, max_batch_size=self.max_batch_size)
+
+    def model_threads(self) -> int:
+        """Threads per model run: as set, else the usable cores less one, which the event
+        loop and gRPC need (measured: two ONNX Runtime threads on two cores beside them
+        serve fewer texts per second than one)."""
+        from ..platform import usable_cpu_count
+
+        return self.threads if self.threads is not None else max(1, usable_cpu_count() - 1)
 
     @property
     def queue_tokens(self) -> int:

@@ -156,8 +156,7 @@ class EmbeddingService:
         truncate = request.truncate if request.HasField("truncate") else True
         deadline = self._deadline(context)
         async with self.pool.use(request.model, deadline) as model:
-            runner, batcher = model.runner, model.batcher
-            info = runner.info
+            runner, batcher, info = model.runner, model.batcher, model.info
             try:
                 width = info.check_dimensions(request.dimensions or None)
             except InvalidInputError as exc:
