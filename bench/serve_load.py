@@ -77,12 +77,14 @@ def stop_process(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def running_server(bundle: Path, max_wait_ms: float, start_timeout_s: float = 240.0):
+def running_server(bundle: Path, max_wait_ms: float, start_timeout_s: float = 240.0, threads: int | None = None):
     """An `edge-embed serve` process on a free port, SERVING; yields (target, pid)."""
     port = free_port()
     target = f"127.0.0.1:{port}"
     cmd = [PYTHON, "-m", "edge_embed.cli", "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
            "--port", str(port), "--precision", "int8", "--max-wait-ms", str(max_wait_ms)]
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         try:
@@ -279,7 +281,7 @@ async def run(args, bundle: Path) -> dict:
 
     texts = list(PROBE_CATEGORIES["query"])
     rates = [float(r) if "." in r else int(r) for r in args.rates.split(",") if r.strip()]
-    with running_server(bundle, args.max_wait_ms) as (target, pid):
+    with running_server(bundle, args.max_wait_ms, threads=args.server_threads) as (target, pid):
         rate_rows, skipped = [], []
         for k, rate in enumerate(rates):
             rate_rows.append(await open_loop(target, rate, args.seconds, texts))
@@ -314,6 +316,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per rate and phase")
     parser.add_argument("--max-wait-ms", type=float, default=0.0, help="server max-wait for the rate sweep (the server default)")
     parser.add_argument("--skip-sweep", action="store_true", help="skip the max-wait sweep")
+    parser.add_argument("--server-threads", type=int, help="the server's --threads (default: its own default)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve_load.json")
     args = parser.parse_args()
     from edge_embed.default_model import ensure_default_bundle
@@ -328,7 +331,7 @@ def main() -> None:
     args.out.write_text(json.dumps({
         "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in loadavg]},
-        "config": {"bundle": str(args.bundle), "precision": "int8", "server_threads": "default",
+        "config": {"bundle": str(args.bundle), "precision": "int8", "server_threads": args.server_threads or "default",
                    "in_process_threads": 2, "seconds": args.seconds,
                    "warmup_s": WARMUP_S, "deadline_s": DEADLINE_S, "max_wait_ms": args.max_wait_ms},
         **results,

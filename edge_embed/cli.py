@@ -315,8 +315,7 @@ def _cmd_warm(args: argparse.Namespace) -> None:
     limits = BatchLimits(**({"max_batch_size": int(args.max_batch_size)} if args.max_batch_size else {}))
     provider = load(args.bundle or ensure_default_bundle(), precision=args.precision, backend=args.backend or "auto",
                     threads=int(args.threads) if args.threads else None, limits=limits)
-    warm = getattr(provider, "warm_shapes", None)  # only backends that build engines ahead have it
-    shapes = warm() if warm is not None else []
+    shapes = provider.warm_shapes()
     info = provider.info
     print(f"warmed {info.model_id} {info.precision} on {info.execution_providers[0]}: shapes {shapes} "
           f"in {time.monotonic() - started:.1f} s")

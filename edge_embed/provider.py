@@ -235,6 +235,11 @@ class BundleEmbedder(abc.ABC):
     def count_tokens(self, texts: Sequence[str], *, instruction: str | None = None) -> list[int]:
         return [len(s) for s in self.tokenize(texts, instruction=instruction)]
 
+    def warm_shapes(self) -> list[tuple[int, int]]:
+        """Build ahead whatever the backend builds per shape (TensorRT engines); the shapes
+        run. Backends that build nothing ahead run nothing."""
+        return []
+
     def parity_passes(self, gates: Gates = Gates()) -> bool:
         """Whether the last boot parity check met the variant's gate."""
         return self.parity is not None and gate_failure(self.precision, self.parity, gates) is None

@@ -105,11 +105,10 @@ async def create_server(config: ServerConfig, models: ModelRunner | ModelPool, *
         await model_pool.start()
     else:  # one runner, loaded by the caller: a pool of one pinned model
         info = models.info
-        path = getattr(getattr(models, "bundle", None), "path", Path("."))
-        model_pool = ModelPool([ModelSource(info.model_id, path)], budget_bytes=2**62, loader=_no_loader,
+        model_pool = ModelPool([ModelSource(info.model_id, Path("."))], budget_bytes=2**62, loader=_no_loader,
                                cost_of=_no_cost)
         model_pool.bind(make_batcher, metrics)
-        model_pool.adopt(info.model_id, models, getattr(models, "manifest", None))
+        model_pool.adopt(info.model_id, models)
         metrics.model_info.labels(info.model_id, info.precision, info.backend, info.execution_providers[0]).set(1)
     pool = model_pool
     metrics.observe_pool(pool)

@@ -167,6 +167,13 @@ class PooledModel:
     def resident(self) -> bool:
         return self.state in (LOADED, EVICTING, STOPPED)
 
+    @property
+    def model_id(self) -> str:
+        """What the model says it is: from its last load, else its manifest if read."""
+        if self.info is not None:
+            return self.info.model_id
+        return self.manifest.model_id if self.manifest is not None else ""
+
     def source_manifest(self) -> Manifest:
         """The bundle's manifest, read without loading the model."""
         from ..bundle import MANIFEST_FILE
@@ -246,7 +253,7 @@ class ModelPool:
             return self.models[self.default]
         if name in self.models:
             return self.models[name]
-        by_id = [m for m in self.models.values() if m.manifest is not None and m.manifest.model_id == name]
+        by_id = [m for m in self.models.values() if m.model_id == name]
         if len(by_id) == 1:
             return by_id[0]
         raise ModelNotFoundError(f"model {name!r} is not served here; this server has {sorted(self.models)}")
@@ -263,12 +270,10 @@ class ModelPool:
         for model in first:
             await self._ensure_loaded(model, None, wait_s=None)
 
-    def adopt(self, name: str, runner: ModelRunner, manifest: Manifest | None = None) -> None:
+    def adopt(self, name: str, runner: ModelRunner) -> None:
         """Take an already loaded runner as a pinned model (a server built around one)."""
         model = self.models[name]
         model.runner, model.info = runner, runner.info
-        if manifest is not None:
-            model.manifest = manifest
         model.batcher = self._make_batcher(model)
         model.batcher.start()
         model.state, model.loads, model.last_used = LOADED, 1, time.monotonic()
@@ -466,7 +471,7 @@ class ModelPool:
             parity = m.info.parity if m.info is not None else None
             out.append(ModelStatus(
                 name=m.name, state=m.state, pinned=m.pinned, path=str(m.source.path),
-                model_id=m.manifest.model_id if m.manifest is not None else "",
+                model_id=m.model_id,
                 precision=m.info.precision if m.info is not None else m.source.precision,
                 charged_bytes=m.cost, charged_from=m.cost_source, resident_measured_bytes=m.resident_measured,
                 inflight=m.inflight, loads=m.loads, evictions=m.evictions, requests=m.requests, error=m.error,

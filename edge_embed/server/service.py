@@ -205,14 +205,22 @@ class EmbeddingService:
             info = model.info
             top = dict(precision=info.precision, backend=info.backend,
                        execution_providers=list(info.execution_providers))
-        manifest = model.source_manifest()
+        if model.info is not None:
+            facts = model.info
+            dim, min_dim, max_length = facts.dim, facts.matryoshka_min_dim, facts.max_length
+            instruction_aware, default_instruction = facts.instruction_aware, facts.default_instruction
+        else:
+            manifest = model.source_manifest()
+            dim, min_dim, max_length = manifest.dim, manifest.matryoshka_min_dim, manifest.max_length
+            instruction_aware = manifest.instruction_template is not None
+            default_instruction = manifest.default_instruction
         return pb.InfoResponse(
             model=model.name,
-            dim=manifest.dim,
-            min_dim=manifest.matryoshka_min_dim or manifest.dim,
-            max_length=manifest.max_length,
-            instruction_aware=manifest.instruction_template is not None,
-            default_instruction=manifest.default_instruction or "",
+            dim=dim,
+            min_dim=min_dim or dim,
+            max_length=max_length,
+            instruction_aware=instruction_aware,
+            default_instruction=default_instruction or "",
             batching=pb.BatchingLimits(
                 max_batch_tokens=c.max_batch_tokens, max_batch_size=c.max_batch_size, max_wait_ms=c.max_wait_ms,
                 max_queue_tokens=c.queue_tokens, max_inputs_per_request=c.max_inputs,
