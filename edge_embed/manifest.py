@@ -56,6 +56,9 @@ class Parity:
     topk: int
     topk_agreement: float
     worst_text: str
+    # A text alone against the same text in a batch of mixed lengths, worst cosine over the
+    # probes checked; None for variants that run one text per batch (or older bundles).
+    batch_cos_min: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

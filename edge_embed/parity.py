@@ -13,7 +13,9 @@ import numpy as np
 from .errors import GateError
 from .manifest import Parity
 
-__all__ = ["Gates", "measure_parity", "gate_failure", "check_gate"]
+__all__ = ["Gates", "measure_parity", "gate_failure", "check_gate", "batch_probe_indices", "alone_vs_batch_cos"]
+
+BATCH_PROBES = 32
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -22,8 +24,10 @@ class Gates:
 
     fp32_cos_min: float = 0.9999
     fp16_cos_min: float = 0.999
-    int8_cos_mean: float = 0.99
-    int8_cos_min: float = 0.97
+    int8_cos_mean: float = 0.995
+    int8_cos_min: float = 0.98
+    # A text alone vs inside a batch of mixed lengths: the "same text, same vector" promise.
+    batch_cos_min: float = 0.99999
 
     def limits(self, precision: str) -> dict[str, float]:
         """The figures a precision is judged by: {"cos_min": x, ...}."""
@@ -63,12 +67,31 @@ def measure_parity(reference: np.ndarray, candidate: np.ndarray, texts: list[str
     )
 
 
+def batch_probe_indices(lengths: list[int], count: int = BATCH_PROBES, max_tokens: int | None = None) -> list[int]:
+    """`count` texts spread from the shortest to the longest: a batch of mixed lengths, so
+    most rows carry padding (left or right, as the model pads). With `max_tokens`, only
+    texts short enough that the padded batch stays within it (a device's token budget)."""
+    limit = max_tokens // count if max_tokens is not None else None
+    allowed = [i for i, n in enumerate(lengths) if limit is None or n <= limit] or [int(np.argmin(lengths))]
+    order = [allowed[k] for k in np.argsort(np.asarray([lengths[i] for i in allowed]), kind="stable")]
+    picks = np.linspace(0, len(order) - 1, min(count, len(order))).round().astype(int)
+    return [int(order[i]) for i in sorted(set(picks.tolist()))]
+
+
+def alone_vs_batch_cos(alone: np.ndarray, batched: np.ndarray) -> float:
+    """The worst cosine between each text's vector alone and in the batch."""
+    return round(float(np.sum(_unit(alone) * _unit(batched), axis=1).min()), 7)
+
+
 def gate_failure(precision: str, parity: Parity, gates: Gates) -> GateError | None:
     """The error for the first figure below its gate, or None when the variant passes."""
     for figure, limit in gates.limits(precision).items():
         value = getattr(parity, figure)
         if value < limit:
             return GateError(precision, figure, value, limit, parity.worst_text)
+    if parity.batch_cos_min is not None and parity.batch_cos_min < gates.batch_cos_min:
+        return GateError(precision, "batch_cos_min (alone vs in a batch)", parity.batch_cos_min,
+                         gates.batch_cos_min, parity.worst_text)
     return None
 
 

@@ -24,7 +24,7 @@ from .batching import BatchLimits, plan_batches
 from .bundle import Bundle
 from .errors import BackendUnavailableError, BundleError, EdgeEmbedError, ModelRunError, NonFiniteOutputError
 from .manifest import Parity, check_dimensions
-from .parity import Gates, gate_failure, measure_parity
+from .parity import Gates, alone_vs_batch_cos, batch_probe_indices, gate_failure, measure_parity
 from .platform import usable_cpu_count
 from .tokenization import BundleTokenizer, check_texts
 
@@ -260,11 +260,12 @@ class BundleEmbedder(abc.ABC):
         chosen = [texts[i] for i in picked]
         seqs = self.tokenizer.encode(chosen)
         vectors = self.embed_token_ids(seqs)
+        batch_cos = self._alone_vs_batch(self.tokenizer.encode(texts)) if self.batch_invariant else None
         if not np.isfinite(vectors).all():
             bad = int(np.flatnonzero(~np.isfinite(vectors).all(axis=1))[0])
             raise BundleError(f"the {self.precision} variant gives a non-finite vector on this device for the "
                               f"golden text {chosen[bad][:60]!r}")
-        parity = measure_parity(reference[picked], vectors, chosen)
+        parity = dataclasses.replace(measure_parity(reference[picked], vectors, chosen), batch_cos_min=batch_cos)
         self.parity = parity
         failure = gate_failure(self.precision, parity, gates)
         if failure is not None and enforce:
@@ -274,6 +275,15 @@ class BundleEmbedder(abc.ABC):
                 f"{failure.worst_text[:60]!r}); use another variant, or override the check to accept it"
             )
         return parity
+
+    def _alone_vs_batch(self, seqs: list[np.ndarray]) -> float:
+        """Golden texts alone against the same texts in one batch of 32 mixed lengths, here
+        on this device's kernels: "same text, same vector" is checked where it must hold."""
+        # Within the token budget: the check must not need more memory than serving does.
+        picked = [seqs[i] for i in batch_probe_indices([len(s) for s in seqs],
+                                                        max_tokens=self.limits.max_batch_tokens)]
+        alone = np.vstack([self.run_batch([seq]) for seq in picked])
+        return alone_vs_batch_cos(alone, self.run_batch(picked))
 
     def close(self) -> None:
         """Release backend resources; the default holds none beyond Python objects."""

@@ -21,7 +21,7 @@ from ..platform import usable_cpu_count
 from ..tokenization import BundleTokenizer, model_inputs
 from .probes import PROBE_CATEGORIES, probe_texts
 from .source import SourceModel, read_source
-from ..parity import Gates, check_gate, gate_failure, measure_parity
+from ..parity import Gates, alone_vs_batch_cos, batch_probe_indices, check_gate, gate_failure, measure_parity
 
 __all__ = ["export", "parse_precisions"]
 
@@ -77,20 +77,41 @@ class _Runner:
             out[batch] = forward(model_inputs([self.seqs[i] for i in batch], self.manifest))
         return out
 
-    def __call__(self, path: Path, *, alone: bool = False) -> np.ndarray:
-        """Vectors of an ONNX graph file; `alone` runs each text as its own batch, as the
-        runtime does for variants whose vectors depend on their batch neighbours."""
+    @staticmethod
+    def _session(path: Path):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = usable_cpu_count()
         options.log_severity_level = 3
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, path: Path, *, alone: bool = False) -> np.ndarray:
+        """Vectors of an ONNX graph file; `alone` runs each text as its own batch, as the
+        runtime does for variants whose vectors depend on their batch neighbours."""
+        session = self._session(path)
         if not alone:
             return self.vectors(lambda feeds: session.run([self.manifest.graph_output], feeds)[0])
         return np.vstack([
             session.run([self.manifest.graph_output], model_inputs([seq], self.manifest))[0] for seq in self.seqs
         ])
+
+    def batch_cos_min(self, path: Path) -> float:
+        """Texts alone against the same texts in one batch of 32 mixed lengths (padded as
+        the model pads): the worst cosine. 1.0 means batch neighbours change nothing."""
+        session = self._session(path)
+        picked = [self.seqs[i] for i in batch_probe_indices([len(s) for s in self.seqs])]
+        output = self.manifest.graph_output
+        alone = np.vstack([session.run([output], model_inputs([seq], self.manifest))[0] for seq in picked])
+        batched = session.run([output], model_inputs(picked, self.manifest))[0]
+        return alone_vs_batch_cos(alone, batched)
+
+    def parity(self, path: Path, reference: np.ndarray, texts: list[str], recipe: dict) -> Parity:
+        """Parity with the reference, run as the runtime will run it, plus the alone-vs-batch
+        check for a variant that claims batch invariance."""
+        invariant = recipe.get("batch_invariant", True)
+        parity = measure_parity(reference, self(path, alone=not invariant), texts)
+        return dataclasses.replace(parity, batch_cos_min=self.batch_cos_min(path) if invariant else None)
 
 
 def _reference_vectors(model, manifest: Manifest, seqs: list[np.ndarray], progress: Progress) -> np.ndarray:
@@ -108,25 +129,35 @@ def _reference_vectors(model, manifest: Manifest, seqs: list[np.ndarray], progre
     return out
 
 
-def _search_int8(fp32_path: Path, work: Path, run: _Runner, reference: np.ndarray,
-                 texts: list[str], gates: Gates, progress: Progress) -> tuple[Path, dict, Parity]:
+def _search_int8(fp32_path: Path, work: Path, run: _Runner, reference: np.ndarray, texts: list[str],
+                 gates: Gates, progress: Progress, *, batch_dependent: bool = False) -> tuple[Path, dict, Parity]:
     """Try INT8 recipes from fastest to most conservative; return the first that passes.
 
-    1. dynamic, per-channel weights; 2. the same with reduced weight range (avoids u8*s8
-    saturation on x86 without VNNI); 3. the better of those with the MatMuls whose lone
-    quantization hurts most kept in FP32, 1, 2, 4, ... of them; 4. weight-only 8-bit.
+    Every recipe tried by default is batch-invariant by construction, so INT8 batches
+    like FP32: 1. per-token activations with per-channel 7-bit weights (exact on every
+    ISA: no u8 x s8 pair sum overflows int16 on AVX2 without VNNI); 2. the same with the MatMuls
+    whose lone quantization hurts most kept in FP32, the fewest that pass; 3. weight-only
+    8-bit. `batch_dependent` (an explicit export option) first tries ONNX Runtime's
+    dynamic recipe, one activation scale per batch tensor, which the runtime must then
+    run one text per batch.
     """
-    from .quantize import quantizable_matmuls, quantize_dynamic_int8, quantize_weight_only_int8
+    from .quantize import (
+        quantizable_matmuls,
+        quantize_dynamic_int8,
+        quantize_per_token_int8,
+        quantize_weight_only_int8,
+    )
 
     candidate = work / "candidate.int8.onnx"
     tried: list[tuple[dict, Parity, GateError | None]] = []
 
     def attempt(label: str, make: Callable[[], dict]) -> tuple[dict, Parity, GateError | None]:
         recipe = make()
-        parity = measure_parity(reference, run(candidate, alone=not recipe["batch_invariant"]), texts)
+        parity = run.parity(candidate, reference, texts, recipe)
         failure = gate_failure("int8", parity, gates)
         verdict = "passes" if failure is None else "misses the gate"
-        progress(f"int8 {label}: cos mean {parity.cos_mean:.4f} min {parity.cos_min:.4f} -> {verdict}")
+        batch = "" if parity.batch_cos_min is None else f", alone vs in a batch {parity.batch_cos_min:.6f}"
+        progress(f"int8 {label}: cos mean {parity.cos_mean:.4f} min {parity.cos_min:.4f}{batch} -> {verdict}")
         tried.append((recipe, parity, failure))
         return tried[-1]
 
@@ -135,38 +166,41 @@ def _search_int8(fp32_path: Path, work: Path, run: _Runner, reference: np.ndarra
         candidate.replace(final)
         return final, recipe, parity
 
-    for reduce_range in (False, True):
-        recipe, parity, failure = attempt(
-            f"dynamic per-channel{' reduce-range' if reduce_range else ''}",
-            lambda rr=reduce_range: quantize_dynamic_int8(fp32_path, candidate, per_channel=True, reduce_range=rr),
-        )
-        if failure is None:
-            return finish(recipe, parity)
+    if batch_dependent:
+        for reduce_range in (False, True):
+            recipe, parity, failure = attempt(
+                f"dynamic per-tensor (batch-dependent){' reduce-range' if reduce_range else ''}",
+                lambda rr=reduce_range: quantize_dynamic_int8(fp32_path, candidate, per_channel=True,
+                                                              reduce_range=rr))
+            if failure is None:
+                return finish(recipe, parity)
 
-    best = max(tried, key=lambda t: (t[1].cos_min, t[1].cos_mean))
-    best_rr = best[0]["reduce_range"]
-    # Sensitivity is measured on the texts the best full recipe hurt most: they are the
-    # ones the gate is decided on, and a small set keeps one pass per MatMul cheap.
-    quantize_dynamic_int8(fp32_path, candidate, per_channel=True, reduce_range=best_rr)
-    cos_per_text = _cosines(reference, run(candidate, alone=True))
+    recipe, parity, failure = attempt(
+        "per-token", lambda: quantize_per_token_int8(fp32_path, candidate))
+    if failure is None:
+        return finish(recipe, parity)
+
+    # Sensitivity is measured on the texts the full recipe hurt most: they are the ones
+    # the gate is decided on, and a small set keeps one pass per MatMul cheap.
+    quantize_per_token_int8(fp32_path, candidate)
+    cos_per_text = _cosines(reference, run(candidate))
     hardest = np.argsort(cos_per_text)[:_SENSITIVITY_PROBES]
     run_hardest = _Runner(run.manifest, [run.seqs[i] for i in hardest])
     nodes = quantizable_matmuls(fp32_path)
     progress(f"int8: measuring the sensitivity of {len(nodes)} MatMuls on the {len(hardest)} hardest texts")
     damage = {}
     for i, node in enumerate(nodes, 1):
-        quantize_dynamic_int8(fp32_path, candidate, per_channel=True, reduce_range=best_rr, nodes_to_quantize=[node])
-        damage[node] = 1.0 - float(_cosines(reference[hardest], run_hardest(candidate, alone=True)).min())
+        others = tuple(n for n in nodes if n != node)
+        quantize_per_token_int8(fp32_path, candidate, exclude=others)
+        damage[node] = 1.0 - float(_cosines(reference[hardest], run_hardest(candidate)).min())
         if i % 10 == 0 or i == len(nodes):
             progress(f"int8 sensitivity: {i}/{len(nodes)} MatMuls")
     ranked = sorted(nodes, key=lambda n: -damage[n])
 
     def keep_in_fp32(k: int) -> tuple[dict, Parity, GateError | None]:
         excluded = tuple(ranked[:k])
-        return attempt(
-            f"dynamic per-channel, {k} sensitive MatMuls in fp32",
-            lambda: quantize_dynamic_int8(fp32_path, candidate, per_channel=True, reduce_range=best_rr, exclude=excluded),
-        )
+        return attempt(f"per-token, {k} sensitive MatMuls in fp32",
+                       lambda: quantize_per_token_int8(fp32_path, candidate, exclude=excluded))
 
     # Double the kept set until the gate passes, then bisect down to the fewest FP32
     # MatMuls that still pass: each one kept costs speed.
@@ -235,6 +269,7 @@ def export(
     gates: Gates = Gates(),
     overwrite: bool = False,
     progress: Progress | None = None,
+    int8_batch_dependent: bool = False,
 ) -> Manifest:
     """Export, validate every variant against the PyTorch FP32 reference, write the bundle.
 
@@ -259,7 +294,7 @@ def export(
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
-        manifest = _build(source, work, wanted, gates, progress)
+        manifest = _build(source, work, wanted, gates, progress, int8_batch_dependent)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         work.rename(out_dir)
@@ -269,7 +304,8 @@ def export(
     return manifest
 
 
-def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gates, progress: Progress) -> Manifest:
+def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gates, progress: Progress,
+           int8_batch_dependent: bool) -> Manifest:
     import onnxruntime
     import torch
 
@@ -302,10 +338,11 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
     run = _Runner(draft, seqs)
 
     built: dict[str, tuple[Path, dict, Parity]] = {}
-    parity = measure_parity(reference, run(fp32_path), texts)
-    progress(f"fp32 parity: cos min {parity.cos_min:.6f}")
+    recipe = {"method": "torch.onnx.export (dynamo)", "batch_invariant": True}
+    parity = run.parity(fp32_path, reference, texts, recipe)
+    progress(f"fp32 parity: cos min {parity.cos_min:.6f}, alone vs in a batch {parity.batch_cos_min:.6f}")
     check_gate("fp32", parity, gates)
-    built["fp32"] = (fp32_path, {"method": "torch.onnx.export (dynamo)", "batch_invariant": True}, parity)
+    built["fp32"] = (fp32_path, recipe, parity)
 
     if "fp16" in wanted:
         from .quantize import to_fp16
@@ -313,14 +350,15 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
         progress("converting to FP16")
         path = work / "model.fp16.onnx"
         recipe = to_fp16(fp32_path, path)
-        parity = measure_parity(reference, run(path), texts)
-        progress(f"fp16 parity: cos min {parity.cos_min:.6f}")
+        parity = run.parity(path, reference, texts, recipe)
+        progress(f"fp16 parity: cos min {parity.cos_min:.6f}, alone vs in a batch {parity.batch_cos_min:.6f}")
         check_gate("fp16", parity, gates)
         built["fp16"] = (path, recipe, parity)
 
     if "int8" in wanted:
         progress("quantizing to INT8")
-        built["int8"] = _search_int8(fp32_path, work, run, reference, texts, gates, progress)
+        built["int8"] = _search_int8(fp32_path, work, run, reference, texts, gates, progress,
+                                     batch_dependent=int8_batch_dependent)
 
     for precision, (path, recipe) in mlx_weights.items():
         progress(f"checking the {precision} variant with MLX")
@@ -345,7 +383,7 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
             sha256=file_sha256(path),
             bytes=path.stat().st_size + sum((work / name).stat().st_size for name in extra),
             format=variant_format(precision),
-            opset=ONNX_OPSET if onnx else None,
+            opset=recipe.get("opset", ONNX_OPSET) if onnx else None,
             min_onnxruntime=MIN_ONNXRUNTIME if onnx else None,
             recipe=recipe,
             parity=parity,

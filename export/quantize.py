@@ -12,7 +12,8 @@ from pathlib import Path
 
 import onnx
 
-__all__ = ["to_fp16", "quantize_dynamic_int8", "quantize_weight_only_int8", "quantizable_matmuls"]
+__all__ = ["to_fp16", "quantize_dynamic_int8", "quantize_per_token_int8", "quantize_weight_only_int8",
+           "quantizable_matmuls"]
 
 
 
@@ -94,6 +95,152 @@ def quantize_dynamic_int8(
         "batch_invariant": False,
         "per_channel": per_channel,
         "reduce_range": reduce_range,
+        "excluded_nodes": list(exclude),
+    }
+
+
+# u8 x s8 products are summed in pairs into int16 by AVX2 without VNNI (vpmaddubsw):
+# 255 * 127 * 2 overflows, 255 * 63 * 2 does not. 7-bit weights are exact on every ISA.
+_WEIGHT_QMAX = {False: 127, True: 63}
+
+
+_PER_ROW_OPSET = 21  # QuantizeLinear with block_size: one scale per row in one op
+
+
+def quantize_per_token_int8(src: Path, dst: Path, *, reduce_range: bool = True,
+                            exclude: tuple[str, ...] = ()) -> dict:
+    """INT8 that is batch-invariant by construction: activations quantized per token.
+
+    Each weight MatMul `X @ W` becomes MatMulInteger over uint8 activations (zero point
+    128) and int8 weights. Every row (token) of X gets its own symmetric scale,
+    max|row| / 127, applied by one QuantizeLinear whose block is the whole row (opset 21),
+    so no other text in the
+    batch, and no padding, can change a token's quantization. W keeps one symmetric scale
+    per output column. The rescale is `Cast -> Mul(Mul(row scale, column scale))`, the
+    pattern ONNX Runtime fuses into MatMulIntegerToFloat (its integer GEMM kernels; the
+    [..., 1] row scale is applied after the GEMM). Rows that share an input are quantized
+    once. The graph's opset is raised to 21 for the blocked QuantizeLinear.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    import numpy as np
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx") and entry.version < _PER_ROW_OPSET:
+            entry.version = _PER_ROW_OPSET
+    weights = {init.name: init for init in graph.initializer}
+    qmax = _WEIGHT_QMAX[reduce_range]
+    new_nodes: list = []
+    new_inits: list = []
+    quantized_inputs: dict[str, tuple[str, str]] = {}  # X -> (uint8 X, row scale)
+    names = {n for node in graph.node for n in (node.name, *node.output)}
+
+    def unique(name: str) -> str:
+        candidate, k = name, 0
+        while candidate in names:
+            k += 1
+            candidate = f"{name}_{k}"
+        names.add(candidate)
+        return candidate
+
+    def const(name: str, array) -> str:
+        name = unique(name)
+        new_inits.append(numpy_helper.from_array(array, name))
+        return name
+
+    inv_qmax = const("pt_inv_127", np.array(1.0 / 127.0, dtype=np.float32))
+    zero_point = const("pt_a_zero_point", np.array(128, dtype=np.uint8))
+    tiny = const("pt_min_scale", np.array(1e-30, dtype=np.float32))
+    last_axis = const("pt_last_axis", np.array([-1], dtype=np.int64))
+
+    def quantize_rows(x: str, width: int) -> tuple[str, str]:
+        if x in quantized_inputs:
+            return quantized_inputs[x]
+        base = unique(f"pt_{x}")
+        absx, amax, scale, safe, shape, zero, q = (f"{base}_{s}" for s in (
+            "abs", "amax", "scale", "safe_scale", "shape", "zero_point", "u8"))
+        new_nodes.extend([
+            helper.make_node("Abs", [x], [absx], name=f"{base}_Abs"),
+            helper.make_node("ReduceMax", [absx, last_axis], [amax], name=f"{base}_ReduceMax", keepdims=1),
+            helper.make_node("Mul", [amax, inv_qmax], [scale], name=f"{base}_Scale"),
+            helper.make_node("Max", [scale, tiny], [safe], name=f"{base}_SafeScale"),
+            # uint8 with zero point 128: x86's fast integer GEMMs are u8 x s8 (s8 x s8 is
+            # several times slower there); a blocked zero point has the scale's shape.
+            helper.make_node("Shape", [safe], [shape], name=f"{base}_Shape"),
+            helper.make_node("ConstantOfShape", [shape], [zero], name=f"{base}_ZeroPoint",
+                             value=numpy_helper.from_array(np.array([128], dtype=np.uint8))),
+            helper.make_node("QuantizeLinear", [x, safe, zero], [q], name=f"{base}_Quantize", axis=-1,
+                             block_size=width),
+        ])
+        quantized_inputs[x] = (q, safe)
+        return quantized_inputs[x]
+
+    quantized = []
+    rewritten = []
+    rescaled: set[str] = set()
+    for node in graph.node:
+        weight = weights.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if weight is None or node.name in exclude or len(weight.dims) != 2:
+            rewritten.append(node)
+            continue
+        w = numpy_helper.to_array(weight).astype(np.float32)
+        column_scale = np.maximum(np.abs(w).max(axis=0), 1e-30) / qmax
+        w_q = np.clip(np.round(w / column_scale), -qmax, qmax).astype(np.int8)
+        w_name = const(f"{weight.name}_int8", w_q)
+        w_scale = const(f"{weight.name}_scale", column_scale.astype(np.float32))
+        x_q, x_scale = quantize_rows(node.input[0], w.shape[0])
+        base = unique(f"pt_{node.name}")
+        product, as_float, scale = (f"{base}_{s}" for s in ("int32", "float", "scale"))
+        rewritten.extend(new_nodes)
+        new_nodes.clear()
+        rewritten.extend([
+            helper.make_node("MatMulInteger", [x_q, w_name, zero_point], [product], name=f"{base}_MatMulInteger"),
+            helper.make_node("Cast", [product], [as_float], name=f"{base}_Cast", to=TensorProto.FLOAT),
+            helper.make_node("Mul", [x_scale, w_scale], [scale], name=f"{base}_ScaleProduct"),
+            helper.make_node("Mul", [as_float, scale], [node.output[0]], name=f"{base}_Rescale"),
+        ])
+        rescaled.add(node.output[0])
+        quantized.append(node.name)
+    biased = [n for n in rewritten if n.op_type == "Add" and set(n.input) & rescaled
+              and any(i in weights for i in n.input)]
+    if biased:
+        # ONNX Runtime (1.32) folds a constant bias Add into the fused MatMulIntegerToFloat
+        # and then multiplies the bias by the per-row scale too: wrong vectors. A bias that
+        # is computed at run time (times a 1 derived from the input's size, which nothing
+        # can fold) stays its own Add.
+        size, plus, sign, runtime_one = (unique(f"pt_runtime_one_{s}") for s in ("size", "plus", "sign", "f"))
+        one_int = const("pt_one_int", np.array(1, dtype=np.int64))
+        prelude = [
+            helper.make_node("Size", [graph.input[0].name], [size], name=size),
+            helper.make_node("Add", [size, one_int], [plus], name=plus),
+            helper.make_node("Sign", [plus], [sign], name=sign),
+            helper.make_node("Cast", [sign], [runtime_one], name=runtime_one, to=TensorProto.FLOAT),
+        ]
+        for node in biased:
+            position = next(k for k, i in enumerate(node.input) if i in weights)
+            runtime_bias = unique(f"{node.input[position]}_runtime")
+            prelude.append(helper.make_node("Mul", [node.input[position], runtime_one], [runtime_bias],
+                                            name=runtime_bias))
+            node.input[position] = runtime_bias
+        rewritten = prelude + rewritten
+    used = {i for n in rewritten for i in n.input}
+    kept_inits = [init for init in graph.initializer if init.name in used]
+    del graph.node[:]
+    graph.node.extend(rewritten)
+    del graph.initializer[:]
+    graph.initializer.extend(kept_inits + [i for i in new_inits if i.name in used])
+    onnx.save(model, str(dst))
+    return {
+        "method": "per-token dynamic int8 (QuantizeLinear per row, MatMulInteger fused to MatMulIntegerToFloat)",
+        "weights": f"int8 symmetric per output channel, +-{qmax}",
+        "activations": "uint8 per token: symmetric scale max|row| / 127, zero point 128",
+        "batch_invariant": True,
+        "per_channel": True,
+        "reduce_range": reduce_range,
+        "opset": _PER_ROW_OPSET,
+        "quantized_nodes": len(quantized),
         "excluded_nodes": list(exclude),
     }
 

@@ -90,11 +90,14 @@ def test_matryoshka_truncates_then_normalizes(qwen3_bundle):
     assert np.allclose(short, expected, atol=1e-6)
 
 
-def test_batch_invariance_with_left_padding(qwen3_bundle):
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_batch_invariance_with_left_padding(qwen3_bundle, precision):
     from edge_embed.export.probes import probe_texts
 
     texts = probe_texts()[::3]
-    with edge_embed.load(qwen3_bundle, precision="fp32", max_batch_tokens=1024) as provider:
+    assert edge_embed.load_bundle(qwen3_bundle).manifest.variants[precision].parity.batch_cos_min >= 0.99999
+    with edge_embed.load(qwen3_bundle, precision=precision,
+                         limits=edge_embed.BatchLimits(max_batch_tokens=1024)) as provider:
         together = provider.embed(texts)
         alone = np.vstack([provider.embed([t]) for t in texts[:30]])
     assert np.sum(together[:30] * alone, axis=1).min() >= 0.99999
