@@ -29,6 +29,24 @@ class Gates:
     # A text alone vs inside a batch of mixed lengths: the "same text, same vector" promise.
     batch_cos_min: float = 0.99999
 
+    def record(self, precision: str) -> dict[str, float]:
+        """The figures a variant was exported under, kept in its recipe so every device
+        judges it by the gate it was shipped with."""
+        return {**self.limits(precision), "batch_cos_min": self.batch_cos_min}
+
+    @classmethod
+    def recorded(cls, precision: str, recipe: dict) -> Gates:
+        """The gates a variant was exported under; bundles that predate the record were
+        shipped under the INT8 gate of their time (cos mean 0.99, min 0.97)."""
+        kept = recipe.get("gate")
+        if not kept:
+            return cls(int8_cos_mean=0.99, int8_cos_min=0.97)
+        prefix = {"fp32": "fp32", "mlx-fp32": "fp32", "fp16": "fp16", "mlx-fp16": "fp16"}.get(precision, "int8")
+        values = {f"{prefix}_{figure}": value for figure, value in kept.items() if figure != "batch_cos_min"}
+        if "batch_cos_min" in kept:
+            values["batch_cos_min"] = kept["batch_cos_min"]
+        return cls(**values)
+
     def limits(self, precision: str) -> dict[str, float]:
         """The figures a precision is judged by: {"cos_min": x, ...}."""
         if precision in ("fp32", "mlx-fp32"):

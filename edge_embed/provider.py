@@ -240,12 +240,17 @@ class BundleEmbedder(abc.ABC):
         run. Backends that build nothing ahead run nothing."""
         return []
 
-    def parity_passes(self, gates: Gates = Gates()) -> bool:
+    def shipped_gates(self) -> Gates:
+        """The gates this variant was exported under: what a device must reproduce."""
+        return Gates.recorded(self.precision, self.bundle.variant(self.precision).recipe)
+
+    def parity_passes(self, gates: Gates | None = None) -> bool:
         """Whether the last boot parity check met the variant's gate."""
-        return self.parity is not None and gate_failure(self.precision, self.parity, gates) is None
+        return self.parity is not None and gate_failure(self.precision, self.parity,
+                                                        gates or self.shipped_gates()) is None
 
     def check_parity(self, probes: int = DEFAULT_PARITY_PROBES, *, enforce: bool = True,
-                     gates: Gates = Gates()) -> Parity:
+                     gates: Gates | None = None) -> Parity:
         """Embed golden probe texts here, on this device, and compare with the FP32 reference.
 
         An INT8 or FP16 graph can score differently on other CPU kernels or GPUs than where
@@ -253,6 +258,7 @@ class BundleEmbedder(abc.ABC):
         provider is refused (BundleError) unless `enforce` is false. `probes` texts are
         spread evenly over the golden set, plus the export's worst one.
         """
+        gates = gates or self.shipped_gates()
         texts, reference = self.bundle.golden()
         export_worst = self.manifest.variants[self.precision].parity.worst_text
         picked = sorted(set(np.linspace(0, len(texts) - 1, min(probes, len(texts))).astype(int).tolist())

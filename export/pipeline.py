@@ -375,6 +375,7 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
 
     variants = {}
     for precision, (path, recipe, parity) in built.items():
+        recipe = {**recipe, "gate": gates.record(precision)}
         onnx = variant_format(precision) == "onnx"
         extra = tuple(external) if precision == "fp32" else ()
         variants[precision] = Variant(

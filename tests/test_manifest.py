@@ -67,3 +67,14 @@ def test_refuses_unknown_schema_and_malformed(tmp_path):
 )
 def test_cgroup_cpu_limit(line, cpus):
     assert cgroup_cpu_limit(line) == cpus
+
+
+def test_a_device_judges_a_variant_by_the_gate_it_was_shipped_with():
+    from edge_embed.parity import Gates
+
+    shipped = Gates(int8_cos_mean=0.995, int8_cos_min=0.98)
+    recorded = Gates.recorded("int8", {"gate": shipped.record("int8")})
+    assert (recorded.int8_cos_mean, recorded.int8_cos_min, recorded.batch_cos_min) == (0.995, 0.98, 0.99999)
+    legacy = Gates.recorded("int8", {"method": "onnxruntime dynamic quantization"})  # a bundle from before
+    assert (legacy.int8_cos_mean, legacy.int8_cos_min) == (0.99, 0.97)
+    assert Gates.recorded("fp16", {"gate": Gates(fp16_cos_min=0.9995).record("fp16")}).fp16_cos_min == 0.9995
