@@ -25,3 +25,17 @@ def running_server(provider, **config):
         thread.join(10)
         loop.close()
 
+
+
+def settle(futures) -> list[tuple[str, object]]:
+    """Wait for gRPC call futures: (status code name, the RpcError or None) for each, in order."""
+    import grpc
+
+    outcomes = []
+    for future in futures:
+        try:
+            future.result()
+            outcomes.append(("OK", None))
+        except grpc.RpcError as exc:
+            outcomes.append((exc.code().name, exc))
+    return outcomes

@@ -23,7 +23,7 @@ from edge_embed.errors import (
 from edge_embed.v1 import embed_pb2 as pb
 
 from .fakes import FakeProvider
-from .servers import running_server
+from .servers import running_server, settle
 
 METHOD = "/edge_embed.v1.EmbeddingService/"
 
@@ -198,17 +198,11 @@ def test_full_queue_rejects_with_a_retry_hint():
     with running_server(fake, max_queue_tokens=12, max_batch_size=1, max_wait_ms=0) as (_, target):
         with grpc.insecure_channel(target) as ch:
             call = ch.unary_unary(METHOD + "Embed", pb.EmbedRequest.SerializeToString, pb.EmbedResponse.FromString)
-            futures = [call.future(pb.EmbedRequest(inputs=[f"t {i}"]), timeout=10) for i in range(8)]
-            outcomes = []
-            for f in futures:
-                try:
-                    f.result()
-                    outcomes.append("OK")
-                except grpc.RpcError as exc:
-                    outcomes.append(exc.code().name)
-                    hints = dict(exc.trailing_metadata())
-                    assert int(hints["retry-after-ms"]) > 0
-                    assert "retry after" in exc.details()
+            settled = settle([call.future(pb.EmbedRequest(inputs=[f"t {i}"]), timeout=10) for i in range(8)])
+    outcomes = [code for code, _ in settled]
+    for _, exc in settled:
+        assert exc is None or (int(dict(exc.trailing_metadata())["retry-after-ms"]) > 0
+                               and "retry after" in exc.details())
     assert "RESOURCE_EXHAUSTED" in outcomes and "OK" in outcomes
     assert set(outcomes) <= {"OK", "RESOURCE_EXHAUSTED"}
 

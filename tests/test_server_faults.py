@@ -22,7 +22,7 @@ from edge_embed.server.service import RequestMemory
 from edge_embed.v1 import embed_pb2 as pb
 
 from .fakes import FakeProvider
-from .servers import running_server
+from .servers import running_server, settle
 
 METHOD = "/edge_embed.v1.EmbeddingService/"
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -264,15 +264,11 @@ def test_admission_counts_tokens_before_tokenizing():
         watcher.start()
         with grpc.insecure_channel(target) as ch:
             call = ch.unary_unary(METHOD + "Embed", pb.EmbedRequest.SerializeToString, pb.EmbedResponse.FromString)
-            futures = [call.future(pb.EmbedRequest(inputs=["word " * 60] * 20), timeout=30) for _ in range(6)]
-            codes = []
-            for f in futures:
-                try:
-                    f.result()
-                    codes.append("OK")
-                except grpc.RpcError as exc:
-                    codes.append(exc.code().name)
-                    assert int(dict(exc.trailing_metadata())["retry-after-ms"]) > 0
+            outcomes = settle([call.future(pb.EmbedRequest(inputs=["word " * 60] * 20), timeout=30)
+                               for _ in range(6)])
+        codes = [code for code, _ in outcomes]
+        for _, exc in outcomes:
+            assert exc is None or int(dict(exc.trailing_metadata())["retry-after-ms"]) > 0
         stop.set()
         watcher.join()
         assert "OK" in codes and "RESOURCE_EXHAUSTED" in codes, codes
@@ -295,15 +291,10 @@ def test_requests_beyond_the_memory_left_get_resource_exhausted():
         with grpc.insecure_channel(target) as ch:
             call = ch.unary_unary(METHOD + "Embed", pb.EmbedRequest.SerializeToString, pb.EmbedResponse.FromString)
             big = pb.EmbedRequest(inputs=["word " * 1000] * 200)  # 1 MB
-            futures = [call.future(big, timeout=30) for _ in range(4)]
-            codes = []
-            for f in futures:
-                try:
-                    f.result()
-                    codes.append("OK")
-                except grpc.RpcError as exc:
-                    codes.append(exc.code().name)
-                    assert "memory budget" in exc.details()
+            outcomes = settle([call.future(big, timeout=30) for _ in range(4)])
+        codes = [code for code, _ in outcomes]
+        for _, exc in outcomes:
+            assert exc is None or "memory budget" in exc.details()
         assert "OK" in codes and "RESOURCE_EXHAUSTED" in codes, codes
         assert edge.service.memory.held == 0
 
