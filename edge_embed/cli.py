@@ -52,11 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--model-id", help="model id to record (default: the directory name)")
     ex.add_argument("--revision", help="source revision to record")
     ex.add_argument("--max-length", type=_positive_int, help="token limit to export for")
-    ex.add_argument("--int8-cos-min", type=float, help="INT8 gate: minimum cosine (default 0.98)")
-    ex.add_argument("--int8-cos-mean", type=float, help="INT8 gate: mean cosine (default 0.995)")
-    ex.add_argument("--int8-batch-dependent", action="store_true",
-                    help="also try ONNX Runtime's per-tensor dynamic INT8 first: faster to export, but its "
-                         "vectors depend on batch neighbours, so it runs one text per batch")
+    ex.add_argument("--int8-cos-min", type=float, help="INT8 gate: minimum cosine (default 0.97)")
+    ex.add_argument("--int8-cos-mean", type=float, help="INT8 gate: mean cosine (default 0.99)")
+    ex.add_argument("--int8-recipe", choices=("per-tensor", "per-token"), default="per-tensor",
+                    help="INT8 activations: per-tensor (default; depends on batch neighbours, so it runs one "
+                         "text per batch) or per-token (batch-invariant: batches like FP32, needs more memory)")
     ex.add_argument("--fp16-cos-min", type=float, help="FP16 gate: minimum cosine (default 0.999)")
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
 
@@ -197,7 +197,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
         max_length=args.max_length,
         gates=gates,
         overwrite=args.overwrite,
-        int8_batch_dependent=args.int8_batch_dependent,
+        int8_recipe=args.int8_recipe,
     )
     for name, variant in manifest.variants.items():
         p = variant.parity

@@ -24,8 +24,8 @@ class Gates:
 
     fp32_cos_min: float = 0.9999
     fp16_cos_min: float = 0.999
-    int8_cos_mean: float = 0.995
-    int8_cos_min: float = 0.98
+    int8_cos_mean: float = 0.99
+    int8_cos_min: float = 0.97
     # A text alone vs inside a batch of mixed lengths: the "same text, same vector" promise.
     batch_cos_min: float = 0.99999
 

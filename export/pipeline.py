@@ -23,7 +23,7 @@ from .probes import PROBE_CATEGORIES, probe_texts
 from .source import SourceModel, read_source
 from ..parity import Gates, alone_vs_batch_cos, batch_probe_indices, check_gate, gate_failure, measure_parity
 
-__all__ = ["export", "parse_precisions"]
+__all__ = ["export", "parse_precisions", "INT8_RECIPES"]
 
 Progress = Callable[[str], None]
 _REFERENCE_BATCH_TOKENS = 4096
@@ -129,17 +129,21 @@ def _reference_vectors(model, manifest: Manifest, seqs: list[np.ndarray], progre
     return out
 
 
+INT8_RECIPES = ("per-tensor", "per-token")
+
+
 def _search_int8(fp32_path: Path, work: Path, run: _Runner, reference: np.ndarray, texts: list[str],
-                 gates: Gates, progress: Progress, *, batch_dependent: bool = False) -> tuple[Path, dict, Parity]:
+                 gates: Gates, progress: Progress, *, recipe: str = "per-tensor") -> tuple[Path, dict, Parity]:
     """Try INT8 recipes from fastest to most conservative; return the first that passes.
 
-    Every recipe tried by default is batch-invariant by construction, so INT8 batches
-    like FP32: 1. per-token activations with per-channel 7-bit weights (exact on every
-    ISA: no u8 x s8 pair sum overflows int16 on AVX2 without VNNI); 2. the same with the MatMuls
-    whose lone quantization hurts most kept in FP32, the fewest that pass; 3. weight-only
-    8-bit. `batch_dependent` (an explicit export option) first tries ONNX Runtime's
-    dynamic recipe, one activation scale per batch tensor, which the runtime must then
-    run one text per batch.
+    `recipe` picks the activation quantization:
+    - "per-tensor" (the default): ONNX Runtime's dynamic quantization, one activation
+      scale per batch tensor, so a text's vector depends on its batch neighbours; the
+      runtime runs it one text per batch. Tried with full and 7-bit weights.
+    - "per-token": one scale per token, batch-invariant by construction, so it batches
+      like FP32 (7-bit weights, exact on every ISA).
+    Then, for either, the MatMuls whose lone quantization hurts most are kept in FP32,
+    the fewest that pass; last, weight-only 8-bit.
     """
     from .quantize import (
         quantizable_matmuls,
@@ -148,90 +152,93 @@ def _search_int8(fp32_path: Path, work: Path, run: _Runner, reference: np.ndarra
         quantize_weight_only_int8,
     )
 
+    if recipe not in INT8_RECIPES:
+        raise ExportError(f"int8 recipe {recipe!r} is not one of {', '.join(INT8_RECIPES)}")
     candidate = work / "candidate.int8.onnx"
+    nodes = quantizable_matmuls(fp32_path)
     tried: list[tuple[dict, Parity, GateError | None]] = []
 
+    def quantize(options: dict, *, exclude: tuple[str, ...] = (), only: str | None = None) -> dict:
+        if recipe == "per-token":
+            skip = tuple(n for n in nodes if n != only) if only is not None else exclude
+            return quantize_per_token_int8(fp32_path, candidate, exclude=skip)
+        return quantize_dynamic_int8(fp32_path, candidate, per_channel=True, nodes_to_quantize=[only] if only else None,
+                                     exclude=exclude, **options)
+
     def attempt(label: str, make: Callable[[], dict]) -> tuple[dict, Parity, GateError | None]:
-        recipe = make()
-        parity = run.parity(candidate, reference, texts, recipe)
+        made = make()
+        parity = run.parity(candidate, reference, texts, made)
         failure = gate_failure("int8", parity, gates)
         verdict = "passes" if failure is None else "misses the gate"
         batch = "" if parity.batch_cos_min is None else f", alone vs in a batch {parity.batch_cos_min:.6f}"
         progress(f"int8 {label}: cos mean {parity.cos_mean:.4f} min {parity.cos_min:.4f}{batch} -> {verdict}")
-        tried.append((recipe, parity, failure))
+        tried.append((made, parity, failure))
         return tried[-1]
 
-    def finish(recipe: dict, parity: Parity) -> tuple[Path, dict, Parity]:
+    def finish(made: dict, parity: Parity) -> tuple[Path, dict, Parity]:
         final = work / "model.int8.onnx"
         candidate.replace(final)
-        return final, recipe, parity
+        return final, made, parity
 
-    if batch_dependent:
-        for reduce_range in (False, True):
-            recipe, parity, failure = attempt(
-                f"dynamic per-tensor (batch-dependent){' reduce-range' if reduce_range else ''}",
-                lambda rr=reduce_range: quantize_dynamic_int8(fp32_path, candidate, per_channel=True,
-                                                              reduce_range=rr))
-            if failure is None:
-                return finish(recipe, parity)
-
-    recipe, parity, failure = attempt(
-        "per-token", lambda: quantize_per_token_int8(fp32_path, candidate))
-    if failure is None:
-        return finish(recipe, parity)
-
-    # Sensitivity is measured on the texts the full recipe hurt most: they are the ones
-    # the gate is decided on, and a small set keeps one pass per MatMul cheap.
-    quantize_per_token_int8(fp32_path, candidate)
-    cos_per_text = _cosines(reference, run(candidate))
+    firsts = [("per-token", {})] if recipe == "per-token" else [
+        ("dynamic per-channel", {"reduce_range": False}), ("dynamic per-channel reduce-range", {"reduce_range": True})]
+    results = []
+    for label, options in firsts:
+        made, parity, failure = attempt(label, lambda o=options: quantize(o))
+        if failure is None:
+            return finish(made, parity)
+        results.append((parity, label, options))
+    _, best_label, best = max(results, key=lambda r: (r[0].cos_min, r[0].cos_mean))
+    invariant = recipe == "per-token"
+    # Sensitivity is measured on the texts the best full recipe hurt most: they are the
+    # ones the gate is decided on, and a small set keeps one pass per MatMul cheap.
+    quantize(best)
+    cos_per_text = _cosines(reference, run(candidate, alone=not invariant))
     hardest = np.argsort(cos_per_text)[:_SENSITIVITY_PROBES]
     run_hardest = _Runner(run.manifest, [run.seqs[i] for i in hardest])
-    nodes = quantizable_matmuls(fp32_path)
     progress(f"int8: measuring the sensitivity of {len(nodes)} MatMuls on the {len(hardest)} hardest texts")
     damage = {}
     for i, node in enumerate(nodes, 1):
-        others = tuple(n for n in nodes if n != node)
-        quantize_per_token_int8(fp32_path, candidate, exclude=others)
-        damage[node] = 1.0 - float(_cosines(reference[hardest], run_hardest(candidate)).min())
+        quantize(best, only=node)
+        damage[node] = 1.0 - float(_cosines(reference[hardest], run_hardest(candidate, alone=not invariant)).min())
         if i % 10 == 0 or i == len(nodes):
             progress(f"int8 sensitivity: {i}/{len(nodes)} MatMuls")
     ranked = sorted(nodes, key=lambda n: -damage[n])
 
     def keep_in_fp32(k: int) -> tuple[dict, Parity, GateError | None]:
         excluded = tuple(ranked[:k])
-        return attempt(f"per-token, {k} sensitive MatMuls in fp32",
-                       lambda: quantize_per_token_int8(fp32_path, candidate, exclude=excluded))
+        return attempt(f"{best_label}, {k} sensitive MatMuls in fp32", lambda: quantize(best, exclude=excluded))
 
     # Double the kept set until the gate passes, then bisect down to the fewest FP32
     # MatMuls that still pass: each one kept costs speed.
     low, k, passing = 0, 1, None
     while k <= len(nodes) // 2:
-        recipe, parity, failure = keep_in_fp32(k)
+        made, parity, failure = keep_in_fp32(k)
         if failure is None:
-            passing = (k, recipe, parity)
+            passing = (k, made, parity)
             break
         low, k = k, k * 2
     if passing is not None:
         high = passing[0]
         while high - low > 1:
             mid = (low + high) // 2
-            recipe, parity, failure = keep_in_fp32(mid)
+            made, parity, failure = keep_in_fp32(mid)
             if failure is None:
-                high, passing = mid, (mid, recipe, parity)
+                high, passing = mid, (mid, made, parity)
             else:
                 low = mid
         if tried[-1][0] is not passing[1]:
             # The candidate file holds the last attempt; rebuild the one that ships.
-            recipe, parity, _ = keep_in_fp32(passing[0])
-            passing = (passing[0], recipe, parity)
+            made, parity, _ = keep_in_fp32(passing[0])
+            passing = (passing[0], made, parity)
         return finish(passing[1], passing[2])
 
-    recipe, parity, failure = attempt("weight-only 8-bit", lambda: quantize_weight_only_int8(fp32_path, candidate))
+    made, parity, failure = attempt("weight-only 8-bit", lambda: quantize_weight_only_int8(fp32_path, candidate))
     if failure is None:
-        return finish(recipe, parity)
+        return finish(made, parity)
     candidate.unlink(missing_ok=True)
-    best = max(tried, key=lambda t: (t[1].cos_min, t[1].cos_mean))
-    raise best[2]
+    best_try = max(tried, key=lambda t: (t[1].cos_min, t[1].cos_mean))
+    raise best_try[2]
 
 
 def _check_mlx_can_export(manifest: Manifest) -> None:
@@ -269,7 +276,7 @@ def export(
     gates: Gates = Gates(),
     overwrite: bool = False,
     progress: Progress | None = None,
-    int8_batch_dependent: bool = False,
+    int8_recipe: str = "per-tensor",
 ) -> Manifest:
     """Export, validate every variant against the PyTorch FP32 reference, write the bundle.
 
@@ -294,7 +301,7 @@ def export(
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
-        manifest = _build(source, work, wanted, gates, progress, int8_batch_dependent)
+        manifest = _build(source, work, wanted, gates, progress, int8_recipe)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         work.rename(out_dir)
@@ -305,7 +312,7 @@ def export(
 
 
 def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gates, progress: Progress,
-           int8_batch_dependent: bool) -> Manifest:
+           int8_recipe: str) -> Manifest:
     import onnxruntime
     import torch
 
@@ -357,8 +364,7 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
 
     if "int8" in wanted:
         progress("quantizing to INT8")
-        built["int8"] = _search_int8(fp32_path, work, run, reference, texts, gates, progress,
-                                     batch_dependent=int8_batch_dependent)
+        built["int8"] = _search_int8(fp32_path, work, run, reference, texts, gates, progress, recipe=int8_recipe)
 
     for precision, (path, recipe) in mlx_weights.items():
         progress(f"checking the {precision} variant with MLX")

@@ -110,6 +110,27 @@ def minilm_bundle() -> Path:
 
 
 @pytest.fixture(scope="session")
+def minilm_per_token_bundle() -> Path:
+    """MiniLM with FP32 and the batch-invariant per-token INT8 recipe."""
+    from edge_embed.export import export
+
+    def build(dest: Path) -> None:
+        export(minilm_source(), dest / "bundle", "fp32,int8", model_id=MINILM_ID, int8_recipe="per-token")
+
+    return _cached("minilm-per-token", build) / "bundle"
+
+
+@pytest.fixture(scope="session")
+def qwen3_per_token_bundle(qwen3_source: Path) -> Path:
+    from edge_embed.export import export
+
+    def build(dest: Path) -> None:
+        export(qwen3_source, dest / "bundle", "fp32,int8", model_id="tiny-qwen3", int8_recipe="per-token")
+
+    return _cached("qwen3-per-token", build) / "bundle"
+
+
+@pytest.fixture(scope="session")
 def qwen3_source() -> Path:
     return _cached("qwen3-source", build_tiny_qwen3)
 

@@ -87,17 +87,19 @@ def test_auto_precision_on_cpu_is_int8(minilm_bundle):
         assert provider.info.threads >= 1
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
-def test_same_vector_alone_and_in_any_batch(minilm_bundle, precision):
-    """Every variant the pipeline ships batches: a text's vector does not depend on its
-    neighbours or their padding (right padding here), INT8 included."""
+@pytest.mark.parametrize(("variant", "precision"), [("default", "fp32"), ("default", "fp16"),
+                                                    ("per_token", "int8")])
+def test_same_vector_alone_and_in_any_batch(minilm_bundle, minilm_per_token_bundle, variant, precision):
+    """Every batch-invariant recipe batches: a text's vector does not depend on its
+    neighbours or their padding (right padding here), per-token INT8 included."""
     from edge_embed.export.probes import probe_texts
 
+    bundle = minilm_bundle if variant == "default" else minilm_per_token_bundle
     texts = probe_texts()[:120]
-    variant = edge_embed.load_bundle(minilm_bundle).manifest.variants[precision]
-    assert variant.recipe["batch_invariant"] is True
-    assert variant.parity.batch_cos_min >= 0.99999  # checked at export
-    with edge_embed.load(minilm_bundle, precision=precision, limits=edge_embed.BatchLimits(
+    shipped = edge_embed.load_bundle(bundle).manifest.variants[precision]
+    assert shipped.recipe["batch_invariant"] is True
+    assert shipped.parity.batch_cos_min >= 0.99999  # checked at export
+    with edge_embed.load(bundle, precision=precision, limits=edge_embed.BatchLimits(
             max_batch_tokens=2048)) as provider:
         assert provider.limits.max_batch_size == 32
         assert provider.info.parity.batch_cos_min >= 0.99999  # and at boot, on this device
@@ -109,12 +111,28 @@ def test_same_vector_alone_and_in_any_batch(minilm_bundle, precision):
     assert np.sum(together[shuffled_order] * shuffled, axis=1).min() >= 0.99999
 
 
-def test_int8_runs_on_integer_kernels_per_token(minilm_bundle, tmp_path):
-    """The shipped INT8 quantizes activations per token and runs ONNX Runtime's fused
+def test_per_tensor_int8_runs_one_text_per_batch_so_neighbours_do_not_matter(minilm_bundle):
+    """Dynamic per-tensor INT8 (the default recipe) scales activations per batch tensor;
+    the runtime hides that by running it one text per batch."""
+    from edge_embed.export.probes import probe_texts
+
+    texts = probe_texts()[::4]
+    variant = edge_embed.load_bundle(minilm_bundle).manifest.variants["int8"]
+    assert variant.recipe["batch_invariant"] is False and variant.parity.batch_cos_min is None
+    with edge_embed.load(minilm_bundle, precision="int8") as provider:
+        assert provider.limits.max_batch_size == 1 and provider.info.batch_invariant is False
+        together = provider.embed(texts)
+        alone = np.vstack([provider.embed([t]) for t in texts])
+    assert np.sum(together * alone, axis=1).min() >= 0.99999
+
+
+def test_per_token_int8_runs_on_fused_integer_kernels(minilm_per_token_bundle, tmp_path):
+    """Per-token INT8 quantizes activations per token and runs ONNX Runtime's fused
     integer GEMM (MatMulIntegerToFloat), as the optimized graph shows."""
     import onnx
     import onnxruntime as ort
 
+    minilm_bundle = minilm_per_token_bundle
     manifest = edge_embed.load_bundle(minilm_bundle).manifest
     recipe = manifest.variants["int8"].recipe
     assert recipe["activations"].startswith("uint8 per token") and recipe["reduce_range"] is True
@@ -126,28 +144,10 @@ def test_int8_runs_on_integer_kernels_per_token(minilm_bundle, tmp_path):
     assert "DynamicQuantizeLinear" not in ops and "DynamicQuantizeMatMul" not in ops
 
 
-def test_a_batch_dependent_bundle_still_runs_one_text_per_batch(minilm_bundle, tampered):
-    """Bundles made with the batch-dependent recipe (older ones, or the explicit export
-    option) say so, and the runtime keeps their vectors independent of neighbours."""
-    from edge_embed.export.probes import probe_texts
-
-    bundle = tampered(minilm_bundle)
-    data = json.loads((bundle / "manifest.json").read_text())
-    data["variants"]["int8"]["recipe"]["batch_invariant"] = False
-    (bundle / "manifest.json").write_text(json.dumps(data))
-    texts = probe_texts()[::8]
-    with edge_embed.load(bundle, precision="int8") as provider:
-        assert provider.limits.max_batch_size == 1 and provider.info.batch_invariant is False
-        assert provider.info.parity.batch_cos_min is None
-        together = provider.embed(texts)
-        alone = np.vstack([provider.embed([t]) for t in texts])
-    assert np.sum(together * alone, axis=1).min() >= 0.99999
-
-
 def test_boot_parity_is_reported_and_enforced(minilm_bundle):
     with edge_embed.load(minilm_bundle, precision="int8") as provider:
         parity = provider.info.parity
-        assert parity is not None and parity.probes >= 32 and parity.cos_min >= 0.98
+        assert parity is not None and parity.probes >= 32 and parity.cos_min >= 0.97
     with edge_embed.load(minilm_bundle, precision="fp32", parity_probes=0) as provider:
         assert provider.info.parity is None
         # A stricter gate than the variant can meet: refused, unless overridden.

@@ -90,13 +90,15 @@ def test_matryoshka_truncates_then_normalizes(qwen3_bundle):
     assert np.allclose(short, expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
-def test_batch_invariance_with_left_padding(qwen3_bundle, precision):
+@pytest.mark.parametrize(("variant", "precision"), [("default", "fp32"), ("default", "fp16"),
+                                                    ("per_token", "int8")])
+def test_batch_invariance_with_left_padding(qwen3_bundle, qwen3_per_token_bundle, variant, precision):
     from edge_embed.export.probes import probe_texts
 
+    bundle = qwen3_bundle if variant == "default" else qwen3_per_token_bundle
     texts = probe_texts()[::3]
-    assert edge_embed.load_bundle(qwen3_bundle).manifest.variants[precision].parity.batch_cos_min >= 0.99999
-    with edge_embed.load(qwen3_bundle, precision=precision,
+    assert edge_embed.load_bundle(bundle).manifest.variants[precision].parity.batch_cos_min >= 0.99999
+    with edge_embed.load(bundle, precision=precision,
                          limits=edge_embed.BatchLimits(max_batch_tokens=1024)) as provider:
         together = provider.embed(texts)
         alone = np.vstack([provider.embed([t]) for t in texts[:30]])
