@@ -30,6 +30,11 @@ class BatchLimits:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
 
+    def for_variant(self, batch_invariant: bool) -> BatchLimits:
+        """These limits, or one text per batch for a variant whose vectors depend on its
+        batch neighbours (per-tensor INT8): that keeps "same text, same vector"."""
+        return self if batch_invariant else BatchLimits(max_batch_tokens=self.max_batch_tokens, max_batch_size=1)
+
     def fits(self, rows: int, width: int) -> bool:
         """Whether a batch of `rows` texts padded to `width` tokens is within the limits."""
         return rows <= self.max_batch_size and rows * width <= self.max_batch_tokens

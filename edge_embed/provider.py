@@ -59,7 +59,7 @@ class ProviderInfo:
 
     def batch_limits(self, limits: BatchLimits) -> BatchLimits:
         """`limits` narrowed to what this variant can run while keeping "same text, same vector"."""
-        return limits if self.batch_invariant else dataclasses.replace(limits, max_batch_size=1)
+        return limits.for_variant(self.batch_invariant)
 
 
 @runtime_checkable
@@ -140,10 +140,8 @@ class BundleEmbedder(abc.ABC):
         self.manifest = bundle.manifest
         self.precision = precision
         self.tokenizer = BundleTokenizer(bundle.tokenizer_path, bundle.manifest)
-        # A variant whose vectors depend on batch neighbours (per-batch activation scales)
-        # runs one text per batch: that keeps "same text, same vector".
         self.batch_invariant = bool(bundle.variant(precision).recipe.get("batch_invariant", True))
-        self.limits = limits if self.batch_invariant else dataclasses.replace(limits, max_batch_size=1)
+        self.limits = limits.for_variant(self.batch_invariant)
         self.parity: Parity | None = None
         self.fallback: str | None = None
 

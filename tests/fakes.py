@@ -13,7 +13,7 @@ import zlib
 
 import numpy as np
 
-from edge_embed.errors import InvalidInputError, ModelRunError
+from edge_embed.errors import InvalidInputError
 from edge_embed.manifest import Manifest
 from edge_embed.provider import ProviderInfo, finish_vectors
 from edge_embed.tokenization import check_texts
@@ -26,7 +26,7 @@ FAKE_MANIFEST = Manifest(
 )
 
 
-_FAULT_WORDS = {"poison": 1001, "nan": 1002, "hang": 1003, "oom": 1004}  # never a hash of another word
+_FAULT_WORDS = {"poison": 1001, "nan": 1002, "hang": 1003}  # never a hash of another word
 
 
 def word_id(word: str) -> int:
@@ -84,8 +84,6 @@ class FakeProvider:
             raise self.fail_with
         if word_id("poison") in words:
             raise RuntimeError("the fake backend choked on a poisoned text")
-        if word_id("oom") in words:
-            raise ModelRunError("the fake backend ran out of memory")
         vectors = np.stack([self.vector(s) for s in seqs])
         for row, s in enumerate(seqs):
             if word_id("nan") in s.tolist():

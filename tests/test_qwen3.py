@@ -133,3 +133,29 @@ def test_unreachable_gate_writes_nothing(qwen3_source, tmp_path):
     assert info.value.variant == "int8" and info.value.worst_text
     assert not out.exists()
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("which", ["qwen3", "minilm"])
+def test_huge_texts_tokenize_from_a_prefix_exactly_as_whole(which, qwen3_bundle, minilm_bundle):
+    """A text far past the model's limit is tokenized from a prefix only when that keeps
+    the same tokens: ids equal the whole-text tokenization, for byte-level BPE (left
+    padding, EOS appended) and WordPiece alike, on awkward inputs too."""
+    import random
+
+    from edge_embed.tokenization import BundleTokenizer
+
+    bundle = edge_embed.load_bundle(qwen3_bundle if which == "qwen3" else minilm_bundle)
+    rng = random.Random(5)
+    words = ["memory", "edge", "x" * 30, "jetson,", "orin!", "é", "漢字", "  ", "\n", "a" * 150, "tokenization"]
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 5000))) for _ in range(40)]
+    texts += ["word " * 6000, " " * 30000 + "hello", "x" * 30000, "w1 " * 10000]
+    prefixed = BundleTokenizer(bundle.tokenizer_path, bundle.manifest)
+    whole = BundleTokenizer(bundle.tokenizer_path, bundle.manifest)
+    whole.prefix_chars = 10**9
+    assert any(len(t) > prefixed.prefix_chars for t in texts)
+    for instruction in (None, "find the passage") if bundle.manifest.instruction_template else (None,):
+        got = prefixed.encode(texts, instruction=instruction)
+        expected = whole.encode(texts, instruction=instruction)
+        assert all(np.array_equal(a, b) for a, b in zip(got, expected))
+    with pytest.raises(InvalidInputError, match=r"texts\[0\] is longer"):
+        prefixed.encode(["word " * 6000], truncate=False)

@@ -124,7 +124,6 @@ class TokenBudgetBatcher:
         self._on_stop = on_stop
         self._oversize = oversize
         self._active: list[Ticket] = []  # submitted, not finished, in arrival order
-        self._admitted: set[Ticket] = set()
         self.queued_tokens = 0
         self._order = itertools.count()
         self._wakeup: asyncio.Event | None = None
@@ -136,7 +135,6 @@ class TokenBudgetBatcher:
         self._running: set[asyncio.Task] = set()  # batches handed to the model thread
         self.tokens_per_s: float | None = None
         self.consecutive_failures = 0
-        self.failed_runs = 0
         self.last_failure = ""
 
     # -- figures ----------------------------------------------------------------------
@@ -146,11 +144,10 @@ class TokenBudgetBatcher:
         """Requests queued or partly computed."""
         return len(self._active)
 
-    def retry_after_ms(self, tokens: int | None = None) -> int:
+    def retry_after_ms(self) -> int:
         """A hint for refused callers: roughly how long the queued work takes to drain."""
-        work = self.queued_tokens if tokens is None else tokens
         speed = self.tokens_per_s or 2000.0
-        return int(min(30_000, max(10, 1000 * (work / speed + self.max_wait_s))))
+        return int(min(30_000, max(10, 1000 * (self.queued_tokens / speed + self.max_wait_s))))
 
     def overdue(self, now: float | None = None) -> bool:
         """Whether the model run in progress has passed the run timeout."""
@@ -176,7 +173,6 @@ class TokenBudgetBatcher:
                 f"the limit is {self.max_queue_tokens:,}: retry after {hint} ms", retry_after_ms=hint)
         ticket = Ticket(self, tokens, deadline, next(self._order))
         self.queued_tokens += tokens
-        self._admitted.add(ticket)
         return ticket
 
     async def _submit(self, ticket: Ticket, seqs: list[np.ndarray]) -> BatchResult:
@@ -207,9 +203,7 @@ class TokenBudgetBatcher:
 
     def _withdraw(self, ticket: Ticket) -> None:
         """Release the rest of a ticket's charge; drop it from the queue if still there."""
-        if ticket in self._admitted:
-            self._admitted.discard(ticket)
-            self._release(ticket, ticket.charge)
+        self._release(ticket, ticket.charge)  # a finished request has nothing left to release
         if ticket in self._active:
             self._active.remove(ticket)
         if ticket.future is not None and not ticket.future.done():
@@ -337,7 +331,6 @@ class TokenBudgetBatcher:
         except Exception as exc:  # noqa: BLE001 - run_batch raises EdgeEmbedError; a bug is a failure too
             if self.stopped is not None:
                 return False
-            self.failed_runs += 1
             error = exc if isinstance(exc, EdgeEmbedError) else ModelRunError(f"the model run failed: {exc!r}")
             self.last_failure = str(error)
             owners = list(dict.fromkeys(t for t, _ in batch))
