@@ -27,8 +27,9 @@ __all__ = ["OnnxProvider", "trt_cache_dir", "auto_precision"]
 log = logging.getLogger(__name__)
 
 # Which variant runs best where, when the caller says precision="auto".
-_CPU_PREFERENCE = ("int8", "fp32", "fp16")
-_GPU_PREFERENCE = ("fp16", "fp32", "int8")
+# int4 runs only when asked for, or when a bundle has nothing else: it trades accuracy for memory.
+_CPU_PREFERENCE = ("int8", "fp32", "fp16", "int4")
+_GPU_PREFERENCE = ("fp16", "fp32", "int8", "int4")
 _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _REASON_HINTS = ("Failed", "failed", "EP Error", "Require", "Please install", "cannot open")

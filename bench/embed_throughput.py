@@ -8,8 +8,9 @@ Prints a table and writes JSON (bench/results/embed_throughput.json by default).
     python bench/embed_throughput.py [--threads 2] [--repeat 3] [--qwen3-0.6b]
 
 --qwen3-0.6b adds a Qwen3-Embedding-0.6B-shaped model (real config, random weights:
-compute does not depend on values): export time, bundle size, load time, FP32 vs INT8
-throughput and peak RSS. It needs ~10 GB of memory and many minutes.
+compute does not depend on values): export time, file size per variant (and the INT8
+file with its vocabulary table left FP32, as before tables were quantized), load time,
+FP32 / INT8 / INT4 throughput and peak RSS. It needs ~12 GB of memory and many minutes.
 """
 
 from __future__ import annotations
@@ -177,11 +178,19 @@ def bench_qwen3_06b(args) -> list[dict]:
         torch.manual_seed(0)
         Qwen3Model(config).save_pretrained(src)
         start = time.perf_counter()
-        export(src, bundle, "fp32,int8", model_id="qwen3-embedding-0.6b-shape")
+        export(src, bundle, "fp32,int8,int4", model_id="qwen3-embedding-0.6b-shape")
         export_s = time.perf_counter() - start
         manifest = edge_embed.load_bundle(bundle).manifest
+        from edge_embed.export.quantize import quantize_per_token_int8
+
+        fp32_tables = Path(tmp) / "int8-fp32-tables.onnx"
+        quantize_per_token_int8(bundle / manifest.variants["fp32"].file, fp32_tables,
+                                exclude=tuple(manifest.variants["int8"].recipe["excluded_nodes"]), tables=False)
+        rows.append({"model": "qwen3-0.6b-shape", "precision": "int8, vocabulary table fp32 (before)",
+                     "bytes": fp32_tables.stat().st_size})
+        fp32_tables.unlink()
         texts = workloads()["mixed"][:128]
-        for precision in ("fp32", "int8"):
+        for precision in ("fp32", "int8", "int4"):
             start = time.perf_counter()
             provider = edge_embed.load(bundle, precision=precision, threads=args.threads)
             load_s = time.perf_counter() - start

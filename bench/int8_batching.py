@@ -4,8 +4,9 @@ text's vector depends on its batch neighbours.
 From a bundle's FP32 graph this builds, in a temporary folder, ONNX Runtime's dynamic
 per-tensor INT8 (one activation scale per batch tensor: the old default) and weight-only
 MatMulNBits 8-bit, and compares them with the bundle's FP32 and INT8 variants (the
-per-token recipe the pipeline ships). Columns, in tokens/s: queries one at a time,
-queries in batches of 32, passages in batches of 8; then the worst cosine between a text
+per-token recipe the pipeline ships) and its INT4 variant where it has one. Columns, in
+tokens/s: queries one at a time, queries in batches of 32, passages in batches of 8;
+then the worst cosine between a text
 alone and in a batch of 32 mixed lengths, and the cosine to the PyTorch reference (the
 bundle's golden vectors). Names the CPU and its int8 ISA. Prints a table, writes JSON.
 
@@ -77,10 +78,12 @@ def main() -> None:
     quantize_weight_only_int8(fp32, nbits)
     contenders = {
         "FP32": fp32,
-        "INT8 per-token (shipped)": args.bundle / manifest.variants["int8"].file,
+        "INT8 per-token (default)": args.bundle / manifest.variants["int8"].file,
         "INT8 dynamic per-tensor (old default)": per_tensor,
         "MatMulNBits 8-bit weight-only": nbits,
     }
+    if "int4" in manifest.variants:
+        contenders["INT4 MatMulNBits (shipped int4)"] = args.bundle / manifest.variants["int4"].file
 
     def session(path: Path):
         options = ort.SessionOptions()

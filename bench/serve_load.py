@@ -9,6 +9,11 @@ over successful requests. Client and server share the machine: client CPU is rep
 Prints tables and writes JSON (bench/results/serve_load.json by default).
 
     python bench/serve_load.py [--bundle PATH] [--rates 25,50,100] [--seconds 8] [--max-wait-ms 0] [--skip-sweep]
+                               [--baseline OLD_BUNDLE]
+
+--baseline adds the same gRPC saturation for another bundle (say, one with the old
+per-tensor INT8 that runs one text per batch), in alternating rounds with --bundle's,
+and their ratio.
 """
 
 from __future__ import annotations
@@ -259,6 +264,19 @@ def print_table(rows: list[dict]) -> None:
     print()
 
 
+async def saturation_vs_baseline(bundle: Path, baseline: Path, seconds: float, texts: list[str],
+                                 threads: int | None, rounds: int = 2) -> dict:
+    """gRPC saturation of two bundles, a fresh server each, in alternating rounds: a noisy
+    neighbour hits both alike."""
+    rates: dict[str, list[float]] = {"bundle": [], "baseline": []}
+    for _ in range(rounds):
+        for name, path in (("bundle", bundle), ("baseline", baseline)):
+            with running_server(path, 0.0, threads=threads) as (target, pid):
+                rates[name].append((await closed_loop(target, pid, seconds, texts))["texts_per_s"])
+    return {"bundle_texts_per_s": rates["bundle"], "baseline_texts_per_s": rates["baseline"],
+            "ratio": round(float(np.median(rates["bundle"]) / np.median(rates["baseline"])), 2)}
+
+
 def summarize(rates: list[dict], sweep: list[dict], saturation: list[dict], max_wait_ms: float) -> dict:
     """Headline numbers: best rate under the P95 target, P95 at 50 QPS, saturation ratio."""
     fine = [r["qps"] for r in rates if not overloaded(r) and r["p95_ms"] is not None and r["p95_ms"] < P95_TARGET_MS]
@@ -291,7 +309,10 @@ async def run(args, bundle: Path) -> dict:
         saturation = [await closed_loop(target, pid, args.seconds, texts)]
     saturation += in_process(bundle, args.seconds, texts)
     sweep = [] if args.skip_sweep else await max_wait_sweep(bundle, args.seconds, texts)
-    return {"rates": rate_rows, "skipped_rates": skipped, "saturation": saturation, "max_wait_sweep": sweep}
+    versus = await saturation_vs_baseline(bundle, args.baseline, args.seconds, texts, args.server_threads) \
+        if args.baseline else None
+    return {"rates": rate_rows, "skipped_rates": skipped, "saturation": saturation, "max_wait_sweep": sweep,
+            "saturation_vs_baseline": versus}
 
 
 def report(results: dict, args) -> None:
@@ -306,6 +327,9 @@ def report(results: dict, args) -> None:
         print(f"max-wait sweep at {SWEEP_QPS} QPS:")
         print_table(results["max_wait_sweep"])
         print(f"max-wait-ms with the lowest P95: {results['summary']['max_wait_ms_min_p95']}\n")
+    if results["saturation_vs_baseline"]:
+        print(f"gRPC saturation against {args.baseline} (alternating rounds, texts/s):",
+              json.dumps(results["saturation_vs_baseline"]))
     print("summary:", json.dumps(results["summary"], indent=1))
 
 
@@ -317,6 +341,7 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=0.0, help="server max-wait for the rate sweep (the server default)")
     parser.add_argument("--skip-sweep", action="store_true", help="skip the max-wait sweep")
     parser.add_argument("--server-threads", type=int, help="the server's --threads (default: its own default)")
+    parser.add_argument("--baseline", type=Path, help="another bundle to compare gRPC saturation with")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve_load.json")
     args = parser.parse_args()
     from edge_embed.default_model import ensure_default_bundle
@@ -331,7 +356,7 @@ def main() -> None:
     args.out.write_text(json.dumps({
         "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in loadavg]},
-        "config": {"bundle": str(args.bundle), "precision": "int8", "server_threads": args.server_threads or "default",
+        "config": {"bundle": str(args.bundle), "baseline": str(args.baseline or ""), "precision": "int8", "server_threads": args.server_threads or "default",
                    "in_process_threads": 2, "seconds": args.seconds,
                    "warmup_s": WARMUP_S, "deadline_s": DEADLINE_S, "max_wait_ms": args.max_wait_ms},
         **results,

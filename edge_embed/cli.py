@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import EdgeEmbedError, InvalidInputError
+from .manifest import DEFAULT_EXPORT_PRECISIONS
 
 __all__ = ["main"]
 
@@ -48,15 +49,18 @@ def _parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="export a Hugging Face model directory to a validated bundle")
     ex.add_argument("source", help="local Hugging Face model directory")
     ex.add_argument("out", help="bundle directory to write")
-    ex.add_argument("--precision", default="fp32,fp16,int8", help="comma-separated: fp32,fp16,int8")
+    ex.add_argument("--precision", default=",".join(DEFAULT_EXPORT_PRECISIONS),
+                    help="comma-separated: fp32,fp16,int8,int4 (int4: weight-only, for large models)")
     ex.add_argument("--model-id", help="model id to record (default: the directory name)")
     ex.add_argument("--revision", help="source revision to record")
     ex.add_argument("--max-length", type=_positive_int, help="token limit to export for")
-    ex.add_argument("--int8-cos-min", type=float, help="INT8 gate: minimum cosine (default 0.97)")
-    ex.add_argument("--int8-cos-mean", type=float, help="INT8 gate: mean cosine (default 0.99)")
-    ex.add_argument("--int8-recipe", choices=("per-tensor", "per-token"), default="per-tensor",
-                    help="INT8 activations: per-tensor (default; depends on batch neighbours, so it runs one "
-                         "text per batch) or per-token (batch-invariant: batches like FP32, needs more memory)")
+    ex.add_argument("--int8-cos-min", type=float, help="INT8 gate: minimum cosine (default 0.98)")
+    ex.add_argument("--int8-cos-mean", type=float, help="INT8 gate: mean cosine (default 0.995)")
+    ex.add_argument("--int8-recipe", choices=("per-token", "per-tensor"), default="per-token",
+                    help="INT8 activations: per-token (default; batch-invariant, batches like FP32) or "
+                         "per-tensor (a vector depends on its batch neighbours, so it runs one text per batch)")
+    ex.add_argument("--int4-cos-min", type=float, help="INT4 gate: minimum cosine (default 0.95)")
+    ex.add_argument("--int4-cos-mean", type=float, help="INT4 gate: mean cosine (default 0.98)")
     ex.add_argument("--fp16-cos-min", type=float, help="FP16 gate: minimum cosine (default 0.999)")
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
 
@@ -117,7 +121,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="registry names or Hugging Face ids (`edge-embed models`), or bundle directories; "
                          "several are checked together")
     ck.add_argument("--precision", help="fp32, fp16, int8 or int4 (default: what would run here)")
-    ck.add_argument("--max-batch-tokens", type=_positive_int, default=4096, help="token budget of one batch")
+    ck.add_argument("--max-batch-tokens", type=_positive_int, default=_env("MAX_BATCH_TOKENS", "4096"),
+                    help="token budget of one batch (default: EDGE_EMBED_MAX_BATCH_TOKENS, as `serve`, or 4096)")
     ck.add_argument("--max-text-tokens", type=_positive_int, default=512,
                     help="longest text served, for registry estimates (bundles use their own limit)")
     ck.add_argument("--export-here", action="store_true",
@@ -185,6 +190,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
     overrides = {
         "int8_cos_min": args.int8_cos_min,
         "int8_cos_mean": args.int8_cos_mean,
+        "int4_cos_min": args.int4_cos_min,
+        "int4_cos_mean": args.int4_cos_mean,
         "fp16_cos_min": args.fp16_cos_min,
     }
     gates = Gates(**{k: v for k, v in overrides.items() if v is not None})

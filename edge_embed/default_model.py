@@ -45,7 +45,8 @@ def ensure_default_bundle() -> Path:
     appears atomically: a partial export never looks like a bundle.
     """
     path = default_bundle_path()
-    if (path / MANIFEST_FILE).is_file():
+    stale = _batch_dependent(path)
+    if (path / MANIFEST_FILE).is_file() and not stale:
         return path
     if importlib.util.find_spec("torch") is None:
         raise BundleError(
@@ -56,7 +57,8 @@ def ensure_default_bundle() -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
-    print(f"edge-embed: first run: exporting {DEFAULT_MODEL_ID} to an INT8 bundle in {path} (once)",
+    why = ("the cached one has the old INT8 that runs one text per batch" if stale else "first run")
+    print(f"edge-embed: {why}: exporting {DEFAULT_MODEL_ID} to an INT8 bundle in {path} (once)",
           file=sys.stderr, flush=True)
     argv = [sys.executable, "-m", "edge_embed.cli", "export", str(weights), str(partial), "--precision", "int8",
             "--model-id", DEFAULT_MODEL_ID]
@@ -64,9 +66,23 @@ def ensure_default_bundle() -> Path:
     if done.returncode != 0 or not (partial / MANIFEST_FILE).is_file():
         shutil.rmtree(partial, ignore_errors=True)
         raise ExportError(f"exporting the default model failed (exit code {done.returncode}); see the lines above")
+    if stale:
+        shutil.rmtree(path, ignore_errors=True)
     try:
         partial.rename(path)
     except OSError:  # another process finished the same export first
         shutil.rmtree(partial, ignore_errors=True)
     print(f"edge-embed: the default bundle is ready in {path}", file=sys.stderr, flush=True)
     return path
+
+
+def _batch_dependent(path: Path) -> bool:
+    """A cached default bundle from before INT8 batched (its vectors depend on batch
+    neighbours, so it runs one text per batch): replaced by a fresh export."""
+    import json
+
+    try:
+        variants = json.loads((path / MANIFEST_FILE).read_text())["variants"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return any(not v.get("recipe", {}).get("batch_invariant", True) for v in variants.values())

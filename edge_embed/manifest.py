@@ -14,11 +14,13 @@ from typing import Any
 
 from .errors import BundleError, InvalidInputError
 
-__all__ = ["SCHEMA_VERSION", "PRECISIONS", "ONNX_PRECISIONS", "MLX_PRECISIONS", "POOLINGS", "Parity", "Variant",
-           "Manifest", "variant_format"]
+__all__ = ["SCHEMA_VERSION", "PRECISIONS", "ONNX_PRECISIONS", "DEFAULT_EXPORT_PRECISIONS", "MLX_PRECISIONS", "POOLINGS",
+           "Parity", "Variant", "Manifest", "variant_format"]
 
 SCHEMA_VERSION = 1
-ONNX_PRECISIONS = ("fp32", "fp16", "int8")
+ONNX_PRECISIONS = ("fp32", "fp16", "int8", "int4")
+# What an export writes unless asked: int4 is for the large models where memory decides.
+DEFAULT_EXPORT_PRECISIONS = ("fp32", "fp16", "int8")
 MLX_PRECISIONS = ("mlx-fp32", "mlx-fp16")
 PRECISIONS = ONNX_PRECISIONS + MLX_PRECISIONS
 

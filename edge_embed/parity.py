@@ -24,8 +24,11 @@ class Gates:
 
     fp32_cos_min: float = 0.9999
     fp16_cos_min: float = 0.999
-    int8_cos_mean: float = 0.99
-    int8_cos_min: float = 0.97
+    int8_cos_mean: float = 0.995
+    int8_cos_min: float = 0.98
+    # Weight-only 4-bit, for the large models where memory decides what fits.
+    int4_cos_mean: float = 0.98
+    int4_cos_min: float = 0.95
     # A text alone vs inside a batch of mixed lengths: the "same text, same vector" promise.
     batch_cos_min: float = 0.99999
 
@@ -41,7 +44,8 @@ class Gates:
         kept = recipe.get("gate")
         if not kept:
             return cls(int8_cos_mean=0.99, int8_cos_min=0.97)
-        prefix = {"fp32": "fp32", "mlx-fp32": "fp32", "fp16": "fp16", "mlx-fp16": "fp16"}.get(precision, "int8")
+        prefix = {"fp32": "fp32", "mlx-fp32": "fp32", "fp16": "fp16", "mlx-fp16": "fp16", "int4": "int4"}.get(
+            precision, "int8")
         values = {f"{prefix}_{figure}": value for figure, value in kept.items() if figure != "batch_cos_min"}
         if "batch_cos_min" in kept:
             values["batch_cos_min"] = kept["batch_cos_min"]
@@ -53,6 +57,8 @@ class Gates:
             return {"cos_min": self.fp32_cos_min}
         if precision in ("fp16", "mlx-fp16"):
             return {"cos_min": self.fp16_cos_min}
+        if precision == "int4":
+            return {"cos_mean": self.int4_cos_mean, "cos_min": self.int4_cos_min}
         return {"cos_mean": self.int8_cos_mean, "cos_min": self.int8_cos_min}
 
 

@@ -16,7 +16,7 @@ from .. import __version__
 from ..batching import plan_batches
 from ..bundle import GOLDEN_FILE, MANIFEST_FILE, file_sha256
 from ..errors import BundleError, ExportError, GateError
-from ..manifest import ONNX_PRECISIONS, PRECISIONS, Manifest, Parity, Variant, variant_format
+from ..manifest import DEFAULT_EXPORT_PRECISIONS, PRECISIONS, Manifest, Parity, Variant, variant_format
 from ..platform import usable_cpu_count
 from ..tokenization import BundleTokenizer, model_inputs
 from .probes import PROBE_CATEGORIES, probe_texts
@@ -129,24 +129,23 @@ def _reference_vectors(model, manifest: Manifest, seqs: list[np.ndarray], progre
     return out
 
 
-INT8_RECIPES = ("per-tensor", "per-token")
+INT8_RECIPES = ("per-token", "per-tensor")
 
 
 def _search_int8(fp32_path: Path, work: Path, run: _Runner, reference: np.ndarray, texts: list[str],
-                 gates: Gates, progress: Progress, *, recipe: str = "per-tensor") -> tuple[Path, dict, Parity]:
+                 gates: Gates, progress: Progress, *, recipe: str = "per-token") -> tuple[Path, dict, Parity]:
     """Try INT8 recipes from fastest to most conservative; return the first that passes.
 
     `recipe` picks the activation quantization:
-    - "per-tensor" (the default): ONNX Runtime's dynamic quantization, one activation
-      scale per batch tensor, so a text's vector depends on its batch neighbours; the
-      runtime runs it one text per batch. Tried with full and 7-bit weights.
-    - "per-token": one scale per token, batch-invariant by construction, so it batches
-      like FP32 (7-bit weights, exact on every ISA).
+    - "per-token" (the default): one scale per token, batch-invariant by construction, so
+      it batches like FP32 (7-bit weights, exact on every ISA; vocabulary tables int8).
+    - "per-tensor": ONNX Runtime's dynamic quantization, one activation scale per batch
+      tensor, so a text's vector depends on its batch neighbours and the runtime runs it
+      one text per batch. Only on request. Tried with full and 7-bit weights.
     Then, for either, the MatMuls whose lone quantization hurts most are kept in FP32,
     the fewest that pass; last, weight-only 8-bit.
     """
     from .quantize import (
-        quantizable_matmuls,
         quantize_dynamic_int8,
         quantize_per_token_int8,
         quantize_weight_only_int8,
@@ -154,66 +153,91 @@ def _search_int8(fp32_path: Path, work: Path, run: _Runner, reference: np.ndarra
 
     if recipe not in INT8_RECIPES:
         raise ExportError(f"int8 recipe {recipe!r} is not one of {', '.join(INT8_RECIPES)}")
-    candidate = work / "candidate.int8.onnx"
+
+    def quantize(dst: Path, options: dict, exclude: tuple[str, ...]) -> dict:
+        if recipe == "per-token":
+            return quantize_per_token_int8(fp32_path, dst, exclude=exclude)
+        return quantize_dynamic_int8(fp32_path, dst, per_channel=True, exclude=exclude, **options)
+
+    firsts = [("per-token", {})] if recipe == "per-token" else [
+        ("dynamic per-channel", {"reduce_range": False}), ("dynamic per-channel reduce-range", {"reduce_range": True})]
+    return _search("int8", fp32_path, work, run, reference, texts, gates, progress, firsts, quantize, "in fp32",
+                   ("weight-only 8-bit", lambda dst: quantize_weight_only_int8(fp32_path, dst)))
+
+
+def _search_int4(fp32_path: Path, work: Path, run: _Runner, reference: np.ndarray, texts: list[str],
+                 gates: Gates, progress: Progress) -> tuple[Path, dict, Parity]:
+    """Weight-only 4-bit: the block sizes in order, then the MatMuls 4 bits hurt most kept
+    at 8 bits, the fewest that pass."""
+    from .quantize import INT4_BLOCK_SIZES, quantize_int4
+
+    def quantize(dst: Path, options: dict, exclude: tuple[str, ...]) -> dict:
+        return quantize_int4(fp32_path, dst, keep_8bit=exclude, **options)
+
+    firsts = [(f"4-bit blocks of {b}", {"block_size": b}) for b in INT4_BLOCK_SIZES]
+    return _search("int4", fp32_path, work, run, reference, texts, gates, progress, firsts, quantize, "at 8 bits", None)
+
+
+def _search(precision: str, fp32_path: Path, work: Path, run: _Runner, reference: np.ndarray, texts: list[str],
+            gates: Gates,
+            progress: Progress, firsts: list[tuple[str, dict]],
+            quantize: Callable[[Path, dict, tuple[str, ...]], dict], kept_as: str,
+            fallback: tuple[str, Callable[[Path], dict]] | None) -> tuple[Path, dict, Parity]:
+    """The search shared by the quantized precisions: each full recipe in `firsts`; then,
+    from the best of them, the MatMuls whose lone quantization hurts most are kept out
+    (`exclude`), the fewest that pass; then `fallback`. Raises the best miss."""
+    from .quantize import quantizable_matmuls
+
+    candidate = work / f"candidate.{precision}.onnx"
     nodes = quantizable_matmuls(fp32_path)
     tried: list[tuple[dict, Parity, GateError | None]] = []
-
-    def quantize(options: dict, *, exclude: tuple[str, ...] = (), only: str | None = None) -> dict:
-        if recipe == "per-token":
-            skip = tuple(n for n in nodes if n != only) if only is not None else exclude
-            return quantize_per_token_int8(fp32_path, candidate, exclude=skip)
-        return quantize_dynamic_int8(fp32_path, candidate, per_channel=True, nodes_to_quantize=[only] if only else None,
-                                     exclude=exclude, **options)
 
     def attempt(label: str, make: Callable[[], dict]) -> tuple[dict, Parity, GateError | None]:
         made = make()
         parity = run.parity(candidate, reference, texts, made)
-        failure = gate_failure("int8", parity, gates)
+        failure = gate_failure(precision, parity, gates)
         verdict = "passes" if failure is None else "misses the gate"
         batch = "" if parity.batch_cos_min is None else f", alone vs in a batch {parity.batch_cos_min:.6f}"
-        progress(f"int8 {label}: cos mean {parity.cos_mean:.4f} min {parity.cos_min:.4f}{batch} -> {verdict}")
+        progress(f"{precision} {label}: cos mean {parity.cos_mean:.4f} min {parity.cos_min:.4f}{batch} -> {verdict}")
         tried.append((made, parity, failure))
         return tried[-1]
 
     def finish(made: dict, parity: Parity) -> tuple[Path, dict, Parity]:
-        final = work / "model.int8.onnx"
+        final = work / f"model.{precision}.onnx"
         candidate.replace(final)
         return final, made, parity
 
-    firsts = [("per-token", {})] if recipe == "per-token" else [
-        ("dynamic per-channel", {"reduce_range": False}), ("dynamic per-channel reduce-range", {"reduce_range": True})]
     results = []
     for label, options in firsts:
-        made, parity, failure = attempt(label, lambda o=options: quantize(o))
+        made, parity, failure = attempt(label, lambda o=options: quantize(candidate, o, ()))
         if failure is None:
             return finish(made, parity)
-        results.append((parity, label, options))
-    _, best_label, best = max(results, key=lambda r: (r[0].cos_min, r[0].cos_mean))
-    invariant = recipe == "per-token"
+        results.append((parity, label, options, made.get("batch_invariant", True)))
+    _, best_label, best, invariant = max(results, key=lambda r: (r[0].cos_min, r[0].cos_mean))
     # Sensitivity is measured on the texts the best full recipe hurt most: they are the
     # ones the gate is decided on, and a small set keeps one pass per MatMul cheap.
-    quantize(best)
+    quantize(candidate, best, ())
     cos_per_text = _cosines(reference, run(candidate, alone=not invariant))
     hardest = np.argsort(cos_per_text)[:_SENSITIVITY_PROBES]
     run_hardest = _Runner(run.manifest, [run.seqs[i] for i in hardest])
-    progress(f"int8: measuring the sensitivity of {len(nodes)} MatMuls on the {len(hardest)} hardest texts")
+    progress(f"{precision}: measuring the sensitivity of {len(nodes)} MatMuls on the {len(hardest)} hardest texts")
     damage = {}
     for i, node in enumerate(nodes, 1):
-        quantize(best, only=node)
+        quantize(candidate, best, tuple(n for n in nodes if n != node))
         damage[node] = 1.0 - float(_cosines(reference[hardest], run_hardest(candidate, alone=not invariant)).min())
         if i % 10 == 0 or i == len(nodes):
-            progress(f"int8 sensitivity: {i}/{len(nodes)} MatMuls")
+            progress(f"{precision} sensitivity: {i}/{len(nodes)} MatMuls")
     ranked = sorted(nodes, key=lambda n: -damage[n])
 
-    def keep_in_fp32(k: int) -> tuple[dict, Parity, GateError | None]:
+    def keep_out(k: int) -> tuple[dict, Parity, GateError | None]:
         excluded = tuple(ranked[:k])
-        return attempt(f"{best_label}, {k} sensitive MatMuls in fp32", lambda: quantize(best, exclude=excluded))
+        return attempt(f"{best_label}, {k} sensitive MatMuls {kept_as}", lambda: quantize(candidate, best, excluded))
 
-    # Double the kept set until the gate passes, then bisect down to the fewest FP32
-    # MatMuls that still pass: each one kept costs speed.
+    # Double the kept set until the gate passes, then bisect down to the fewest kept
+    # MatMuls that still pass: each one kept costs speed or size.
     low, k, passing = 0, 1, None
     while k <= len(nodes) // 2:
-        made, parity, failure = keep_in_fp32(k)
+        made, parity, failure = keep_out(k)
         if failure is None:
             passing = (k, made, parity)
             break
@@ -222,20 +246,22 @@ def _search_int8(fp32_path: Path, work: Path, run: _Runner, reference: np.ndarra
         high = passing[0]
         while high - low > 1:
             mid = (low + high) // 2
-            made, parity, failure = keep_in_fp32(mid)
+            made, parity, failure = keep_out(mid)
             if failure is None:
                 high, passing = mid, (mid, made, parity)
             else:
                 low = mid
         if tried[-1][0] is not passing[1]:
             # The candidate file holds the last attempt; rebuild the one that ships.
-            made, parity, _ = keep_in_fp32(passing[0])
+            made, parity, _ = keep_out(passing[0])
             passing = (passing[0], made, parity)
         return finish(passing[1], passing[2])
 
-    made, parity, failure = attempt("weight-only 8-bit", lambda: quantize_weight_only_int8(fp32_path, candidate))
-    if failure is None:
-        return finish(made, parity)
+    if fallback is not None:
+        label, make = fallback
+        made, parity, failure = attempt(label, lambda: make(candidate))
+        if failure is None:
+            return finish(made, parity)
     candidate.unlink(missing_ok=True)
     best_try = max(tried, key=lambda t: (t[1].cos_min, t[1].cos_mean))
     raise best_try[2]
@@ -268,7 +294,7 @@ def _mlx_forward(work: Path, weights: Path, manifest: Manifest) -> Callable[[dic
 def export(
     source_dir: str | Path,
     out_dir: str | Path,
-    precisions: str | Sequence[str] = ONNX_PRECISIONS,
+    precisions: str | Sequence[str] = DEFAULT_EXPORT_PRECISIONS,
     *,
     model_id: str | None = None,
     revision: str | None = None,
@@ -276,7 +302,7 @@ def export(
     gates: Gates = Gates(),
     overwrite: bool = False,
     progress: Progress | None = None,
-    int8_recipe: str = "per-tensor",
+    int8_recipe: str = "per-token",
 ) -> Manifest:
     """Export, validate every variant against the PyTorch FP32 reference, write the bundle.
 
@@ -365,6 +391,10 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
     if "int8" in wanted:
         progress("quantizing to INT8")
         built["int8"] = _search_int8(fp32_path, work, run, reference, texts, gates, progress, recipe=int8_recipe)
+
+    if "int4" in wanted:
+        progress("quantizing to INT4 (weight-only)")
+        built["int4"] = _search_int4(fp32_path, work, run, reference, texts, gates, progress)
 
     for precision, (path, recipe) in mlx_weights.items():
         progress(f"checking the {precision} variant with MLX")

@@ -110,24 +110,15 @@ def minilm_bundle() -> Path:
 
 
 @pytest.fixture(scope="session")
-def minilm_per_token_bundle() -> Path:
-    """MiniLM with FP32 and the batch-invariant per-token INT8 recipe."""
+def minilm_per_tensor_bundle() -> Path:
+    """MiniLM with the old batch-dependent INT8 recipe (one activation scale per batch),
+    as bundles exported before per-token INT8 have it."""
     from edge_embed.export import export
 
     def build(dest: Path) -> None:
-        export(minilm_source(), dest / "bundle", "fp32,int8", model_id=MINILM_ID, int8_recipe="per-token")
+        export(minilm_source(), dest / "bundle", "fp32,int8", model_id=MINILM_ID, int8_recipe="per-tensor")
 
-    return _cached("minilm-per-token", build) / "bundle"
-
-
-@pytest.fixture(scope="session")
-def qwen3_per_token_bundle(qwen3_source: Path) -> Path:
-    from edge_embed.export import export
-
-    def build(dest: Path) -> None:
-        export(qwen3_source, dest / "bundle", "fp32,int8", model_id="tiny-qwen3", int8_recipe="per-token")
-
-    return _cached("qwen3-per-token", build) / "bundle"
+    return _cached("minilm-per-tensor", build) / "bundle"
 
 
 @pytest.fixture(scope="session")
@@ -140,7 +131,7 @@ def qwen3_bundle(qwen3_source: Path) -> Path:
     from edge_embed.export import export
 
     def build(dest: Path) -> None:
-        export(qwen3_source, dest / "bundle", "fp32,fp16,int8", model_id="tiny-qwen3")
+        export(qwen3_source, dest / "bundle", "fp32,fp16,int8,int4", model_id="tiny-qwen3")
 
     return _cached("qwen3", build) / "bundle"
 

@@ -124,8 +124,18 @@ def test_the_default_model_is_exported_once(default_cache):
     assert len(row["embedding"]) == 384
     manifest = json.loads((default_cache / "bundles" / "all-MiniLM-L6-v2" / "manifest.json").read_text())
     assert list(manifest["variants"]) == ["int8"]
+    assert manifest["variants"]["int8"]["recipe"]["batch_invariant"] is True  # INT8 that batches
     assert manifest["model_id"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert not list((default_cache / "bundles").glob(".*partial*"))
+
+
+def test_a_cached_default_bundle_with_batch_dependent_int8_is_replaced(minilm_bundle, minilm_per_tensor_bundle):
+    """A default bundle cached before INT8 batched would keep serving one text per batch:
+    it is recognised and exported again; a current one is kept."""
+    from edge_embed.default_model import _batch_dependent
+
+    assert _batch_dependent(minilm_per_tensor_bundle) is True
+    assert _batch_dependent(minilm_bundle) is False
 
 
 def test_doctor_explains_what_runs_and_why(minilm_bundle):

@@ -20,7 +20,7 @@ import pytest
 
 from tests.deploy.host import REPO, enable_arm64_emulation, record, skip_without_system
 from tests.deploy.images import IMAGE, QEMU_CPU, Containers, context_key, running, stage_context
-from tests.deploy.manifests import cpu_memory_limit_bytes, find, memory_bytes, server_container
+from tests.deploy.manifests import cpu_memory_limit_bytes, cpu_pod_env, find, memory_bytes, server_container
 
 pytestmark = pytest.mark.deploy
 
@@ -96,7 +96,8 @@ def _serve_options(port: int, metrics_port: int) -> list[str]:
 def amd64_server(containers, amd64_images):
     """The amd64 image serving, under the memory limit the CPU DaemonSet gives it."""
     port, metrics_port = free_port(), free_port()
-    options = [*_serve_options(port, metrics_port), "--memory", str(cpu_memory_limit_bytes())]
+    pod_env = [arg for name, value in cpu_pod_env().items() for arg in ("-e", f"{name}={value}")]
+    options = [*_serve_options(port, metrics_port), *pod_env, "--memory", str(cpu_memory_limit_bytes())]
     with running(containers, amd64_images["bundle"], f"edge-embed-test-amd64-{os.getpid()}", timeout=600,
                  options=options) as container:
         record("amd64_healthy_after_s", round(container.wait_healthy(180), 1))
@@ -166,7 +167,9 @@ def test_cpu_daemonset_memory_passes_the_memory_check_in_the_image(containers, a
     limit, request = memory_bytes(resources["limits"]["memory"]), memory_bytes(resources["requests"]["memory"])
     done = containers.podman(
         "run", "--rm", "--network=none", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024",
-        "--health-interval=disable", "--memory", str(limit), "--entrypoint", "edge-embed", amd64_images["bundle"],
+        "--health-interval=disable", "--memory", str(limit),
+        *[arg for name, value in cpu_pod_env().items() for arg in ("-e", f"{name}={value}")],
+        "--entrypoint", "edge-embed", amd64_images["bundle"],
         "check", "/bundle", "--json", timeout=300)
     report = json.loads(done.stdout)
     memory = next(r for r in report["resources"] if r["resource"] == "memory")

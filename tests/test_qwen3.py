@@ -90,12 +90,11 @@ def test_matryoshka_truncates_then_normalizes(qwen3_bundle):
     assert np.allclose(short, expected, atol=1e-6)
 
 
-@pytest.mark.parametrize(("variant", "precision"), [("default", "fp32"), ("default", "fp16"),
-                                                    ("per_token", "int8")])
-def test_batch_invariance_with_left_padding(qwen3_bundle, qwen3_per_token_bundle, variant, precision):
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "int4"])
+def test_batch_invariance_with_left_padding(qwen3_bundle, precision):
     from edge_embed.export.probes import probe_texts
 
-    bundle = qwen3_bundle if variant == "default" else qwen3_per_token_bundle
+    bundle = qwen3_bundle
     texts = probe_texts()[::3]
     assert edge_embed.load_bundle(bundle).manifest.variants[precision].parity.batch_cos_min >= 0.99999
     with edge_embed.load(bundle, precision=precision,
@@ -133,6 +132,71 @@ def test_unreachable_gate_writes_nothing(qwen3_source, tmp_path):
     assert info.value.variant == "int8" and info.value.worst_text
     assert not out.exists()
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("precision", "gates"), [("int8", {"int8_cos_min": 0.999999}),
+                                                 ("int4", {"int4_cos_mean": 0.999999})])
+def test_unreachable_gate_for_a_quantized_variant_writes_nothing(qwen3_source, tmp_path, precision, gates):
+    """Each quantized precision is judged by its own configurable gate; a miss after the
+    whole search (block sizes, sensitive MatMuls kept out) writes nothing."""
+    from edge_embed.export import Gates, export
+
+    out = tmp_path / "bundle"
+    with pytest.raises(GateError, match=rf"{precision} variant failed its gate") as info:
+        export(qwen3_source, out, precision, gates=Gates(**gates), progress=lambda _: None)
+    assert info.value.variant == precision
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_int4_is_weight_only_4bit_gated_and_refused_when_tampered(qwen3_bundle, tampered):
+    """INT4: MatMulNBits 4-bit weights, int8 vocabulary rows, its own gate (cos mean 0.98,
+    min 0.95) recorded in the bundle and enforced again at load; never picked by auto."""
+    import onnx
+
+    manifest = edge_embed.load_bundle(qwen3_bundle).manifest
+    variant = manifest.variants["int4"]
+    assert variant.recipe["gate"]["cos_mean"] == 0.98 and variant.recipe["gate"]["cos_min"] == 0.95
+    assert variant.parity.cos_mean >= 0.98 and variant.parity.cos_min >= 0.95
+    assert variant.parity.batch_cos_min >= 0.99999
+    nodes = onnx.load(str(qwen3_bundle / variant.file)).graph.node
+    bits = [next(a.i for a in n.attribute if a.name == "bits") for n in nodes if n.op_type == "MatMulNBits"]
+    kept = variant.recipe["kept_8bit_nodes"]
+    assert bits.count(4) >= 14 - len(kept) > 0 and bits.count(8) == len(kept)
+    assert not [n for n in nodes if n.op_type == "MatMul" and "embed" in n.input[1]]
+    assert variant.recipe["embedding_tables"].startswith("int8 per row")
+
+    with edge_embed.load(qwen3_bundle, precision="int4") as provider:
+        assert provider.info.parity.cos_min >= 0.95  # checked again here, at load
+        assert provider.info.batch_invariant and provider.limits.max_batch_size == 32
+        int4 = provider.embed(DOCS)
+    with edge_embed.load(qwen3_bundle, precision="fp32") as provider:
+        fp32 = provider.embed(DOCS)
+    assert np.sum(int4 * fp32, axis=1).min() >= 0.95
+    with edge_embed.load(qwen3_bundle) as provider:
+        assert provider.info.precision == "int8"
+
+    bundle = tampered(qwen3_bundle)
+    data = bytearray((bundle / "model.int4.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bundle / "model.int4.onnx").write_bytes(bytes(data))
+    with pytest.raises(edge_embed.BundleError, match="model.int4.onnx .* fails its checksum"):
+        edge_embed.load(bundle, precision="int4")
+
+    # Weights rewritten with a matching checksum: the golden vectors catch it at load.
+    from onnx import numpy_helper
+
+    from edge_embed.bundle import file_sha256
+
+    model = onnx.load(str(qwen3_bundle / "model.fp32.onnx"))
+    weight = [i for i in model.graph.initializer if len(i.dims) == 2 and i.dims[0] > 1][-1]  # the last layer's
+    weight.CopyFrom(numpy_helper.from_array(np.random.default_rng(0).permutation(
+        numpy_helper.to_array(weight)), weight.name))
+    onnx.save(model, str(bundle / "model.int4.onnx"))
+    raw = json.loads((bundle / "manifest.json").read_text())
+    raw["variants"]["int4"]["sha256"] = file_sha256(bundle / "model.int4.onnx")
+    (bundle / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(edge_embed.BundleError, match="fails its parity gate on this device"):
+        edge_embed.load(bundle, precision="int4")
 
 
 @pytest.mark.parametrize("which", ["qwen3", "minilm"])

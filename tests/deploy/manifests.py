@@ -38,5 +38,10 @@ def server_container(daemonset: dict) -> dict:
     return next(c for c in daemonset["spec"]["template"]["spec"]["containers"] if c["name"] == "edge-embed")
 
 
+def cpu_pod_env() -> dict[str, str]:
+    """The environment the CPU DaemonSet gives the server (its token budget among it)."""
+    return {e["name"]: e["value"] for e in server_container(find("DaemonSet", "edge-embed-cpu"))["env"]}
+
+
 def cpu_memory_limit_bytes() -> int:
     return memory_bytes(server_container(find("DaemonSet", "edge-embed-cpu"))["resources"]["limits"]["memory"])
