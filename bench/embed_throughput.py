@@ -8,9 +8,10 @@ Prints a table and writes JSON (bench/results/embed_throughput.json by default).
     python bench/embed_throughput.py [--threads 2] [--repeat 3] [--qwen3-0.6b]
 
 --qwen3-0.6b adds a Qwen3-Embedding-0.6B-shaped model (real config, random weights:
-compute does not depend on values): export time, file size per variant (and the INT8
-file with its vocabulary table left FP32, as before tables were quantized), load time,
-FP32 / INT8 / INT4 throughput and peak RSS. It needs ~12 GB of memory and many minutes.
+compute does not depend on values): FP32 export time, then the file size of each recipe
+(INT8 with its vocabulary table left FP32, as before tables were quantized, and as int8
+rows; INT4), load time, throughput on mixed texts in batches of 16 and peak RSS. It needs
+~12 GB of memory and many minutes.
 """
 
 from __future__ import annotations
@@ -157,13 +158,18 @@ def peak_rss_mb() -> float:
 
 
 def bench_qwen3_06b(args) -> list[dict]:
-    """Qwen3-Embedding-0.6B shape with random weights: export, size, load, FP32 vs INT8."""
+    """Qwen3-Embedding-0.6B shape with random weights: the FP32 export, then each quantized
+    recipe applied to it directly (random weights make a gate search meaningless; sizes and
+    speed do not depend on the values): file size, load time, throughput, peak RSS."""
+    import onnxruntime as ort
     import torch
     from transformers import Qwen3Config, Qwen3Model
 
     import edge_embed
     from conftest import build_tiny_qwen3
     from edge_embed.export import export
+    from edge_embed.export.quantize import quantize_int4, quantize_per_token_int8
+    from edge_embed.tokenization import BundleTokenizer, model_inputs
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -178,31 +184,45 @@ def bench_qwen3_06b(args) -> list[dict]:
         torch.manual_seed(0)
         Qwen3Model(config).save_pretrained(src)
         start = time.perf_counter()
-        export(src, bundle, "fp32,int8,int4", model_id="qwen3-embedding-0.6b-shape")
+        export(src, bundle, "fp32", model_id="qwen3-embedding-0.6b-shape")
         export_s = time.perf_counter() - start
         manifest = edge_embed.load_bundle(bundle).manifest
-        from edge_embed.export.quantize import quantize_per_token_int8
-
-        fp32_tables = Path(tmp) / "int8-fp32-tables.onnx"
-        quantize_per_token_int8(bundle / manifest.variants["fp32"].file, fp32_tables,
-                                exclude=tuple(manifest.variants["int8"].recipe["excluded_nodes"]), tables=False)
-        rows.append({"model": "qwen3-0.6b-shape", "precision": "int8, vocabulary table fp32 (before)",
-                     "bytes": fp32_tables.stat().st_size})
-        fp32_tables.unlink()
-        texts = workloads()["mixed"][:128]
-        for precision in ("fp32", "int8", "int4"):
+        fp32 = bundle / manifest.variants["fp32"].file
+        variants = {
+            "fp32": (fp32, manifest.variants["fp32"].bytes),
+            "int8 per-token, vocabulary table fp32 (before)": Path(tmp) / "int8-fp32-table.onnx",
+            "int8 per-token, vocabulary table int8 rows (now)": Path(tmp) / "int8.onnx",
+            "int4 blocks of 32, vocabulary table int8 rows": Path(tmp) / "int4.onnx",
+        }
+        quantize_per_token_int8(fp32, variants["int8 per-token, vocabulary table fp32 (before)"], tables=False)
+        quantize_per_token_int8(fp32, variants["int8 per-token, vocabulary table int8 rows (now)"])
+        quantize_int4(fp32, variants["int4 blocks of 32, vocabulary table int8 rows"])
+        tokenizer = BundleTokenizer(bundle / "tokenizer.json", manifest)
+        seqs = tokenizer.encode(workloads()["mixed"][:64])
+        batches = [seqs[i:i + 16] for i in range(0, len(seqs), 16)]
+        reference = None
+        for name, entry in variants.items():
+            path, size = entry if isinstance(entry, tuple) else (entry, entry.stat().st_size)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = args.threads
             start = time.perf_counter()
-            provider = edge_embed.load(bundle, precision=precision, threads=args.threads)
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             load_s = time.perf_counter() - start
-            seconds, _ = timed(provider.embed, texts, 1)
+            run = lambda b: session.run([manifest.graph_output], model_inputs(b, manifest))[0]  # noqa: E731
+            run(batches[0])
+            start = time.perf_counter()
+            vectors = np.vstack([run(b) for b in batches])
+            seconds = time.perf_counter() - start
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            reference = vectors if reference is None else reference
             rows.append({
-                "model": "qwen3-0.6b-shape", "precision": precision, "export_s": round(export_s, 1),
-                "bytes": manifest.variants[precision].bytes, "load_s": round(load_s, 2),
-                "sentences_per_s": round(len(texts) / seconds, 2),
-                "parity_cos_min": manifest.variants[precision].parity.cos_min,
+                "model": "qwen3-0.6b-shape", "variant": name, "export_s": round(export_s, 1),
+                "file_mb": round(size / 1e6), "load_s": round(load_s, 2),
+                "sentences_per_s": round(len(seqs) / seconds, 2),
+                "cos_min_vs_fp32_random_weights": round(float(np.sum(vectors * reference, axis=1).min()), 4),
                 "peak_rss_mb": round(peak_rss_mb()),
             })
-            provider.close()
+            del session
     return rows
 
 
@@ -223,13 +243,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--bundle", type=Path, help="reuse an exported MiniLM bundle (fp32+int8)")
     parser.add_argument("--qwen3-0.6b", dest="qwen3", action="store_true")
+    parser.add_argument("--only-qwen3", action="store_true", help="skip the MiniLM contenders")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "embed_throughput.json")
     args = parser.parse_args()
 
-    rows = bench_minilm(args)
+    rows = [] if args.only_qwen3 else bench_minilm(args)
     print_table(rows)
     summary = {}
-    for workload in workloads():
+    for workload in workloads() if rows else ():
         by = {r["contender"]: r["sentences_per_s"] for r in rows if r["workload"] == workload}
         summary[workload] = {
             "fp32_vs_plain_ort": round(by["edge-embed fp32"] / by["onnxruntime default export, batches of 32"], 2),
@@ -237,7 +258,7 @@ def main() -> None:
             "fp32_vs_pytorch": round(by["edge-embed fp32"] / by["pytorch eager, batches of 32"], 2),
         }
     print("ratios (sentences/s):", json.dumps(summary, indent=1))
-    qwen_rows = bench_qwen3_06b(args) if args.qwen3 else []
+    qwen_rows = bench_qwen3_06b(args) if args.qwen3 or args.only_qwen3 else []
     print_table(qwen_rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({

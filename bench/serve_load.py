@@ -309,8 +309,8 @@ async def run(args, bundle: Path) -> dict:
         saturation = [await closed_loop(target, pid, args.seconds, texts)]
     saturation += in_process(bundle, args.seconds, texts)
     sweep = [] if args.skip_sweep else await max_wait_sweep(bundle, args.seconds, texts)
-    versus = await saturation_vs_baseline(bundle, args.baseline, args.seconds, texts, args.server_threads) \
-        if args.baseline else None
+    versus = await saturation_vs_baseline(bundle, args.baseline, args.seconds, texts, args.server_threads,
+                                          args.rounds) if args.baseline else None
     return {"rates": rate_rows, "skipped_rates": skipped, "saturation": saturation, "max_wait_sweep": sweep,
             "saturation_vs_baseline": versus}
 
@@ -342,6 +342,7 @@ def main() -> None:
     parser.add_argument("--skip-sweep", action="store_true", help="skip the max-wait sweep")
     parser.add_argument("--server-threads", type=int, help="the server's --threads (default: its own default)")
     parser.add_argument("--baseline", type=Path, help="another bundle to compare gRPC saturation with")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating saturation rounds with --baseline")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve_load.json")
     args = parser.parse_args()
     from edge_embed.default_model import ensure_default_bundle
