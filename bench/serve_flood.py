@@ -6,7 +6,7 @@ one-text calls (3 s deadlines) arrive during the flood. Reports the server's pea
 (VmHWM, the kernel's high-water mark over the whole run), each small call's latency, and
 how the big calls ended and how fast.
 
-Thrash: `--bundle a=B@int8 --bundle b=B@fp32 --memory-budget 700MiB` (one fits, not both),
+Thrash: `--bundle a=B@int8 --bundle b=B@fp32 --memory-budget 1GiB` (one fits, not both),
 3 rounds of 5 + 5 concurrent calls with 60 s deadlines; reports answers and model loads.
 
 Prints tables and writes JSON (bench/results/serve_flood.json by default).
@@ -170,7 +170,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, help="bundle with int8 and fp32 variants (default: the default model)")
     parser.add_argument("--budget", default="1GiB", help="the flood server's --memory-budget")
-    parser.add_argument("--thrash-budget", default="700MiB", help="the thrash server's --memory-budget")
+    parser.add_argument("--thrash-budget", default="1GiB", help="the thrash server's --memory-budget")
     parser.add_argument("--skip-thrash", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve_flood.json")
     args = parser.parse_args()

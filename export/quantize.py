@@ -231,25 +231,39 @@ def quantize_per_token_int8(src: Path, dst: Path, *, reduce_range: bool = True,
     tiny = const("pt_min_scale", np.array(1e-30, dtype=np.float32))
     last_axis = const("pt_last_axis", np.array([-1], dtype=np.int64))
 
+    # Leading dims of each tensor, where the exporter recorded them: inputs with the same
+    # leading dims ([batch, sequence] in every encoder layer) have scales of one shape and
+    # share one zero-point tensor, built once per run instead of once per input.
+    leading = {}
+    for info in [*graph.value_info, *graph.input]:
+        dims = info.type.tensor_type.shape.dim
+        if dims and all(d.dim_param or d.dim_value for d in dims[:-1]):
+            leading[info.name] = tuple(d.dim_param or d.dim_value for d in dims[:-1])
+    zero_points: dict[tuple, str] = {}
+
     def quantize_rows(x: str, width: int) -> tuple[str, str]:
         if x in quantized_inputs:
             return quantized_inputs[x]
         base = unique(f"pt_{x}")
-        absx, amax, scale, safe, shape, zero, q = (f"{base}_{s}" for s in (
-            "abs", "amax", "scale", "safe_scale", "shape", "zero_point", "u8"))
+        absx, amax, scale, safe, q = (f"{base}_{s}" for s in ("abs", "amax", "scale", "safe_scale", "u8"))
         new_nodes.extend([
             helper.make_node("Abs", [x], [absx], name=f"{base}_Abs"),
             helper.make_node("ReduceMax", [absx, last_axis], [amax], name=f"{base}_ReduceMax", keepdims=1),
             helper.make_node("Mul", [amax, inv_qmax], [scale], name=f"{base}_Scale"),
             helper.make_node("Max", [scale, tiny], [safe], name=f"{base}_SafeScale"),
+        ])
+        key = leading.get(x) or (x,)
+        if key not in zero_points:
             # uint8 with zero point 128: x86's fast integer GEMMs are u8 x s8 (s8 x s8 is
             # several times slower there); a blocked zero point has the scale's shape.
-            helper.make_node("Shape", [safe], [shape], name=f"{base}_Shape"),
-            helper.make_node("ConstantOfShape", [shape], [zero], name=f"{base}_ZeroPoint",
-                             value=numpy_helper.from_array(np.array([128], dtype=np.uint8))),
-            helper.make_node("QuantizeLinear", [x, safe, zero], [q], name=f"{base}_Quantize", axis=-1,
-                             block_size=width),
-        ])
+            shape, zero_points[key] = f"{base}_shape", f"{base}_zero_point"
+            new_nodes.extend([
+                helper.make_node("Shape", [safe], [shape], name=f"{base}_Shape"),
+                helper.make_node("ConstantOfShape", [shape], [zero_points[key]], name=f"{base}_ZeroPoint",
+                                 value=numpy_helper.from_array(np.array([128], dtype=np.uint8))),
+            ])
+        new_nodes.append(helper.make_node("QuantizeLinear", [x, safe, zero_points[key]], [q],
+                                          name=f"{base}_Quantize", axis=-1, block_size=width))
         quantized_inputs[x] = (q, safe)
         return quantized_inputs[x]
 
@@ -294,12 +308,25 @@ def quantize_per_token_int8(src: Path, dst: Path, *, reduce_range: bool = True,
             helper.make_node("Sign", [plus], [sign], name=sign),
             helper.make_node("Cast", [sign], [runtime_one], name=runtime_one, to=TensorProto.FLOAT),
         ]
-        for node in biased:
-            position = next(k for k, i in enumerate(node.input) if i in weights)
-            runtime_bias = unique(f"{node.input[position]}_runtime")
-            prelude.append(helper.make_node("Mul", [node.input[position], runtime_one], [runtime_bias],
-                                            name=runtime_bias))
-            node.input[position] = runtime_bias
+        # All biases ride one run-time Mul and one Split: two ops per run, not one per bias.
+        positions = [next(k for k, i in enumerate(n.input) if i in weights) for n in biased]
+        biases = [numpy_helper.to_array(weights[n.input[k]]) for n, k in zip(biased, positions)]
+        if all(b.ndim == 1 and b.dtype == np.float32 for b in biases):
+            joined, joined_runtime = const("pt_biases", np.concatenate(biases)), unique("pt_biases_runtime")
+            sizes = const("pt_bias_sizes", np.array([b.size for b in biases], dtype=np.int64))
+            outputs = [unique(f"{n.input[k]}_runtime") for n, k in zip(biased, positions)]
+            prelude += [
+                helper.make_node("Mul", [joined, runtime_one], [joined_runtime], name=joined_runtime),
+                helper.make_node("Split", [joined_runtime, sizes], outputs, name=unique("pt_biases_split"), axis=0),
+            ]
+            for node, k, output in zip(biased, positions, outputs):
+                node.input[k] = output
+        else:
+            for node, k in zip(biased, positions):
+                runtime_bias = unique(f"{node.input[k]}_runtime")
+                prelude.append(helper.make_node("Mul", [node.input[k], runtime_one], [runtime_bias],
+                                                name=runtime_bias))
+                node.input[k] = runtime_bias
         rewritten = prelude + rewritten
     used = {i for n in rewritten for i in n.input}
     kept_inits = [init for init in graph.initializer if init.name in used]

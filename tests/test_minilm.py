@@ -144,6 +144,11 @@ def test_per_token_int8_runs_on_fused_integer_kernels(minilm_bundle, tmp_path):
     assert "DynamicQuantizeLinear" not in ops and "DynamicQuantizeMatMul" not in ops
     assert recipe["embedding_tables"] == "int8 per row, symmetric (30522x384)"
     graph = onnx.load(str(minilm_bundle / "model.int8.onnx")).graph
+    # Few extra nodes per run: one zero point for every [batch, sequence] input, one run-time
+    # Mul and Split for all biases.
+    names = [n.name for n in graph.node]
+    assert sum(n.endswith("_ZeroPoint") for n in names) == 1
+    assert sum(n.op_type == "Split" and n.name.startswith("pt_biases") for n in graph.node) == 1
     tables = {i.name: i for i in graph.initializer if i.name.endswith("word_embeddings.weight_int8")}
     assert [list(t.dims) for t in tables.values()] == [[30522, 384]]
     assert all(t.data_type == onnx.TensorProto.INT8 for t in tables.values())
