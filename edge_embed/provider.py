@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol, runtime_checkable
@@ -27,6 +28,8 @@ from .manifest import Parity, check_dimensions
 from .parity import Gates, alone_vs_batch_cos, batch_probe_indices, gate_failure, measure_parity
 from .platform import usable_cpu_count
 from .tokenization import BundleTokenizer, check_texts
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ModelRunner", "EmbeddingProvider", "ProviderInfo", "BundleEmbedder", "finish_vectors"]
 
@@ -254,7 +257,8 @@ class BundleEmbedder(abc.ABC):
         An INT8 or FP16 graph can score differently on other CPU kernels or GPUs than where
         it was exported; this is the check that settles it. Below the variant's gate the
         provider is refused (BundleError) unless `enforce` is false. `probes` texts are
-        spread evenly over the golden set, plus the export's worst one.
+        spread evenly over the golden set, plus the export's worst one. A variant that
+        claims batch invariance but is not batch-invariant here runs one text per batch.
         """
         gates = gates or self.shipped_gates()
         texts, reference = self.bundle.golden()
@@ -262,9 +266,18 @@ class BundleEmbedder(abc.ABC):
         picked = sorted(set(np.linspace(0, len(texts) - 1, min(probes, len(texts))).astype(int).tolist())
                         | ({texts.index(export_worst)} if export_worst in texts else set()))
         chosen = [texts[i] for i in picked]
-        seqs = self.tokenizer.encode(chosen)
-        vectors = self.embed_token_ids(seqs)
         batch_cos = self._alone_vs_batch(self.tokenizer.encode(texts)) if self.batch_invariant else None
+        if batch_cos is not None and batch_cos < gates.batch_cos_min:
+            # This device's kernels make the variant's vectors depend on batch neighbours
+            # (an FP32 GEMM that runs one row differently from many flips an int8 rounding
+            # downstream). "Same text, same vector" is kept by running it one text per batch.
+            log.warning("the %s variant's vectors depend on their batch neighbours on this device (alone vs in "
+                        "a batch: cos %.6f < %g): it runs one text per batch here", self.precision, batch_cos,
+                        gates.batch_cos_min)
+            self.batch_invariant = False
+            self.limits = self.limits.for_variant(False)
+            batch_cos = None
+        vectors = self.embed_token_ids(self.tokenizer.encode(chosen))
         if not np.isfinite(vectors).all():
             bad = int(np.flatnonzero(~np.isfinite(vectors).all(axis=1))[0])
             raise BundleError(f"the {self.precision} variant gives a non-finite vector on this device for the "

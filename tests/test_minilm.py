@@ -126,6 +126,30 @@ def test_per_tensor_int8_runs_one_text_per_batch_so_neighbours_do_not_matter(min
     assert np.sum(together * alone, axis=1).min() >= 0.99999
 
 
+def test_a_variant_not_batch_invariant_on_this_device_runs_one_text_per_batch(minilm_per_tensor_bundle,
+                                                                              tampered, caplog):
+    """Batch invariance is measured on the device, not taken from the manifest: a variant
+    whose vectors depend on their neighbours here (this one claims otherwise) is served
+    one text per batch, with a warning, instead of being refused or batched."""
+    import logging
+
+    from edge_embed.export.probes import probe_texts
+
+    bundle = tampered(minilm_per_tensor_bundle)
+    raw = json.loads((bundle / "manifest.json").read_text())
+    raw["variants"]["int8"]["recipe"]["batch_invariant"] = True
+    (bundle / "manifest.json").write_text(json.dumps(raw))
+    texts = probe_texts()[::6]
+    with caplog.at_level(logging.WARNING, logger="edge_embed"):
+        with edge_embed.load(bundle, precision="int8") as provider:
+            assert provider.info.batch_invariant is False and provider.limits.max_batch_size == 1
+            assert provider.info.parity_ok is True
+            together = provider.embed(texts)
+            alone = np.vstack([provider.embed([t]) for t in texts])
+    assert "runs one text per batch here" in caplog.text
+    assert np.sum(together * alone, axis=1).min() >= 0.99999
+
+
 def test_per_token_int8_runs_on_fused_integer_kernels(minilm_bundle, tmp_path):
     """Per-token INT8 quantizes activations per token and runs ONNX Runtime's fused
     integer GEMM (MatMulIntegerToFloat), as the optimized graph shows; the vocabulary
