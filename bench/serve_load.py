@@ -14,6 +14,11 @@ Prints tables and writes JSON (bench/results/serve_load.json by default).
 --baseline adds the same gRPC saturation for another bundle (say, one with the old
 per-tensor INT8 that runs one text per batch), in alternating rounds with --bundle's,
 and their ratio.
+
+--http serves the OpenAI-compatible HTTP API from the same process too, and runs every
+open-loop rate over both transports, alternating (gRPC, then HTTP, at each rate), with
+the same texts and deadline; HTTP requests are POST /v1/embeddings from one aiohttp
+session (keep-alive connections, as the openai client keeps).
 """
 
 from __future__ import annotations
@@ -82,7 +87,8 @@ def stop_process(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def running_server(bundle: Path, max_wait_ms: float, start_timeout_s: float = 240.0, threads: int | None = None):
+def running_server(bundle: Path, max_wait_ms: float, start_timeout_s: float = 240.0, threads: int | None = None,
+                   http_port: int | None = None):
     """An `edge-embed serve` process on a free port, SERVING; yields (target, pid)."""
     port = free_port()
     target = f"127.0.0.1:{port}"
@@ -90,6 +96,8 @@ def running_server(bundle: Path, max_wait_ms: float, start_timeout_s: float = 24
            "--port", str(port), "--precision", "int8", "--max-wait-ms", str(max_wait_ms)]
     if threads is not None:
         cmd += ["--threads", str(threads)]
+    if http_port is not None:
+        cmd += ["--http-port", str(http_port)]
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         try:
@@ -121,21 +129,51 @@ async def send_one(client, text: str, due: float, outcomes: list[Outcome]) -> No
     outcomes.append(Outcome(due, sent, loop.time(), "OK", response.queue_ms, response.inference_ms))
 
 
-async def open_loop(target: str, rate: float, seconds: float, texts: list[str]) -> dict:
-    """Requests due at i/rate for WARMUP_S + seconds; one row over those due after the warm-up."""
+async def send_one_http(session, url: str, text: str, due: float, outcomes: list[Outcome]) -> None:
+    """POST one text to /v1/embeddings; a failure is named by its HTTP status or exception."""
+    loop = asyncio.get_running_loop()
+    sent = loop.time()
+    try:
+        async with session.post(url, json={"input": [text]}) as response:
+            body = await response.read()
+            status = "OK" if response.status == 200 and json.loads(body)["data"] else f"HTTP_{response.status}"
+    except asyncio.TimeoutError:
+        status = "TIMEOUT"
+    except Exception as exc:
+        status = type(exc).__name__
+    outcomes.append(Outcome(due, sent, loop.time(), status, None, None))
+
+
+async def open_loop(target: str, rate: float, seconds: float, texts: list[str], http_url: str | None = None) -> dict:
+    """Requests due at i/rate for WARMUP_S + seconds; one row over those due after the warm-up.
+    Over gRPC to target, or, with http_url, over HTTP to that /v1/embeddings URL."""
     from edge_embed.client import AsyncEmbedClient
 
     loop = asyncio.get_running_loop()
     outcomes: list[Outcome] = []
-    async with AsyncEmbedClient(target, timeout=DEADLINE_S, retries=0) as client:
-        await client.info()
+    async with contextlib.AsyncExitStack() as stack:
+        if http_url is None:
+            client = await stack.enter_async_context(AsyncEmbedClient(target, timeout=DEADLINE_S, retries=0))
+            await client.info()
+
+            def send(text: str, due: float):
+                return send_one(client, text, due, outcomes)
+        else:
+            import aiohttp
+
+            session = await stack.enter_async_context(aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=DEADLINE_S), connector=aiohttp.TCPConnector(limit=256)))
+            await send_one_http(session, http_url, texts[0], loop.time(), [])
+
+            def send(text: str, due: float):
+                return send_one_http(session, http_url, text, due, outcomes)
         start = loop.time() + 0.05
         tasks = []
         for i in range(int((WARMUP_S + seconds) * rate)):
             due = start + i / rate
             if (delay := due - loop.time()) > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(send_one(client, texts[i % len(texts)], due, outcomes)))
+            tasks.append(asyncio.create_task(send(texts[i % len(texts)], due)))
         await asyncio.gather(*tasks)
     window_start = start + WARMUP_S
     return rate_row(rate, [o for o in outcomes if o.due >= window_start], window_start)
@@ -158,9 +196,13 @@ def rate_row(rate: float, outcomes: list[Outcome], window_start: float) -> dict:
         "p50_ms": pct(latency, 50), "p95_ms": pct(latency, 95), "p99_ms": pct(latency, 99),
         "achieved_qps": round(len(ok) / max(end - window_start, 1e-9), 1),
         "send_lag_p99_ms": pct([(o.sent - o.due) * 1000 for o in outcomes], 99),
-        "server_queue_ms_mean": round(float(np.mean([o.queue_ms for o in ok])), 2) if ok else None,
-        "server_infer_ms_mean": round(float(np.mean([o.inference_ms for o in ok])), 2) if ok else None,
+        "server_queue_ms_mean": mean([o.queue_ms for o in ok if o.queue_ms is not None]),
+        "server_infer_ms_mean": mean([o.inference_ms for o in ok if o.inference_ms is not None]),
     }
+
+
+def mean(values: list[float]) -> float | None:
+    return round(float(np.mean(values)), 2) if values else None
 
 
 def overloaded(row: dict) -> bool:
@@ -277,17 +319,32 @@ async def saturation_vs_baseline(bundle: Path, baseline: Path, seconds: float, t
             "ratio": round(float(np.median(rates["bundle"]) / np.median(rates["baseline"])), 2)}
 
 
+def best_rate(rows: list[dict]) -> float | None:
+    """The highest rate whose P95 met the target without overload."""
+    fine = [r["qps"] for r in rows if not overloaded(r) and r["p95_ms"] is not None and r["p95_ms"] < P95_TARGET_MS]
+    return max(fine, default=None)
+
+
 def summarize(rates: list[dict], sweep: list[dict], saturation: list[dict], max_wait_ms: float) -> dict:
     """Headline numbers: best rate under the P95 target, P95 at 50 QPS, saturation ratio."""
-    fine = [r["qps"] for r in rates if not overloaded(r) and r["p95_ms"] is not None and r["p95_ms"] < P95_TARGET_MS]
+    http = [r for r in rates if r["transport"] == "http"]
+    rates = [r for r in rates if r["transport"] == "grpc"]
+    fine = best_rate(rates)
     at_50 = [r["p95_ms"] for r in rates if r["qps"] == SWEEP_QPS]
     at_50 += [r["p95_ms"] for r in sweep if r["max_wait_ms"] == max_wait_ms]
     by_mode = {r["mode"]: r["texts_per_s"] for r in saturation}
     grpc_tps, batched = saturation[0]["texts_per_s"], by_mode[f"in-process, batches of {BATCH}"]
     swept = [r for r in sweep if r["p95_ms"] is not None]
+    over_http = {}
+    if http:
+        over_http = {
+            f"http_highest_qps_with_p95_under_{P95_TARGET_MS:g}ms": best_rate(http),
+            f"http_p95_ms_at_{SWEEP_QPS}_qps": next((r["p95_ms"] for r in http if r["qps"] == SWEEP_QPS), None),
+        }
     return {
-        f"highest_qps_with_p95_under_{P95_TARGET_MS:g}ms": max(fine, default=None),
+        f"highest_qps_with_p95_under_{P95_TARGET_MS:g}ms": fine,
         f"p95_ms_at_{SWEEP_QPS}_qps": at_50[0] if at_50 else None,
+        **over_http,
         "saturation_grpc_over_in_process_batched": round(grpc_tps / batched, 3) if batched else None,
         "max_wait_ms_min_p95": min(swept, key=lambda r: r["p95_ms"])["max_wait_ms"] if swept else None,
     }
@@ -299,11 +356,20 @@ async def run(args, bundle: Path) -> dict:
 
     texts = list(PROBE_CATEGORIES["query"])
     rates = [float(r) if "." in r else int(r) for r in args.rates.split(",") if r.strip()]
-    with running_server(bundle, args.max_wait_ms, threads=args.server_threads) as (target, pid):
-        rate_rows, skipped = [], []
+    http_port = free_port() if args.http else None
+    http_url = f"http://127.0.0.1:{http_port}/v1/embeddings" if args.http else None
+    transports = ("grpc", "http") if args.http else ("grpc",)
+    with running_server(bundle, args.max_wait_ms, threads=args.server_threads, http_port=http_port) as (target, pid):
+        rate_rows, skipped, broken = [], [], set()
         for k, rate in enumerate(rates):
-            rate_rows.append(await open_loop(target, rate, args.seconds, texts))
-            if overloaded(rate_rows[-1]):
+            for transport in transports:
+                if transport in broken:
+                    continue
+                row = await open_loop(target, rate, args.seconds, texts, http_url if transport == "http" else None)
+                rate_rows.append({"transport": transport, **row})
+                if overloaded(row):
+                    broken.add(transport)
+            if broken == set(transports):
                 skipped = rates[k + 1:]
                 break
         saturation = [await closed_loop(target, pid, args.seconds, texts)]
@@ -343,6 +409,8 @@ def main() -> None:
     parser.add_argument("--server-threads", type=int, help="the server's --threads (default: its own default)")
     parser.add_argument("--baseline", type=Path, help="another bundle to compare gRPC saturation with")
     parser.add_argument("--rounds", type=int, default=3, help="alternating saturation rounds with --baseline")
+    parser.add_argument("--http", action="store_true",
+                        help="also serve HTTP and run every rate over both transports, alternating")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve_load.json")
     args = parser.parse_args()
     from edge_embed.default_model import ensure_default_bundle
@@ -359,7 +427,8 @@ def main() -> None:
                     "cpus": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in loadavg]},
         "config": {"bundle": str(args.bundle), "baseline": str(args.baseline or ""), "precision": "int8", "server_threads": args.server_threads or "default",
                    "in_process_threads": 2, "seconds": args.seconds,
-                   "warmup_s": WARMUP_S, "deadline_s": DEADLINE_S, "max_wait_ms": args.max_wait_ms},
+                   "warmup_s": WARMUP_S, "deadline_s": DEADLINE_S, "max_wait_ms": args.max_wait_ms,
+                   "transports": ["grpc", "http"] if args.http else ["grpc"]},
         **results,
     }, indent=2))
     print(f"wrote {args.out}")

@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="describe a bundle and what would run")
     _bundle_options(info)
 
-    sv = sub.add_parser("serve", help="serve bundles over gRPC (default: the default model)")
+    sv = sub.add_parser("serve", help="serve bundles over gRPC, and HTTP if asked (default: the default model)")
     sv.add_argument("--bundle", action="append", metavar="[NAME=]PATH[@PRECISION]",
                     help="a bundle to serve; repeat for several (requests pick one by `model`)")
     sv.add_argument("--models-dir", type=Path, help="serve every bundle folder in this folder, named by folder")
@@ -92,12 +92,16 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", help="address to bind (default 127.0.0.1)")
     sv.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
     sv.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default: off)")
+    sv.add_argument("--http-port", type=int,
+                    help="OpenAI-compatible HTTP API (/v1/embeddings, /v1/models, /health, /ready) on this port, "
+                         "same batcher, limits, token and TLS as gRPC (default: off)")
     sv.add_argument("--max-batch-tokens", type=_positive_int, help="padded-token budget of one batch")
     sv.add_argument("--max-batch-size", type=_positive_int, help="texts in one batch at most")
     sv.add_argument("--max-wait-ms", type=float, help="how long a batch waits for company")
     sv.add_argument("--max-queue-tokens", type=_positive_int,
                     help="tokens queued per model before RESOURCE_EXHAUSTED (default: 16 batches' worth)")
-    sv.add_argument("--max-concurrent-rpcs", type=_positive_int, help="RPCs handled at once (default 64)")
+    sv.add_argument("--max-concurrent-rpcs", type=_positive_int,
+                    help="requests handled at once per transport (default 64)")
     sv.add_argument("--run-timeout-s", type=float,
                     help="a model run longer than this means the worker hung: stop serving (default 120)")
     sv.add_argument("--max-consecutive-failures", type=_positive_int,

@@ -2,6 +2,7 @@
 
     EdgeEmbedError                 base; never raised itself
     ├── InvalidInputError          bad texts or options from a caller (also a ValueError)
+    │   └── RequestTooLargeError   a request over the server's message size limit
     ├── ModelNotFoundError         a request names a model the server does not hold
     ├── UnauthenticatedError       a request without the server's bearer token
     ├── BundleError                a bundle is missing, malformed or fails its checksums
@@ -16,9 +17,11 @@
     └── OverloadedError            the server is at its queue, concurrency or memory limit; retry later
         └── MemoryBudgetError      the work cannot fit the memory budget even alone; do not retry
 
-Each class carries the gRPC status code name and the CLI exit code that the server and
-the CLI use, and says whether waiting can cure it (`retry_after_ms`, sent to clients as the
-`retry-after-ms` trailer); `grpc_code_of` and `retry_after_ms_of` are the only readers.
+Each class carries the gRPC status code name, the HTTP status and the CLI exit code that
+the two transports and the CLI use, and says whether waiting can cure it (`retry_after_ms`,
+sent to gRPC clients as the `retry-after-ms` trailer and to HTTP clients as `Retry-After`
+and `retry-after-ms` headers); `grpc_code_of`, `http_status_of` and `retry_after_ms_of` are
+the only readers.
 Exceptions from other libraries never travel past the backend boundary untranslated.
 """
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 __all__ = [
     "EdgeEmbedError",
     "InvalidInputError",
+    "RequestTooLargeError",
     "ModelNotFoundError",
     "UnauthenticatedError",
     "BundleError",
@@ -40,12 +44,14 @@ __all__ = [
     "NonFiniteOutputError",
     "WorkerStoppedError",
     "grpc_code_of",
+    "http_status_of",
     "retry_after_ms_of",
 ]
 
 
 class EdgeEmbedError(Exception):
     grpc_code = "INTERNAL"
+    http_status = 500
     exit_code = 1
     retry_after_ms: int | None = None  # set where waiting is known to cure it (a full queue)
 
@@ -57,26 +63,37 @@ class EdgeEmbedError(Exception):
 
 class InvalidInputError(EdgeEmbedError, ValueError):
     grpc_code = "INVALID_ARGUMENT"
+    http_status = 400
     exit_code = 2
+
+
+class RequestTooLargeError(InvalidInputError):
+    """A request body over `max_message_bytes`; refused before it is parsed."""
+
+    http_status = 413
 
 
 class ModelNotFoundError(EdgeEmbedError):
     grpc_code = "NOT_FOUND"
+    http_status = 404
     exit_code = 2
 
 
 class UnauthenticatedError(EdgeEmbedError):
     grpc_code = "UNAUTHENTICATED"
+    http_status = 401
     exit_code = 7
 
 
 class BundleError(EdgeEmbedError):
     grpc_code = "FAILED_PRECONDITION"
+    http_status = 500  # the server's bundle, not the request, is at fault
     exit_code = 3
 
 
 class BackendUnavailableError(EdgeEmbedError):
     grpc_code = "UNAVAILABLE"
+    http_status = 503
     exit_code = 4
 
 
@@ -99,11 +116,13 @@ class GateError(ExportError):
 
 class OverloadedError(EdgeEmbedError):
     grpc_code = "RESOURCE_EXHAUSTED"
+    http_status = 429
     exit_code = 6
 
 
 class ModelNotReadyError(EdgeEmbedError):
     grpc_code = "UNAVAILABLE"
+    http_status = 503
     exit_code = 4
     retry_after_ms = 1000
 
@@ -111,11 +130,14 @@ class ModelNotReadyError(EdgeEmbedError):
 class MemoryBudgetError(OverloadedError):
     """Eviction cannot help: the work is bigger than the budget left beside pinned models."""
 
+    http_status = 413  # too big even alone: clients must not retry it as they retry 429
+
 
 class ModelRunError(EdgeEmbedError):
     """The backend failed to run a batch. Transient causes (memory) are common: retry."""
 
     grpc_code = "UNAVAILABLE"
+    http_status = 503
     exit_code = 4
     retry_after_ms = 200
 
@@ -128,6 +150,7 @@ class NonFiniteOutputError(EdgeEmbedError):
     """
 
     grpc_code = "FAILED_PRECONDITION"
+    http_status = 422  # the same input fails the same way again
     exit_code = 1
 
 
@@ -135,6 +158,7 @@ class WorkerStoppedError(EdgeEmbedError):
     """A model worker that failed repeatedly or hung; a restart (the supervisor's) cures it."""
 
     grpc_code = "UNAVAILABLE"
+    http_status = 503
     exit_code = 4
     retry_after_ms = 1000
 
@@ -142,6 +166,11 @@ class WorkerStoppedError(EdgeEmbedError):
 def grpc_code_of(exc: BaseException) -> str:
     """The gRPC status code name for any exception; a foreign one is a bug, so INTERNAL."""
     return exc.grpc_code if isinstance(exc, EdgeEmbedError) else "INTERNAL"
+
+
+def http_status_of(exc: BaseException) -> int:
+    """The HTTP status for any exception; a foreign one is a bug, so 500."""
+    return exc.http_status if isinstance(exc, EdgeEmbedError) else 500
 
 
 def retry_after_ms_of(exc: BaseException) -> int | None:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,22 @@ def qwen3_mlx_bundle(qwen3_source: Path) -> Path:
         export(qwen3_source, dest / "bundle", "fp32,mlx-fp32,mlx-fp16", model_id="tiny-qwen3")
 
     return _cached("qwen3-mlx", build) / "bundle"
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory):
+    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate (openssl)."""
+    d = tmp_path_factory.mktemp("certs")
+
+    def sh(*args):
+        subprocess.run(args, cwd=d, check=True, capture_output=True, timeout=60)
+
+    sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+       "-days", "2", "-subj", "/CN=edge-embed test CA")
+    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        sh("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+           "-subj", f"/CN={name}")
+        sh("openssl", "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+           "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", "san.ext")
+    return d

@@ -17,6 +17,7 @@ def running_server(provider, **config):
     thread.start()
     cfg = ServerConfig(**{"host": "127.0.0.1", "port": 0, **config})
     edge, port = asyncio.run_coroutine_threadsafe(create_server(cfg, provider), loop).result(60)
+    _LOOPS[id(edge)] = loop
     try:
         yield edge, f"127.0.0.1:{port}"
     finally:
@@ -24,7 +25,15 @@ def running_server(provider, **config):
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+        _LOOPS.pop(id(edge), None)
 
+
+_LOOPS: dict[int, asyncio.AbstractEventLoop] = {}
+
+
+def on_server_loop(edge, coroutine):
+    """Run a coroutine on a running_server's loop; returns its concurrent Future."""
+    return asyncio.run_coroutine_threadsafe(coroutine, _LOOPS[id(edge)])
 
 
 def settle(futures) -> list[tuple[str, object]]:

@@ -217,13 +217,21 @@ def test_bundle_can_be_mounted_instead_of_baked(containers, amd64_images, contex
 
     from edge_embed.client import EmbedClient
 
-    port = free_port()
-    options = [*_serve_options(port, free_port()), "-v", f"{context / 'bundle'}:/bundle:ro"]
+    port, http_port = free_port(), free_port()
+    options = [*_serve_options(port, free_port()), "-v", f"{context / 'bundle'}:/bundle:ro",
+               "-e", f"EDGE_EMBED_HTTP_PORT={http_port}"]
     with running(containers, image, f"edge-embed-test-mounted-{os.getpid()}", timeout=600,
                  options=options) as container:
         container.wait_healthy(180)
         with EmbedClient(f"127.0.0.1:{port}", timeout=60) as client:
-            assert client.embed(["a mounted bundle"]).shape == (1, 384)
+            over_grpc = client.embed(["a mounted bundle"])
+        assert over_grpc.shape == (1, 384)
+        # The OpenAI-compatible HTTP API runs in the image too (aiohttp without its websocket reader).
+        request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/embeddings",
+                                         data=json.dumps({"input": "a mounted bundle"}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        assert np.array_equal(np.array(answer["data"][0]["embedding"], dtype=np.float32), over_grpc[0])
         assert container.stop() == 0, container.output
 
 

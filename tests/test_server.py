@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -159,25 +158,6 @@ def test_bearer_token_guards_everything_but_health():
             with pytest.raises(grpc.RpcError) as info:
                 list(stream(iter([pb.EmbedRequest(inputs=["x"])]), timeout=5))
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate (openssl)."""
-    d = tmp_path_factory.mktemp("certs")
-
-    def sh(*args):
-        subprocess.run(args, cwd=d, check=True, capture_output=True, timeout=60)
-
-    sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-       "-days", "2", "-subj", "/CN=edge-embed test CA")
-    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    for name in ("server", "client"):
-        sh("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-           "-subj", f"/CN={name}")
-        sh("openssl", "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-           "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", "san.ext")
-    return d
 
 
 def test_tls_and_mutual_tls(certs):

@@ -1,4 +1,5 @@
-"""Assembling and running the gRPC server: health, reflection, auth, TLS, drain, systemd."""
+"""Assembling and running the server: gRPC (health, reflection), the optional HTTP API,
+auth, TLS, drain, systemd."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ..errors import BackendUnavailableError
 from ..provider import ModelRunner
 from ..v1 import embed_pb2
 from .batcher import TokenBudgetBatcher
@@ -43,17 +45,32 @@ class EdgeServer:
     metrics: ServerMetrics
     port: int
     metrics_port: int | None = None
+    http: Any = None  # the HttpTransport when the HTTP API is on
+    serving: bool = False
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
 
     async def set_serving(self, serving: bool) -> None:
+        self.serving = serving
         status = _SERVING if serving else _NOT_SERVING
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
         self.metrics.serving.set(1 if serving else 0)
 
+    def alive(self) -> bool:
+        """No model worker has stopped or hung (a draining server is still alive)."""
+        return self.pool.stopped is None and not self.pool.hung
+
     async def stop(self, grace: float | None = None) -> None:
-        """Refuse new RPCs, let in-flight ones finish (up to `grace` s), then stop the worker."""
+        """Refuse new requests on both transports, let in-flight ones finish (up to `grace`
+        s), then stop the worker."""
         await self.set_serving(False)
-        await self.grpc_server.stop(grace)
+        stops = [self.grpc_server.stop(grace)]
+        if self.http is not None:
+            stops.append(self.http.stop(grace))
+        await asyncio.gather(*stops)
         await self.pool.close()
         self.service.close()
         self.metrics.close()
@@ -142,6 +159,17 @@ async def create_server(config: ServerConfig, models: ModelRunner | ModelPool, *
                 with model.batcher.admit(len(WARMUP_TEXTS) * model.runner.info.max_length) as ticket:
                     await ticket.submit(model.runner.tokenize(WARMUP_TEXTS))
     await server.start()
+    if config.http_port is not None:
+        from .http import HttpTransport  # aiohttp is imported only when the HTTP API is on
+
+        edge.http = HttpTransport(service, config, serving=lambda: edge.serving, alive=edge.alive)
+        try:
+            await edge.http.start(config.host, config.http_port)
+        except OSError as exc:
+            edge.http = None
+            await edge.stop(None)
+            raise BackendUnavailableError(f"cannot listen for HTTP on {config.host}:{config.http_port}: "
+                                          f"{exc.strerror or exc}") from None
     if config.metrics_port is not None:
         edge.metrics_port = metrics.serve_http(config.host, config.metrics_port)
     await edge.set_serving(True)
@@ -165,6 +193,9 @@ async def serve(config: ServerConfig, models: ModelPool) -> None:
             info = model.info
             log.info("serving %s (%s, %s on %s) on %s:%d", model.name, info.precision, info.backend,
                      info.execution_providers[0], config.host, port)
+    if edge.http_port is not None:
+        scheme = "https" if config.tls_cert is not None else "http"
+        log.info("OpenAI-compatible HTTP API on %s://%s:%d/v1", scheme, config.host, edge.http_port)
     if len(pool.models) > 1:
         log.info("%d models, memory budget %s MB, %s MB committed", len(pool.models),
                  f"{pool.budget_bytes / 1e6:,.0f}", f"{pool.committed_bytes / 1e6:,.0f}")

@@ -32,6 +32,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int | None = None
+    http_port: int | None = None  # the OpenAI-compatible HTTP API; None: off (see docs/server.md)
     max_batch_tokens: int = BatchLimits.max_batch_tokens
     max_batch_size: int = BatchLimits.max_batch_size
     max_wait_ms: float = 0.0
@@ -66,8 +67,10 @@ class ServerConfig:
                 object.__setattr__(self, name, (str(getattr(self, name)),))
             else:
                 object.__setattr__(self, name, tuple(str(v) for v in getattr(self, name)))
-        if not 0 <= self.port <= 65535:
-            raise InvalidInputError(f"port {self.port} is not a TCP port")
+        for name in ("port", "metrics_port", "http_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
+                raise InvalidInputError(f"{name} {value} is not a TCP port")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise InvalidInputError("TLS needs both tls_cert and tls_key")
         if self.tls_client_ca is not None and self.tls_cert is None:

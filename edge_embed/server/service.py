@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import numpy as np
 from google.protobuf.message import DecodeError
 
 from .. import __version__
@@ -19,6 +20,7 @@ from ..errors import (
     EdgeEmbedError,
     InvalidInputError,
     OverloadedError,
+    RequestTooLargeError,
     UnauthenticatedError,
     grpc_code_of,
     retry_after_ms_of,
@@ -32,7 +34,7 @@ from .pool import ModelPool, ModelStatus
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EmbeddingService", "grpc_status", "SERVICE_NAME", "method_handlers", "BearerTokenInterceptor",
+__all__ = ["EmbeddingService", "Embedded", "grpc_status", "SERVICE_NAME", "method_handlers", "BearerTokenInterceptor",
            "RequestMemory"]
 
 SERVICE_NAME = "edge_embed.v1.EmbeddingService"
@@ -68,12 +70,34 @@ class RequestMemory:
     def release(self, nbytes: int) -> None:
         self.held -= nbytes
 
+    def reserve(self, wire_bytes: int) -> int:
+        """Reserve what a request of `wire_bytes` holds while handled; returns the charge to
+        release, or raises OverloadedError (retry) when the budget has no room for it now."""
+        cost = _REQUEST_COPIES * wire_bytes + _REQUEST_OVERHEAD_BYTES
+        if not self.try_reserve(cost):
+            raise OverloadedError(
+                f"requests being handled hold {self.held / 1e6:,.0f} MB and this one needs {cost / 1e6:,.1f} MB "
+                "more than the memory budget leaves: retry after 200 ms", retry_after_ms=200)
+        return cost
+
 
 class _Malformed:
     """Stands in for a request whose bytes did not parse, so the handler can say why."""
 
     def __init__(self, error: EdgeEmbedError):
         self.error = error
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """One request's vectors and facts, before a transport shapes the answer."""
+
+    vectors: np.ndarray
+    token_counts: list[int]
+    model: str
+    dimensions: int
+    queue_s: float
+    inference_s: float
 
 
 @dataclass(frozen=True)
@@ -87,12 +111,11 @@ class _Admitted:
 def _parser(message_type: type, max_bytes: int, memory: RequestMemory) -> Callable[[bytes], Any]:
     def parse(data: bytes) -> Any:
         if len(data) > max_bytes:
-            return _Malformed(InvalidInputError(f"the request is {len(data)} bytes; the limit is {max_bytes}"))
-        cost = _REQUEST_COPIES * len(data) + _REQUEST_OVERHEAD_BYTES
-        if not memory.try_reserve(cost):
-            return _Malformed(OverloadedError(
-                f"requests being handled hold {memory.held / 1e6:,.0f} MB and this one needs {cost / 1e6:,.1f} MB "
-                "more than the memory budget leaves: retry after 200 ms", retry_after_ms=200))
+            return _Malformed(RequestTooLargeError(f"the request is {len(data)} bytes; the limit is {max_bytes}"))
+        try:
+            cost = memory.reserve(len(data))
+        except OverloadedError as exc:
+            return _Malformed(exc)
         try:
             return _Admitted(message_type.FromString(data), cost)
         except DecodeError as exc:
@@ -118,20 +141,24 @@ class EmbeddingService:
 
     # -- request checks ---------------------------------------------------------------
 
-    def _check_inputs(self, inputs: list[str]) -> None:
-        if not inputs:
-            raise InvalidInputError("inputs is empty: send at least one text")
-        if len(inputs) > self.config.max_inputs:
-            raise InvalidInputError(f"inputs has {len(inputs)} texts; the limit is {self.config.max_inputs}")
+    def _check_count(self, count: int, field: str) -> None:
+        if count == 0:
+            raise InvalidInputError(f"{field} is empty: send at least one text")
+        if count > self.config.max_inputs:
+            raise InvalidInputError(f"{field} has {count} texts; the limit is {self.config.max_inputs}")
+
+    def _check_inputs(self, inputs: list[str], field: str = "inputs") -> None:
+        self._check_count(len(inputs), field)
         for i, text in enumerate(inputs):
             if len(text) > self.config.max_text_chars:
                 raise InvalidInputError(
-                    f"inputs[{i}] has {len(text)} characters; the limit is {self.config.max_text_chars}"
+                    f"{field}[{i}] has {len(text)} characters; the limit is {self.config.max_text_chars}"
                 )
 
-    async def _tokenize(self, runner: ModelRunner, inputs: list[str], instruction: str, truncate: bool) -> list:
+    async def _tokenize(self, runner: ModelRunner, inputs: list[str], instruction: str, truncate: bool,
+                        field: str = "inputs") -> list:
         def run() -> list:
-            return runner.tokenize(inputs, instruction=instruction or None, truncate=truncate, field="inputs")
+            return runner.tokenize(inputs, instruction=instruction or None, truncate=truncate, field=field)
 
         if sum(len(t) for t in inputs) <= _INLINE_TOKENIZE_CHARS:
             return run()
@@ -144,45 +171,55 @@ class EmbeddingService:
 
     # -- RPC bodies -------------------------------------------------------------------
 
-    async def embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+    async def embed_texts(self, model_name: str, count: int, nbytes: int, texts: Callable[[], list[str]], *,
+                          instruction: str = "", dimensions: int | None = None, normalize: bool = True,
+                          truncate: bool = True, deadline: float | None = None, field: str = "inputs") -> Embedded:
+        """The one embedding path of every transport: checks, admission by tokens, the model's
+        batcher, then the Matryoshka cut and normalization.
+
+        `count` and `nbytes` (the request's size on the wire) bound the tokens before
+        `texts()` makes Python strings of the inputs: a token takes at least one byte of
+        UTF-8, and no text passes the model's limit. `field` is what errors call the texts.
+        """
         start = time.monotonic()
-        self.pool.find(request.model)
-        count = len(request.inputs)  # counted without making Python strings of the texts
-        if count == 0:
-            raise InvalidInputError("inputs is empty: send at least one text")
-        if count > self.config.max_inputs:
-            raise InvalidInputError(f"inputs has {count} texts; the limit is {self.config.max_inputs}")
-        normalize = request.normalize if request.HasField("normalize") else True
-        truncate = request.truncate if request.HasField("truncate") else True
-        deadline = self._deadline(context)
-        async with self.pool.use(request.model, deadline) as model:
+        self.pool.find(model_name)
+        self._check_count(count, field)
+        async with self.pool.use(model_name, deadline) as model:
             runner, batcher, info = model.runner, model.batcher, model.info
             try:
-                width = info.check_dimensions(request.dimensions or None)
+                width = info.check_dimensions(dimensions or None)
             except InvalidInputError as exc:
                 raise InvalidInputError(f"dimensions: {exc}") from None
-            # Admission by tokens before the texts are even copied out of the message: a
-            # token takes at least one byte of UTF-8, and no text passes the model's limit.
-            bound = min(count * info.max_length, request.ByteSize() + count * (len(request.instruction) + 8))
+            bound = min(count * info.max_length, nbytes + count * (len(instruction) + 8))
             with batcher.admit(bound, deadline) as ticket:
-                inputs = list(request.inputs)
-                self._check_inputs(inputs)
-                seqs = await self._tokenize(runner, inputs, request.instruction, truncate)
+                inputs = texts()
+                self._check_inputs(inputs, field)
+                seqs = await self._tokenize(runner, inputs, instruction, truncate, field)
                 del inputs
                 self.metrics.queue_depth.set(batcher.depth)
                 result = await ticket.submit(seqs)
-            vectors = runner.finish(result.vectors, width, normalize, field="inputs")
+            vectors = runner.finish(result.vectors, width, normalize, field=field)
         self.metrics.queue_seconds.observe(result.queue_s)
         self.metrics.total_seconds.observe(time.monotonic() - start)
+        return Embedded(vectors, [len(s) for s in seqs], model.name, width, result.queue_s, result.inference_s)
+
+    async def embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        done = await self.embed_texts(
+            request.model, len(request.inputs), request.ByteSize(), lambda: list(request.inputs),
+            instruction=request.instruction, dimensions=request.dimensions or None,
+            normalize=request.normalize if request.HasField("normalize") else True,
+            truncate=request.truncate if request.HasField("truncate") else True,
+            deadline=self._deadline(context),
+        )
         response = pb.EmbedResponse(
-            token_counts=[len(s) for s in seqs],
-            model=model.name,
-            dimensions=width,
-            queue_ms=result.queue_s * 1000,
-            inference_ms=result.inference_s * 1000,
+            token_counts=done.token_counts,
+            model=done.model,
+            dimensions=done.dimensions,
+            queue_ms=done.queue_s * 1000,
+            inference_ms=done.inference_s * 1000,
         )
         add = response.embeddings.add
-        for v in vectors:
+        for v in done.vectors:
             add().values.extend(v)
         return response
 

@@ -1,0 +1,319 @@
+"""The OpenAI-compatible HTTP API: a second transport into the gRPC server's queue.
+
+It runs on the gRPC server's event loop and calls the same `EmbeddingService`, so one
+pool, one batcher per model, one set of limits and one memory budget serve both: an HTTP
+request and a gRPC request can share a batch. Errors come from the one error tree, with
+the HTTP status each class names and OpenAI's error body. aiohttp is imported only when
+the HTTP port is on.
+
+Routes: POST /v1/embeddings, GET /v1/models (bearer token, as gRPC), GET /health and
+GET /ready (open, as gRPC health checks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import logging
+import math
+import re
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from ..errors import (
+    EdgeEmbedError,
+    InvalidInputError,
+    OverloadedError,
+    RequestTooLargeError,
+    UnauthenticatedError,
+    http_status_of,
+    retry_after_ms_of,
+)
+from .config import ServerConfig
+from .service import EmbeddingService
+
+__all__ = ["HttpTransport", "EMBEDDINGS_FIELDS", "error_body"]
+
+log = logging.getLogger(__name__)
+
+# Every field /v1/embeddings reads. Any other field is refused: a client that sends, say,
+# `input_type: "query"` to another server's API must not get document vectors silently.
+EMBEDDINGS_FIELDS = ("input", "model", "dimensions", "encoding_format", "user", "instruction", "truncate")
+_OPEN_PATHS = ("/health", "/ready")
+_ROUTES = ("/v1/embeddings", "/v1/models", "/health", "/ready")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON "\ud800" escapes make strings that are not Unicode text
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+                415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}
+_BUSY_RETRY_MS = 200
+_MAX_MODEL_CHARS = 256
+
+
+def error_body(status: int, message: str, code: str) -> dict[str, Any]:
+    """OpenAI's error shape; `code` is the gRPC status name, the same on both transports."""
+    kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def _json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    return web.Response(body=body, status=status, headers=headers, content_type="application/json")
+
+
+def _error_response(exc: BaseException) -> web.Response:
+    if isinstance(exc, EdgeEmbedError):
+        status, message, code = http_status_of(exc), str(exc), exc.grpc_code
+    else:
+        status, message, code = 500, f"internal error: {exc!r}", "INTERNAL"
+    headers = {}
+    hint = retry_after_ms_of(exc)
+    if hint is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(hint / 1000)))  # whole seconds (RFC 9110)
+        headers["retry-after-ms"] = str(int(hint))  # finer, read by the openai client
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return _json_response(error_body(status, message, code), status, headers)
+
+
+def _reject_constant(name: str) -> Any:
+    raise InvalidInputError(f"the body holds {name}, which is not JSON")
+
+
+def _optional(payload: dict, name: str, kind: type | tuple[type, ...], what: str) -> Any:
+    value = payload.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise InvalidInputError(f"{name} must be {what}, got {_json_type(value)}")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array",
+            dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _texts(value: Any) -> list[str]:
+    """`input` as a list of texts; token ids are refused with a hint, since the model's own
+    tokenizer must make them."""
+    if isinstance(value, str):
+        texts = [value]
+    elif isinstance(value, list):
+        texts = value
+    elif value is None:
+        raise InvalidInputError("input is required: a string or an array of strings")
+    else:
+        raise InvalidInputError(f"input must be a string or an array of strings, got {_json_type(value)}")
+    for i, text in enumerate(texts):
+        if isinstance(text, str):
+            if _SURROGATE.search(text):
+                raise InvalidInputError(f"input[{i}] holds an unpaired surrogate (\\ud800-\\udfff): not valid text")
+            continue
+        if isinstance(text, (int, list)) and not isinstance(text, bool):
+            raise InvalidInputError(
+                "input holds token ids; edge-embed tokenizes with the model's own tokenizer, so send text "
+                "(LangChain: OpenAIEmbeddings(..., check_embedding_ctx_length=False))")
+        raise InvalidInputError(f"input[{i}] must be a string, got {_json_type(text)}")
+    return texts
+
+
+class HttpTransport:
+    """The aiohttp application and its listening socket, bound to one EmbeddingService."""
+
+    def __init__(self, service: EmbeddingService, config: ServerConfig, *, serving: Callable[[], bool],
+                 alive: Callable[[], bool]):
+        self.service, self.config = service, config
+        self._serving, self._alive = serving, alive
+        self._token = f"Bearer {config.token}".encode() if config.token else None
+        self._inflight = 0
+        self._created = int(time.time())
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+        app = web.Application(middlewares=[self._boundary], client_max_size=config.max_message_bytes)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/ready", self._ready)
+        self.app = app
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on host:port (0 picks a free port); returns the bound port."""
+        # Compressed bodies are refused rather than inflated past the size limit; the
+        # access log would put every request on the console.
+        runner = web.AppRunner(self.app, handle_signals=False, access_log=None, auto_decompress=False,
+                               handler_cancellation=True, shutdown_timeout=self.config.grace_s)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, ssl_context=self._ssl_context(), reuse_port=False)
+        await site.start()
+        self._runner = runner
+        self.port = runner.addresses[0][1]
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop listening, then give in-flight requests up to the drain grace."""
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            if grace is not None:
+                runner._shutdown_timeout = grace  # noqa: SLF001 - aiohttp takes it at construction only
+            await runner.cleanup()
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        c = self.config
+        if c.tls_cert is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(str(c.tls_cert), str(c.tls_key))
+        if c.tls_client_ca is not None:
+            context.load_verify_locations(cafile=str(c.tls_client_ca))
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    # -- the boundary: auth, concurrency, errors, metrics ------------------------------
+
+    @web.middleware
+    async def _boundary(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        path = request.path if request.path in _ROUTES else "other"
+        method = f"HTTP {path}"
+        counted = path.startswith("/v1/")
+        try:
+            if path not in _OPEN_PATHS:
+                self._authenticate(request)
+            if counted:
+                if self._inflight >= self.config.max_concurrent_rpcs:
+                    raise OverloadedError(
+                        f"{self._inflight} HTTP requests are being handled; the limit is "
+                        f"{self.config.max_concurrent_rpcs}: retry after {_BUSY_RETRY_MS} ms",
+                        retry_after_ms=_BUSY_RETRY_MS)
+                self._inflight += 1
+            try:
+                response = await handler(request)
+            finally:
+                if counted:
+                    self._inflight -= 1
+        except asyncio.CancelledError:  # the client went away
+            self.service.metrics.requests.labels(method, "CANCELLED").inc()
+            raise
+        except web.HTTPException as exc:  # aiohttp's own: unknown route, wrong method, body too big
+            response = self._http_exception(exc)
+        except Exception as exc:  # noqa: BLE001 - every error becomes an answer, never a crash
+            if not isinstance(exc, EdgeEmbedError):
+                log.exception("%s %s failed", request.method, request.path)
+            response = _error_response(exc)
+        self.service.metrics.requests.labels(method, str(response.status)).inc()
+        return response
+
+    def _authenticate(self, request: web.Request) -> None:
+        if self._token is None:
+            return
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, self._token):  # constant time: no timing oracle on the token
+            raise UnauthenticatedError("missing or wrong bearer token (header 'Authorization: Bearer <token>')")
+
+    @staticmethod
+    def _http_exception(exc: web.HTTPException) -> web.Response:
+        if exc.status == 413:
+            error: EdgeEmbedError = RequestTooLargeError(f"the request body is over the limit: {exc.text}")
+            return _error_response(error)
+        codes = {404: "NOT_FOUND", 405: "UNIMPLEMENTED"}
+        message = {404: f"no such route; this server has {', '.join(_ROUTES)}",
+                   405: "method not allowed on this route"}.get(exc.status, exc.reason)
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return _json_response(error_body(exc.status, message, codes.get(exc.status, "INVALID_ARGUMENT")),
+                              exc.status, headers)
+
+    # -- routes -----------------------------------------------------------------------
+
+    async def _read_json(self, request: web.Request) -> tuple[Any, int]:
+        """The body as JSON, within the size limit; returns it and its size on the wire."""
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise InvalidInputError(f"Content-Encoding {encoding!r} is not accepted: send the body uncompressed")
+        limit = self.config.max_message_bytes
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            raise RequestTooLargeError(f"the request is {declared} bytes; the limit is {limit}")
+        body = await request.read()
+        nbytes = len(body)
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidInputError(f"the body is not UTF-8: {exc}") from None
+        del body
+        try:
+            return json.loads(text, parse_constant=_reject_constant), nbytes
+        except RecursionError:
+            raise InvalidInputError("the body's JSON is nested too deeply") from None
+        except ValueError as exc:  # JSONDecodeError, or an integer too long to convert
+            if isinstance(exc, EdgeEmbedError):
+                raise
+            raise InvalidInputError(f"the body is not valid JSON: {exc}") from None
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        declared = request.content_length
+        cost = self.service.memory.reserve(min(declared, self.config.max_message_bytes) if declared is not None
+                                           else self.config.max_message_bytes)
+        try:
+            payload, nbytes = await self._read_json(request)
+            if not isinstance(payload, dict):
+                raise InvalidInputError(f"the body must be a JSON object, got {_json_type(payload)}")
+            unknown = sorted(set(payload) - set(EMBEDDINGS_FIELDS))
+            if unknown:
+                shown = ", ".join(repr(k[:40]) for k in unknown[:5])
+                raise InvalidInputError(f"unknown field(s) {shown}; /v1/embeddings takes {', '.join(EMBEDDINGS_FIELDS)}")
+            texts = _texts(payload.get("input"))
+            model = _optional(payload, "model", str, "a string") or ""
+            if len(model) > _MAX_MODEL_CHARS:
+                raise InvalidInputError(f"model is {len(model)} characters; no model name is over {_MAX_MODEL_CHARS}")
+            dimensions = _optional(payload, "dimensions", int, "a positive integer")
+            if dimensions is not None and dimensions < 1:
+                raise InvalidInputError(f"dimensions must be a positive integer, got {dimensions}")
+            encoding = _optional(payload, "encoding_format", str, '"float" or "base64"')
+            encoding = "float" if encoding is None else encoding
+            if encoding not in ("float", "base64"):
+                raise InvalidInputError(f'encoding_format must be "float" or "base64", got {encoding[:40]!r}')
+            _optional(payload, "user", str, "a string")
+            instruction = _optional(payload, "instruction", str, "a string") or ""
+            if _SURROGATE.search(instruction):
+                raise InvalidInputError("instruction holds an unpaired surrogate (\\ud800-\\udfff): not valid text")
+            truncate = _optional(payload, "truncate", bool, "a boolean")
+            del payload
+            done = await self.service.embed_texts(
+                model, len(texts), nbytes, lambda: texts, instruction=instruction, dimensions=dimensions,
+                truncate=True if truncate is None else truncate, field="input")
+        finally:
+            self.service.memory.release(cost)
+        if encoding == "base64":  # little-endian float32, as OpenAI sends it
+            rows = [base64.b64encode(v.astype("<f4", copy=False).tobytes()).decode("ascii") for v in done.vectors]
+        else:
+            rows = [v.tolist() for v in done.vectors]  # float32 values; their repr reads back exactly
+        tokens = sum(done.token_counts)
+        return _json_response({
+            "object": "list",
+            "data": [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)],
+            "model": done.model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        })
+
+    async def _models(self, request: web.Request) -> web.Response:
+        data = [{"id": s.name, "object": "model", "created": self._created, "owned_by": "edge-embed",
+                 "model_id": s.model_id, "state": s.state.value, "precision": s.precision}
+                for s in self.service.pool.status()]
+        return _json_response({"object": "list", "data": data})
+
+    async def _health(self, request: web.Request) -> web.Response:
+        """Liveness: the process answers and no model worker has stopped (draining is alive)."""
+        alive = self._alive()
+        return _json_response({"status": "ok" if alive else "stopped"}, 200 if alive else 503)
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        """Readiness: gRPC health is SERVING (warmed up, not draining, no worker stopped)."""
+        serving = self._serving()
+        return _json_response({"status": "SERVING" if serving else "NOT_SERVING"}, 200 if serving else 503)
