@@ -78,19 +78,24 @@ def default_cache(tmp_path_factory):
 def test_main_job_exports_the_default_model_in_a_child_and_serves_it(default_cache, tmp_path):
     """The README's main job on a fresh machine: `edge-embed serve` with no bundle exports
     the default model first (in a child process, so the server never loads torch), shows
-    only our progress lines, then answers over gRPC."""
+    only our progress lines, then answers over gRPC and, as the README starts it, over the
+    OpenAI-compatible HTTP API with the same vector."""
     import signal
     import socket
     import time
+    import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    port, http_port = ports
     env = {**os.environ, "EDGE_EMBED_CACHE": str(default_cache)}
     console = tmp_path / "console.txt"
     with console.open("w") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "edge_embed.cli", "serve", "--port", str(port)], env=env,
-                                stdout=sink, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "edge_embed.cli", "serve", "--port", str(port),
+                                 "--http-port", str(http_port)], env=env, stdout=sink, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
@@ -102,7 +107,13 @@ def test_main_job_exports_the_default_model_in_a_child_and_serves_it(default_cac
         assert health.stdout.strip() == "SERVING"
         done = run("embed", "--server", f"127.0.0.1:{port}", "served text")
         assert done.returncode == 0, done.stderr
-        assert len(json.loads(done.stdout)["embedding"]) == 384
+        vector = json.loads(done.stdout)["embedding"]
+        assert len(vector) == 384
+        request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/embeddings",
+                                         data=json.dumps({"input": "served text"}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=30).read())
+        assert max(abs(a - b) for a, b in zip(answer["data"][0]["embedding"], vector)) < 1e-6  # the CLI rounds
         maps = Path(f"/proc/{proc.pid}/maps").read_text()
         assert "libtorch" not in maps  # the export ran in a child process
     finally:
