@@ -365,7 +365,11 @@ async def run(args, bundle: Path) -> dict:
             for transport in transports:
                 if transport in broken:
                     continue
+                cpu_before = cpu_seconds(pid)
                 row = await open_loop(target, rate, args.seconds, texts, http_url if transport == "http" else None)
+                # Server CPU over every request of the phase, the warm-up second's included.
+                requests = int((WARMUP_S + args.seconds) * rate)
+                row["server_cpu_ms_per_request"] = round((cpu_seconds(pid) - cpu_before) * 1000 / requests, 3)
                 rate_rows.append({"transport": transport, **row})
                 if overloaded(row):
                     broken.add(transport)

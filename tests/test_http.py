@@ -189,6 +189,39 @@ def _runs_hang(fake: FakeProvider) -> bool:
     return any(list(seq) == hang for batch in fake.batches for seq in batch)
 
 
+def test_a_client_that_goes_away_leaves_the_queue():
+    fake = FakeProvider()
+    fake.hang.set()
+    with running_server(fake, http_port=0, max_batch_size=1) as (edge, _):
+        batcher = edge.pool.models["fake-model"].batcher
+        with ThreadPoolExecutor(2) as pool:
+            stuck = pool.submit(openai_client(edge).embeddings.create, input=["hang"], model="fake-model")
+            deadline = time.monotonic() + 5
+            while not _runs_hang(fake) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            # The next batch is formed while one runs: this one fills it, so the next waits in the queue.
+            filler = pool.submit(openai_client(edge).embeddings.create, input=["next in line"], model="fake-model")
+            time.sleep(0.2)
+            before = batcher.queued_tokens
+            conn = http.client.HTTPConnection("127.0.0.1", edge.http_port, timeout=10)
+            conn.request("POST", "/v1/embeddings", body=json.dumps({"input": ["gone away"]}).encode(),
+                         headers={"Content-Type": "application/json"})
+            while batcher.queued_tokens == before and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert batcher.queued_tokens > before  # queued behind the stuck run
+            conn.close()
+            while batcher.queued_tokens > before and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert batcher.queued_tokens == before  # cancelled: its tokens left the queue
+            fake.hang.clear()
+            assert len(stuck.result(10).data) == 1 and len(filler.result(10).data) == 1
+        time.sleep(0.2)
+        cancelled = edge.metrics.requests.labels("HTTP /v1/embeddings", "CANCELLED")._value.get()
+    gone = tuple(fake.tokenize(["gone away"])[0].tolist())
+    assert all(gone not in batch for batch in fake.batches)  # never computed
+    assert cancelled == 1
+
+
 def test_http_and_grpc_requests_share_one_queue_and_batch():
     fake = FakeProvider(delay_s=0.05)
     with running_server(fake, http_port=0, max_wait_ms=150) as (edge, target):

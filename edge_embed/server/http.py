@@ -146,10 +146,13 @@ class HttpTransport:
 
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port (0 picks a free port); returns the bound port."""
-        # Compressed bodies are refused rather than inflated past the size limit; the
-        # access log would put every request on the console.
+        # Compressed bodies are refused rather than inflated past the size limit; the access
+        # log would put every request on the console; a client that goes away cancels its
+        # request (it leaves the queue); idle keep-alive connections close after 75 s
+        # (aiohttp's default is an hour), so idle clients cannot pile up file descriptors.
         runner = web.AppRunner(self.app, handle_signals=False, access_log=None, auto_decompress=False,
-                               handler_cancellation=True, shutdown_timeout=self.config.grace_s)
+                               handler_cancellation=True, shutdown_timeout=self.config.grace_s,
+                               keepalive_timeout=75.0)
         await runner.setup()
         site = web.TCPSite(runner, host, port, ssl_context=self._ssl_context(), reuse_port=False)
         await site.start()
