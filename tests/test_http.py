@@ -8,7 +8,6 @@ import http.client
 import json
 import random
 import ssl
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 

@@ -10,7 +10,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,6 +27,9 @@ from .service import SERVICE_NAME, BearerTokenInterceptor, EmbeddingService, met
 from .systemd import Notifier
 
 __all__ = ["EdgeServer", "create_server", "serve", "WARMUP_TEXTS", "pool_from_config", "default_memory_budget"]
+
+if TYPE_CHECKING:
+    from .http import HttpTransport  # imports aiohttp: only when the HTTP API is on
 
 log = logging.getLogger("edge_embed.server")
 WARMUP_TEXTS = ["warm up", "edge-embed is getting ready to serve requests with a longer text"]
@@ -45,7 +48,7 @@ class EdgeServer:
     metrics: ServerMetrics
     port: int
     metrics_port: int | None = None
-    http: Any = None  # the HttpTransport when the HTTP API is on
+    http: HttpTransport | None = None  # when the HTTP API is on
     serving: bool = False
 
     @property

@@ -38,7 +38,7 @@ from ..errors import (
 from .config import ServerConfig
 from .service import EmbeddingService
 
-__all__ = ["HttpTransport", "EMBEDDINGS_FIELDS", "error_body"]
+__all__ = ["HttpTransport"]
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,7 @@ EMBEDDINGS_FIELDS = ("input", "model", "dimensions", "encoding_format", "user", 
 _OPEN_PATHS = ("/health", "/ready")
 _ROUTES = ("/v1/embeddings", "/v1/models", "/health", "/ready")
 _SURROGATE = re.compile("[\ud800-\udfff]")  # JSON "\ud800" escapes make strings that are not Unicode text
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
-                415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}
+_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
 _BUSY_RETRY_MS = 200
 _MAX_MODEL_CHARS = 256
 
