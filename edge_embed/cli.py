@@ -108,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="batches failing in a row before the worker stops (default 5)")
     sv.add_argument("--max-inputs", type=_positive_int, help="texts per request at most")
     sv.add_argument("--max-text-chars", type=_positive_int, help="characters per text at most")
+    sv.add_argument("--max-instruction-chars", type=_positive_int, help="characters per instruction at most")
     sv.add_argument("--max-message-bytes", type=_positive_int, help="request size at most")
     sv.add_argument("--token", help="require this bearer token (prefer EDGE_EMBED_TOKEN)")
     sv.add_argument("--tls-cert", type=Path, help="server certificate (PEM)")

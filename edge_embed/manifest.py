@@ -113,6 +113,11 @@ class Manifest:
             raise BundleError(f"manifest pooling {self.pooling!r} is not one of {POOLINGS}")
         if self.padding_side not in ("left", "right"):
             raise BundleError(f"manifest padding_side {self.padding_side!r} is not left or right")
+        if self.instruction_template is not None and not (
+                self.instruction_template.endswith("{text}") and "{instruction}" in self.instruction_template):
+            # Truncation cuts from the end: text after {text} would be cut before the text.
+            raise BundleError(f"manifest instruction_template {self.instruction_template!r} must contain "
+                              "{instruction} and end with {text}")
         for name in self.variants:
             if name not in PRECISIONS:
                 raise BundleError(f"manifest variant {name!r} is not one of {PRECISIONS}")

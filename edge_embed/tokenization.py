@@ -11,7 +11,12 @@ from tokenizers import Tokenizer
 from .errors import BundleError, InvalidInputError
 from .manifest import Manifest
 
-__all__ = ["BundleTokenizer", "check_texts", "pad_batch", "model_inputs"]
+__all__ = ["BundleTokenizer", "check_texts", "pad_batch", "model_inputs", "MIN_TEXT_TOKENS"]
+
+# An instruction must leave at least this many of the model's tokens for the text (or half
+# the model's limit, if that is smaller): truncation cuts the text, never the instruction,
+# so a longer instruction would give every text the same vector.
+MIN_TEXT_TOKENS = 32
 
 
 def check_texts(texts: object, field: str = "texts") -> list[str]:
@@ -44,11 +49,20 @@ class BundleTokenizer:
         # With append_eos the runtime adds EOS itself, so the tokenizer keeps one slot free.
         self._limit = manifest.max_length - (1 if manifest.append_eos else 0)
         self._tokenizer.enable_truncation(self._limit)
+        # Tokens the post-processor adds (EOS, CLS/SEP): truncation keeps room for them.
+        self._specials = self._tokenizer.post_processor.num_special_tokens_to_add(False) \
+            if self._tokenizer.post_processor is not None else 0
+        self.min_text_tokens = min(MIN_TEXT_TOKENS, manifest.max_length // 2)
         # Words are rarely longer than 8 characters a token; longer texts try a prefix first.
         self.prefix_chars = max(2048, 8 * manifest.max_length)
 
     def format(self, texts: list[str], instruction: str | None) -> list[str]:
-        """Apply the model's instruction template (queries); documents pass unchanged."""
+        """Apply the model's instruction template (queries); documents pass unchanged.
+
+        The template ends with the text, so truncation, which cuts from the end, cuts the
+        text and never the instruction; an instruction that leaves fewer than
+        `min_text_tokens` tokens for the text is refused.
+        """
         if instruction is None:
             return texts
         template = self._manifest.instruction_template
@@ -58,7 +72,21 @@ class BundleTokenizer:
             )
         if not isinstance(instruction, str) or not instruction.strip():
             raise InvalidInputError("instruction must be a non-empty string")
-        return [template.format(instruction=instruction, text=t) for t in texts]
+        prefix = template.format(instruction=instruction, text="")
+        self._check_prefix(prefix)
+        return [prefix + t for t in texts]
+
+    def _check_prefix(self, prefix: str) -> None:
+        """Refuse an instruction whose formatted prefix leaves too little of the limit for the text."""
+        enc = self._tokenizer.encode(prefix, add_special_tokens=False)
+        used = len(enc.ids) + sum(len(o.ids) for o in enc.overflowing)
+        room = self._limit - self._specials - used
+        if room < self.min_text_tokens:
+            raise InvalidInputError(
+                f"instruction takes {used} tokens with the model's template, which leaves {max(room, 0)} of "
+                f"{self._manifest.model_id}'s {self._manifest.max_length} tokens for the text; an instruction "
+                f"must leave at least {self.min_text_tokens}"
+            )
 
     def encode(self, texts: list[str], *, instruction: str | None = None, truncate: bool = True,
                field: str = "texts") -> list[np.ndarray]:

@@ -42,6 +42,7 @@ class ServerConfig:
     max_consecutive_failures: int = 5  # batches failing in a row before the worker stops
     max_inputs: int = 256
     max_text_chars: int = 32_768
+    max_instruction_chars: int = 4096  # checked before tokenizing: an instruction is copied into every text
     max_message_bytes: int = 8 * 1024 * 1024
     token: str | None = None
     tls_cert: Path | None = None
@@ -50,7 +51,8 @@ class ServerConfig:
     grace_s: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_tokens", "max_batch_size", "max_inputs", "max_text_chars", "max_message_bytes",
+        for name in ("max_batch_tokens", "max_batch_size", "max_inputs", "max_text_chars", "max_instruction_chars",
+                     "max_message_bytes",
                      "max_concurrent_rpcs", "max_consecutive_failures"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"{name} must be at least 1, got {getattr(self, name)}")

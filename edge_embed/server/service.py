@@ -155,6 +155,11 @@ class EmbeddingService:
                     f"{field}[{i}] has {len(text)} characters; the limit is {self.config.max_text_chars}"
                 )
 
+    def _check_instruction(self, instruction: str) -> None:
+        if len(instruction) > self.config.max_instruction_chars:
+            raise InvalidInputError(f"instruction has {len(instruction)} characters; the limit is "
+                                    f"{self.config.max_instruction_chars}")
+
     async def _tokenize(self, runner: ModelRunner, inputs: list[str], instruction: str, truncate: bool,
                         field: str = "inputs") -> list:
         def run() -> list:
@@ -184,6 +189,7 @@ class EmbeddingService:
         start = time.monotonic()
         self.pool.find(model_name)
         self._check_count(count, field)
+        self._check_instruction(instruction)
         async with self.pool.use(model_name, deadline) as model:
             runner, batcher, info = model.runner, model.batcher, model.info
             try:
@@ -227,6 +233,7 @@ class EmbeddingService:
         self.pool.find(request.model)
         inputs = list(request.inputs)
         self._check_inputs(inputs)
+        self._check_instruction(request.instruction)
         async with self.pool.use(request.model, self._deadline(context)) as model:
             seqs = await self._tokenize(model.runner, inputs, request.instruction, True)
         return pb.TokenizeResponse(
@@ -262,7 +269,7 @@ class EmbeddingService:
                 max_batch_tokens=c.max_batch_tokens, max_batch_size=c.max_batch_size, max_wait_ms=c.max_wait_ms,
                 max_queue_tokens=c.queue_tokens, max_inputs_per_request=c.max_inputs,
                 max_text_chars=c.max_text_chars, max_concurrent_rpcs=c.max_concurrent_rpcs,
-                run_timeout_s=c.run_timeout_s,
+                run_timeout_s=c.run_timeout_s, max_instruction_chars=c.max_instruction_chars,
             ),
             version=__version__,
             models=[_model_status(s) for s in pool.status()],
