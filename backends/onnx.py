@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -67,6 +68,26 @@ def _reason(lines: list[str]) -> str:
     return " | ".join(picked[:3]) or "ONNX Runtime gave no reason"
 
 
+def trt_profile_options(limits: BatchLimits, max_length: int, inputs: tuple[str, ...]) -> dict[str, str]:
+    """TensorRT provider options for one optimization profile per `limits.profiles`.
+
+    ONNX Runtime reads an input named again as the next profile. Each profile spans
+    (1, 1) to its (rows, width) maximum and is tuned for that maximum, except the
+    single-row long-text profile, tuned for a text as long as the token budget.
+    """
+    profiles = limits.profiles(max_length)
+
+    def shapes(pick) -> str:
+        return ",".join(f"{name}:{r}x{w}" for rows, width in profiles for r, w in [pick(rows, width)]
+                        for name in inputs)
+
+    return {
+        "trt_profile_min_shapes": shapes(lambda rows, width: (1, 1)),
+        "trt_profile_opt_shapes": shapes(lambda rows, width: (rows, min(width, limits.max_batch_tokens))),
+        "trt_profile_max_shapes": shapes(lambda rows, width: (rows, width)),
+    }
+
+
 def auto_precision(variants, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> str | None:
     """The ONNX variant precision="auto" runs on these providers; None if the bundle has none."""
     order = _GPU_PREFERENCE if providers[0] in _GPU_PROVIDERS else _CPU_PREFERENCE
@@ -127,6 +148,8 @@ class OnnxProvider(BundleEmbedder):
                 f"ONNX Runtime {ort.__version__} here offers {ort.get_available_providers()}, not {missing}"
             )
         wanted = [p for p in providers if p not in missing] or ["CPUExecutionProvider"]
+        if "TensorrtExecutionProvider" in wanted:
+            self.limits = dataclasses.replace(self.limits, stepped_rows=True)
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
@@ -140,6 +163,8 @@ class OnnxProvider(BundleEmbedder):
             except Exception as exc:  # ORT raises its own untyped exceptions
                 raise BundleError(f"ONNX Runtime cannot load {model_path.name}: {exc}") from exc
         self._active = tuple(self._session.get_providers())
+        if "TensorrtExecutionProvider" not in self._active:
+            self.limits = dataclasses.replace(self.limits, stepped_rows=False)  # no profiles to keep to
         if providers[0] not in self._active:
             why = f"asked for {providers[0]} but ONNX Runtime activated {list(self._active)}: {_reason(output)}"
             if strict:
@@ -157,25 +182,17 @@ class OnnxProvider(BundleEmbedder):
         if name != "TensorrtExecutionProvider":
             return {}
         # Engines and timing caches persist, keyed by model, GPU and TensorRT version, and
-        # the shape profile spans every batch the batcher can form: no rebuild on restart,
-        # none on an unexpected shape.
+        # the shape profiles hold every batch the batcher can form (see BatchLimits.profiles):
+        # no rebuild on restart, none on an unexpected shape.
         cache = trt_cache_dir(self.bundle, self.precision)
         cache.mkdir(parents=True, exist_ok=True)
-        rows, width = self.limits.max_batch_size, self.manifest.max_length
-        opt_rows, opt_width = min(rows, 8), min(width, 128)
-
-        def shapes(r: int, w: int) -> str:
-            return ",".join(f"{n}:{r}x{w}" for n in self.manifest.graph_inputs)
-
         return {
             "trt_fp16_enable": "True",
             "trt_engine_cache_enable": "True",
             "trt_engine_cache_path": str(cache),
             "trt_timing_cache_enable": "True",
             "trt_timing_cache_path": str(cache),
-            "trt_profile_min_shapes": shapes(1, 1),
-            "trt_profile_opt_shapes": shapes(opt_rows, opt_width),
-            "trt_profile_max_shapes": shapes(rows, width),
+            **trt_profile_options(self.limits, self.manifest.max_length, self.manifest.graph_inputs),
         }
 
     @staticmethod
@@ -199,9 +216,8 @@ class OnnxProvider(BundleEmbedder):
         return self._active
 
     def warm_shapes(self) -> list[tuple[int, int]]:
-        """Run the profile's corner shapes once, so engines exist before the first request."""
-        rows, width = self.limits.max_batch_size, self.manifest.max_length
-        shapes = sorted({(1, 1), (min(rows, 8), min(width, 128)), (rows, width)})
+        """Run each shape profile's largest batch once, so engines exist before the first request."""
+        shapes = self.limits.profiles(self.manifest.max_length)
         for r, w in shapes:
             seqs = [np.full(w, self.manifest.pad_token_id + 1, dtype=np.int64) for _ in range(r)]
             self._forward(seqs)

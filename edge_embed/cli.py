@@ -141,8 +141,10 @@ def _parser() -> argparse.ArgumentParser:
 
     wm = sub.add_parser("warm", help="build TensorRT engines (and warm caches) for the batching limits")
     _bundle_options(wm)
-    wm.add_argument("--max-batch-size", type=_positive_int, default=_env("MAX_BATCH_SIZE"),
-                    help="texts in one batch at most, as `serve` is given (default 32)")
+    wm.add_argument("--max-batch-tokens", type=_positive_int,
+                    help="padded tokens in one batch at most, as `serve` is given (EDGE_EMBED_MAX_BATCH_TOKENS)")
+    wm.add_argument("--max-batch-size", type=_positive_int,
+                    help="texts in one batch at most, as `serve` is given (EDGE_EMBED_MAX_BATCH_SIZE)")
 
     hc = sub.add_parser("health", help="exit 0 when the server at --server reports SERVING")
     hc.add_argument("--server", default=_env("SERVER", "127.0.0.1:50051"), help="HOST:PORT")
@@ -324,11 +326,14 @@ def _cmd_warm(args: argparse.Namespace) -> None:
     import time
 
     from . import load
-    from .batching import BatchLimits
     from .default_model import ensure_default_bundle
+    from .server.config import ServerConfig
 
     started = time.monotonic()
-    limits = BatchLimits(**({"max_batch_size": int(args.max_batch_size)} if args.max_batch_size else {}))
+    # The limits `serve` reads, from the same flags and variables: the engines built here
+    # are the ones it asks for.
+    limits = ServerConfig.from_sources({"max_batch_tokens": args.max_batch_tokens,
+                                        "max_batch_size": args.max_batch_size}).limits
     provider = load(args.bundle or ensure_default_bundle(), precision=args.precision, backend=args.backend or "auto",
                     threads=int(args.threads) if args.threads else None, limits=limits)
     shapes = provider.warm_shapes()

@@ -52,6 +52,8 @@ class ProviderInfo:
     default_instruction: str | None = None
     # False for a variant whose vectors depend on batch neighbours: it runs one text per batch.
     batch_invariant: bool = True
+    # True where the backend compiles shape profiles (TensorRT): batches keep to their row steps.
+    stepped_rows: bool = False
     fallback: str | None = None  # why a preferred backend or provider is not the one running
     parity: Parity | None = None  # boot-time check against the bundle's golden vectors
     parity_ok: bool | None = None  # whether that check met the variant's gate; None: not checked
@@ -61,8 +63,9 @@ class ProviderInfo:
         return check_dimensions(dimensions, model_id=self.model_id, dim=self.dim, min_dim=self.matryoshka_min_dim)
 
     def batch_limits(self, limits: BatchLimits) -> BatchLimits:
-        """`limits` narrowed to what this variant can run while keeping "same text, same vector"."""
-        return limits.for_variant(self.batch_invariant)
+        """`limits` narrowed to what this variant can run: "same text, same vector", and
+        batches inside the backend's shape profiles."""
+        return dataclasses.replace(limits.for_variant(self.batch_invariant), stepped_rows=self.stepped_rows)
 
 
 @runtime_checkable
@@ -168,6 +171,7 @@ class BundleEmbedder(abc.ABC):
             instruction_aware=m.instruction_template is not None,
             default_instruction=m.default_instruction,
             batch_invariant=self.batch_invariant,
+            stepped_rows=self.limits.stepped_rows,
             fallback=self.fallback,
             parity=self.parity,
             parity_ok=None if self.parity is None else self.parity_passes(),
@@ -229,7 +233,8 @@ class BundleEmbedder(abc.ABC):
         if not seqs:
             return out
         lengths = [len(s) for s in seqs]
-        for batch in plan_batches(lengths, self.limits.max_batch_tokens, self.limits.max_batch_size):
+        for batch in plan_batches(lengths, self.limits.max_batch_tokens, self.limits.max_batch_size,
+                                  stepped_rows=self.limits.stepped_rows):
             out[batch] = self.run_batch([seqs[i] for i in batch])
         return out
 

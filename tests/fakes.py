@@ -49,12 +49,14 @@ class FakeProvider:
         self.lock = threading.Lock()
         self.hang = threading.Event()
         self.closed = False
+        self.stepped_rows = False  # as a TensorRT runner reports it
 
     @property
     def info(self) -> ProviderInfo:
         return ProviderInfo(model_id="fake-model", dim=8, matryoshka_min_dim=4, max_length=self.manifest.max_length,
                             precision="fp32", backend="fake", execution_providers=("FakeExecutionProvider",),
-                            threads=1, instruction_aware=True, default_instruction="find")
+                            threads=1, instruction_aware=True, default_instruction="find",
+                            stepped_rows=self.stepped_rows)
 
     def tokenize(self, texts, *, instruction=None, truncate=True, field="texts"):
         texts = check_texts(texts, field)

@@ -174,7 +174,9 @@ def test_forced_backend_that_cannot_run_is_an_error(minilm_bundle):
     assert "Traceback" not in warm.stderr
 
 
-def test_warm_runs_the_profile_shapes(minilm_bundle):
-    done = run("warm", "--bundle", str(minilm_bundle), "--precision", "fp32", "--max-batch-size", "4")
+def test_warm_runs_the_profile_shapes_of_the_limits_serve_reads(minilm_bundle):
+    """`warm` takes the batching limits from the flags and EDGE_EMBED_* variables `serve` reads."""
+    done = run("warm", "--bundle", str(minilm_bundle), "--precision", "fp32", "--max-batch-size", "4",
+               env={"EDGE_EMBED_MAX_BATCH_TOKENS": "512"})
     assert done.returncode == 0, done.stderr
-    assert "CPUExecutionProvider" in done.stdout and "(4, 256)" in done.stdout
+    assert "CPUExecutionProvider" in done.stdout and "[(4, 128), (2, 256)]" in done.stdout

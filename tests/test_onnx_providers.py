@@ -38,7 +38,8 @@ for name, providers in {"cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"
         report[name + "_forced"] = str(exc)
     provider = OnnxProvider(bundle, "fp32", providers=providers, strict=False)
     report[name + "_auto"] = {"active": list(provider.info.execution_providers), "fallback": provider.info.fallback,
-                              "precision": provider.info.precision, "shape": list(provider.embed(["x"]).shape)}
+                              "precision": provider.info.precision, "shape": list(provider.embed(["x"]).shape),
+                              "stepped_rows": provider.info.stepped_rows}
 print(json.dumps(report))
 '''
 
@@ -73,3 +74,4 @@ def test_gpu_providers_without_cuda_never_fall_back_silently(gpu_venv, minilm_bu
         auto = report[f"{name}_auto"]
         assert auto["active"] == ["CPUExecutionProvider"] and auto["shape"] == [1, 384]
         assert auto["fallback"] and provider in auto["fallback"]
+        assert auto["stepped_rows"] is False  # TensorRT's profile rows bind only where TensorRT runs

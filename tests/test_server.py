@@ -66,6 +66,21 @@ def test_served_vectors_equal_in_process_ones_under_concurrency(minilm_bundle):
     assert texts_run >= len(texts) and texts_run / batches > 1.5, (texts_run, batches)
 
 
+@pytest.mark.parametrize("stepped", [False, True])
+def test_the_batcher_keeps_to_row_steps_where_the_runner_compiles_profiles(stepped):
+    """A runner that compiles shape profiles (TensorRT) gets batches with a power-of-two
+    row count that its profile for that width holds: 20-token texts under a 64-token
+    budget run 2 at a time, not 3."""
+    fake = FakeProvider(delay_s=0.05)
+    fake.stepped_rows = stepped
+    text = " ".join(f"w{i}" for i in range(20))
+    with running_server(fake, max_wait_ms=20, max_batch_size=8, max_batch_tokens=64) as (_, target):
+        with EmbedClient(target) as client, ThreadPoolExecutor(12) as pool:
+            list(pool.map(lambda i: client.embed([f"{text} {i}"]), range(12)))
+    rows = [len(b) for b in fake.batches[1:]]  # after the warm-up batch
+    assert max(rows) == (2 if stepped else 3), rows
+
+
 def test_batches_group_concurrent_requests():
     fake = FakeProvider(delay_s=0.05)
     with running_server(fake, max_wait_ms=20, max_batch_size=8) as (_, target):
