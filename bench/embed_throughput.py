@@ -5,7 +5,11 @@ ONNX Runtime on a default export with naive batches of 32, and edge-embed FP32 /
 Workloads: short queries (~14 tokens), passages (~130 tokens) and both mixed.
 Prints a table and writes JSON (bench/results/embed_throughput.json by default).
 
-    python bench/embed_throughput.py [--threads 2] [--repeat 3] [--qwen3-0.6b]
+    python bench/embed_throughput.py [--threads 2] [--repeat 3] [--qwen3-0.6b] [--graphs]
+
+--graphs compares the graphs alone on identical fixed-shape token ids (MiniLM: the fused
+bundle vs a plain TorchScript export at 32x16, 32x128, 8x256; Qwen3: a 4-layer model with
+the 0.6B's layer shape vs torch eager at 1x16, 8x64, 4x256) and writes embed_graphs.json.
 
 --qwen3-0.6b adds a Qwen3-Embedding-0.6B-shaped model (real config, random weights:
 compute does not depend on values): FP32 export time, then the file size of each recipe
@@ -226,6 +230,124 @@ def bench_qwen3_06b(args) -> list[dict]:
     return rows
 
 
+def machine() -> dict:
+    """The CPU and the ISA extensions ONNX Runtime's kernels choose between, for every figure."""
+    info = {"python": platform.python_version(), "cpu": platform.machine()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
+        flags = set(next(line for line in text.splitlines() if line.startswith("flags")).split())
+        info["isa"] = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f in flags]
+    except (OSError, StopIteration):
+        pass
+    return info
+
+
+def _interleaved(fns: dict, tokens: int, reps: int) -> dict[str, float]:
+    """Tokens/s per contender: each run once to warm up, then `reps` rounds taking turns
+    (so a noisy neighbour hits every contender alike); the median round counts."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: tokens / float(np.median(t)) for name, t in times.items()}
+
+
+def _session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _feeds(session, batch: int, width: int) -> dict[str, np.ndarray]:
+    ids = np.random.default_rng(0).integers(1000, 20000, (batch, width)).astype(np.int64)
+    arrays = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids),
+              "position_ids": np.tile(np.arange(width, dtype=np.int64), (batch, 1))}
+    return {i.name: arrays[i.name] for i in session.get_inputs()}
+
+
+def bench_graphs(args) -> list[dict]:
+    """Identical fixed-shape token ids, the same threads, ORT_ENABLE_ALL: the graphs alone.
+
+    MiniLM: edge-embed's fused FP32 and INT8 against a plain TorchScript export of the same
+    model (optimum's exporter path, no offline fusion). Qwen3: a 4-layer model with the
+    0.6B's layer shape and random weights, token ids fed directly, against torch eager.
+    """
+    import torch
+    from transformers import AutoModel, Qwen3Config, Qwen3Model
+
+    import edge_embed
+    from conftest import MINILM_ID, build_tiny_qwen3, minilm_source
+    from edge_embed.export import export
+    from edge_embed.export.quantize import quantize_int4, quantize_per_token_int8
+
+    torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        bundle = args.bundle or work / "minilm"
+        if not args.bundle:
+            export(minilm_source(), bundle, "fp32,int8", model_id=MINILM_ID)
+        manifest = edge_embed.load_bundle(bundle).manifest
+        model = AutoModel.from_pretrained(minilm_source(), attn_implementation="eager").eval()
+        names = ["input_ids", "attention_mask", "token_type_ids"]
+        sample = {n: torch.ones((2, 8), dtype=torch.long) for n in names}
+        with torch.no_grad():
+            torch.onnx.export(model, tuple(sample[n] for n in names), str(work / "plain.onnx"), input_names=names,
+                              output_names=["last_hidden_state"], opset_version=18, dynamo=False,
+                              dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names})
+        sessions = {"plain TorchScript export (optimum's path)": _session(work / "plain.onnx", args.threads),
+                    "edge-embed fp32 (fused)": _session(bundle / manifest.variants["fp32"].file, args.threads),
+                    "edge-embed int8": _session(bundle / manifest.variants["int8"].file, args.threads)}
+        for batch, width in ((32, 16), (32, 128), (8, 256)):
+            fns = {name: (lambda s=s, f=_feeds(s, batch, width): s.run(None, f)) for name, s in sessions.items()}
+            speed = _interleaved(fns, batch * width, args.repeat * 4)
+            base = speed["plain TorchScript export (optimum's path)"]
+            rows += [{"model": "all-MiniLM-L6-v2", "shape": f"{batch}x{width}", "contender": name,
+                      "tokens_per_s": round(v), "vs_baseline": round(v / base, 2)} for name, v in speed.items()]
+        del sessions
+
+        src = work / "qwen3"
+        src.mkdir()
+        build_tiny_qwen3(src)  # for its tokenizer files; the weights are replaced below
+        config = Qwen3Config(vocab_size=151669, hidden_size=1024, num_hidden_layers=4, num_attention_heads=16,
+                             num_key_value_heads=8, head_dim=128, intermediate_size=3072,
+                             max_position_embeddings=32768, eos_token_id=0, pad_token_id=0)
+        torch.manual_seed(0)
+        Qwen3Model(config).save_pretrained(src)
+        export(src, work / "qwen3-bundle", "fp32", model_id="qwen3-4-layers")
+        fp32 = work / "qwen3-bundle" / "model.fp32.onnx"
+        quantize_per_token_int8(fp32, work / "int8.onnx")
+        quantize_int4(fp32, work / "int4.onnx")
+        eager = AutoModel.from_pretrained(src, dtype=torch.float32).eval()
+        sessions = {"edge-embed fp32": _session(fp32, args.threads), "edge-embed int8": _session(work / "int8.onnx", args.threads),
+                    "edge-embed int4": _session(work / "int4.onnx", args.threads)}
+        for batch, width in ((1, 16), (8, 64), (4, 256)):
+            feeds = {name: _feeds(s, batch, width) for name, s in sessions.items()}
+            tensors = {k: torch.from_numpy(v) for k, v in feeds["edge-embed fp32"].items()}
+
+            def torch_eager(t=tensors):
+                with torch.inference_mode():
+                    return eager(**t).last_hidden_state
+
+            fns = {"torch eager": torch_eager,
+                   **{name: (lambda s=s, f=feeds[name]: s.run(None, f)) for name, s in sessions.items()}}
+            speed = _interleaved(fns, batch * width, args.repeat * 3)
+            rows += [{"model": "qwen3-0.6b layer shape, 4 layers", "shape": f"{batch}x{width}", "contender": name,
+                      "tokens_per_s": round(v), "vs_baseline": round(v / speed["torch eager"], 2)}
+                     for name, v in speed.items()]
+    return rows
+
+
 def print_table(rows: list[dict]) -> None:
     if not rows:
         return
@@ -244,9 +366,19 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, help="reuse an exported MiniLM bundle (fp32+int8)")
     parser.add_argument("--qwen3-0.6b", dest="qwen3", action="store_true")
     parser.add_argument("--only-qwen3", action="store_true", help="skip the MiniLM contenders")
+    parser.add_argument("--graphs", action="store_true",
+                        help="only the fixed-shape graph comparison (MiniLM vs a plain export, Qwen3 vs torch eager)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "embed_throughput.json")
     args = parser.parse_args()
 
+    if args.graphs:
+        rows = bench_graphs(args)
+        print_table(rows)
+        out = args.out.with_name("embed_graphs.json") if args.out.name == "embed_throughput.json" else args.out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"machine": {**machine(), "threads": args.threads}, "graphs": rows}, indent=2))
+        print(f"wrote {out}")
+        return
     rows = [] if args.only_qwen3 else bench_minilm(args)
     print_table(rows)
     summary = {}
@@ -262,8 +394,7 @@ def main() -> None:
     print_table(qwen_rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
-                    "threads": args.threads},
+        "machine": {**machine(), "threads": args.threads},
         "minilm": rows, "ratios": summary, "qwen3_0_6b": qwen_rows,
     }, indent=2))
     print(f"wrote {args.out}")

@@ -14,7 +14,8 @@ import torch
 from ..errors import ExportError
 from .source import SourceModel
 
-__all__ = ["PooledEncoder", "load_pooled_encoder", "export_onnx", "ONNX_OPSET", "MIN_ONNXRUNTIME"]
+__all__ = ["PooledEncoder", "load_pooled_encoder", "export_onnx", "uses_torchscript", "ONNX_OPSET",
+           "MIN_ONNXRUNTIME"]
 
 ONNX_OPSET = 18
 MIN_ONNXRUNTIME = "1.17"
@@ -55,25 +56,42 @@ def load_pooled_encoder(source: SourceModel) -> PooledEncoder:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the pipeline reports progress itself
+    # BERT-family graphs are exported from the eager attention: its MatMul/Softmax pattern
+    # is the one ONNX Runtime fuses into its Attention kernel (SDPA's is not).
+    extra = {"attn_implementation": "eager"} if uses_torchscript(source) else {}
     try:
-        encoder = AutoModel.from_pretrained(source.path, dtype=torch.float32)
+        encoder = AutoModel.from_pretrained(source.path, dtype=torch.float32, **extra)
     except (OSError, ValueError) as exc:
         raise ExportError(f"transformers cannot load {source.path}: {exc}") from exc
     return PooledEncoder(encoder, source).eval()
 
 
+def uses_torchscript(source: SourceModel) -> bool:
+    """BERT-family encoders go through the TorchScript exporter, whose graph ONNX Runtime's
+    transformer optimizer fuses completely; Qwen3 through dynamo."""
+    return source.manifest.architecture != "qwen3"
+
+
 def export_onnx(model: PooledEncoder, source: SourceModel, out_path: Path, sample: dict[str, np.ndarray]) -> list[str]:
-    """Export with torch.onnx (dynamo) and dynamic batch and sequence axes.
+    """Export with torch.onnx and dynamic batch and sequence axes.
 
     Returns the names of external-data files written beside the model (none below 2 GB).
     """
     names = list(source.manifest.graph_inputs)
     args = tuple(torch.from_numpy(sample[n]) for n in names)
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    external = weight_bytes >= _EXTERNAL_DATA_BYTES
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     # The exporter narrates its steps on stdout; the pipeline reports progress itself.
     with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
+        if uses_torchscript(source):
+            axes = {n: {0: "batch", 1: "sequence"} for n in names}
+            torch.onnx.export(model, args, str(out_path), input_names=names, output_names=["sentence_embedding"],
+                              dynamic_axes={**axes, "sentence_embedding": {0: "batch"}},
+                              opset_version=ONNX_OPSET, dynamo=False)
+            return []
+        batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
         program = torch.onnx.export(
             model,
             args,
@@ -84,7 +102,5 @@ def export_onnx(model: PooledEncoder, source: SourceModel, out_path: Path, sampl
             dynamo=True,
             verbose=False,
         )
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    external = weight_bytes >= _EXTERNAL_DATA_BYTES
     program.save(str(out_path), external_data=external)
     return [out_path.name + ".data"] if external else []

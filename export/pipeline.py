@@ -337,12 +337,31 @@ def export(
     return manifest
 
 
+def _fuse(source: SourceModel, raw: Path, fp32: Path, quant_base: Path | None, *, external: bool) -> dict:
+    """The shipped FP32 graph, fully fused; and, for the quantized variants of a BERT-family
+    model, the same graph with attention left as MatMuls, which the INT8 and INT4 recipes
+    quantize (a fused Attention would keep its projections in FP32)."""
+    import json
+
+    from .fusion import fuse_graph
+
+    config = json.loads((source.path / "config.json").read_text())
+    family = "qwen3" if source.manifest.architecture == "qwen3" else "bert"
+    shape = {"num_heads": int(config.get("num_attention_heads", 0)), "hidden_size": int(config.get("hidden_size", 0)),
+             "external_data": external}
+    # Qwen3's attention has no pattern the optimizer knows: only its norms fuse.
+    recipe = fuse_graph(raw, fp32, family=family, attention=family == "bert", **shape)
+    if quant_base is not None and family == "bert":
+        fuse_graph(raw, quant_base, family=family, attention=False, **shape)
+    return recipe
+
+
 def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gates, progress: Progress,
            int8_recipe: str) -> Manifest:
     import onnxruntime
     import torch
 
-    from .graph import MIN_ONNXRUNTIME, ONNX_OPSET, export_onnx, load_pooled_encoder
+    from .graph import MIN_ONNXRUNTIME, ONNX_OPSET, export_onnx, load_pooled_encoder, uses_torchscript
 
     draft = source.manifest
     for name in source.copied_files:
@@ -363,15 +382,26 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
         path = work / f"model.{precision}.safetensors"
         mlx_weights[precision] = (path, save_mlx_weights(model.encoder, path, precision.removeprefix("mlx-")))
 
-    progress("exporting the FP32 ONNX graph (torch.onnx, dynamo)")
-    fp32_path = work / "model.fp32.onnx"
+    exporter = "TorchScript" if uses_torchscript(source) else "dynamo"
+    progress(f"exporting the FP32 ONNX graph (torch.onnx, {exporter})")
+    raw_path = work / "model.export.onnx"
     sample = model_inputs(sorted(seqs, key=len)[-2:], draft)
-    external = export_onnx(model, source, fp32_path, sample)
+    raw_external = export_onnx(model, source, raw_path, sample)
     del model
+    progress("fusing the graph (ONNX Runtime transformer optimizer)")
+    fp32_path, quant_base = work / "model.fp32.onnx", work / "model.quant-base.onnx"
+    fusion = _fuse(source, raw_path, fp32_path, quant_base if {"int8", "int4"} & set(wanted) else None,
+                   external=bool(raw_external))
+    for name in [raw_path.name, *raw_external]:
+        (work / name).unlink()
+    external = [fp32_path.name + ".data"] if raw_external else []
+    if not quant_base.exists():
+        quant_base = fp32_path
+    progress(f"fused: {', '.join(f'{n} {op}' for op, n in fusion['fused_ops'].items()) or 'no patterns matched'}")
     run = _Runner(draft, seqs)
 
     built: dict[str, tuple[Path, dict, Parity]] = {}
-    recipe = {"method": "torch.onnx.export (dynamo)", "batch_invariant": True}
+    recipe = {"method": f"torch.onnx.export ({exporter})", **fusion, "batch_invariant": True}
     parity = run.parity(fp32_path, reference, texts, recipe)
     progress(f"fp32 parity: cos min {parity.cos_min:.6f}, alone vs in a batch {parity.batch_cos_min:.6f}")
     check_gate("fp32", parity, gates)
@@ -390,11 +420,13 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
 
     if "int8" in wanted:
         progress("quantizing to INT8")
-        built["int8"] = _search_int8(fp32_path, work, run, reference, texts, gates, progress, recipe=int8_recipe)
+        built["int8"] = _search_int8(quant_base, work, run, reference, texts, gates, progress, recipe=int8_recipe)
 
     if "int4" in wanted:
         progress("quantizing to INT4 (weight-only)")
-        built["int4"] = _search_int4(fp32_path, work, run, reference, texts, gates, progress)
+        built["int4"] = _search_int4(quant_base, work, run, reference, texts, gates, progress)
+    if quant_base != fp32_path:
+        quant_base.unlink()
 
     for precision, (path, recipe) in mlx_weights.items():
         progress(f"checking the {precision} variant with MLX")

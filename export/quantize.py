@@ -107,7 +107,9 @@ def quantize_dynamic_int8(
             weight_type=QuantType.QInt8,
             nodes_to_quantize=nodes_to_quantize,
             nodes_to_exclude=list(exclude),
-            extra_options={"MatMulConstBOnly": True},
+            # Fused contrib ops (BiasGelu, SkipLayerNormalization) have no ONNX shape
+            # inference: their outputs are FP32.
+            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
         )
     return {
         "method": "onnxruntime dynamic quantization",

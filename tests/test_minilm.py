@@ -53,6 +53,26 @@ def test_manifest_records_the_model(minilm_bundle):
         assert path.stat().st_mode & 0o777 == 0o644
 
 
+def test_shipped_graphs_are_fused(minilm_bundle):
+    """Every variant is built from the fused graph: ONNX Runtime's Attention, Skip- and
+    EmbedLayerNormalization and BiasGelu kernels instead of dozens of small ops each."""
+    import onnx
+
+    manifest = edge_embed.load_bundle(minilm_bundle).manifest
+
+    def ops(precision: str) -> list[str]:
+        return [n.op_type for n in onnx.load(str(minilm_bundle / manifest.variants[precision].file)).graph.node]
+
+    fp32 = ops("fp32")
+    expected = {"Attention": 6, "SkipLayerNormalization": 12, "EmbedLayerNormalization": 1, "BiasGelu": 6}
+    assert {op: fp32.count(op) for op in expected} == expected == manifest.variants["fp32"].recipe["fused_ops"]
+    assert "Softmax" not in fp32 and "Erf" not in fp32 and len(fp32) < 120
+    assert ops("fp16").count("Attention") == 6
+    # INT8 keeps attention as MatMuls, which it quantizes per token; the rest stays fused.
+    int8 = ops("int8")
+    assert int8.count("SkipLayerNormalization") == 12 and int8.count("BiasGelu") == 6
+
+
 @pytest.mark.parametrize(("precision", "gate"), [("fp32", 0.9999), ("fp16", 0.999), ("int8", 0.97)])
 def test_variants_match_pytorch(minilm_bundle, precision, gate):
     reference = _torch_reference(TEXTS)

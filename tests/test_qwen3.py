@@ -51,6 +51,18 @@ def test_manifest_rules(qwen3_bundle):
     assert m.instruction_template == "Instruct: {instruction}\nQuery:{text}"
 
 
+def test_rms_norms_are_fused_in_every_variant(qwen3_bundle):
+    import onnx
+
+    manifest = edge_embed.load_bundle(qwen3_bundle).manifest
+    assert manifest.variants["fp32"].recipe["fused_ops"] == {"SimplifiedLayerNormalization": 5,
+                                                            "SkipSimplifiedLayerNormalization": 4}
+    for precision in ("fp32", "fp16", "int8", "int4"):
+        ops = [n.op_type for n in onnx.load(str(qwen3_bundle / manifest.variants[precision].file)).graph.node]
+        assert ops.count("SimplifiedLayerNormalization") + ops.count("SkipSimplifiedLayerNormalization") == 9
+        assert "ReduceMean" not in ops and "Pow" not in ops, precision
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_onnx_matches_pytorch_for_either_padding(qwen3_source, qwen3_bundle, side, precision):
