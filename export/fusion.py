@@ -19,7 +19,7 @@ __all__ = ["fuse_graph", "FUSED_OPS"]
 
 # The ops a fused graph is expected to hold, by architecture family.
 FUSED_OPS = {
-    "bert": ("Attention", "SkipLayerNormalization", "EmbedLayerNormalization", "BiasGelu"),
+    "bert": ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLayerNormalization", "BiasGelu"),
     "qwen3": ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"),
 }
 
@@ -38,17 +38,23 @@ def _quiet():
 
 
 def fuse_graph(src: Path, dst: Path, *, family: str, num_heads: int, hidden_size: int,
-               attention: bool = True, external_data: bool = False) -> dict:
+               attention: bool = True, for_quantization: bool = False, external_data: bool = False) -> dict:
     """Write `src` with its patterns fused to `dst`; returns the recipe entry (fused op counts).
 
-    `attention=False` leaves attention as MatMul/Softmax: the per-token INT8 recipe
-    quantizes MatMuls, and a fused Attention would keep its projections in FP32.
+    `for_quantization` fuses attention after its Q/K/V projections (MultiHeadAttention),
+    which stay MatMuls for the INT8 and INT4 recipes to quantize (a fused Attention op
+    would keep them in FP32), and leaves the embedding lookup a Gather. `attention=False`
+    leaves attention unfused.
     """
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     options = FusionOptions("bert")
     options.enable_attention = attention
+    options.use_multi_head_attention = for_quantization
+    # EmbedLayerNormalization would take the vocabulary table whole: the quantizers store
+    # it as int8 rows behind a Gather instead.
+    options.enable_embed_layer_norm = not for_quantization
     options.enable_gelu_approximation = False  # exact GELU: the same function as the source model
     with _quiet():
         optimized = optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
@@ -62,5 +68,4 @@ def fuse_graph(src: Path, dst: Path, *, family: str, num_heads: int, hidden_size
         optimized.save_model_to_file(str(dst), use_external_data_format=external_data)
     counts = collections.Counter(node.op_type for node in optimized.model.graph.node)
     fused = {op: counts[op] for op in FUSED_OPS.get(family, ()) if counts[op]}
-    return {"fusions": "onnxruntime.transformers optimizer" + ("" if attention else " (attention left unfused)"),
-            "fused_ops": fused}
+    return {"fusions": "onnxruntime.transformers optimizer", "fused_ops": fused}

@@ -339,8 +339,8 @@ def export(
 
 def _fuse(source: SourceModel, raw: Path, fp32: Path, quant_base: Path | None, *, external: bool) -> dict:
     """The shipped FP32 graph, fully fused; and, for the quantized variants of a BERT-family
-    model, the same graph with attention left as MatMuls, which the INT8 and INT4 recipes
-    quantize (a fused Attention would keep its projections in FP32)."""
+    model, the same graph with attention fused after its Q/K/V projections, which the INT8
+    and INT4 recipes quantize (a fused Attention op would keep them in FP32)."""
     import json
 
     from .fusion import fuse_graph
@@ -352,7 +352,7 @@ def _fuse(source: SourceModel, raw: Path, fp32: Path, quant_base: Path | None, *
     # Qwen3's attention has no pattern the optimizer knows: only its norms fuse.
     recipe = fuse_graph(raw, fp32, family=family, attention=family == "bert", **shape)
     if quant_base is not None and family == "bert":
-        fuse_graph(raw, quant_base, family=family, attention=False, **shape)
+        fuse_graph(raw, quant_base, family=family, for_quantization=True, **shape)
     return recipe
 
 
