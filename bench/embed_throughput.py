@@ -12,10 +12,10 @@ bundle vs a plain TorchScript export at 32x16, 32x128, 8x256; Qwen3: a 4-layer m
 the 0.6B's layer shape vs torch eager at 1x16, 8x64, 4x256) and writes embed_graphs.json.
 
 --qwen3-0.6b adds a Qwen3-Embedding-0.6B-shaped model (real config, random weights:
-compute does not depend on values): FP32 export time, then the file size of each recipe
-(INT8 with its vocabulary table left FP32, as before tables were quantized, and as int8
-rows; INT4), load time, throughput on mixed texts in batches of 16 and peak RSS. It needs
-~12 GB of memory and many minutes.
+compute does not depend on values): export time and peak RSS (FP32 + INT8 + INT4), then
+for torch eager and each precision the size, load time, serving RSS, P50 of one 20-token
+query and tokens/s at 8x64, each in its own process. It needs ~8 GB of memory and many
+minutes.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import sys
 import tempfile
 import time
@@ -157,23 +156,76 @@ def bench_minilm(args) -> list[dict]:
     return rows
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+_EXPORT_CHILD = """
+import resource, sys, time
+from pathlib import Path
+from edge_embed.export import Gates, export
+start = time.perf_counter()
+# Random weights: the gates would measure noise (weights no training shaped), so the first
+# recipe ships; sizes, memory and speed do not depend on the values.
+export(Path(sys.argv[1]), Path(sys.argv[2]), "fp32,int8,int4", model_id="qwen3-embedding-0.6b-shape",
+       gates=Gates(int8_cos_mean=0, int8_cos_min=0, int4_cos_mean=0, int4_cos_min=0, batch_cos_min=0))
+print("RESULT", time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+_SERVE_CHILD = """
+import json, sys, time
+import numpy as np
+threads, kind = int(sys.argv[2]), sys.argv[3]
+rng = np.random.default_rng(0)
+query = rng.integers(1000, 100000, 20)
+batch = [rng.integers(1000, 100000, 64) for _ in range(8)]
+start = time.perf_counter()
+if kind == "torch eager":
+    import torch
+    from transformers import AutoModel
+    torch.set_num_threads(threads)
+    model = AutoModel.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+    def run(seqs):
+        ids = torch.from_numpy(np.stack(seqs))
+        with torch.inference_mode():
+            return model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[:, -1]
+else:
+    import edge_embed
+    provider = edge_embed.load(sys.argv[1], precision=kind, threads=threads)
+    run = provider.run_batch
+load_s = time.perf_counter() - start
+run([query])
+def rss():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS"))
+serving_rss = rss()
+times = []
+for _ in range(30):
+    t = time.perf_counter(); run([query]); times.append(time.perf_counter() - t)
+run(batch)
+rounds = []
+for _ in range(5):
+    t = time.perf_counter(); run(batch); rounds.append(time.perf_counter() - t)
+print("RESULT", json.dumps({"load_s": load_s, "serving_rss": serving_rss, "p50_ms": 1000 * float(np.median(times)),
+                            "tok_s_8x64": 512 / float(np.median(rounds))}))
+"""
+
+
+def _child(code: str, *argv: str) -> str:
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=7200)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    return next(line for line in done.stdout.splitlines() if line.startswith("RESULT")).split(None, 1)[1]
 
 
 def bench_qwen3_06b(args) -> list[dict]:
-    """Qwen3-Embedding-0.6B shape with random weights: the FP32 export, then each quantized
-    recipe applied to it directly (random weights make a gate search meaningless; sizes and
-    speed do not depend on the values): file size, load time, throughput, peak RSS."""
-    import onnxruntime as ort
+    """Qwen3-Embedding-0.6B at full size (28 layers, real config, random weights: compute
+    and memory do not depend on the values), each step in its own process so its memory is
+    its own: the export (FP32 + INT8 + INT4, time and peak RSS against the FP32 weight
+    bytes), then per precision and for torch eager: bundle size, load time, serving RSS,
+    P50 of one 20-token query and tokens/s at 8x64."""
     import torch
     from transformers import Qwen3Config, Qwen3Model
 
     import edge_embed
     from conftest import build_tiny_qwen3
-    from edge_embed.export import export
-    from edge_embed.export.quantize import quantize_int4, quantize_per_token_int8
-    from edge_embed.tokenization import BundleTokenizer, model_inputs
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -186,47 +238,28 @@ def bench_qwen3_06b(args) -> list[dict]:
             eos_token_id=0, pad_token_id=0,
         )
         torch.manual_seed(0)
-        Qwen3Model(config).save_pretrained(src)
-        start = time.perf_counter()
-        export(src, bundle, "fp32", model_id="qwen3-embedding-0.6b-shape")
-        export_s = time.perf_counter() - start
+        model = Qwen3Model(config)
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        model.save_pretrained(src)
+        del model
+        export_s, export_peak = map(float, _child(_EXPORT_CHILD, str(src), str(bundle)).split())
+        print(f"export: {export_s:.0f} s, peak RSS {export_peak / 1e9:.2f} GB = "
+              f"{export_peak / weight_bytes:.2f}x the FP32 weights ({weight_bytes / 1e9:.2f} GB)")
         manifest = edge_embed.load_bundle(bundle).manifest
-        fp32 = bundle / manifest.variants["fp32"].file
-        variants = {
-            "fp32": (fp32, manifest.variants["fp32"].bytes),
-            "int8 per-token, vocabulary table fp32 (before)": Path(tmp) / "int8-fp32-table.onnx",
-            "int8 per-token, vocabulary table int8 rows (now)": Path(tmp) / "int8.onnx",
-            "int4 blocks of 32, vocabulary table int8 rows": Path(tmp) / "int4.onnx",
-        }
-        quantize_per_token_int8(fp32, variants["int8 per-token, vocabulary table fp32 (before)"], tables=False)
-        quantize_per_token_int8(fp32, variants["int8 per-token, vocabulary table int8 rows (now)"])
-        quantize_int4(fp32, variants["int4 blocks of 32, vocabulary table int8 rows"])
-        tokenizer = BundleTokenizer(bundle / "tokenizer.json", manifest)
-        seqs = tokenizer.encode(workloads()["mixed"][:64])
-        batches = [seqs[i:i + 16] for i in range(0, len(seqs), 16)]
-        reference = None
-        for name, entry in variants.items():
-            path, size = entry if isinstance(entry, tuple) else (entry, entry.stat().st_size)
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = args.threads
-            start = time.perf_counter()
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            load_s = time.perf_counter() - start
-            run = lambda b: session.run([manifest.graph_output], model_inputs(b, manifest))[0]  # noqa: E731
-            run(batches[0])
-            start = time.perf_counter()
-            vectors = np.vstack([run(b) for b in batches])
-            seconds = time.perf_counter() - start
-            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-            reference = vectors if reference is None else reference
+        for kind in ("torch eager", "fp32", "int8", "int4"):
+            figures = json.loads(_child(_SERVE_CHILD, str(src if kind == "torch eager" else bundle),
+                                        str(args.threads), kind))
+            size = (sum(f.stat().st_size for f in src.glob("*.safetensors")) if kind == "torch eager"
+                    else manifest.variants[kind].bytes)
             rows.append({
-                "model": "qwen3-0.6b-shape", "variant": name, "export_s": round(export_s, 1),
-                "file_mb": round(size / 1e6), "load_s": round(load_s, 2),
-                "sentences_per_s": round(len(seqs) / seconds, 2),
-                "cos_min_vs_fp32_random_weights": round(float(np.sum(vectors * reference, axis=1).min()), 4),
-                "peak_rss_mb": round(peak_rss_mb()),
+                "model": "qwen3-0.6b-shape", "contender": kind if kind == "torch eager" else f"edge-embed {kind}",
+                "export_s": round(export_s), "export_peak_rss_gb": round(export_peak / 1e9, 2),
+                "export_peak_vs_fp32_weights": round(export_peak / weight_bytes, 2),
+                "size_mb": round(size / 1e6), "load_s": round(figures["load_s"], 2),
+                "serving_rss_mb": round(figures["serving_rss"] / 1e6),
+                "p50_20_token_query_ms": round(figures["p50_ms"], 1),
+                "tokens_per_s_8x64": round(figures["tok_s_8x64"]),
             })
-            del session
     return rows
 
 

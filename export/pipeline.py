@@ -86,20 +86,20 @@ class _Runner:
         options.log_severity_level = 3
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    def __call__(self, path: Path, *, alone: bool = False) -> np.ndarray:
+    def __call__(self, path: Path, *, alone: bool = False, session=None) -> np.ndarray:
         """Vectors of an ONNX graph file; `alone` runs each text as its own batch, as the
         runtime does for variants whose vectors depend on their batch neighbours."""
-        session = self._session(path)
+        session = session or self._session(path)
         if not alone:
             return self.vectors(lambda feeds: session.run([self.manifest.graph_output], feeds)[0])
         return np.vstack([
             session.run([self.manifest.graph_output], model_inputs([seq], self.manifest))[0] for seq in self.seqs
         ])
 
-    def batch_cos_min(self, path: Path) -> float:
+    def batch_cos_min(self, path: Path, session=None) -> float:
         """Texts alone against the same texts in one batch of 32 mixed lengths (padded as
         the model pads): the worst cosine. 1.0 means batch neighbours change nothing."""
-        session = self._session(path)
+        session = session or self._session(path)
         picked = [self.seqs[i] for i in batch_probe_indices([len(s) for s in self.seqs])]
         output = self.manifest.graph_output
         alone = np.vstack([session.run([output], model_inputs([seq], self.manifest))[0] for seq in picked])
@@ -108,10 +108,14 @@ class _Runner:
 
     def parity(self, path: Path, reference: np.ndarray, texts: list[str], recipe: dict) -> Parity:
         """Parity with the reference, run as the runtime will run it, plus the alone-vs-batch
-        check for a variant that claims batch invariance."""
+        check for a variant that claims batch invariance (one session for both)."""
         invariant = recipe.get("batch_invariant", True)
-        parity = measure_parity(reference, self(path, alone=not invariant), texts)
-        return dataclasses.replace(parity, batch_cos_min=self.batch_cos_min(path) if invariant else None)
+        session = self._session(path)
+        parity = measure_parity(reference, self(path, alone=not invariant, session=session), texts)
+        batch_cos = self.batch_cos_min(path, session) if invariant else None
+        del session
+        _release_freed_memory()
+        return dataclasses.replace(parity, batch_cos_min=batch_cos)
 
 
 def _reference_vectors(model, manifest: Manifest, seqs: list[np.ndarray], progress: Progress) -> np.ndarray:
@@ -337,7 +341,20 @@ def export(
     return manifest
 
 
-def _fuse(source: SourceModel, raw: Path, fp32: Path, quant_base: Path | None, *, external: bool) -> dict:
+def _release_freed_memory() -> None:
+    """Collect cycles and hand freed heap pages back to the OS (glibc keeps them otherwise),
+    so a model's PyTorch weights stop counting against the export's peak once dropped."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
+
+
+def _fuse(source: SourceModel, raw: Path, fp32: Path, quant_base: Path | None) -> dict:
     """The shipped FP32 graph, fully fused; and, for the quantized variants of a BERT-family
     model, the same graph with attention fused after its Q/K/V projections, which the INT8
     and INT4 recipes quantize (a fused Attention op would keep them in FP32)."""
@@ -347,8 +364,7 @@ def _fuse(source: SourceModel, raw: Path, fp32: Path, quant_base: Path | None, *
 
     config = json.loads((source.path / "config.json").read_text())
     family = "qwen3" if source.manifest.architecture == "qwen3" else "bert"
-    shape = {"num_heads": int(config.get("num_attention_heads", 0)), "hidden_size": int(config.get("hidden_size", 0)),
-             "external_data": external}
+    shape = {"num_heads": int(config.get("num_attention_heads", 0)), "hidden_size": int(config.get("hidden_size", 0))}
     # Qwen3's attention has no pattern the optimizer knows: only its norms fuse.
     recipe = fuse_graph(raw, fp32, family=family, attention=family == "bert", **shape)
     if quant_base is not None and family == "bert":
@@ -388,10 +404,10 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
     sample = model_inputs(sorted(seqs, key=len)[-2:], draft)
     raw_external = export_onnx(model, source, raw_path, sample)
     del model
+    _release_freed_memory()  # the PyTorch weights: ONNX Runtime loads its own copy next
     progress("fusing the graph (ONNX Runtime transformer optimizer)")
     fp32_path, quant_base = work / "model.fp32.onnx", work / "model.quant-base.onnx"
-    fusion = _fuse(source, raw_path, fp32_path, quant_base if {"int8", "int4"} & set(wanted) else None,
-                   external=bool(raw_external))
+    fusion = _fuse(source, raw_path, fp32_path, quant_base if {"int8", "int4"} & set(wanted) else None)
     for name in [raw_path.name, *raw_external]:
         (work / name).unlink()
     external = [fp32_path.name + ".data"] if raw_external else []
@@ -426,7 +442,8 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
         progress("quantizing to INT4 (weight-only)")
         built["int4"] = _search_int4(quant_base, work, run, reference, texts, gates, progress)
     if quant_base != fp32_path:
-        quant_base.unlink()
+        for path in (quant_base, quant_base.with_name(quant_base.name + ".data")):
+            path.unlink(missing_ok=True)
 
     for precision, (path, recipe) in mlx_weights.items():
         progress(f"checking the {precision} variant with MLX")

@@ -55,6 +55,36 @@ def _quiet_quantizer():
             logger.removeFilter(chatter)
 
 
+@contextlib.contextmanager
+def _graph_with_lazy_weights(src: Path):
+    """`src` without its external weights loaded, and the working directory where ONNX's
+    loaders find them by relative name: a quantizer reads one weight at a time instead of
+    the whole FP32 model. Whatever is still external on leaving is loaded into the model,
+    so the quantized file is self-contained."""
+    import os
+
+    model = onnx.load(str(src), load_external_data=False)
+    previous = os.getcwd()
+    os.chdir(src.parent)
+    try:
+        yield model
+        onnx.load_external_data_for_model(model, ".")
+    finally:
+        os.chdir(previous)
+
+
+def _weight_array(tensor: onnx.TensorProto):
+    """A weight's values, read from external data into a copy (the model's tensor stays
+    empty, so weights read one by one are not all held at once)."""
+    from onnx import numpy_helper
+
+    if not any(e.key == "location" for e in tensor.external_data):
+        return numpy_helper.to_array(tensor)
+    copy = onnx.TensorProto()
+    copy.CopyFrom(tensor)
+    return numpy_helper.to_array(copy, base_dir=".")
+
+
 def to_fp16(src: Path, dst: Path) -> dict:
     """FP16 weights and compute with FP32 inputs/outputs (ONNX Runtime's transformer tools).
 
@@ -125,6 +155,7 @@ def quantize_dynamic_int8(
 
 # Tables with fewer rows (positions, token types) are small and stay FP32.
 _TABLE_MIN_ROWS = 1024
+_TABLE_CHUNK_ROWS = 8192
 
 
 def _quantize_embedding_tables(model: onnx.ModelProto) -> dict:
@@ -151,11 +182,18 @@ def _quantize_embedding_tables(model: onnx.ModelProto) -> dict:
             nodes.append(node)
             continue
         if table.name not in tables:
-            rows = numpy_helper.to_array(table).astype(np.float32)
-            scale = np.maximum(np.abs(rows).max(axis=1, keepdims=True), 1e-30) / 127.0
-            q = np.clip(np.round(rows / scale), -127, 127).astype(np.int8)
+            rows = numpy_helper.to_array(table)
+            q = np.empty(rows.shape, dtype=np.int8)
+            scale = np.empty((rows.shape[0], 1), dtype=np.float32)
+            for start in range(0, rows.shape[0], _TABLE_CHUNK_ROWS):  # bounded temporaries
+                chunk = rows[start:start + _TABLE_CHUNK_ROWS].astype(np.float32)
+                s = np.maximum(np.abs(chunk).max(axis=1, keepdims=True), 1e-30) / 127.0
+                q[start:start + len(chunk)] = np.clip(np.round(chunk / s), -127, 127)
+                scale[start:start + len(chunk)] = s
+            del rows
+            table.ClearField("raw_data")  # the FP32 rows are not kept once quantized
             tables[table.name] = (numpy_helper.from_array(q, f"{table.name}_int8"),
-                                  numpy_helper.from_array(scale.astype(np.float32), f"{table.name}_row_scale"))
+                                  numpy_helper.from_array(scale, f"{table.name}_row_scale"))
         q_table, row_scale = tables[table.name]
         base = f"{node.name or node.output[0]}_int8_rows"
         nodes.extend([
@@ -199,11 +237,18 @@ def quantize_per_token_int8(src: Path, dst: Path, *, reduce_range: bool = True,
     once. The graph's opset is raised to 21 for the blocked QuantizeLinear. With `tables`,
     vocabulary tables are stored as int8 rows too.
     """
+    with _graph_with_lazy_weights(src) as model:
+        recipe = _per_token_int8(model, reduce_range=reduce_range, exclude=exclude, tables=tables)
+    onnx.save(model, str(dst))
+    return recipe
+
+
+def _per_token_int8(model: onnx.ModelProto, *, reduce_range: bool, exclude: tuple[str, ...],
+                    tables: bool) -> dict:
     from onnx import TensorProto, helper, numpy_helper
 
     import numpy as np
 
-    model = onnx.load(str(src))
     graph = model.graph
     for entry in model.opset_import:
         if entry.domain in ("", "ai.onnx") and entry.version < _PER_ROW_OPSET:
@@ -277,7 +322,7 @@ def quantize_per_token_int8(src: Path, dst: Path, *, reduce_range: bool = True,
         if weight is None or node.name in exclude or len(weight.dims) != 2:
             rewritten.append(node)
             continue
-        w = numpy_helper.to_array(weight).astype(np.float32)
+        w = _weight_array(weight).astype(np.float32)
         column_scale = np.maximum(np.abs(w).max(axis=0), 1e-30) / qmax
         w_q = np.clip(np.round(w / column_scale), -qmax, qmax).astype(np.int8)
         w_name = const(f"{weight.name}_int8", w_q)
@@ -312,7 +357,7 @@ def quantize_per_token_int8(src: Path, dst: Path, *, reduce_range: bool = True,
         ]
         # All biases ride one run-time Mul and one Split: two ops per run, not one per bias.
         positions = [next(k for k, i in enumerate(n.input) if i in weights) for n in biased]
-        biases = [numpy_helper.to_array(weights[n.input[k]]) for n, k in zip(biased, positions)]
+        biases = [_weight_array(weights[n.input[k]]) for n, k in zip(biased, positions)]
         if all(b.ndim == 1 and b.dtype == np.float32 for b in biases):
             joined, joined_runtime = const("pt_biases", np.concatenate(biases)), unique("pt_biases_runtime")
             sizes = const("pt_bias_sizes", np.array([b.size for b in biases], dtype=np.int64))
@@ -336,8 +381,9 @@ def quantize_per_token_int8(src: Path, dst: Path, *, reduce_range: bool = True,
     graph.node.extend(rewritten)
     del graph.initializer[:]
     graph.initializer.extend(kept_inits + [i for i in new_inits if i.name in used])
+    if tables:
+        onnx.load_external_data_for_model(model, ".")  # what is left: norms, biases, the vocabulary table
     table_recipe = _quantize_embedding_tables(model) if tables else {}
-    onnx.save(model, str(dst))
     return {
         "method": "per-token dynamic int8 (QuantizeLinear per row, MatMulInteger fused to MatMulIntegerToFloat)",
         "weights": f"int8 symmetric per output channel, +-{qmax}",
@@ -354,7 +400,9 @@ def quantize_per_token_int8(src: Path, dst: Path, *, reduce_range: bool = True,
 
 def quantize_weight_only_int8(src: Path, dst: Path, *, block_size: int = 32) -> dict:
     """Weight-only 8-bit (MatMulNBits): int8 weights per block, FP32 activations."""
-    model = _matmul_nbits(onnx.load(str(src)), bits=8, block_size=block_size, accuracy_level=None)
+    with _graph_with_lazy_weights(src) as model:
+        model = _matmul_nbits(model, bits=8, block_size=block_size, accuracy_level=None)
+        onnx.load_external_data_for_model(model, ".")
     onnx.save(model, str(dst))
     return {
         "method": "onnxruntime MatMulNBits weight-only",
@@ -402,12 +450,15 @@ def quantize_int4(src: Path, dst: Path, *, block_size: int = 32, accuracy_level:
     neighbours. MatMuls in `keep_8bit` (the ones 4 bits hurt most) get 8-bit blocks;
     vocabulary tables are int8 rows.
     """
-    model = onnx.load(str(src))
-    model = _matmul_nbits(model, bits=4, block_size=block_size, accuracy_level=accuracy_level, exclude=keep_8bit)
-    if keep_8bit:
-        model = _matmul_nbits(model, bits=8, block_size=block_size, accuracy_level=accuracy_level,
-                              include=list(keep_8bit))
-    table_recipe = _quantize_embedding_tables(model)
+    with _graph_with_lazy_weights(src) as model:
+        # The quantizer reads each weight as it reaches it (relative to the working directory).
+        model = _matmul_nbits(model, bits=4, block_size=block_size, accuracy_level=accuracy_level,
+                              exclude=keep_8bit)
+        if keep_8bit:
+            model = _matmul_nbits(model, bits=8, block_size=block_size, accuracy_level=accuracy_level,
+                                  include=list(keep_8bit))
+        onnx.load_external_data_for_model(model, ".")
+        table_recipe = _quantize_embedding_tables(model)
     onnx.save(model, str(dst))
     return {
         "method": "onnxruntime MatMulNBits weight-only",
