@@ -341,6 +341,77 @@ def export(
     return manifest
 
 
+def _torch_stage(source: SourceModel, work: Path, texts: list[str], seqs: list[np.ndarray],
+                 mlx_wanted: tuple[str, ...], raw_path: Path, conn) -> None:
+    """Everything that needs the PyTorch model, in a child process: the reference vectors
+    (golden.npz), MLX weights and the raw ONNX export. When the child exits, all of its
+    memory goes back to the OS: PyTorch and the exporter keep references to a model that
+    no `del` releases."""
+    try:
+        import torch
+
+        from .graph import export_onnx, load_pooled_encoder, uses_torchscript
+
+        def progress(message: str) -> None:
+            conn.send(("progress", message))
+
+        torch.set_num_threads(usable_cpu_count())
+        draft = source.manifest
+        progress(f"loading the PyTorch FP32 model from {source.path}")
+        model = load_pooled_encoder(source)
+        reference = _reference_vectors(model, draft, seqs, progress)
+        np.savez(work / GOLDEN_FILE, texts=np.array(texts), vectors=reference)
+        mlx = {}
+        for precision in mlx_wanted:
+            from .mlx_weights import save_mlx_weights
+
+            mlx[precision] = save_mlx_weights(model.encoder, work / f"model.{precision}.safetensors",
+                                              precision.removeprefix("mlx-"))
+        exporter = "TorchScript" if uses_torchscript(source) else "dynamo"
+        progress(f"exporting the FP32 ONNX graph (torch.onnx, {exporter})")
+        sample = model_inputs(sorted(seqs, key=len)[-2:], draft)
+        conn.send(("done", export_onnx(model, source, raw_path, sample), mlx))
+    except BaseException as exc:  # noqa: BLE001 - the parent raises it with its message
+        conn.send(("error", type(exc).__name__, str(exc)))
+    finally:
+        conn.close()
+
+
+def _run_torch_stage(source: SourceModel, work: Path, texts: list[str], seqs: list[np.ndarray],
+                     mlx_wanted: tuple[str, ...], raw_path: Path, progress: Progress) -> tuple[list[str], dict]:
+    """Run `_torch_stage` in a spawned child, relaying its progress lines; its errors
+    become ExportError with the child's message."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_torch_stage, args=(source, work, texts, seqs, mlx_wanted, raw_path, send),
+                            name="edge-embed-export-torch", daemon=True)
+    child.start()
+    send.close()
+    outcome = None
+    try:
+        while True:
+            try:
+                message = receive.recv()
+            except EOFError:
+                break
+            if message[0] == "progress":
+                progress(message[1])
+            else:
+                outcome = message
+    finally:
+        child.join()
+    if outcome is None:
+        raise ExportError(f"the PyTorch export stage died (exit code {child.exitcode}); out of memory?")
+    if outcome[0] == "error":
+        _, kind, text = outcome
+        if kind == "ExportError":
+            raise ExportError(text)
+        raise ExportError(f"the PyTorch export stage failed: {kind}: {text}")
+    return outcome[1], outcome[2]
+
+
 def _release_freed_memory() -> None:
     """Collect cycles and hand freed heap pages back to the OS (glibc keeps them otherwise),
     so a model's PyTorch weights stop counting against the export's peak once dropped."""
@@ -377,7 +448,7 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
     import onnxruntime
     import torch
 
-    from .graph import MIN_ONNXRUNTIME, ONNX_OPSET, export_onnx, load_pooled_encoder, uses_torchscript
+    from .graph import MIN_ONNXRUNTIME, ONNX_OPSET, uses_torchscript
 
     draft = source.manifest
     for name in source.copied_files:
@@ -386,25 +457,11 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
     texts = _probe_set(tokenizer, draft)
     seqs = tokenizer.encode(texts)
 
-    torch.set_num_threads(usable_cpu_count())
-    progress(f"loading the PyTorch FP32 model from {source.path}")
-    model = load_pooled_encoder(source)
-    reference = _reference_vectors(model, draft, seqs, progress)
-    np.savez(work / GOLDEN_FILE, texts=np.array(texts), vectors=reference)
-    mlx_weights = {}
-    for precision in (p for p in wanted if variant_format(p) == "mlx"):
-        from .mlx_weights import save_mlx_weights
-
-        path = work / f"model.{precision}.safetensors"
-        mlx_weights[precision] = (path, save_mlx_weights(model.encoder, path, precision.removeprefix("mlx-")))
-
-    exporter = "TorchScript" if uses_torchscript(source) else "dynamo"
-    progress(f"exporting the FP32 ONNX graph (torch.onnx, {exporter})")
+    mlx_wanted = tuple(p for p in wanted if variant_format(p) == "mlx")
     raw_path = work / "model.export.onnx"
-    sample = model_inputs(sorted(seqs, key=len)[-2:], draft)
-    raw_external = export_onnx(model, source, raw_path, sample)
-    del model
-    _release_freed_memory()  # the PyTorch weights: ONNX Runtime loads its own copy next
+    raw_external, mlx_recipes = _run_torch_stage(source, work, texts, seqs, mlx_wanted, raw_path, progress)
+    reference = np.load(work / GOLDEN_FILE)["vectors"]
+    mlx_weights = {p: (work / f"model.{p}.safetensors", mlx_recipes[p]) for p in mlx_wanted}
     progress("fusing the graph (ONNX Runtime transformer optimizer)")
     fp32_path, quant_base = work / "model.fp32.onnx", work / "model.quant-base.onnx"
     fusion = _fuse(source, raw_path, fp32_path, quant_base if {"int8", "int4"} & set(wanted) else None)
@@ -417,6 +474,7 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
     run = _Runner(draft, seqs)
 
     built: dict[str, tuple[Path, dict, Parity]] = {}
+    exporter = "TorchScript" if uses_torchscript(source) else "dynamo"
     recipe = {"method": f"torch.onnx.export ({exporter})", **fusion, "batch_invariant": True}
     parity = run.parity(fp32_path, reference, texts, recipe)
     progress(f"fp32 parity: cos min {parity.cos_min:.6f}, alone vs in a batch {parity.batch_cos_min:.6f}")
