@@ -125,17 +125,42 @@ def padded_share_of(plan, lengths: list[int]) -> float:
     return padded_share(lengths, plan_batches(lengths, plan.max_batch_tokens, plan.max_batch_size))
 
 
-def bench_minilm(args) -> list[dict]:
+def _minilm_bundle(args, work: Path) -> Path:
+    """--bundle, or a fresh FP32 + INT8 export of the real MiniLM into `work`."""
     from conftest import MINILM_ID, minilm_source
     from edge_embed.export import export
 
+    if args.bundle:
+        return Path(args.bundle)
+    export(minilm_source(), work / "minilm", "fp32,int8", model_id=MINILM_ID)
+    return work / "minilm"
+
+
+def _qwen3_06b_source(dest: Path, layers: int) -> int:
+    """A model directory with Qwen3-Embedding-0.6B's real config (`layers` of its 28) and
+    random weights: compute and memory do not depend on the values. Returns the FP32
+    weight bytes."""
+    import torch
+    from transformers import Qwen3Config, Qwen3Model
+
+    from conftest import build_tiny_qwen3
+
+    dest.mkdir()
+    build_tiny_qwen3(dest)  # for its tokenizer files; the weights are replaced below
+    config = Qwen3Config(vocab_size=151669, hidden_size=1024, num_hidden_layers=layers, num_attention_heads=16,
+                         num_key_value_heads=8, head_dim=128, intermediate_size=3072,
+                         max_position_embeddings=32768, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    model = Qwen3Model(config)
+    model.save_pretrained(dest)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def bench_minilm(args) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        bundle = args.bundle or work / "bundle"
-        if not args.bundle:
-            export(minilm_source(), bundle, "fp32,int8", model_id=MINILM_ID)
-        contenders, lengths_of = minilm_contenders(Path(bundle), args.threads, work)
+        contenders, lengths_of = minilm_contenders(_minilm_bundle(args, work), args.threads, work)
         for workload, texts in workloads().items():
             lengths = lengths_of(texts)
             reference = None
@@ -242,27 +267,12 @@ def bench_qwen3_06b(args) -> list[dict]:
     its own: the export (FP32 + INT8 + INT4, time and peak RSS against the FP32 weight
     bytes), then per precision and for torch eager: bundle size, load time, serving RSS,
     P50 of one 20-token query and tokens/s at 8x64."""
-    import torch
-    from transformers import Qwen3Config, Qwen3Model
-
     import edge_embed
-    from conftest import build_tiny_qwen3
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         src, bundle = Path(tmp) / "src", Path(tmp) / "bundle"
-        src.mkdir()
-        build_tiny_qwen3(src)  # for its tokenizer files; the weights are replaced below
-        config = Qwen3Config(
-            vocab_size=151669, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
-            num_key_value_heads=8, head_dim=128, intermediate_size=3072, max_position_embeddings=32768,
-            eos_token_id=0, pad_token_id=0,
-        )
-        torch.manual_seed(0)
-        model = Qwen3Model(config)
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        model.save_pretrained(src)
-        del model
+        weight_bytes = _qwen3_06b_source(src, layers=28)
         export_s, export_peak = map(float, _child(_EXPORT_CHILD, str(src), str(bundle)).split())
         print(f"export: {export_s:.0f} s, peak RSS {export_peak / 1e9:.2f} GB = "
               f"{export_peak / weight_bytes:.2f}x the FP32 weights ({weight_bytes / 1e9:.2f} GB)")
@@ -337,10 +347,10 @@ def bench_graphs(args) -> list[dict]:
     0.6B's layer shape and random weights, token ids fed directly, against torch eager.
     """
     import torch
-    from transformers import AutoModel, Qwen3Config, Qwen3Model
+    from transformers import AutoModel
 
     import edge_embed
-    from conftest import MINILM_ID, build_tiny_qwen3, minilm_source
+    from conftest import minilm_source
     from edge_embed.export import export
     from edge_embed.export.quantize import quantize_int4, quantize_per_token_int8
 
@@ -348,9 +358,7 @@ def bench_graphs(args) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        bundle = args.bundle or work / "minilm"
-        if not args.bundle:
-            export(minilm_source(), bundle, "fp32,int8", model_id=MINILM_ID)
+        bundle = _minilm_bundle(args, work)
         manifest = edge_embed.load_bundle(bundle).manifest
         model = AutoModel.from_pretrained(minilm_source(), attn_implementation="eager").eval()
         names = ["input_ids", "attention_mask", "token_type_ids"]
@@ -371,13 +379,7 @@ def bench_graphs(args) -> list[dict]:
         del sessions
 
         src = work / "qwen3"
-        src.mkdir()
-        build_tiny_qwen3(src)  # for its tokenizer files; the weights are replaced below
-        config = Qwen3Config(vocab_size=151669, hidden_size=1024, num_hidden_layers=4, num_attention_heads=16,
-                             num_key_value_heads=8, head_dim=128, intermediate_size=3072,
-                             max_position_embeddings=32768, eos_token_id=0, pad_token_id=0)
-        torch.manual_seed(0)
-        Qwen3Model(config).save_pretrained(src)
+        _qwen3_06b_source(src, layers=4)
         export(src, work / "qwen3-bundle", "fp32", model_id="qwen3-4-layers")
         fp32 = work / "qwen3-bundle" / "model.fp32.onnx"
         quantize_per_token_int8(fp32, work / "int8.onnx")

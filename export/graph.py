@@ -14,8 +14,8 @@ import torch
 from ..errors import ExportError
 from .source import SourceModel
 
-__all__ = ["PooledEncoder", "load_pooled_encoder", "export_onnx", "uses_torchscript", "ONNX_OPSET",
-           "MIN_ONNXRUNTIME"]
+__all__ = ["PooledEncoder", "load_pooled_encoder", "export_onnx", "uses_torchscript", "exporter_name",
+           "ONNX_OPSET", "MIN_ONNXRUNTIME"]
 
 ONNX_OPSET = 18
 MIN_ONNXRUNTIME = "1.17"
@@ -70,6 +70,10 @@ def uses_torchscript(source: SourceModel) -> bool:
     """BERT-family encoders go through the TorchScript exporter, whose graph ONNX Runtime's
     transformer optimizer fuses completely; Qwen3 through dynamo."""
     return source.manifest.architecture != "qwen3"
+
+
+def exporter_name(source: SourceModel) -> str:
+    return "TorchScript" if uses_torchscript(source) else "dynamo"
 
 
 def export_onnx(model: PooledEncoder, source: SourceModel, out_path: Path, sample: dict[str, np.ndarray]) -> list[str]:

@@ -350,7 +350,7 @@ def _torch_stage(source: SourceModel, work: Path, texts: list[str], seqs: list[n
     try:
         import torch
 
-        from .graph import export_onnx, load_pooled_encoder, uses_torchscript
+        from .graph import export_onnx, exporter_name, load_pooled_encoder
 
         def progress(message: str) -> None:
             conn.send(("progress", message))
@@ -367,8 +367,7 @@ def _torch_stage(source: SourceModel, work: Path, texts: list[str], seqs: list[n
 
             mlx[precision] = save_mlx_weights(model.encoder, work / f"model.{precision}.safetensors",
                                               precision.removeprefix("mlx-"))
-        exporter = "TorchScript" if uses_torchscript(source) else "dynamo"
-        progress(f"exporting the FP32 ONNX graph (torch.onnx, {exporter})")
+        progress(f"exporting the FP32 ONNX graph (torch.onnx, {exporter_name(source)})")
         sample = model_inputs(sorted(seqs, key=len)[-2:], draft)
         conn.send(("done", export_onnx(model, source, raw_path, sample), mlx))
     except BaseException as exc:  # noqa: BLE001 - the parent raises it with its message
@@ -414,7 +413,7 @@ def _run_torch_stage(source: SourceModel, work: Path, texts: list[str], seqs: li
 
 def _release_freed_memory() -> None:
     """Collect cycles and hand freed heap pages back to the OS (glibc keeps them otherwise),
-    so a model's PyTorch weights stop counting against the export's peak once dropped."""
+    so one variant's ONNX Runtime session stops counting before the next one loads."""
     import ctypes
     import gc
 
@@ -448,7 +447,7 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
     import onnxruntime
     import torch
 
-    from .graph import MIN_ONNXRUNTIME, ONNX_OPSET, uses_torchscript
+    from .graph import MIN_ONNXRUNTIME, ONNX_OPSET, exporter_name
 
     draft = source.manifest
     for name in source.copied_files:
@@ -474,8 +473,7 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
     run = _Runner(draft, seqs)
 
     built: dict[str, tuple[Path, dict, Parity]] = {}
-    exporter = "TorchScript" if uses_torchscript(source) else "dynamo"
-    recipe = {"method": f"torch.onnx.export ({exporter})", **fusion, "batch_invariant": True}
+    recipe = {"method": f"torch.onnx.export ({exporter_name(source)})", **fusion, "batch_invariant": True}
     parity = run.parity(fp32_path, reference, texts, recipe)
     progress(f"fp32 parity: cos min {parity.cos_min:.6f}, alone vs in a batch {parity.batch_cos_min:.6f}")
     check_gate("fp32", parity, gates)
