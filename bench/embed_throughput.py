@@ -363,8 +363,17 @@ def bench_graphs(args) -> list[dict]:
         model = AutoModel.from_pretrained(minilm_source(), attn_implementation="eager").eval()
         names = ["input_ids", "attention_mask", "token_type_ids"]
         sample = {n: torch.ones((2, 8), dtype=torch.long) for n in names}
+        class Plain(torch.nn.Module):  # the model's outputs as optimum exports them, inputs by name
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids, attention_mask, token_type_ids):
+                return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                  token_type_ids=token_type_ids).last_hidden_state
+
         with torch.no_grad():
-            torch.onnx.export(model, tuple(sample[n] for n in names), str(work / "plain.onnx"), input_names=names,
+            torch.onnx.export(Plain().eval(), tuple(sample[n] for n in names), str(work / "plain.onnx"), input_names=names,
                               output_names=["last_hidden_state"], opset_version=18, dynamo=False,
                               dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names})
         sessions = {"plain TorchScript export (optimum's path)": _session(work / "plain.onnx", args.threads),
