@@ -347,3 +347,30 @@ def test_batcher_splits_a_failed_batch_and_counts_whole_failures_only():
     assert type(results[3]).__name__ == "ModelRunError"
     assert batcher.stopped is None and batcher.consecutive_failures == 0
     assert calls[0] == 8 and len(calls) <= 1 + 2 * 3 + 1
+
+
+def test_batcher_starts_the_next_batch_when_runs_end_back_to_back():
+    """Runs that end in the same loop turn must still wake the batcher: with both pipeline
+    slots just freed and texts queued, it may not sleep until some new request arrives."""
+
+    def run(seqs):
+        return np.ones((len(seqs), 4), np.float32)  # instant, so runs end back to back
+
+    async def scenario():
+        batcher = TokenBudgetBatcher(run, limits=BatchLimits(max_batch_tokens=1000, max_batch_size=1),
+                                     max_wait_s=0, max_queue_tokens=100_000, run_timeout_s=5,
+                                     max_consecutive_failures=2)
+        batcher.start()
+
+        async def one(i):
+            with batcher.admit(2) as ticket:
+                return await ticket.submit([np.array([i, 1])])
+
+        try:
+            for wave in range(50):
+                done = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(20))), 10)
+                assert len(done) == 20, f"wave {wave}"
+        finally:
+            await batcher.stop()
+
+    asyncio.run(scenario())

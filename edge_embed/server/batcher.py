@@ -227,7 +227,7 @@ class TokenBudgetBatcher:
                 if batch:
                     task = asyncio.get_running_loop().create_task(self._run(batch))
                     self._running.add(task)
-                    task.add_done_callback(self._running.discard)
+                    task.add_done_callback(self._running.discard)  # also when cancelled before it starts
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - a bug here must not leave callers waiting
@@ -300,6 +300,16 @@ class TokenBudgetBatcher:
             ticket.future.cancel()
 
     async def _run(self, batch: list[tuple[Ticket, int]]) -> None:
+        """One batch in the pipeline. Its slot is freed, and the consumer woken, on every way
+        out: a done-callback would free it a loop turn after the wake-up, and a consumer
+        that looked in between would sleep with texts queued until a new request came."""
+        try:
+            await self._run_and_count(batch)
+        finally:
+            self._running.discard(asyncio.current_task())
+            self._wakeup.set()
+
+    async def _run_and_count(self, batch: list[tuple[Ticket, int]]) -> None:
         async with contextlib.AsyncExitStack() as stack:
             if self._oversize is not None and not self.limits.fits(len(batch), _width(batch)):
                 # A text longer than the token budget runs alone; its memory is reserved first.
@@ -310,7 +320,6 @@ class TokenBudgetBatcher:
                         self._fail(ticket, exc)
                     return
             succeeded = await self._run_split(batch)
-        self._wakeup.set()  # room in the pipeline
         if self.stopped is not None:
             return
         if succeeded:
