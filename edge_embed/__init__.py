@@ -7,9 +7,11 @@ from pathlib import Path
 
 from .batching import BatchLimits
 from .bundle import Bundle, load_bundle
+from .corpus import check_same_bundle, embed_corpus
 from .errors import (
     BackendUnavailableError,
     BundleError,
+    CorpusError,
     EdgeEmbedError,
     ExportError,
     GateError,
@@ -58,6 +60,9 @@ __all__ = [
     "ModelRunError",
     "NonFiniteOutputError",
     "WorkerStoppedError",
+    "CorpusError",
+    "embed_corpus",
+    "check_same_bundle",
 ]
 
 

@@ -146,6 +146,21 @@ def _parser() -> argparse.ArgumentParser:
     wm.add_argument("--max-batch-size", type=_positive_int,
                     help="texts in one batch at most, as `serve` is given (EDGE_EMBED_MAX_BATCH_SIZE)")
 
+    bc = sub.add_parser("embed-corpus", help="embed a JSONL/Parquet corpus into Parquet shards, in process or on Ray")
+    bc.add_argument("input", type=Path, help="a .jsonl/.parquet file, or a folder of them")
+    bc.add_argument("output", type=Path, help="folder for the Parquet shards (a rerun resumes it)")
+    _bundle_options(bc, with_backend=False)
+    bc.add_argument("--text-field", default="text", help="field holding the text (default: text)")
+    bc.add_argument("--id-field", default="id", help="field holding the row id (default: id)")
+    bc.add_argument("--dimensions", type=_positive_int, help="Matryoshka output width")
+    bc.add_argument("--no-truncate", action="store_true", help="send texts over the token limit to the errors file")
+    bc.add_argument("--rows-per-shard", type=_positive_int, default=10_000, help="rows per output shard (default 10000)")
+    bc.add_argument("--ray", metavar="ADDRESS", help="run on Ray Data: a cluster address, 'auto', or 'local' to start one")
+    bc.add_argument("--actors", type=_positive_int, help="with --ray: actors (default: cluster CPUs / --cpus-per-actor)")
+    bc.add_argument("--cpus-per-actor", type=_positive_int, default=1, help="with --ray: CPUs and threads per actor")
+    bc.add_argument("--ship-bundle", action="store_true",
+                    help="with --ray: send the bundle through the object store instead of by path")
+
     hc = sub.add_parser("health", help="exit 0 when the server at --server reports SERVING")
     hc.add_argument("--server", default=_env("SERVER", "127.0.0.1:50051"), help="HOST:PORT")
     hc.add_argument("--timeout", type=float, default=3.0)
@@ -160,7 +175,8 @@ def _client_options(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--client-key", type=Path, help="client key for mutual TLS")
 
 
-def _bundle_options(cmd: argparse.ArgumentParser, env_defaults: bool = True, with_bundle: bool = True) -> None:
+def _bundle_options(cmd: argparse.ArgumentParser, env_defaults: bool = True, with_bundle: bool = True,
+                    with_backend: bool = True) -> None:
     """--bundle/--precision/--threads/--backend; `serve` resolves the environment in
     ServerConfig instead and takes several bundles."""
     env = _env if env_defaults else (lambda name, default=None: None)
@@ -169,8 +185,9 @@ def _bundle_options(cmd: argparse.ArgumentParser, env_defaults: bool = True, wit
                          help="bundle directory (default: the default model)")
     cmd.add_argument("--precision", default=env("PRECISION", "auto"), help="fp32, fp16, int8 or auto")
     cmd.add_argument("--threads", type=_positive_int, default=env("THREADS"), help="CPU threads (default: affinity mask)")
-    cmd.add_argument("--backend", default=env("BACKEND"),
-                     help="auto (default), onnx, mlx, cpu, cuda, tensorrt or acl; a forced one never falls back")
+    if with_backend:
+        cmd.add_argument("--backend", default=env("BACKEND"),
+                         help="auto (default), onnx, mlx, cpu, cuda, tensorrt or acl; a forced one never falls back")
 
 
 def _open(args: argparse.Namespace):
@@ -352,6 +369,24 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return _NOT_FEASIBLE_EXIT if report.verdict == NOT_FEASIBLE else 0
 
 
+def _cmd_embed_corpus(args: argparse.Namespace) -> None:
+    from .corpus import ERRORS_FILE, embed_corpus
+    from .default_model import ensure_default_bundle
+
+    if args.ray is None and (args.actors or args.ship_bundle or args.cpus_per_actor != 1):
+        raise InvalidInputError("--actors, --cpus-per-actor and --ship-bundle need --ray")
+    report = embed_corpus(
+        args.bundle or ensure_default_bundle(), args.input, args.output, text_field=args.text_field,
+        id_field=args.id_field, precision=args.precision, dimensions=args.dimensions, truncate=not args.no_truncate,
+        rows_per_shard=args.rows_per_shard, threads=int(args.threads) if args.threads else None, ray=args.ray,
+        actors=args.actors, cpus_per_actor=args.cpus_per_actor, ship_bundle=args.ship_bundle,
+    )
+    errors = f", {report.errors:,} errors in {report.output / ERRORS_FILE}" if report.errors else ""
+    print(f"{report.rows_out:,} of {report.rows_in:,} rows embedded into {report.units} shards in {report.output} "
+          f"({report.model_id} {report.precision}, {report.units_skipped} shards from an earlier run{errors}) "
+          f"in {report.seconds:.1f} s")
+
+
 def _cmd_models(args: argparse.Namespace) -> None:
     from .check import registry_rows
     from .registry import PRECISIONS
@@ -405,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"export": _cmd_export, "embed": _cmd_embed, "info": _cmd_info, "serve": _cmd_serve,
                 "health": _cmd_health, "doctor": _cmd_doctor, "warm": _cmd_warm, "check": _cmd_check,
-                "models": _cmd_models}
+                "models": _cmd_models, "embed-corpus": _cmd_embed_corpus}
     command = commands[args.command]
     try:
         _configure_logging()

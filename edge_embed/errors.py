@@ -14,6 +14,7 @@
     │                              only that batch's requests fail; a retry may succeed
     ├── NonFiniteOutputError       the model produced NaN or infinity for one input; that request fails
     ├── WorkerStoppedError         the model worker failed repeatedly or hung; the server stops serving
+    ├── CorpusError                a corpus job's output belongs to another run or bundle, or lost rows
     └── OverloadedError            the server is at its queue, concurrency or memory limit; retry later
         └── MemoryBudgetError      the work cannot fit the memory budget even alone; do not retry
 
@@ -43,6 +44,7 @@ __all__ = [
     "ModelRunError",
     "NonFiniteOutputError",
     "WorkerStoppedError",
+    "CorpusError",
     "grpc_code_of",
     "http_status_of",
     "retry_after_ms_of",
@@ -161,6 +163,15 @@ class WorkerStoppedError(EdgeEmbedError):
     http_status = 503
     exit_code = 4
     retry_after_ms = 1000
+
+
+class CorpusError(EdgeEmbedError):
+    """A corpus job that must not go on: its output folder holds another run's shards, rows
+    went missing, or vectors made by one bundle meet queries from another."""
+
+    grpc_code = "FAILED_PRECONDITION"
+    http_status = 409
+    exit_code = 8
 
 
 def grpc_code_of(exc: BaseException) -> str:

@@ -47,7 +47,7 @@ def test_public_names_are_pinned():
         "BackendUnavailableError", "ExportError", "GateError", "OverloadedError",
         "ModelNotFoundError", "UnauthenticatedError", "ModelNotReadyError", "MemoryBudgetError",
         "ModelRunner", "BatchLimits", "ModelRunError", "NonFiniteOutputError", "WorkerStoppedError",
-        "planned_precision",
+        "planned_precision", "CorpusError", "embed_corpus", "check_same_bundle",
     ])
 
 
