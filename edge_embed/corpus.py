@@ -460,20 +460,21 @@ def _finish_run(output: Path, run: dict, units: list[Unit], done: dict, skipped:
                         precision=run["precision"], sha256=run["sha256"])
 
 
-def check_same_bundle(corpus: str | Path, provider: Any) -> None:
-    """Refuse (CorpusError) to query a corpus with vectors from another bundle, precision or
-    width than `provider` (a loaded provider, or a ProviderInfo-bearing object) runs."""
+def check_same_bundle(corpus: str | Path, provider: Any, dimensions: int | None = None) -> None:
+    """Refuse (CorpusError) to query a corpus whose vectors another model file, precision
+    or width made than the ones `provider` (a loaded provider) queries with."""
     record = Path(corpus) / RUN_FILE
     if not record.exists():
         raise CorpusError(f"{corpus} has no {RUN_FILE}: it is no edge-embed corpus")
     run = json.loads(record.read_text())
     if not run.get("complete"):
         raise CorpusError(f"the corpus in {corpus} is incomplete: run embed-corpus again to finish it")
-    variant = provider.bundle.variant(provider.precision)
-    mine = {"model_id": provider.manifest.model_id, "precision": provider.precision, "sha256": variant.sha256}
+    mine = {"model_id": provider.manifest.model_id, "precision": provider.precision,
+            "sha256": provider.bundle.variant(provider.precision).sha256,
+            "dimensions": provider.manifest.check_dimensions(dimensions)}
     differs = [f"{k} {run.get(k)!r} (corpus) vs {v!r} (here)" for k, v in mine.items() if run.get(k) != v]
     if differs:
-        raise CorpusError(f"the corpus in {corpus} was embedded by another model file: " + "; ".join(differs))
+        raise CorpusError(f"the corpus in {corpus} does not match these queries: " + "; ".join(differs))
 
 
 # -- Ray -------------------------------------------------------------------------------------

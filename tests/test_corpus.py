@@ -105,6 +105,15 @@ def test_bad_inputs_and_foreign_output_folders_are_refused(tmp_path):
         _start_run(tmp_path, run)
 
 
+def test_ray_without_the_extra_names_it(monkeypatch):
+    from edge_embed.corpus import Unit, _run_on_ray
+    from edge_embed.errors import BackendUnavailableError
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    with pytest.raises(BackendUnavailableError, match=r"pip install 'edge-embed\[ray\]'"):
+        list(_run_on_ray(None, [Unit("a.jsonl", 0, 0, 0, 0, 1)], JOB, "local", None, 1, False, None))
+
+
 # -- the real model, in process -----------------------------------------------------------
 
 
@@ -155,6 +164,9 @@ def test_a_crash_halfway_then_a_rerun_gives_every_row_once(minilm_bundle, tmp_pa
     assert sorted(p.name for p in (tmp_path / "out").glob("part-*.parquet")) == [
         "part-00000-00000.parquet", "part-00000-00001.parquet"]
     assert not (tmp_path / "out" / ERRORS_FILE).exists()
+    with edge_embed.load(minilm_bundle, precision="int8", threads=2, parity_probes=0) as provider:
+        with pytest.raises(CorpusError, match="incomplete"):
+            edge_embed.check_same_bundle(tmp_path / "out", provider)
     (tmp_path / "out" / "part-00000-00003.parquet").write_bytes(b"half a file")  # a torn write is redone
     report = edge_embed.embed_corpus(minilm_bundle, tmp_path / "in", tmp_path / "out", precision="int8",
                                      rows_per_shard=8, threads=2, progress=False)
