@@ -365,11 +365,11 @@ def embed_corpus(
     inject faults). Raises CorpusError when OUTPUT holds another run, or rows go missing.
     """
     _need_pyarrow()
-    from . import load_bundle
+    from . import load_bundle, planned_precision
 
     started = time.monotonic()
     source = load_bundle(bundle)
-    chosen = _resolve_precision(source, precision)
+    chosen = planned_precision(source.manifest, precision)
     variant = source.variant(chosen)
     width = source.manifest.check_dimensions(dimensions)
     job = _Job(output=str(Path(output).resolve()), text_field=text_field, id_field=id_field,
@@ -414,12 +414,6 @@ def _need_pyarrow() -> None:
     except ImportError as exc:
         raise BackendUnavailableError(
             f"embed-corpus writes Parquet and needs pyarrow: pip install 'edge-embed[corpus]' ({exc})") from exc
-
-
-def _resolve_precision(bundle, precision: str) -> str:
-    from . import planned_precision
-
-    return planned_precision(bundle.manifest, precision)
 
 
 def _start_run(output: Path, run: dict) -> None:
@@ -580,7 +574,7 @@ class _UnitWorker:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = []
-        for i in range(len(batch["name"] if "name" in batch else batch["source"])):
+        for i in range(len(batch["source"])):
             unit = Unit(**{f.name: _plain(batch[f.name][i]) for f in dataclasses.fields(Unit)})
             if self.before_unit is not None:
                 self.before_unit(unit)

@@ -319,6 +319,21 @@ def test_a_text_past_the_token_budget_runs_alone_and_is_charged_at_its_length():
             assert client.embed(["short texts still run"]).shape == (1, 8)
 
 
+def _started_batcher(run, *, max_batch_size: int, max_wait_s: float) -> TokenBudgetBatcher:
+    """A batcher over `run` alone, outside any server; call inside a running loop."""
+    batcher = TokenBudgetBatcher(run, limits=BatchLimits(max_batch_tokens=1000, max_batch_size=max_batch_size),
+                                 max_wait_s=max_wait_s, max_queue_tokens=100_000, run_timeout_s=5,
+                                 max_consecutive_failures=2)
+    batcher.start()
+    return batcher
+
+
+async def _one_text(batcher: TokenBudgetBatcher, first: int):
+    """One request of one two-token text whose first id is `first`."""
+    with batcher.admit(2) as ticket:
+        return await ticket.submit([np.array([first, 1])])
+
+
 def test_batcher_splits_a_failed_batch_and_counts_whole_failures_only():
     calls = []
 
@@ -329,16 +344,8 @@ def test_batcher_splits_a_failed_batch_and_counts_whole_failures_only():
         return np.ones((len(seqs), 4), np.float32)
 
     async def scenario():
-        batcher = TokenBudgetBatcher(run, limits=BatchLimits(max_batch_tokens=1000, max_batch_size=16),
-                                     max_wait_s=0.05, max_queue_tokens=10_000, run_timeout_s=5,
-                                     max_consecutive_failures=2)
-        batcher.start()
-
-        async def one(first):
-            with batcher.admit(2) as ticket:
-                return await ticket.submit([np.array([first, 1])])
-
-        results = await asyncio.gather(*(one(i) for i in range(10, 18)), return_exceptions=True)
+        batcher = _started_batcher(run, max_batch_size=16, max_wait_s=0.05)
+        results = await asyncio.gather(*(_one_text(batcher, i) for i in range(10, 18)), return_exceptions=True)
         await batcher.stop()
         return batcher, results
 
@@ -357,18 +364,10 @@ def test_batcher_starts_the_next_batch_when_runs_end_back_to_back():
         return np.ones((len(seqs), 4), np.float32)  # instant, so runs end back to back
 
     async def scenario():
-        batcher = TokenBudgetBatcher(run, limits=BatchLimits(max_batch_tokens=1000, max_batch_size=1),
-                                     max_wait_s=0, max_queue_tokens=100_000, run_timeout_s=5,
-                                     max_consecutive_failures=2)
-        batcher.start()
-
-        async def one(i):
-            with batcher.admit(2) as ticket:
-                return await ticket.submit([np.array([i, 1])])
-
+        batcher = _started_batcher(run, max_batch_size=1, max_wait_s=0)
         try:
             for wave in range(50):
-                done = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(20))), 10)
+                done = await asyncio.wait_for(asyncio.gather(*(_one_text(batcher, i) for i in range(20))), 10)
                 assert len(done) == 20, f"wave {wave}"
         finally:
             await batcher.stop()
