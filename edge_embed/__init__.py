@@ -24,11 +24,20 @@ from .errors import (
     OverloadedError,
     UnauthenticatedError,
     WorkerStoppedError,
+    WrongTaskError,
 )
 from .manifest import Manifest
 from .manifest import variant_format
 from .platform import PlatformInfo
-from .provider import DEFAULT_PARITY_PROBES, BundleEmbedder, EmbeddingProvider, ModelRunner, ProviderInfo
+from .provider import (
+    DEFAULT_PARITY_PROBES,
+    BundleEmbedder,
+    EmbeddingProvider,
+    ModelRunner,
+    ProviderInfo,
+    Reranker,
+    RerankResult,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -42,6 +51,8 @@ __all__ = [
     "Bundle",
     "Manifest",
     "EmbeddingProvider",
+    "Reranker",
+    "RerankResult",
     "ModelRunner",
     "BatchLimits",
     "BundleEmbedder",
@@ -61,6 +72,7 @@ __all__ = [
     "NonFiniteOutputError",
     "WorkerStoppedError",
     "CorpusError",
+    "WrongTaskError",
     "embed_corpus",
     "check_same_bundle",
 ]
@@ -97,7 +109,8 @@ def load(
     platform: PlatformInfo | None = None,
     **options: object,
 ) -> BundleEmbedder:
-    """Open a bundle and return a ready EmbeddingProvider for this machine.
+    """Open a bundle and return a ready provider for this machine: an EmbeddingProvider, or
+    for a reranker bundle (manifest task "rerank") one whose `rerank` scores documents.
 
     `backend="auto"` tries the platform detector's candidates in order (MLX on Apple
     Silicon, TensorRT/CUDA on NVIDIA, ACL, then the CPU) and records every fallback in

@@ -61,6 +61,14 @@ class Bundle:
             return [str(t) for t in data["texts"]], data["vectors"].astype(np.float32)
 
 
+    def golden_pairs(self) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+        """A reranker's probe pairs: queries, documents, the query group of each pair and
+        the FP32 PyTorch reference logits."""
+        with np.load(self.path / GOLDEN_FILE, allow_pickle=False) as data:
+            return ([str(t) for t in data["queries"]], [str(t) for t in data["documents"]],
+                    data["groups"].astype(np.int64), data["logits"].astype(np.float32).reshape(-1))
+
+
 def _verify(path: Path, expected: str | None, what: str) -> None:
     if expected is None:
         raise BundleError(f"manifest lists no sha256 for {path.name} ({what})")

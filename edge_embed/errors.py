@@ -15,6 +15,7 @@
     ├── NonFiniteOutputError       the model produced NaN or infinity for one input; that request fails
     ├── WorkerStoppedError         the model worker failed repeatedly or hung; the server stops serving
     ├── CorpusError                a corpus job's output belongs to another run or bundle, or lost rows
+    ├── WrongTaskError             an embedding request to a reranker, or a rerank request to an embedder
     └── OverloadedError            the server is at its queue, concurrency or memory limit; retry later
         └── MemoryBudgetError      the work cannot fit the memory budget even alone; do not retry
 
@@ -45,6 +46,7 @@ __all__ = [
     "NonFiniteOutputError",
     "WorkerStoppedError",
     "CorpusError",
+    "WrongTaskError",
     "grpc_code_of",
     "http_status_of",
     "retry_after_ms_of",
@@ -106,12 +108,13 @@ class ExportError(EdgeEmbedError):
 class GateError(ExportError):
     """A variant's parity with the FP32 reference is below its gate."""
 
-    def __init__(self, variant: str, figure: str, value: float, gate: float, worst_text: str):
+    def __init__(self, variant: str, figure: str, value: float, gate: float, worst_text: str, *,
+                 above: bool = False):
         self.variant, self.figure, self.value, self.gate = variant, figure, value, gate
-        self.worst_text = worst_text
+        self.worst_text, self.above = worst_text, above
         shown = worst_text if len(worst_text) <= 80 else worst_text[:77] + "..."
         super().__init__(
-            f"{variant} variant failed its gate: {figure} {value:.5f} < {gate} "
+            f"{variant} variant failed its gate: {figure} {value:.5f} {'>' if above else '<'} {gate} "
             f"(worst text: {shown!r}); it was not written"
         )
 
@@ -172,6 +175,14 @@ class CorpusError(EdgeEmbedError):
     grpc_code = "FAILED_PRECONDITION"
     http_status = 409
     exit_code = 8
+
+
+class WrongTaskError(EdgeEmbedError):
+    """The model asked for does the other task: vectors from a reranker, scores from an embedder."""
+
+    grpc_code = "FAILED_PRECONDITION"
+    http_status = 400
+    exit_code = 2
 
 
 def grpc_code_of(exc: BaseException) -> str:

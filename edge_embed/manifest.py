@@ -15,7 +15,7 @@ from typing import Any
 from .errors import BundleError, InvalidInputError
 
 __all__ = ["SCHEMA_VERSION", "PRECISIONS", "ONNX_PRECISIONS", "DEFAULT_EXPORT_PRECISIONS", "MLX_PRECISIONS", "POOLINGS",
-           "Parity", "Variant", "Manifest", "variant_format"]
+           "TASKS", "Parity", "ScoreParity", "RerankSpec", "Variant", "Manifest", "variant_format"]
 
 SCHEMA_VERSION = 1
 ONNX_PRECISIONS = ("fp32", "fp16", "int8", "int4")
@@ -46,6 +46,12 @@ def variant_format(precision: str) -> str:
     """"onnx" or "mlx": which kind of runtime a variant name is for."""
     return "mlx" if precision in MLX_PRECISIONS else "onnx"
 POOLINGS = ("mean", "cls", "last_token")
+# What a bundle's model does: texts -> vectors, or (query, document) pairs -> relevance scores.
+TASKS = ("embed", "rerank")
+# How a reranker's pair becomes tokens: the model's own prompt template (Qwen3-Reranker), or
+# the tokenizer's pair encoding with its special tokens (BERT-family cross-encoders).
+PAIR_FORMATS = ("template", "pair")
+SCORE_ACTIVATIONS = ("sigmoid", "none")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,6 +70,61 @@ class Parity:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ScoreParity:
+    """How close a reranker variant's scores are to the PyTorch FP32 reference on the probe
+    pairs: the score itself, and the order it gives each query's documents."""
+
+    probes: int
+    queries: int
+    score_diff_max: float
+    score_diff_mean: float
+    kendall_tau_min: float
+    kendall_tau_mean: float
+    top1_agreement: float
+    worst_pair: str
+    # A pair alone against the same pair in a batch of mixed lengths, worst |score diff|;
+    # None for variants that run one pair per batch.
+    batch_diff_max: float | None = None
+
+    @property
+    def worst_text(self) -> str:
+        return self.worst_pair
+
+
+@dataclass(frozen=True, kw_only=True)
+class RerankSpec:
+    """What turns a (query, document) pair into the graph's logit, and that into a score.
+
+    `template` (format "template") holds {query}, {document} and optionally {instruction};
+    documents are truncated, never the template or the query. `yes_token_id`/`no_token_id`
+    record which logits the graph's difference was taken from (Qwen3-Reranker's "yes" vs
+    "no"); the graph outputs that one logit, and the score is its sigmoid.
+    """
+
+    format: str
+    template: str | None = None
+    default_instruction: str | None = None
+    yes_token_id: int | None = None
+    no_token_id: int | None = None
+    activation: str = "sigmoid"
+
+    def __post_init__(self) -> None:
+        if self.format not in PAIR_FORMATS:
+            raise BundleError(f"manifest rerank format {self.format!r} is not one of {PAIR_FORMATS}")
+        if self.activation not in SCORE_ACTIVATIONS:
+            raise BundleError(f"manifest rerank activation {self.activation!r} is not one of {SCORE_ACTIVATIONS}")
+        if self.format == "template":
+            t = self.template or ""
+            if not ("{query}" in t and "{document}" in t and t.index("{query}") < t.index("{document}")):
+                raise BundleError(f"manifest rerank template {self.template!r} must hold {{query}} before "
+                                  "{document}")
+
+    @property
+    def takes_instruction(self) -> bool:
+        return self.format == "template" and "{instruction}" in (self.template or "")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Variant:
     """One model file of the bundle at one precision: an ONNX graph, or MLX weights."""
 
@@ -75,15 +136,18 @@ class Variant:
     opset: int | None
     min_onnxruntime: str | None
     recipe: dict[str, Any]
-    parity: Parity
+    parity: Parity | ScoreParity
     external_data: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
 class Manifest:
-    """Everything the runtime needs to turn texts into the same vectors as the source model."""
+    """Everything the runtime needs to turn texts into the same vectors (or pairs into the
+    same scores) as the source model."""
 
     schema_version: int = SCHEMA_VERSION
+    # Bundles written before rerankers existed have no task: they are embedders.
+    task: str = "embed"
     model_id: str
     revision: str | None
     architecture: str
@@ -99,6 +163,7 @@ class Manifest:
     default_instruction: str | None
     graph_inputs: tuple[str, ...]
     graph_output: str = "sentence_embedding"
+    rerank: RerankSpec | None = None
     files: dict[str, str] = field(default_factory=dict)
     variants: dict[str, Variant] = field(default_factory=dict)
     exporter: dict[str, str] = field(default_factory=dict)
@@ -109,6 +174,10 @@ class Manifest:
                 f"manifest schema version {self.schema_version} is not supported "
                 f"(this edge-embed reads version {SCHEMA_VERSION})"
             )
+        if self.task not in TASKS:
+            raise BundleError(f"manifest task {self.task!r} is not one of {TASKS}")
+        if (self.task == "rerank") != (self.rerank is not None):
+            raise BundleError("manifest of a reranker needs its rerank section, and only a reranker has one")
         if self.pooling not in POOLINGS:
             raise BundleError(f"manifest pooling {self.pooling!r} is not one of {POOLINGS}")
         if self.padding_side not in ("left", "right"):
@@ -137,11 +206,13 @@ class Manifest:
         try:
             variants = {
                 name: Variant(
-                    **{**v, "parity": Parity(**v["parity"]), "external_data": tuple(v.get("external_data", ()))}
+                    **{**v, "parity": _parity(v["parity"]), "external_data": tuple(v.get("external_data", ()))}
                 )
                 for name, v in data.get("variants", {}).items()
             }
-            return cls(**{**data, "variants": variants, "graph_inputs": tuple(data["graph_inputs"])})
+            rerank = RerankSpec(**data["rerank"]) if data.get("rerank") is not None else None
+            return cls(**{**data, "variants": variants, "graph_inputs": tuple(data["graph_inputs"]),
+                          "rerank": rerank})
         except (TypeError, KeyError) as exc:
             raise BundleError(f"manifest is malformed: {exc}") from exc
 
@@ -157,3 +228,7 @@ class Manifest:
         if not isinstance(data, dict):
             raise BundleError(f"{path} does not hold a JSON object")
         return cls.from_dict(data)
+
+
+def _parity(data: dict[str, Any]) -> Parity | ScoreParity:
+    return ScoreParity(**data) if "score_diff_max" in data else Parity(**data)

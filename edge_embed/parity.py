@@ -11,9 +11,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import GateError
-from .manifest import Parity
+from .manifest import Parity, ScoreParity
 
-__all__ = ["Gates", "measure_parity", "gate_failure", "check_gate", "batch_probe_indices", "alone_vs_batch_cos"]
+__all__ = ["Gates", "measure_parity", "measure_score_parity", "scores_from_logits", "gate_failure", "check_gate",
+           "batch_probe_indices", "alone_vs_batch_cos", "alone_vs_batch_diff", "pair_name"]
 
 BATCH_PROBES = 32
 
@@ -31,10 +32,22 @@ class Gates:
     int4_cos_min: float = 0.95
     # A text alone vs inside a batch of mixed lengths: the "same text, same vector" promise.
     batch_cos_min: float = 0.99999
+    # Rerankers: the largest |score diff| on the probe pairs (scores in [0, 1] after the
+    # sigmoid), per precision, and the order of each query's documents against FP32's.
+    fp32_score_diff_max: float = 1e-3
+    fp16_score_diff_max: float = 0.02
+    int8_score_diff_max: float = 0.05
+    int4_score_diff_max: float = 0.1
+    rank_kendall_tau_mean: float = 0.9
+    rank_top1_agreement: float = 0.9
+    # A pair alone vs inside a batch: the "same pair, same score" promise.
+    batch_score_diff_max: float = 1e-4
 
-    def record(self, precision: str) -> dict[str, float]:
+    def record(self, precision: str, task: str = "embed") -> dict[str, float]:
         """The figures a variant was exported under, kept in its recipe so every device
         judges it by the gate it was shipped with."""
+        if task == "rerank":
+            return {**self.limits(precision, task), "batch_diff_max": self.batch_score_diff_max}
         return {**self.limits(precision), "batch_cos_min": self.batch_cos_min}
 
     @classmethod
@@ -46,13 +59,24 @@ class Gates:
             return cls(int8_cos_mean=0.99, int8_cos_min=0.97)
         prefix = {"fp32": "fp32", "mlx-fp32": "fp32", "fp16": "fp16", "mlx-fp16": "fp16", "int4": "int4"}.get(
             precision, "int8")
+        if "score_diff_max" in kept:
+            values = {f"{prefix}_score_diff_max": kept["score_diff_max"]}
+            values.update({f"rank_{f}": kept[f] for f in ("kendall_tau_mean", "top1_agreement") if f in kept})
+            if "batch_diff_max" in kept:
+                values["batch_score_diff_max"] = kept["batch_diff_max"]
+            return cls(**values)
         values = {f"{prefix}_{figure}": value for figure, value in kept.items() if figure != "batch_cos_min"}
         if "batch_cos_min" in kept:
             values["batch_cos_min"] = kept["batch_cos_min"]
         return cls(**values)
 
-    def limits(self, precision: str) -> dict[str, float]:
-        """The figures a precision is judged by: {"cos_min": x, ...}."""
+    def limits(self, precision: str, task: str = "embed") -> dict[str, float]:
+        """The figures a precision is judged by: {"cos_min": x, ...}. Figures named
+        `*_max` are ceilings, the others floors."""
+        if task == "rerank":
+            prefix = {"fp32": "fp32", "fp16": "fp16", "int4": "int4"}.get(precision, "int8")
+            return {"score_diff_max": getattr(self, f"{prefix}_score_diff_max"),
+                    "kendall_tau_mean": self.rank_kendall_tau_mean, "top1_agreement": self.rank_top1_agreement}
         if precision in ("fp32", "mlx-fp32"):
             return {"cos_min": self.fp32_cos_min}
         if precision in ("fp16", "mlx-fp16"):
@@ -107,19 +131,80 @@ def alone_vs_batch_cos(alone: np.ndarray, batched: np.ndarray) -> float:
     return round(float(np.sum(_unit(alone) * _unit(batched), axis=1).min()), 7)
 
 
-def gate_failure(precision: str, parity: Parity, gates: Gates) -> GateError | None:
-    """The error for the first figure below its gate, or None when the variant passes."""
-    for figure, limit in gates.limits(precision).items():
+def pair_name(query: str, document: str) -> str:
+    """How reports (and a variant's worst probe) name a reranker's probe pair."""
+    return f"{query[:40]} || {document[:80]}"
+
+
+def scores_from_logits(logits: np.ndarray, activation: str) -> np.ndarray:
+    """A reranker graph's logits [n] or [n, 1] -> scores [n] (float64 for the comparisons)."""
+    logits = np.asarray(logits, dtype=np.float64).reshape(-1)
+    return 1.0 / (1.0 + np.exp(-logits)) if activation == "sigmoid" else logits
+
+
+def _kendall_tau(a: np.ndarray, b: np.ndarray) -> float:
+    """Kendall's tau-b between two score lists of one query (ties in either count as neither)."""
+    i, j = np.triu_indices(len(a), 1)
+    da, db = np.sign(a[i] - a[j]), np.sign(b[i] - b[j])
+    n_a, n_b = np.count_nonzero(da), np.count_nonzero(db)
+    if n_a == 0 or n_b == 0:
+        return 1.0 if n_a == n_b else 0.0
+    return float(np.sum(da * db) / np.sqrt(n_a * n_b))
+
+
+def measure_score_parity(reference: np.ndarray, candidate: np.ndarray, groups: np.ndarray, pairs: list[str],
+                         activation: str) -> ScoreParity:
+    """Scores against the reference's, and how each query's documents keep their order.
+
+    `reference` and `candidate` are graph logits per pair; `groups[i]` is the query pair
+    i belongs to; `pairs` names each pair for the report.
+    """
+    ref, cand = scores_from_logits(reference, activation), scores_from_logits(candidate, activation)
+    diff = np.abs(ref - cand)
+    taus, top1 = [], []
+    for g in np.unique(groups):
+        rows = np.flatnonzero(groups == g)
+        taus.append(_kendall_tau(ref[rows], cand[rows]))
+        top1.append(float(np.argmax(ref[rows]) == np.argmax(cand[rows])))
+    worst = int(np.argmax(diff))
+    return ScoreParity(
+        probes=len(pairs),
+        queries=len(taus),
+        score_diff_max=round(float(diff[worst]), 6),
+        score_diff_mean=round(float(diff.mean()), 6),
+        kendall_tau_min=round(float(min(taus)), 4),
+        kendall_tau_mean=round(float(np.mean(taus)), 4),
+        top1_agreement=round(float(np.mean(top1)), 4),
+        worst_pair=pairs[worst],
+    )
+
+
+def alone_vs_batch_diff(alone: np.ndarray, batched: np.ndarray, activation: str) -> float:
+    """The largest |score diff| between each pair scored alone and in the batch."""
+    return round(float(np.abs(scores_from_logits(alone, activation) - scores_from_logits(batched, activation)).max()),
+                 7)
+
+
+def gate_failure(precision: str, parity: Parity | ScoreParity, gates: Gates) -> GateError | None:
+    """The error for the first figure past its gate, or None when the variant passes."""
+    task = "rerank" if isinstance(parity, ScoreParity) else "embed"
+    for figure, limit in gates.limits(precision, task).items():
         value = getattr(parity, figure)
-        if value < limit:
-            return GateError(precision, figure, value, limit, parity.worst_text)
+        above = figure.endswith("_max")
+        if (value > limit) if above else (value < limit):
+            return GateError(precision, figure, value, limit, parity.worst_text, above=above)
+    if isinstance(parity, ScoreParity):
+        if parity.batch_diff_max is not None and parity.batch_diff_max > gates.batch_score_diff_max:
+            return GateError(precision, "batch_diff_max (alone vs in a batch)", parity.batch_diff_max,
+                             gates.batch_score_diff_max, parity.worst_text, above=True)
+        return None
     if parity.batch_cos_min is not None and parity.batch_cos_min < gates.batch_cos_min:
         return GateError(precision, "batch_cos_min (alone vs in a batch)", parity.batch_cos_min,
                          gates.batch_cos_min, parity.worst_text)
     return None
 
 
-def check_gate(precision: str, parity: Parity, gates: Gates) -> None:
+def check_gate(precision: str, parity: Parity | ScoreParity, gates: Gates) -> None:
     failure = gate_failure(precision, parity, gates)
     if failure is not None:
         raise failure

@@ -23,15 +23,34 @@ import numpy as np
 
 from .batching import BatchLimits, plan_batches
 from .bundle import Bundle
-from .errors import BackendUnavailableError, BundleError, EdgeEmbedError, ModelRunError, NonFiniteOutputError
-from .manifest import Parity, check_dimensions
-from .parity import Gates, alone_vs_batch_cos, batch_probe_indices, gate_failure, measure_parity
+from .errors import (
+    BackendUnavailableError,
+    BundleError,
+    EdgeEmbedError,
+    InvalidInputError,
+    ModelRunError,
+    NonFiniteOutputError,
+    WrongTaskError,
+)
+from .manifest import Parity, ScoreParity, check_dimensions
+from .parity import (
+    Gates,
+    alone_vs_batch_cos,
+    alone_vs_batch_diff,
+    batch_probe_indices,
+    gate_failure,
+    measure_parity,
+    measure_score_parity,
+    pair_name,
+    scores_from_logits,
+)
 from .platform import usable_cpu_count
-from .tokenization import BundleTokenizer, check_texts
+from .tokenization import BundleTokenizer, check_query, check_texts
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelRunner", "EmbeddingProvider", "ProviderInfo", "BundleEmbedder", "finish_vectors"]
+__all__ = ["ModelRunner", "EmbeddingProvider", "Reranker", "RerankResult", "ProviderInfo", "BundleEmbedder",
+           "finish_vectors", "wrong_task"]
 
 DEFAULT_PARITY_PROBES = 32
 
@@ -55,8 +74,9 @@ class ProviderInfo:
     # True where the backend compiles shape profiles (TensorRT): batches keep to their row steps.
     stepped_rows: bool = False
     fallback: str | None = None  # why a preferred backend or provider is not the one running
-    parity: Parity | None = None  # boot-time check against the bundle's golden vectors
+    parity: Parity | ScoreParity | None = None  # boot-time check against the bundle's golden vectors
     parity_ok: bool | None = None  # whether that check met the variant's gate; None: not checked
+    task: str = "embed"  # "embed": texts -> vectors; "rerank": (query, document) pairs -> scores
 
     def check_dimensions(self, dimensions: int | None) -> int:
         """The output width for a requested Matryoshka dimension, or InvalidInputError."""
@@ -112,6 +132,47 @@ class EmbeddingProvider(ModelRunner, Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
+@dataclass(frozen=True)
+class RerankResult:
+    """One document's place in a rerank: its index in the request, its score, and the
+    document itself when asked for."""
+
+    index: int
+    score: float
+    document: str | None = None
+
+
+@runtime_checkable
+class Reranker(Protocol):
+    """(query, documents) in, relevance scores out; what a reranker bundle's provider adds."""
+
+    def tokenize_pairs(self, query: str, documents: Sequence[str], *, instruction: str | None = None,
+                       truncate: bool = True, field: str = "documents") -> list[np.ndarray]: ...
+
+    def finish_scores(self, logits: np.ndarray, *, field: str = "documents") -> np.ndarray: ...
+
+    def rerank(self, query: str, documents: Sequence[str], *, instruction: str | None = None,
+               top_n: int | None = None, return_documents: bool = False,
+               truncate: bool = True) -> list[RerankResult]: ...
+
+
+def wrong_task(model_id: str, task: str, wanted: str) -> WrongTaskError:
+    """The error for a request of one task sent to a model of the other, naming both."""
+    kind = {"embed": "an embedding model", "rerank": "a reranker"}
+    verb = {"embed": "embed texts", "rerank": "rerank documents"}
+    return WrongTaskError(f"{model_id} is {kind[task]} and cannot {verb[wanted]}; send this request to "
+                          f"{kind[wanted]}")
+
+
+def ranked(scores: np.ndarray, documents: Sequence[str], top_n: int | None,
+           return_documents: bool) -> list[RerankResult]:
+    """Results best first (ties keep request order), cut to `top_n`."""
+    if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
+        raise InvalidInputError(f"top_n must be a positive integer, got {top_n!r}")
+    order = np.argsort(-scores, kind="stable")[: top_n or len(scores)]
+    return [RerankResult(int(i), float(scores[i]), documents[i] if return_documents else None) for i in order]
+
+
 def finish_vectors(pooled: np.ndarray, width: int, normalize: bool, *, field: str = "texts",
                    what: str = "the model") -> np.ndarray:
     """Matryoshka cut to `width`, then L2 normalization (the order the models were trained
@@ -148,7 +209,8 @@ class BundleEmbedder(abc.ABC):
         self.tokenizer = BundleTokenizer(bundle.tokenizer_path, bundle.manifest)
         self.batch_invariant = bool(bundle.variant(precision).recipe.get("batch_invariant", True))
         self.limits = limits.for_variant(self.batch_invariant)
-        self.parity: Parity | None = None
+        self.parity: Parity | ScoreParity | None = None
+        self._judged_by: Gates | None = None  # the gates the last boot check applied
         self.fallback: str | None = None
 
     @property
@@ -168,13 +230,15 @@ class BundleEmbedder(abc.ABC):
             backend=self.backend_name,
             execution_providers=self.execution_providers,
             threads=self.threads,
-            instruction_aware=m.instruction_template is not None,
-            default_instruction=m.default_instruction,
+            instruction_aware=(m.rerank.takes_instruction if m.rerank is not None
+                               else m.instruction_template is not None),
+            default_instruction=m.rerank.default_instruction if m.rerank is not None else m.default_instruction,
             batch_invariant=self.batch_invariant,
             stepped_rows=self.limits.stepped_rows,
             fallback=self.fallback,
             parity=self.parity,
             parity_ok=None if self.parity is None else self.parity_passes(),
+            task=m.task,
         )
 
     @abc.abstractmethod
@@ -203,6 +267,8 @@ class BundleEmbedder(abc.ABC):
         field: str = "texts",
     ) -> list[np.ndarray]:
         """Validated texts -> token id sequences, the instruction template applied."""
+        if self.manifest.task != "embed":
+            raise wrong_task(self.manifest.model_id, self.manifest.task, "embed")
         texts = check_texts(texts, field)
         if not texts:
             return []
@@ -210,6 +276,39 @@ class BundleEmbedder(abc.ABC):
 
     def finish(self, pooled: np.ndarray, width: int, normalize: bool, *, field: str = "texts") -> np.ndarray:
         return finish_vectors(pooled, width, normalize, field=field, what=f"the {self.precision} model")
+
+    # -- rerankers ----------------------------------------------------------------------
+
+    def tokenize_pairs(self, query: str, documents: Sequence[str], *, instruction: str | None = None,
+                       truncate: bool = True, field: str = "documents") -> list[np.ndarray]:
+        """A validated query and documents -> one token id sequence per pair; a long pair
+        loses the end of its document, never the query or the template."""
+        if self.manifest.task != "rerank":
+            raise wrong_task(self.manifest.model_id, self.manifest.task, "rerank")
+        query = check_query(query)
+        documents = check_texts(documents, field)
+        if not documents:
+            return []
+        return self.tokenizer.encode_pairs(query, documents, instruction=instruction, truncate=truncate, field=field)
+
+    def finish_scores(self, logits: np.ndarray, *, field: str = "documents") -> np.ndarray:
+        """The graph's logit per pair -> the model's relevance score (float32); a non-finite
+        score is never returned."""
+        logits = np.asarray(logits).reshape(-1)
+        finite = np.isfinite(logits)
+        if not finite.all():
+            bad = int(np.flatnonzero(~finite)[0])
+            raise NonFiniteOutputError(f"the {self.precision} model produced a non-finite score for {field}[{bad}]")
+        return scores_from_logits(logits, self.manifest.rerank.activation).astype(np.float32)
+
+    def rerank(self, query: str, documents: Sequence[str], *, instruction: str | None = None,
+               top_n: int | None = None, return_documents: bool = False,
+               truncate: bool = True) -> list[RerankResult]:
+        """The documents' indices and scores, best first (`top_n` of them)."""
+        seqs = self.tokenize_pairs(query, documents, instruction=instruction, truncate=truncate)
+        if not seqs:
+            return []
+        return ranked(self.finish_scores(self.embed_token_ids(seqs)), list(documents), top_n, return_documents)
 
     def run_batch(self, seqs: Sequence[np.ndarray]) -> np.ndarray:
         """Run exactly this batch. The backend boundary: its exceptions become ModelRunError."""
@@ -252,8 +351,8 @@ class BundleEmbedder(abc.ABC):
 
     def parity_passes(self, gates: Gates | None = None) -> bool:
         """Whether the last boot parity check met the variant's gate."""
-        return self.parity is not None and gate_failure(self.precision, self.parity,
-                                                        gates or self.shipped_gates()) is None
+        return self.parity is not None and gate_failure(
+            self.precision, self.parity, gates or self._judged_by or self.shipped_gates()) is None
 
     def check_parity(self, probes: int = DEFAULT_PARITY_PROBES, *, enforce: bool = True,
                      gates: Gates | None = None) -> Parity:
@@ -266,6 +365,8 @@ class BundleEmbedder(abc.ABC):
         claims batch invariance but is not batch-invariant here runs one text per batch.
         """
         gates = gates or self.shipped_gates()
+        if self.manifest.task == "rerank":
+            return self._check_score_parity(probes, enforce, gates)
         texts, reference = self.bundle.golden()
         export_worst = self.manifest.variants[self.precision].parity.worst_text
         picked = sorted(set(np.linspace(0, len(texts) - 1, min(probes, len(texts))).astype(int).tolist())
@@ -288,15 +389,65 @@ class BundleEmbedder(abc.ABC):
             raise BundleError(f"the {self.precision} variant gives a non-finite vector on this device for the "
                               f"golden text {chosen[bad][:60]!r}")
         parity = dataclasses.replace(measure_parity(reference[picked], vectors, chosen), batch_cos_min=batch_cos)
-        self.parity = parity
+        return self._judge(parity, enforce, gates)
+
+    def _judge(self, parity: Parity | ScoreParity, enforce: bool, gates: Gates) -> Parity | ScoreParity:
+        self.parity, self._judged_by = parity, gates
         failure = gate_failure(self.precision, parity, gates)
         if failure is not None and enforce:
             raise BundleError(
                 f"the {self.precision} variant fails its parity gate on this device: {failure.figure} "
-                f"{failure.value:.5f} < {failure.gate} against the FP32 reference (worst text: "
-                f"{failure.worst_text[:60]!r}); use another variant, or override the check to accept it"
+                f"{failure.value:.5f} {'>' if failure.above else '<'} {failure.gate} against the FP32 reference "
+                f"(worst: {failure.worst_text[:60]!r}); use another variant, or override the check to accept it"
             )
         return parity
+
+    def _check_score_parity(self, probes: int, enforce: bool, gates: Gates) -> ScoreParity:
+        """The reranker's boot check: whole query groups of the golden pairs (about `probes`
+        pairs, plus the export's worst pair's group) scored here against the FP32 scores."""
+        queries, documents, groups, reference = self.bundle.golden_pairs()
+        names = [pair_name(q, d) for q, d in zip(queries, documents)]
+        ids = sorted(set(groups.tolist()))
+        per_group = max(1, len(queries) // len(ids))
+        chosen_groups = {ids[i] for i in np.linspace(0, len(ids) - 1, min(len(ids), max(2, probes // per_group)))
+                         .astype(int).tolist()}
+        worst = self.manifest.variants[self.precision].parity.worst_text
+        if worst in names:
+            chosen_groups.add(int(groups[names.index(worst)]))
+        picked = [i for i in range(len(queries)) if int(groups[i]) in chosen_groups]
+        seqs: list[np.ndarray] = []
+        for g in sorted(chosen_groups):
+            rows = [i for i in picked if int(groups[i]) == g]
+            seqs += self.tokenize_pairs(queries[rows[0]], [documents[i] for i in rows])
+        activation = self.manifest.rerank.activation
+        batch_diff = None
+        if self.batch_invariant:
+            batch_diff = self._alone_vs_batch_scores(seqs, activation)
+            if batch_diff > gates.batch_score_diff_max:
+                log.warning("the %s variant's scores depend on their batch neighbours on this device (alone vs in "
+                            "a batch: |diff| %.6f > %g): it runs one pair per batch here", self.precision,
+                            batch_diff, gates.batch_score_diff_max)
+                self.batch_invariant = False
+                self.limits = self.limits.for_variant(False)
+                batch_diff = None
+        logits = self.embed_token_ids(seqs)[:, 0]
+        if not np.isfinite(logits).all():
+            bad = picked[int(np.flatnonzero(~np.isfinite(logits))[0])]
+            raise BundleError(f"the {self.precision} variant gives a non-finite score on this device for the "
+                              f"golden pair {names[bad][:60]!r}")
+        parity = measure_score_parity(reference[picked], logits, groups[picked], [names[i] for i in picked],
+                                      activation)
+        if len(chosen_groups) < len(ids):
+            # Order figures over a few queries move in steps of 1/queries: on a subset the
+            # device is judged by its scores; the order was judged over every query at export.
+            gates = dataclasses.replace(gates, rank_kendall_tau_mean=-1.0, rank_top1_agreement=0.0)
+        return self._judge(dataclasses.replace(parity, batch_diff_max=batch_diff), enforce, gates)
+
+    def _alone_vs_batch_scores(self, seqs: list[np.ndarray], activation: str) -> float:
+        picked = [seqs[i] for i in batch_probe_indices([len(s) for s in seqs],
+                                                        max_tokens=self.limits.max_batch_tokens)]
+        alone = np.vstack([self.run_batch([seq]) for seq in picked])
+        return alone_vs_batch_diff(alone, self.run_batch(picked), activation)
 
     def _alone_vs_batch(self, seqs: list[np.ndarray]) -> float:
         """Golden texts alone against the same texts in one batch of 32 mixed lengths, here

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer
 from .errors import BundleError, InvalidInputError
 from .manifest import Manifest
 
-__all__ = ["BundleTokenizer", "check_texts", "pad_batch", "model_inputs", "MIN_TEXT_TOKENS"]
+__all__ = ["BundleTokenizer", "check_texts", "check_query", "pad_batch", "model_inputs", "MIN_TEXT_TOKENS"]
 
 # An instruction must leave at least this many of the model's tokens for the text (or half
 # the model's limit, if that is smaller): truncation cuts the text, never the instruction,
@@ -36,6 +36,15 @@ def check_texts(texts: object, field: str = "texts") -> list[str]:
     return list(texts)
 
 
+def check_query(query: object) -> str:
+    """Validate a reranker's query: one non-empty string."""
+    if not isinstance(query, str):
+        raise InvalidInputError(f"query must be a string, got {type(query).__name__}")
+    if not query.strip():
+        raise InvalidInputError("query is empty or only whitespace")
+    return query
+
+
 class BundleTokenizer:
     """The bundle's `tokenizers` tokenizer plus the manifest's rules (EOS, limits, prompts)."""
 
@@ -46,6 +55,12 @@ class BundleTokenizer:
             raise BundleError(f"cannot load tokenizer {tokenizer_path}: {exc}") from exc
         self._manifest = manifest
         self._tokenizer.no_padding()
+        if manifest.task == "rerank":
+            # Pairs are cut by hand (the document only), so the tokenizer never truncates.
+            self._tokenizer.no_truncation()
+            self.min_text_tokens = min(MIN_TEXT_TOKENS, manifest.max_length // 4)
+            self.prefix_chars = max(2048, 8 * manifest.max_length)
+            return
         # With append_eos the runtime adds EOS itself, so the tokenizer keeps one slot free.
         self._limit = manifest.max_length - (1 if manifest.append_eos else 0)
         self._tokenizer.enable_truncation(self._limit)
@@ -116,6 +131,84 @@ class BundleTokenizer:
                 seq = np.append(seq, np.int64(self._manifest.eos_token_id))
             ids.append(seq)
         return ids
+
+
+    # -- reranker pairs -------------------------------------------------------------------
+
+    def encode_pairs(self, query: str, documents: list[str], *, instruction: str | None = None,
+                     truncate: bool = True, field: str = "documents") -> list[np.ndarray]:
+        """Token ids of each (query, document) pair, as the reranker was trained to read them.
+
+        A pair longer than the model's limit loses the end of its document; the template
+        and the query are never cut. A query (with its instruction) that leaves fewer than
+        `min_text_tokens` for the document is refused, as is an over-long document with
+        truncate=False.
+        """
+        spec = self._manifest.rerank
+        if spec is None:
+            raise InvalidInputError(f"{self._manifest.model_id} is not a reranker")
+        if spec.format == "template":
+            head, doc_prefix, tail = self._template_parts(query, instruction)
+            specials = 0
+        else:
+            if instruction is not None:
+                raise InvalidInputError(f"{self._manifest.model_id} does not take instructions; rerank without one")
+            head, doc_prefix, tail = self._tokenizer.encode(query, add_special_tokens=False), "", None
+            specials = self._tokenizer.post_processor.num_special_tokens_to_add(True) \
+                if self._tokenizer.post_processor is not None else 0
+        fixed = len(head.ids) + specials + (len(tail.ids) if tail is not None else 0)
+        room = self._manifest.max_length - fixed
+        if room < self.min_text_tokens:
+            raise InvalidInputError(
+                f"the query takes {fixed} tokens with the model's template, which leaves {max(room, 0)} of "
+                f"{self._manifest.model_id}'s {self._manifest.max_length} tokens for the document; a query must "
+                f"leave at least {self.min_text_tokens}")
+        docs = [doc_prefix + (d if len(d) <= self.prefix_chars else d[: self.prefix_chars]) for d in documents]
+        encodings = self._tokenizer.encode_batch(docs, add_special_tokens=False)
+        out = []
+        for i, enc in enumerate(encodings):
+            if len(documents[i]) > self.prefix_chars and not _prefix_covers(enc, room):
+                enc = self._tokenizer.encode(doc_prefix + documents[i], add_special_tokens=False)
+            if len(enc.ids) > room:
+                if not truncate:
+                    raise InvalidInputError(
+                        f"{field}[{i}] makes a pair longer than the model's {self._manifest.max_length} tokens "
+                        "and truncate is false")
+                enc.truncate(room)
+            if tail is not None:
+                ids = [*head.ids, *enc.ids, *tail.ids]
+            else:
+                ids = self._tokenizer.post_process(head, enc, add_special_tokens=True).ids
+            out.append(np.asarray(ids, dtype=np.int64))
+        return out
+
+    def _template_parts(self, query: str, instruction: str | None):
+        """The template's tokens before and after the document, and the whitespace that
+        leads the document: tokenized with the document, as the model saw it in one piece."""
+        spec = self._manifest.rerank
+        if instruction is None:
+            instruction = spec.default_instruction or ""
+        elif not spec.takes_instruction:
+            raise InvalidInputError(f"{self._manifest.model_id} does not take instructions; rerank without one")
+        elif not isinstance(instruction, str) or not instruction.strip():
+            raise InvalidInputError("instruction must be a non-empty string")
+        before, after = spec.template.split("{document}", 1)
+        # Plain replacement, not str.format: braces in a query or instruction stay literal.
+        head_text = query.join(part.replace("{instruction}", instruction) for part in before.split("{query}"))
+        stripped = head_text.rstrip(" ")
+        head = self._tokenizer.encode(stripped, add_special_tokens=False)
+        tail = self._tokenizer.encode(after, add_special_tokens=False)
+        return head, head_text[len(stripped):], tail
+
+
+def _prefix_covers(encoding, room: int) -> bool:
+    """Whether a document tokenized from a cut prefix has its first `room` tokens exact:
+    they all come from words before the last two (see `_cut_is_exact`)."""
+    if len(encoding.ids) <= room:
+        return False
+    kept = [w for w in encoding.word_ids[:room] if w is not None]
+    words = [w for w in encoding.word_ids if w is not None]
+    return bool(kept) and max(kept) < max(words) - 1
 
 
 def _cut_is_exact(encoding) -> bool:

@@ -14,7 +14,7 @@ import torch
 from ..errors import ExportError
 from .source import SourceModel
 
-__all__ = ["PooledEncoder", "load_pooled_encoder", "export_onnx", "uses_torchscript", "exporter_name",
+__all__ = ["PooledEncoder", "RerankScorer", "load_pooled_encoder", "load_reference_model", "export_onnx", "uses_torchscript", "exporter_name",
            "ONNX_OPSET", "MIN_ONNXRUNTIME"]
 
 ONNX_OPSET = 18
@@ -45,9 +45,79 @@ class PooledEncoder(torch.nn.Module):
             return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
         if self.pooling == "cls":
             return hidden[:, 0]
-        positions = torch.arange(attention_mask.shape[1], device=hidden.device)
-        last = (attention_mask * positions).argmax(dim=1)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), _last_positions(attention_mask)]
+
+
+def _last_positions(attention_mask):
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask * positions).argmax(dim=1)
+
+
+class RerankScorer(torch.nn.Module):
+    """A reranker with only what its score needs, so the graph's one output is one logit
+    per pair (`rerank_logit`).
+
+    Qwen3-Reranker: the hidden state of the last real token times the difference of the LM
+    head's "yes" and "no" rows, which is logit(yes) - logit(no), without the
+    vocabulary-wide logits. Cross-encoders: the classifier's one logit, with segment ids
+    derived in the graph (1 after the first separator), so the runtime feeds ids and mask.
+    """
+
+    def __init__(self, model: torch.nn.Module, source: SourceModel, separator_id: int | None):
+        super().__init__()
+        spec = source.manifest.rerank
+        self.takes_positions = "position_ids" in source.manifest.graph_inputs
+        self.causal = spec.format == "template"
+        if self.causal:
+            self.body = model.model
+            weight = model.get_output_embeddings().weight.detach()
+            self.register_buffer("direction", (weight[spec.yes_token_id] - weight[spec.no_token_id]).clone())
+        else:
+            self.model = model
+        self.separator_id = separator_id
+
+    def forward(self, input_ids, attention_mask, position_ids=None):
+        if self.causal:
+            kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if self.takes_positions:
+                kwargs["position_ids"] = position_ids
+            hidden = self.body(**kwargs).last_hidden_state
+            last = hidden[torch.arange(hidden.shape[0], device=hidden.device), _last_positions(attention_mask)]
+            return (last @ self.direction).unsqueeze(-1)
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.separator_id is not None:
+            sep = (input_ids == self.separator_id).to(torch.int64)
+            kwargs["token_type_ids"] = ((torch.cumsum(sep, dim=1) - sep) > 0).to(torch.int64)
+        return self.model(**kwargs).logits[:, :1]
+
+
+def _pair_separator(source: SourceModel) -> int | None:
+    """The token after which a pair's second segment starts, where the model has segment
+    ids (BERT); None where the tokenizer gives every token segment 0 (RoBERTa)."""
+    from tokenizers import Tokenizer
+
+    encoding = Tokenizer.from_file(str(source.path / "tokenizer.json")).encode("a", "b")
+    second = [i for i, t in enumerate(encoding.type_ids) if t == 1]
+    return encoding.ids[second[0] - 1] if second else None
+
+
+def load_reference_model(source: SourceModel) -> torch.nn.Module:
+    """The source model in FP32, eval mode, with what makes its graph output: pooling for an
+    embedder, the score head for a reranker. The reference for every gate."""
+    if source.manifest.task == "embed":
+        return load_pooled_encoder(source)
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    causal = source.manifest.rerank.format == "template"
+    extra = {"attn_implementation": "eager"} if uses_torchscript(source) else {}
+    loader = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    try:
+        model = loader.from_pretrained(source.path, dtype=torch.float32, **extra)
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"transformers cannot load {source.path}: {exc}") from exc
+    return RerankScorer(model, source, None if causal else _pair_separator(source)).eval()
 
 
 def load_pooled_encoder(source: SourceModel) -> PooledEncoder:
@@ -76,12 +146,13 @@ def exporter_name(source: SourceModel) -> str:
     return "TorchScript" if uses_torchscript(source) else "dynamo"
 
 
-def export_onnx(model: PooledEncoder, source: SourceModel, out_path: Path, sample: dict[str, np.ndarray]) -> list[str]:
+def export_onnx(model: torch.nn.Module, source: SourceModel, out_path: Path, sample: dict[str, np.ndarray]) -> list[str]:
     """Export with torch.onnx and dynamic batch and sequence axes.
 
     Returns the names of external-data files written beside the model (none below 2 GB).
     """
     names = list(source.manifest.graph_inputs)
+    output = source.manifest.graph_output
     args = tuple(torch.from_numpy(sample[n]) for n in names)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     external = weight_bytes >= _EXTERNAL_DATA_BYTES
@@ -91,8 +162,8 @@ def export_onnx(model: PooledEncoder, source: SourceModel, out_path: Path, sampl
         warnings.simplefilter("ignore")
         if uses_torchscript(source):
             axes = {n: {0: "batch", 1: "sequence"} for n in names}
-            torch.onnx.export(model, args, str(out_path), input_names=names, output_names=["sentence_embedding"],
-                              dynamic_axes={**axes, "sentence_embedding": {0: "batch"}},
+            torch.onnx.export(model, args, str(out_path), input_names=names, output_names=[output],
+                              dynamic_axes={**axes, output: {0: "batch"}},
                               opset_version=ONNX_OPSET, dynamo=False)
             return []
         batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
@@ -100,7 +171,7 @@ def export_onnx(model: PooledEncoder, source: SourceModel, out_path: Path, sampl
             model,
             args,
             input_names=names,
-            output_names=["sentence_embedding"],
+            output_names=[output],
             dynamic_shapes={n: {0: batch, 1: seq} for n in names},
             opset_version=ONNX_OPSET,
             dynamo=True,

@@ -16,12 +16,23 @@ from .. import __version__
 from ..batching import plan_batches
 from ..bundle import GOLDEN_FILE, MANIFEST_FILE, file_sha256
 from ..errors import BundleError, ExportError, GateError
-from ..manifest import DEFAULT_EXPORT_PRECISIONS, PRECISIONS, Manifest, Parity, Variant, variant_format
+from ..manifest import DEFAULT_EXPORT_PRECISIONS, PRECISIONS, Manifest, Parity, ScoreParity, Variant, variant_format
 from ..platform import usable_cpu_count
 from ..tokenization import BundleTokenizer, model_inputs
-from .probes import PROBE_CATEGORIES, probe_texts
+from .probes import PROBE_CATEGORIES, probe_texts, rerank_probe_pairs
 from .source import SourceModel, read_source
-from ..parity import Gates, alone_vs_batch_cos, batch_probe_indices, check_gate, gate_failure, measure_parity
+from ..parity import (
+    Gates,
+    alone_vs_batch_cos,
+    alone_vs_batch_diff,
+    batch_probe_indices,
+    check_gate,
+    gate_failure,
+    measure_parity,
+    measure_score_parity,
+    pair_name,
+    scores_from_logits,
+)
 
 __all__ = ["export", "parse_precisions", "INT8_RECIPES"]
 
@@ -56,6 +67,36 @@ def parse_precisions(value: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(p for p in PRECISIONS if p in wanted)
 
 
+def describe(parity: Parity | ScoreParity) -> str:
+    """One progress line's worth of a variant's fidelity."""
+    if isinstance(parity, ScoreParity):
+        batch = "" if parity.batch_diff_max is None else f", alone vs in a batch {parity.batch_diff_max:.2g}"
+        return (f"score diff max {parity.score_diff_max:.4f} mean {parity.score_diff_mean:.4f}, Kendall tau mean "
+                f"{parity.kendall_tau_mean:.3f} min {parity.kendall_tau_min:.3f}, top-1 {parity.top1_agreement:.2f}"
+                f"{batch}")
+    batch = "" if parity.batch_cos_min is None else f", alone vs in a batch {parity.batch_cos_min:.6f}"
+    return f"cos mean {parity.cos_mean:.4f} min {parity.cos_min:.6f}{batch}"
+
+
+def _quality(parity: Parity | ScoreParity) -> tuple[float, float]:
+    """Bigger is better: how recipes that all missed their gate are ranked."""
+    if isinstance(parity, ScoreParity):
+        return -parity.score_diff_max, parity.kendall_tau_mean
+    return parity.cos_min, parity.cos_mean
+
+
+def _rerank_probes(tokenizer: BundleTokenizer) -> tuple[list[str], list[np.ndarray], np.ndarray, tuple]:
+    """A reranker's probe pairs: their names, token ids (default instruction), query groups,
+    and (queries, documents) for golden.npz."""
+    queries, documents, groups = rerank_probe_pairs()
+    seqs: list[np.ndarray] = []
+    for g in sorted(set(groups)):
+        rows = [i for i, x in enumerate(groups) if x == g]
+        seqs += tokenizer.encode_pairs(queries[rows[0]], [documents[i] for i in rows])
+    names = [pair_name(q, d) for q, d in zip(queries, documents)]
+    return names, seqs, np.asarray(groups, dtype=np.int64), (queries, documents)
+
+
 def _probe_set(tokenizer: BundleTokenizer, manifest: Manifest) -> list[str]:
     texts = probe_texts()
     if manifest.instruction_template:
@@ -65,10 +106,11 @@ def _probe_set(tokenizer: BundleTokenizer, manifest: Manifest) -> list[str]:
 
 
 class _Runner:
-    """Runs a candidate over the probe token ids with the runtime's own batching."""
+    """Runs a candidate over the probe token ids with the runtime's own batching, and judges
+    its outputs as the task does: vectors by cosine, reranker logits by score and order."""
 
-    def __init__(self, manifest: Manifest, seqs: list[np.ndarray]):
-        self.manifest, self.seqs = manifest, seqs
+    def __init__(self, manifest: Manifest, seqs: list[np.ndarray], groups: np.ndarray | None = None):
+        self.manifest, self.seqs, self.groups = manifest, seqs, groups
         self.batches = plan_batches([len(s) for s in seqs], _REFERENCE_BATCH_TOKENS, 64)
 
     def vectors(self, forward: Callable[[dict[str, np.ndarray]], np.ndarray]) -> np.ndarray:
@@ -96,26 +138,50 @@ class _Runner:
             session.run([self.manifest.graph_output], model_inputs([seq], self.manifest))[0] for seq in self.seqs
         ])
 
-    def batch_cos_min(self, path: Path, session=None) -> float:
-        """Texts alone against the same texts in one batch of 32 mixed lengths (padded as
-        the model pads): the worst cosine. 1.0 means batch neighbours change nothing."""
+    @property
+    def rerank(self) -> bool:
+        return self.manifest.task == "rerank"
+
+    def batch_check(self, path: Path, session=None) -> float:
+        """Probes alone against the same probes in one batch of 32 mixed lengths (padded as
+        the model pads): the worst cosine of vectors (1.0: batch neighbours change nothing),
+        or the largest |score diff| of a reranker (0.0: the same)."""
         session = session or self._session(path)
         picked = [self.seqs[i] for i in batch_probe_indices([len(s) for s in self.seqs])]
         output = self.manifest.graph_output
         alone = np.vstack([session.run([output], model_inputs([seq], self.manifest))[0] for seq in picked])
         batched = session.run([output], model_inputs(picked, self.manifest))[0]
+        if self.rerank:
+            return alone_vs_batch_diff(alone, batched, self.manifest.rerank.activation)
         return alone_vs_batch_cos(alone, batched)
 
-    def parity(self, path: Path, reference: np.ndarray, texts: list[str], recipe: dict) -> Parity:
+    def measure(self, reference: np.ndarray, outputs: np.ndarray, texts: list[str]) -> Parity | ScoreParity:
+        if self.rerank:
+            return measure_score_parity(reference, outputs, self.groups, texts, self.manifest.rerank.activation)
+        return measure_parity(reference, outputs, texts)
+
+    def errors(self, reference: np.ndarray, outputs: np.ndarray) -> np.ndarray:
+        """Per probe, how far a candidate's output is from the reference (bigger is worse)."""
+        if self.rerank:
+            activation = self.manifest.rerank.activation
+            return np.abs(scores_from_logits(reference, activation) - scores_from_logits(outputs, activation))
+        return 1.0 - _cosines(reference, outputs)
+
+    def subset(self, rows: np.ndarray) -> _Runner:
+        return _Runner(self.manifest, [self.seqs[i] for i in rows],
+                       None if self.groups is None else self.groups[rows])
+
+    def parity(self, path: Path, reference: np.ndarray, texts: list[str], recipe: dict) -> Parity | ScoreParity:
         """Parity with the reference, run as the runtime will run it, plus the alone-vs-batch
         check for a variant that claims batch invariance (one session for both)."""
         invariant = recipe.get("batch_invariant", True)
         session = self._session(path)
-        parity = measure_parity(reference, self(path, alone=not invariant, session=session), texts)
-        batch_cos = self.batch_cos_min(path, session) if invariant else None
+        parity = self.measure(reference, self(path, alone=not invariant, session=session), texts)
+        batch = self.batch_check(path, session) if invariant else None
         del session
         _release_freed_memory()
-        return dataclasses.replace(parity, batch_cos_min=batch_cos)
+        field = "batch_diff_max" if self.rerank else "batch_cos_min"
+        return dataclasses.replace(parity, **{field: batch})
 
 
 def _reference_vectors(model, manifest: Manifest, seqs: list[np.ndarray], progress: Progress) -> np.ndarray:
@@ -137,7 +203,7 @@ INT8_RECIPES = ("per-token", "per-tensor")
 
 
 def _search_int8(fp32_path: Path, work: Path, run: _Runner, reference: np.ndarray, texts: list[str],
-                 gates: Gates, progress: Progress, *, recipe: str = "per-token") -> tuple[Path, dict, Parity]:
+                 gates: Gates, progress: Progress, *, recipe: str = "per-token") -> tuple[Path, dict, Parity | ScoreParity]:
     """Try INT8 recipes from fastest to most conservative; return the first that passes.
 
     `recipe` picks the activation quantization:
@@ -201,8 +267,7 @@ def _search(precision: str, fp32_path: Path, work: Path, run: _Runner, reference
         parity = run.parity(candidate, reference, texts, made)
         failure = gate_failure(precision, parity, gates)
         verdict = "passes" if failure is None else "misses the gate"
-        batch = "" if parity.batch_cos_min is None else f", alone vs in a batch {parity.batch_cos_min:.6f}"
-        progress(f"{precision} {label}: cos mean {parity.cos_mean:.4f} min {parity.cos_min:.4f}{batch} -> {verdict}")
+        progress(f"{precision} {label}: {describe(parity)} -> {verdict}")
         tried.append((made, parity, failure))
         return tried[-1]
 
@@ -217,18 +282,18 @@ def _search(precision: str, fp32_path: Path, work: Path, run: _Runner, reference
         if failure is None:
             return finish(made, parity)
         results.append((parity, label, options, made.get("batch_invariant", True)))
-    _, best_label, best, invariant = max(results, key=lambda r: (r[0].cos_min, r[0].cos_mean))
+    _, best_label, best, invariant = max(results, key=lambda r: _quality(r[0]))
     # Sensitivity is measured on the texts the best full recipe hurt most: they are the
     # ones the gate is decided on, and a small set keeps one pass per MatMul cheap.
     quantize(candidate, best, ())
-    cos_per_text = _cosines(reference, run(candidate, alone=not invariant))
-    hardest = np.argsort(cos_per_text)[:_SENSITIVITY_PROBES]
-    run_hardest = _Runner(run.manifest, [run.seqs[i] for i in hardest])
+    error_per_probe = run.errors(reference, run(candidate, alone=not invariant))
+    hardest = np.argsort(-error_per_probe, kind="stable")[:_SENSITIVITY_PROBES]
+    run_hardest = run.subset(hardest)
     progress(f"{precision}: measuring the sensitivity of {len(nodes)} MatMuls on the {len(hardest)} hardest texts")
     damage = {}
     for i, node in enumerate(nodes, 1):
         quantize(candidate, best, tuple(n for n in nodes if n != node))
-        damage[node] = 1.0 - float(_cosines(reference[hardest], run_hardest(candidate, alone=not invariant)).min())
+        damage[node] = float(run_hardest.errors(reference[hardest], run_hardest(candidate, alone=not invariant)).max())
         if i % 10 == 0 or i == len(nodes):
             progress(f"{precision} sensitivity: {i}/{len(nodes)} MatMuls")
     ranked = sorted(nodes, key=lambda n: -damage[n])
@@ -267,7 +332,7 @@ def _search(precision: str, fp32_path: Path, work: Path, run: _Runner, reference
         if failure is None:
             return finish(made, parity)
     candidate.unlink(missing_ok=True)
-    best_try = max(tried, key=lambda t: (t[1].cos_min, t[1].cos_mean))
+    best_try = max(tried, key=lambda t: _quality(t[1]))
     raise best_try[2]
 
 
@@ -307,9 +372,11 @@ def export(
     overwrite: bool = False,
     progress: Progress | None = None,
     int8_recipe: str = "per-token",
+    task: str | None = None,
 ) -> Manifest:
     """Export, validate every variant against the PyTorch FP32 reference, write the bundle.
 
+    `task` None detects from the model whether it embeds or reranks (see read_source).
     The bundle is assembled in a sibling temporary directory and moved into place only
     when every requested variant has passed its gate.
     """
@@ -318,14 +385,23 @@ def export(
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ExportError(f"{out_dir} exists and is not empty (pass overwrite to replace it)")
     progress = progress or console_progress()
-    source = read_source(source_dir, model_id=model_id, revision=revision, max_length=max_length)
+    source = read_source(source_dir, model_id=model_id, revision=revision, max_length=max_length, task=task)
     draft = source.manifest
+    if draft.task == "rerank" and any(variant_format(p) == "mlx" for p in wanted):
+        raise ExportError(f"{draft.model_id} is a reranker, and the MLX backend runs embedders only; export ONNX "
+                          "variants")
     if any(variant_format(p) == "mlx" for p in wanted):
         _check_mlx_can_export(draft)
-    progress(
-        f"{draft.model_id}: {draft.architecture}, {draft.pooling} pooling, {draft.padding_side} "
-        f"padding, dim {draft.dim}, max length {draft.max_length}"
-    )
+    if draft.task == "rerank":
+        scored = ("P(yes) against P(no) at the last token" if draft.rerank.format == "template"
+                  else f"one classifier logit{', sigmoid' if draft.rerank.activation == 'sigmoid' else ''}")
+        progress(f"{draft.model_id}: {draft.architecture} reranker, {scored}, {draft.padding_side} padding, "
+                 f"max length {draft.max_length}")
+    else:
+        progress(
+            f"{draft.model_id}: {draft.architecture}, {draft.pooling} pooling, {draft.padding_side} "
+            f"padding, dim {draft.dim}, max length {draft.max_length}"
+        )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
@@ -342,7 +418,7 @@ def export(
 
 
 def _torch_stage(source: SourceModel, work: Path, texts: list[str], seqs: list[np.ndarray],
-                 mlx_wanted: tuple[str, ...], raw_path: Path, conn) -> None:
+                 mlx_wanted: tuple[str, ...], raw_path: Path, conn, pairs: tuple | None = None) -> None:
     """Everything that needs the PyTorch model, in a child process: the reference vectors
     (golden.npz), MLX weights and the raw ONNX export. When the child exits, all of its
     memory goes back to the OS: PyTorch and the exporter keep references to a model that
@@ -350,7 +426,7 @@ def _torch_stage(source: SourceModel, work: Path, texts: list[str], seqs: list[n
     try:
         import torch
 
-        from .graph import export_onnx, exporter_name, load_pooled_encoder
+        from .graph import export_onnx, exporter_name, load_reference_model
 
         def progress(message: str) -> None:
             conn.send(("progress", message))
@@ -358,9 +434,14 @@ def _torch_stage(source: SourceModel, work: Path, texts: list[str], seqs: list[n
         torch.set_num_threads(usable_cpu_count())
         draft = source.manifest
         progress(f"loading the PyTorch FP32 model from {source.path}")
-        model = load_pooled_encoder(source)
+        model = load_reference_model(source)
         reference = _reference_vectors(model, draft, seqs, progress)
-        np.savez(work / GOLDEN_FILE, texts=np.array(texts), vectors=reference)
+        if pairs is not None:
+            queries, documents, groups = pairs
+            np.savez(work / GOLDEN_FILE, queries=np.array(queries), documents=np.array(documents), groups=groups,
+                     logits=reference[:, 0])
+        else:
+            np.savez(work / GOLDEN_FILE, texts=np.array(texts), vectors=reference)
         mlx = {}
         for precision in mlx_wanted:
             from .mlx_weights import save_mlx_weights
@@ -377,14 +458,15 @@ def _torch_stage(source: SourceModel, work: Path, texts: list[str], seqs: list[n
 
 
 def _run_torch_stage(source: SourceModel, work: Path, texts: list[str], seqs: list[np.ndarray],
-                     mlx_wanted: tuple[str, ...], raw_path: Path, progress: Progress) -> tuple[list[str], dict]:
+                     mlx_wanted: tuple[str, ...], raw_path: Path, progress: Progress,
+                     pairs: tuple | None = None) -> tuple[list[str], dict]:
     """Run `_torch_stage` in a spawned child, relaying its progress lines; its errors
     become ExportError with the child's message."""
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
     receive, send = context.Pipe(duplex=False)
-    child = context.Process(target=_torch_stage, args=(source, work, texts, seqs, mlx_wanted, raw_path, send),
+    child = context.Process(target=_torch_stage, args=(source, work, texts, seqs, mlx_wanted, raw_path, send, pairs),
                             name="edge-embed-export-torch", daemon=True)
     child.start()
     send.close()
@@ -453,13 +535,20 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
     for name in source.copied_files:
         shutil.copyfile(source.path / name, work / name)
     tokenizer = BundleTokenizer(work / "tokenizer.json", draft)
-    texts = _probe_set(tokenizer, draft)
-    seqs = tokenizer.encode(texts)
+    groups, pairs = None, None
+    if draft.task == "rerank":
+        texts, seqs, groups, (queries, documents) = _rerank_probes(tokenizer)
+        pairs = (queries, documents, groups)
+        progress(f"{len(texts)} probe pairs: {len(set(queries))} queries x {len(texts) // len(set(queries))} documents")
+    else:
+        texts = _probe_set(tokenizer, draft)
+        seqs = tokenizer.encode(texts)
 
     mlx_wanted = tuple(p for p in wanted if variant_format(p) == "mlx")
     raw_path = work / "model.export.onnx"
-    raw_external, mlx_recipes = _run_torch_stage(source, work, texts, seqs, mlx_wanted, raw_path, progress)
-    reference = np.load(work / GOLDEN_FILE)["vectors"]
+    raw_external, mlx_recipes = _run_torch_stage(source, work, texts, seqs, mlx_wanted, raw_path, progress, pairs)
+    with np.load(work / GOLDEN_FILE) as golden:
+        reference = golden["logits"][:, None] if pairs is not None else golden["vectors"]
     mlx_weights = {p: (work / f"model.{p}.safetensors", mlx_recipes[p]) for p in mlx_wanted}
     progress("fusing the graph (ONNX Runtime transformer optimizer)")
     fp32_path, quant_base = work / "model.fp32.onnx", work / "model.quant-base.onnx"
@@ -470,12 +559,12 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
     if not quant_base.exists():
         quant_base = fp32_path
     progress(f"fused: {', '.join(f'{n} {op}' for op, n in fusion['fused_ops'].items()) or 'no patterns matched'}")
-    run = _Runner(draft, seqs)
+    run = _Runner(draft, seqs, groups)
 
     built: dict[str, tuple[Path, dict, Parity]] = {}
     recipe = {"method": f"torch.onnx.export ({exporter_name(source)})", **fusion, "batch_invariant": True}
     parity = run.parity(fp32_path, reference, texts, recipe)
-    progress(f"fp32 parity: cos min {parity.cos_min:.6f}, alone vs in a batch {parity.batch_cos_min:.6f}")
+    progress(f"fp32 parity: {describe(parity)}")
     check_gate("fp32", parity, gates)
     built["fp32"] = (fp32_path, recipe, parity)
 
@@ -486,7 +575,7 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
         path = work / "model.fp16.onnx"
         recipe = to_fp16(fp32_path, path)
         parity = run.parity(path, reference, texts, recipe)
-        progress(f"fp16 parity: cos min {parity.cos_min:.6f}, alone vs in a batch {parity.batch_cos_min:.6f}")
+        progress(f"fp16 parity: {describe(parity)}")
         check_gate("fp16", parity, gates)
         built["fp16"] = (path, recipe, parity)
 
@@ -516,7 +605,7 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
 
     variants = {}
     for precision, (path, recipe, parity) in built.items():
-        recipe = {**recipe, "gate": gates.record(precision)}
+        recipe = {**recipe, "gate": gates.record(precision, draft.task)}
         onnx = variant_format(precision) == "onnx"
         extra = tuple(external) if precision == "fp32" else ()
         variants[precision] = Variant(

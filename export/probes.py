@@ -871,3 +871,22 @@ def probe_texts() -> list[str]:
                 seen.add(text)
                 out.append(text)
     return out
+
+
+RERANK_QUERIES = 24
+RERANK_DOCUMENTS_PER_QUERY = 8
+
+
+def rerank_probe_pairs() -> tuple[list[str], list[str], list[int]]:
+    """(queries, documents, group) per probe pair: each of 24 queries (search queries and a
+    few non-English ones) with 8 documents of every kind (sentences, passages, code, other
+    languages, tiny texts), so a group's order is decided among mixed lengths and topics."""
+    queries = list(_QUERIES[: RERANK_QUERIES - 4]) + [_MULTILINGUAL[i] for i in (0, 10, 27, 32)]
+    pool = [*_SENTENCES, *_passages(), *_code_snippets(), *_MULTILINGUAL[::3], *_TINY[::5]]
+    out_q, out_d, group = [], [], []
+    for g, query in enumerate(queries):
+        for j in range(RERANK_DOCUMENTS_PER_QUERY):
+            out_q.append(query)
+            out_d.append(pool[(g * 11 + j * 17) % len(pool)])
+            group.append(g)
+    return out_q, out_d, group

@@ -15,12 +15,22 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from ..errors import ExportError
-from ..manifest import Manifest
+from ..manifest import Manifest, RerankSpec
 
 __all__ = ["SourceModel", "read_source", "ARCHITECTURES"]
 
 QWEN3_QUERY_TEMPLATE = "Instruct: {instruction}\nQuery:{text}"
 QWEN3_DEFAULT_TASK = "Given a web search query, retrieve relevant passages that answer the query"
+# Qwen3-Reranker's own prompt: a system line, the instruction, query and document, then the
+# assistant's turn with an empty think block; the score is P("yes") against P("no") next.
+QWEN3_RERANK_TEMPLATE = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct "
+    "provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n<|im_start|>user\n"
+    "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
+    "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+)
+RERANK_OUTPUT = "rerank_logit"
+TASKS = ("embed", "rerank")
 
 
 @dataclass(frozen=True)
@@ -141,8 +151,14 @@ def read_source(
     model_id: str | None = None,
     revision: str | None = None,
     max_length: int | None = None,
+    task: str | None = None,
 ) -> SourceModel:
-    """Decide pooling, padding, EOS, limits and prompts for a local model directory."""
+    """Decide the task, pooling, padding, EOS, limits and prompts for a local model directory.
+
+    `task` None detects it: a `*ForSequenceClassification` model (or a sentence-transformers
+    CrossEncoder) is a reranker, and so is a Qwen3 causal LM that is no sentence-transformers
+    embedder (Qwen3-Reranker); everything else embeds.
+    """
     path = Path(source_dir).expanduser().resolve()
     if not (path / "config.json").is_file():
         raise ExportError(f"{path} is not a Hugging Face model directory (no config.json)")
@@ -160,6 +176,9 @@ def read_source(
     tok_config = _optional_json(path / "tokenizer_config.json")
     st_config = _optional_json(path / "sentence_bert_config.json")
     tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    task = _task(path, config, task)
+    if task == "rerank":
+        return _reranker(path, config, tok_config, st_config, tokenizer, rules, model_id, revision, max_length)
 
     pooling = _st_pooling(path) or rules.pooling
     padding_side = tok_config.get("padding_side") or rules.padding_side
@@ -182,21 +201,8 @@ def read_source(
     if pad_id is None:
         pad_id = 0
 
-    limits = [rules.max_length_cap, config.get("max_position_embeddings")]
-    limits.append(st_config.get("max_seq_length"))
-    model_max = tok_config.get("model_max_length")
-    if isinstance(model_max, int) and model_max < 1_000_000:
-        limits.append(model_max)
-    natural = min(x for x in limits if isinstance(x, int) and x > 0)
-    if max_length is not None:
-        if not 2 <= max_length <= (config.get("max_position_embeddings") or max_length):
-            raise ExportError(f"max_length {max_length} is outside what the model supports")
-        natural = max_length
-
+    natural = _max_length(config, tok_config, st_config, rules, max_length)
     dim = int(config["hidden_size"])
-    # config.json travels too: the MLX backend builds its encoder from it.
-    files = [n for n in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-             if (path / n).is_file()]
     manifest = Manifest(
         model_id=model_id or path.name,
         revision=revision,
@@ -213,4 +219,97 @@ def read_source(
         default_instruction=rules.default_instruction,
         graph_inputs=rules.graph_inputs,
     )
-    return SourceModel(path=path, copied_files=tuple(files), manifest=manifest)
+    return SourceModel(path=path, copied_files=_copied_files(path), manifest=manifest)
+
+
+def _copied_files(path: Path) -> tuple[str, ...]:
+    # config.json travels too: the MLX backend builds its encoder from it.
+    return tuple(n for n in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+                 if (path / n).is_file())
+
+
+def _max_length(config: dict, tok_config: dict, st_config: dict, rules: ArchitectureRules,
+                max_length: int | None) -> int:
+    """The smallest limit the model's files state, or the caller's within the model's."""
+    limits = [rules.max_length_cap, config.get("max_position_embeddings")]
+    limits.append(st_config.get("max_seq_length"))
+    model_max = tok_config.get("model_max_length")
+    if isinstance(model_max, int) and model_max < 1_000_000:
+        limits.append(model_max)
+    natural = min(x for x in limits if isinstance(x, int) and x > 0)
+    if max_length is not None:
+        if not 2 <= max_length <= (config.get("max_position_embeddings") or max_length):
+            raise ExportError(f"max_length {max_length} is outside what the model supports")
+        natural = max_length
+    return int(natural)
+
+
+def _task(path: Path, config: dict[str, Any], asked: str | None) -> str:
+    architectures = [a for a in config.get("architectures") or [] if isinstance(a, str)]
+    classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
+    cross_encoder = _optional_json(path / "config_sentence_transformers.json").get("model_type") == "CrossEncoder"
+    causal = any(a.endswith("ForCausalLM") for a in architectures)
+    if asked is not None:
+        if asked not in TASKS:
+            raise ExportError(f"task must be one of {', '.join(TASKS)}, got {asked!r}")
+        if asked == "rerank" and not (classifier or cross_encoder or causal):
+            raise ExportError(f"{path}: a reranker must be a *ForSequenceClassification model or a Qwen3 causal "
+                              f"LM (Qwen3-Reranker); this one is {architectures or 'of no stated architecture'}")
+        return asked
+    if classifier or cross_encoder:
+        return "rerank"
+    if causal and config.get("model_type") == "qwen3" and not (path / "modules.json").is_file():
+        return "rerank"
+    return "embed"
+
+
+def _reranker(path: Path, config: dict[str, Any], tok_config: dict, st_config: dict, tokenizer: Tokenizer,
+              rules: ArchitectureRules, model_id: str | None, revision: str | None,
+              max_length: int | None) -> SourceModel:
+    """The draft manifest of a reranker: Qwen3-Reranker's yes/no prompt, or a cross-encoder's
+    single logit over the tokenizer's pair encoding."""
+    arch = config["model_type"]
+    pad_id = _token_id(tokenizer, tok_config.get("pad_token"))
+    if pad_id is None:
+        pad_id = config.get("pad_token_id") if isinstance(config.get("pad_token_id"), int) else 0
+    if arch == "qwen3":
+        yes, no = tokenizer.token_to_id("yes"), tokenizer.token_to_id("no")
+        if yes is None or no is None:
+            raise ExportError(f"{path}: a Qwen3 reranker scores the tokens 'yes' and 'no', and this tokenizer "
+                              "has no single token for one of them")
+        spec = RerankSpec(format="template", template=QWEN3_RERANK_TEMPLATE, default_instruction=QWEN3_DEFAULT_TASK,
+                          yes_token_id=yes, no_token_id=no)
+        pooling, padding_side = "last_token", "left"
+    else:
+        labels = config.get("num_labels") or len(config.get("id2label") or {}) or 1
+        if labels != 1:
+            raise ExportError(f"{path}: a cross-encoder reranker has one output logit; this model has {labels} "
+                              "labels")
+        if tokenizer.post_processor is None:
+            raise ExportError(f"{path}: the tokenizer has no post-processor, so it cannot encode a "
+                              "(query, document) pair")
+        # sentence-transformers applies a sigmoid to one-logit cross-encoders unless the
+        # model names another activation.
+        named = str((config.get("sentence_transformers") or {}).get("activation_fn", ""))
+        spec = RerankSpec(format="pair", activation="none" if named.endswith("Identity") else "sigmoid")
+        pooling, padding_side = "cls", "right"
+    manifest = Manifest(
+        task="rerank",
+        model_id=model_id or path.name,
+        revision=revision,
+        architecture=arch,
+        pooling=pooling,
+        padding_side=padding_side,
+        append_eos=False,
+        eos_token_id=None,
+        pad_token_id=int(pad_id),
+        max_length=_max_length(config, tok_config, st_config, rules, max_length),
+        dim=1,
+        matryoshka_min_dim=None,
+        instruction_template=None,
+        default_instruction=None,
+        graph_inputs=rules.graph_inputs,
+        graph_output=RERANK_OUTPUT,
+        rerank=spec,
+    )
+    return SourceModel(path=path, copied_files=_copied_files(path), manifest=manifest)

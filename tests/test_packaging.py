@@ -47,7 +47,8 @@ def test_public_names_are_pinned():
         "BackendUnavailableError", "ExportError", "GateError", "OverloadedError",
         "ModelNotFoundError", "UnauthenticatedError", "ModelNotReadyError", "MemoryBudgetError",
         "ModelRunner", "BatchLimits", "ModelRunError", "NonFiniteOutputError", "WorkerStoppedError",
-        "planned_precision", "CorpusError", "embed_corpus", "check_same_bundle",
+        "planned_precision", "CorpusError", "embed_corpus", "check_same_bundle", "WrongTaskError", "Reranker",
+        "RerankResult",
     ])
 
 
