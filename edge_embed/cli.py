@@ -62,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--int4-cos-min", type=float, help="INT4 gate: minimum cosine (default 0.95)")
     ex.add_argument("--int4-cos-mean", type=float, help="INT4 gate: mean cosine (default 0.98)")
     ex.add_argument("--fp16-cos-min", type=float, help="FP16 gate: minimum cosine (default 0.999)")
+    ex.add_argument("--task", choices=("embed", "rerank"),
+                    help="what the model does (default: detected; *ForSequenceClassification and Qwen3 causal LMs "
+                         "without sentence-transformers pooling are rerankers)")
+    ex.add_argument("--int8-score-diff-max", type=float,
+                    help="reranker INT8 gate: largest |score diff| to FP32 (default 0.05)")
+    ex.add_argument("--fp16-score-diff-max", type=float,
+                    help="reranker FP16 gate: largest |score diff| to FP32 (default 0.02)")
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
 
     em = sub.add_parser("embed", help="embed texts; prints one JSON object per line")
@@ -76,6 +83,17 @@ def _parser() -> argparse.ArgumentParser:
 
     em.add_argument("--server", default=_env("SERVER"), help="HOST:PORT of an edge-embed server to ask instead")
     _client_options(em)
+
+    rr = sub.add_parser("rerank", help="score documents against a query with a reranker; prints JSON lines, best first")
+    rr.add_argument("query", help="the query")
+    rr.add_argument("documents", nargs="*", help="documents to score; '-' reads one document per line from stdin")
+    _bundle_options(rr, with_bundle=False)
+    rr.add_argument("--bundle", type=Path, default=_env("RERANKER"),
+                    help="reranker bundle directory (env EDGE_EMBED_RERANKER); or --server")
+    rr.add_argument("--instruction", help="the task relevance is judged for (default: the model's own)")
+    rr.add_argument("--top-n", type=_positive_int, help="print only the best N")
+    rr.add_argument("--server", default=_env("SERVER"), help="HOST:PORT of an edge-embed server to ask instead")
+    _client_options(rr)
 
     info = sub.add_parser("info", help="describe a bundle and what would run")
     _bundle_options(info)
@@ -217,6 +235,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
         "int4_cos_min": args.int4_cos_min,
         "int4_cos_mean": args.int4_cos_mean,
         "fp16_cos_min": args.fp16_cos_min,
+        "int8_score_diff_max": args.int8_score_diff_max,
+        "fp16_score_diff_max": args.fp16_score_diff_max,
     }
     gates = Gates(**{k: v for k, v in overrides.items() if v is not None})
     manifest = export(
@@ -229,9 +249,14 @@ def _cmd_export(args: argparse.Namespace) -> None:
         gates=gates,
         overwrite=args.overwrite,
         int8_recipe=args.int8_recipe,
+        task=args.task,
     )
     for name, variant in manifest.variants.items():
         p = variant.parity
+        if manifest.task == "rerank":
+            print(f"{name}: {variant.bytes / 1e6:.1f} MB, score diff max {p.score_diff_max:.4f}, Kendall tau mean "
+                  f"{p.kendall_tau_mean:.3f}, top-1 agreement {p.top1_agreement:.3f}")
+            continue
         print(f"{name}: {variant.bytes / 1e6:.1f} MB, cos min {p.cos_min:.4f} mean {p.cos_mean:.4f}, "
               f"top-{p.topk} agreement {p.topk_agreement:.3f}")
 
@@ -276,6 +301,28 @@ def _print_vectors(vectors) -> None:
     out = sys.stdout
     for i, vector in enumerate(vectors):
         out.write(json.dumps({"index": i, "embedding": [round(float(x), 7) for x in vector]}) + "\n")
+
+
+def _cmd_rerank(args: argparse.Namespace) -> None:
+    if args.documents == ["-"]:
+        documents = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    elif args.documents:
+        documents = list(args.documents)
+    else:
+        raise InvalidInputError("give documents to score, or '-' to read them from stdin")
+    if args.server:
+        with _client(args) as client:
+            response = client.rerank(args.query, documents, instruction=args.instruction, top_n=args.top_n)
+        results = [(r.index, r.score) for r in response.results]
+    else:
+        if args.bundle is None:
+            raise InvalidInputError("give a reranker bundle (--bundle or EDGE_EMBED_RERANKER) or --server")
+        with _open(args) as provider:
+            results = [(r.index, r.score) for r in provider.rerank(args.query, documents,
+                                                                  instruction=args.instruction, top_n=args.top_n)]
+    for index, score in results:
+        sys.stdout.write(json.dumps({"index": index, "score": round(float(score), 7),
+                                     "document": documents[index]}, ensure_ascii=False) + "\n")
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
@@ -438,7 +485,7 @@ def _configure_logging() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"export": _cmd_export, "embed": _cmd_embed, "info": _cmd_info, "serve": _cmd_serve,
+    commands = {"export": _cmd_export, "embed": _cmd_embed, "rerank": _cmd_rerank, "info": _cmd_info, "serve": _cmd_serve,
                 "health": _cmd_health, "doctor": _cmd_doctor, "warm": _cmd_warm, "check": _cmd_check,
                 "models": _cmd_models, "embed-corpus": _cmd_embed_corpus}
     command = commands[args.command]

@@ -106,12 +106,19 @@ class _Options:
 
 
 def _stubs(channel) -> tuple:
-    """(Embed, Info, Tokenize) callables on a channel, sync or asyncio alike."""
+    """(Embed, Info, Tokenize, Rerank) callables on a channel, sync or asyncio alike."""
     def stub(name: str, request, response):
         return channel.unary_unary(_METHOD + name, request.SerializeToString, response.FromString)
 
     return (stub("Embed", pb.EmbedRequest, pb.EmbedResponse), stub("Info", pb.InfoRequest, pb.InfoResponse),
-            stub("Tokenize", pb.TokenizeRequest, pb.TokenizeResponse))
+            stub("Tokenize", pb.TokenizeRequest, pb.TokenizeResponse),
+            stub("Rerank", pb.RerankRequest, pb.RerankResponse))
+
+
+def _rerank_request(query: str, documents: Sequence[str], instruction: str | None, top_n: int | None,
+                    return_documents: bool, model: str | None) -> pb.RerankRequest:
+    return pb.RerankRequest(query=query, documents=list(documents), instruction=instruction or "",
+                            top_n=top_n or 0, return_documents=return_documents, model=model or "")
 
 
 class EmbedClient:
@@ -123,7 +130,7 @@ class EmbedClient:
         self._o = _Options(target, token=token, root_cert=root_cert, client_cert=client_cert,
                            client_key=client_key, timeout=timeout, retries=retries)
         self._channel = self._o.channel(grpc)
-        self._embed, self._info, self._tokenize = _stubs(self._channel)
+        self._embed, self._info, self._tokenize, self._rerank = _stubs(self._channel)
 
     def _call(self, method, request):
         deadline = time.monotonic() + self._o.timeout
@@ -146,6 +153,12 @@ class EmbedClient:
         """The full response: vectors, token counts, queue and inference times."""
         o = {"instruction": None, "dimensions": None, "normalize": True, "truncate": True, "model": None, **options}
         return self._call(self._embed, _request(texts, **o))
+
+    def rerank(self, query: str, documents: Sequence[str], *, instruction: str | None = None,
+               top_n: int | None = None, return_documents: bool = False,
+               model: str | None = None) -> pb.RerankResponse:
+        """Scores of `documents` for `query` from a reranker, best first (`top_n` of them)."""
+        return self._call(self._rerank, _rerank_request(query, documents, instruction, top_n, return_documents, model))
 
     def tokenize(self, texts: Sequence[str], *, instruction: str | None = None) -> list[list[int]]:
         response = self._call(self._tokenize, pb.TokenizeRequest(inputs=list(texts), instruction=instruction or ""))
@@ -174,7 +187,7 @@ class AsyncEmbedClient:
         self._o = _Options(target, token=token, root_cert=root_cert, client_cert=client_cert,
                            client_key=client_key, timeout=timeout, retries=retries)
         self._channel = self._o.channel(grpc.aio)
-        self._embed, self._info, _ = _stubs(self._channel)
+        self._embed, self._info, _, self._rerank = _stubs(self._channel)
 
     async def _call(self, method, request):
         deadline = time.monotonic() + self._o.timeout
@@ -195,6 +208,12 @@ class AsyncEmbedClient:
     async def embed_response(self, texts: Sequence[str], **options) -> pb.EmbedResponse:
         o = {"instruction": None, "dimensions": None, "normalize": True, "truncate": True, "model": None, **options}
         return await self._call(self._embed, _request(texts, **o))
+
+    async def rerank(self, query: str, documents: Sequence[str], *, instruction: str | None = None,
+                     top_n: int | None = None, return_documents: bool = False,
+                     model: str | None = None) -> pb.RerankResponse:
+        return await self._call(self._rerank,
+                                _rerank_request(query, documents, instruction, top_n, return_documents, model))
 
     async def info(self, model: str | None = None) -> pb.InfoResponse:
         return await self._call(self._info, pb.InfoRequest(model=model or ""))

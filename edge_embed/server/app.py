@@ -159,8 +159,11 @@ async def create_server(config: ServerConfig, models: ModelRunner | ModelPool, *
     if warm_up:
         for model in pool.models.values():
             if model.batcher is not None:
-                with model.batcher.admit(len(WARMUP_TEXTS) * model.runner.info.max_length) as ticket:
-                    await ticket.submit(model.runner.tokenize(WARMUP_TEXTS))
+                runner = model.runner
+                seqs = (runner.tokenize_pairs(WARMUP_TEXTS[0], WARMUP_TEXTS) if runner.info.task == "rerank"
+                        else runner.tokenize(WARMUP_TEXTS))
+                with model.batcher.admit(sum(len(s) for s in seqs)) as ticket:
+                    await ticket.submit(seqs)
     await server.start()
     if config.http_port is not None:
         from .http import HttpTransport  # aiohttp is imported only when the HTTP API is on

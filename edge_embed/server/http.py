@@ -6,8 +6,9 @@ request and a gRPC request can share a batch. Errors come from the one error tre
 the HTTP status each class names and OpenAI's error body. aiohttp is imported only when
 the HTTP port is on.
 
-Routes: POST /v1/embeddings, GET /v1/models (bearer token, as gRPC), GET /health and
-GET /ready (open, as gRPC health checks).
+Routes: POST /v1/embeddings, POST /v1/rerank (the Cohere/Jina rerank shape that vLLM and
+TEI clients speak), GET /v1/models (bearer token, as gRPC), GET /health and GET /ready
+(open, as gRPC health checks).
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ log = logging.getLogger(__name__)
 # Every field /v1/embeddings reads. Any other field is refused: a client that sends, say,
 # `input_type: "query"` to another server's API must not get document vectors silently.
 EMBEDDINGS_FIELDS = ("input", "model", "dimensions", "encoding_format", "user", "instruction", "truncate")
+RERANK_FIELDS = ("query", "documents", "model", "top_n", "return_documents", "instruction", "user")
 _OPEN_PATHS = ("/health", "/ready")
-_ROUTES = ("/v1/embeddings", "/v1/models", "/health", "/ready")
+_ROUTES = ("/v1/embeddings", "/v1/rerank", "/v1/models", "/health", "/ready")
 _SURROGATE = re.compile("[\ud800-\udfff]")  # JSON "\ud800" escapes make strings that are not Unicode text
 _ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
 _BUSY_RETRY_MS = 200
@@ -121,6 +123,46 @@ def _texts(value: Any) -> list[str]:
     return texts
 
 
+def _text(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidInputError(f"{name} must be a string, got {_json_type(value)}")
+    if _SURROGATE.search(value):
+        raise InvalidInputError(f"{name} holds an unpaired surrogate (\\ud800-\\udfff): not valid text")
+    return value
+
+
+def _documents(value: Any) -> list[str]:
+    """`documents` as texts: strings, or objects with a `text` field (Cohere's shape)."""
+    if not isinstance(value, list):
+        raise InvalidInputError(f"documents must be an array of strings, got {_json_type(value)}"
+                                if value is not None else "documents is required: an array of strings")
+    texts = []
+    for i, item in enumerate(value):
+        if isinstance(item, dict):
+            if set(item) != {"text"}:
+                raise InvalidInputError(f"documents[{i}] must be a string or {{\"text\": string}}")
+            item = item["text"]
+        texts.append(_text(item, f"documents[{i}]"))
+    return texts
+
+
+def _check_fields(payload: Any, route: str, fields: tuple[str, ...]) -> dict:
+    if not isinstance(payload, dict):
+        raise InvalidInputError(f"the body must be a JSON object, got {_json_type(payload)}")
+    unknown = sorted(set(payload) - set(fields))
+    if unknown:
+        shown = ", ".join(repr(k[:40]) for k in unknown[:5])
+        raise InvalidInputError(f"unknown field(s) {shown}; {route} takes {', '.join(fields)}")
+    return payload
+
+
+def _model_name(payload: dict) -> str:
+    model = _optional(payload, "model", str, "a string") or ""
+    if len(model) > _MAX_MODEL_CHARS:
+        raise InvalidInputError(f"model is {len(model)} characters; no model name is over {_MAX_MODEL_CHARS}")
+    return model
+
+
 class HttpTransport:
     """The aiohttp application and its listening socket, bound to one EmbeddingService."""
 
@@ -135,6 +177,7 @@ class HttpTransport:
         self.port: int | None = None
         app = web.Application(middlewares=[self._boundary], client_max_size=config.max_message_bytes)
         app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/v1/rerank", self._rerank)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
         app.router.add_get("/ready", self._ready)
@@ -263,16 +306,9 @@ class HttpTransport:
                                            else self.config.max_message_bytes)
         try:
             payload, nbytes = await self._read_json(request)
-            if not isinstance(payload, dict):
-                raise InvalidInputError(f"the body must be a JSON object, got {_json_type(payload)}")
-            unknown = sorted(set(payload) - set(EMBEDDINGS_FIELDS))
-            if unknown:
-                shown = ", ".join(repr(k[:40]) for k in unknown[:5])
-                raise InvalidInputError(f"unknown field(s) {shown}; /v1/embeddings takes {', '.join(EMBEDDINGS_FIELDS)}")
+            payload = _check_fields(payload, "/v1/embeddings", EMBEDDINGS_FIELDS)
             texts = _texts(payload.get("input"))
-            model = _optional(payload, "model", str, "a string") or ""
-            if len(model) > _MAX_MODEL_CHARS:
-                raise InvalidInputError(f"model is {len(model)} characters; no model name is over {_MAX_MODEL_CHARS}")
+            model = _model_name(payload)
             dimensions = _optional(payload, "dimensions", int, "a positive integer")
             if dimensions is not None and dimensions < 1:
                 raise InvalidInputError(f"dimensions must be a positive integer, got {dimensions}")
@@ -303,9 +339,43 @@ class HttpTransport:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         })
 
+    async def _rerank(self, request: web.Request) -> web.Response:
+        declared = request.content_length
+        cost = self.service.memory.reserve(min(declared, self.config.max_message_bytes) if declared is not None
+                                           else self.config.max_message_bytes)
+        try:
+            payload, nbytes = await self._read_json(request)
+            payload = _check_fields(payload, "/v1/rerank", RERANK_FIELDS)
+            if "query" not in payload:
+                raise InvalidInputError("query is required: a string")
+            query = _text(payload["query"], "query")
+            documents = _documents(payload.get("documents"))
+            model = _model_name(payload)
+            top_n = _optional(payload, "top_n", int, "a positive integer")
+            if top_n is not None and top_n < 1:
+                raise InvalidInputError(f"top_n must be a positive integer, got {top_n}")
+            return_documents = bool(_optional(payload, "return_documents", bool, "a boolean"))
+            instruction = _text(payload.get("instruction") or "", "instruction")
+            _optional(payload, "user", str, "a string")
+            del payload
+            done = await self.service.rerank_documents(
+                model, query, len(documents), nbytes, lambda: documents, instruction=instruction, top_n=top_n,
+                return_documents=return_documents)
+        finally:
+            self.service.memory.release(cost)
+        results = []
+        for r in done.results:
+            row: dict[str, Any] = {"index": r.index, "relevance_score": r.score}
+            if return_documents:
+                row["document"] = {"text": r.document}
+            results.append(row)
+        tokens = sum(done.token_counts)
+        return _json_response({"model": done.model, "results": results,
+                               "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
     async def _models(self, request: web.Request) -> web.Response:
         data = [{"id": s.name, "object": "model", "created": self._created, "owned_by": "edge-embed",
-                 "model_id": s.model_id, "state": s.state.value, "precision": s.precision}
+                 "model_id": s.model_id, "state": s.state.value, "precision": s.precision, "task": s.task}
                 for s in self.service.pool.status()]
         return _json_response({"object": "list", "data": data})
 

@@ -70,6 +70,7 @@ class ModelStatus:
     error: str | None
     parity_cos_min: float | None
     parity_ok: bool | None
+    task: str = "embed"
 _MiB = 1024**2
 # gRPC buffers, executor threads and allocator slack that grow after the pool starts.
 _PROCESS_SLACK_BYTES = 32 * _MiB
@@ -173,6 +174,16 @@ class PooledModel:
         if self.info is not None:
             return self.info.model_id
         return self.manifest.model_id if self.manifest is not None else ""
+
+    @property
+    def task(self) -> str:
+        """"embed" or "rerank"; "" for a model whose manifest cannot be read."""
+        if self.info is not None:
+            return self.info.task
+        try:
+            return self.source_manifest().task
+        except BundleError:
+            return ""
 
     def source_manifest(self) -> Manifest:
         """The bundle's manifest, read without loading the model."""
@@ -475,7 +486,8 @@ class ModelPool:
                 precision=m.info.precision if m.info is not None else m.source.precision,
                 charged_bytes=m.cost, charged_from=m.cost_source, resident_measured_bytes=m.resident_measured,
                 inflight=m.inflight, loads=m.loads, evictions=m.evictions, requests=m.requests, error=m.error,
-                parity_cos_min=parity.cos_min if parity is not None else None,
+                parity_cos_min=getattr(parity, "cos_min", None),
                 parity_ok=m.info.parity_ok if m.info is not None else None,
+                task=m.task,
             ))
         return out

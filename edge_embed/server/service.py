@@ -26,7 +26,7 @@ from ..errors import (
     retry_after_ms_of,
 )
 from ..memory import rss_bytes
-from ..provider import ModelRunner
+from ..provider import ModelRunner, RerankResult, ranked, wrong_task
 from ..v1 import embed_pb2 as pb
 from .config import ServerConfig
 from .metrics import ServerMetrics
@@ -34,7 +34,7 @@ from .pool import ModelPool, ModelStatus
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EmbeddingService", "Embedded", "grpc_status", "SERVICE_NAME", "method_handlers", "BearerTokenInterceptor",
+__all__ = ["EmbeddingService", "Embedded", "Reranked", "grpc_status", "SERVICE_NAME", "method_handlers", "BearerTokenInterceptor",
            "RequestMemory"]
 
 SERVICE_NAME = "edge_embed.v1.EmbeddingService"
@@ -46,6 +46,8 @@ _INLINE_TOKENIZE_CHARS = 4096
 # message, its Python strings, the tokenizer's input (measured: about 6 for big requests).
 _REQUEST_COPIES = 6
 _REQUEST_OVERHEAD_BYTES = 64 * 1024
+# Tokens a reranker's prompt template adds to each pair at most (Qwen3-Reranker's: about 60).
+_TEMPLATE_TOKENS = 256
 
 
 def grpc_status(exc: BaseException) -> grpc.StatusCode:
@@ -96,6 +98,17 @@ class Embedded:
     token_counts: list[int]
     model: str
     dimensions: int
+    queue_s: float
+    inference_s: float
+
+
+@dataclass(frozen=True)
+class Reranked:
+    """One rerank request's results (best first) and facts, before a transport shapes them."""
+
+    results: list[RerankResult]
+    token_counts: list[int]
+    model: str
     queue_s: float
     inference_s: float
 
@@ -155,6 +168,13 @@ class EmbeddingService:
                     f"{field}[{i}] has {len(text)} characters; the limit is {self.config.max_text_chars}"
                 )
 
+    @staticmethod
+    def _check_task(model: Any, wanted: str) -> None:
+        """A request for the other task is refused before any work, naming both kinds."""
+        task = model.info.task if model.info is not None else model.source_manifest().task
+        if task != wanted:
+            raise wrong_task(model.name, task, wanted)
+
     def _check_instruction(self, instruction: str) -> None:
         if len(instruction) > self.config.max_instruction_chars:
             raise InvalidInputError(f"instruction has {len(instruction)} characters; the limit is "
@@ -187,7 +207,7 @@ class EmbeddingService:
         UTF-8, and no text passes the model's limit. `field` is what errors call the texts.
         """
         start = time.monotonic()
-        self.pool.find(model_name)
+        self._check_task(self.pool.find(model_name), "embed")
         self._check_count(count, field)
         self._check_instruction(instruction)
         async with self.pool.use(model_name, deadline) as model:
@@ -208,6 +228,56 @@ class EmbeddingService:
         self.metrics.queue_seconds.observe(result.queue_s)
         self.metrics.total_seconds.observe(time.monotonic() - start)
         return Embedded(vectors, [len(s) for s in seqs], model.name, width, result.queue_s, result.inference_s)
+
+    async def rerank_documents(self, model_name: str, query: str, count: int, nbytes: int,
+                               documents: Callable[[], list[str]], *, instruction: str = "",
+                               top_n: int | None = None, return_documents: bool = False,
+                               deadline: float | None = None, field: str = "documents") -> Reranked:
+        """The one rerank path of every transport: the same checks, admission by tokens and
+        batcher as embedding (pairs share batches with each other), then scores, best first.
+
+        Every pair repeats the query and the template, so the token bound counts them per pair.
+        """
+        start = time.monotonic()
+        self._check_task(self.pool.find(model_name), "rerank")
+        self._check_count(count, field)
+        self._check_instruction(instruction)
+        if len(query) > self.config.max_text_chars:
+            raise InvalidInputError(f"query has {len(query)} characters; the limit is {self.config.max_text_chars}")
+        if top_n is not None and top_n < 1:
+            raise InvalidInputError(f"top_n must be a positive integer, got {top_n}")
+        async with self.pool.use(model_name, deadline) as model:
+            runner, batcher, info = model.runner, model.batcher, model.info
+            per_pair = len(query.encode()) + len(instruction.encode()) + _TEMPLATE_TOKENS
+            bound = min(count * info.max_length, nbytes + count * per_pair)
+            with batcher.admit(bound, deadline) as ticket:
+                docs = documents()
+                self._check_inputs(docs, field)
+
+                def tokenize() -> list:
+                    return runner.tokenize_pairs(query, docs, instruction=instruction or None, field=field)
+
+                if len(query) * len(docs) + sum(len(d) for d in docs) <= _INLINE_TOKENIZE_CHARS:
+                    seqs = tokenize()
+                else:
+                    seqs = await asyncio.get_running_loop().run_in_executor(self._tokenizer, tokenize)
+                self.metrics.queue_depth.set(batcher.depth)
+                result = await ticket.submit(seqs)
+            scores = runner.finish_scores(result.vectors, field=field)
+        self.metrics.queue_seconds.observe(result.queue_s)
+        self.metrics.total_seconds.observe(time.monotonic() - start)
+        return Reranked(ranked(scores, docs, top_n, return_documents), [len(s) for s in seqs], model.name,
+                        result.queue_s, result.inference_s)
+
+    async def rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
+        done = await self.rerank_documents(
+            request.model, request.query, len(request.documents), request.ByteSize(), lambda: list(request.documents),
+            instruction=request.instruction, top_n=request.top_n or None,
+            return_documents=request.return_documents, deadline=self._deadline(context))
+        return pb.RerankResponse(
+            results=[pb.RerankResult(index=r.index, score=r.score, document=r.document or "") for r in done.results],
+            token_counts=done.token_counts, model=done.model, queue_ms=done.queue_s * 1000,
+            inference_ms=done.inference_s * 1000)
 
     async def embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         done = await self.embed_texts(
@@ -230,7 +300,7 @@ class EmbeddingService:
         return response
 
     async def tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
-        self.pool.find(request.model)
+        self._check_task(self.pool.find(request.model), "embed")
         inputs = list(request.inputs)
         self._check_inputs(inputs)
         self._check_instruction(request.instruction)
@@ -253,11 +323,17 @@ class EmbeddingService:
             facts = model.info
             dim, min_dim, max_length = facts.dim, facts.matryoshka_min_dim, facts.max_length
             instruction_aware, default_instruction = facts.instruction_aware, facts.default_instruction
+            task = facts.task
         else:
             manifest = model.source_manifest()
             dim, min_dim, max_length = manifest.dim, manifest.matryoshka_min_dim, manifest.max_length
-            instruction_aware = manifest.instruction_template is not None
-            default_instruction = manifest.default_instruction
+            task = manifest.task
+            if manifest.rerank is not None:
+                instruction_aware = manifest.rerank.takes_instruction
+                default_instruction = manifest.rerank.default_instruction
+            else:
+                instruction_aware = manifest.instruction_template is not None
+                default_instruction = manifest.default_instruction
         return pb.InfoResponse(
             model=model.name,
             dim=dim,
@@ -273,6 +349,7 @@ class EmbeddingService:
             ),
             version=__version__,
             models=[_model_status(s) for s in pool.status()],
+            task=task,
             memory=pb.MemoryBudget(budget_bytes=pool.budget_bytes, committed_bytes=pool.committed_bytes,
                                    base_bytes=pool.base_bytes, rss_bytes=rss_bytes() or 0,
                                    requests_bytes=self.memory.held),
@@ -337,7 +414,7 @@ def _model_status(s: ModelStatus) -> pb.ModelStatus:
         charged_bytes=s.charged_bytes, charged_from=s.charged_from,
         resident_measured_bytes=max(0, s.resident_measured_bytes or 0), loads=s.loads,
         evictions=s.evictions, requests=s.requests, parity_cos_min=s.parity_cos_min or 0.0,
-        parity_ok=bool(s.parity_ok), error=s.error or "",
+        parity_ok=bool(s.parity_ok), error=s.error or "", task=s.task,
     )
 
 
@@ -386,6 +463,9 @@ def method_handlers(service: EmbeddingService, max_message_bytes: int) -> grpc.G
             ),
             "EmbedStream": grpc.stream_stream_rpc_method_handler(
                 service.embed_stream, parse(pb.EmbedRequest), pb.EmbedStreamResponse.SerializeToString
+            ),
+            "Rerank": grpc.unary_unary_rpc_method_handler(
+                _unary(service, "Rerank", service.rerank), parse(pb.RerankRequest), pb.RerankResponse.SerializeToString
             ),
             "Tokenize": grpc.unary_unary_rpc_method_handler(
                 _unary(service, "Tokenize", service.tokenize), parse(pb.TokenizeRequest),

@@ -64,6 +64,46 @@ class EmbedStreamResponse(_message.Message):
     error: StreamError
     def __init__(self, request_id: _Optional[str] = ..., response: _Optional[_Union[EmbedResponse, _Mapping]] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ...) -> None: ...
 
+class RerankRequest(_message.Message):
+    __slots__ = ("query", "documents", "instruction", "top_n", "model", "return_documents")
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
+    TOP_N_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RETURN_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    query: str
+    documents: _containers.RepeatedScalarFieldContainer[str]
+    instruction: str
+    top_n: int
+    model: str
+    return_documents: bool
+    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ..., instruction: _Optional[str] = ..., top_n: _Optional[int] = ..., model: _Optional[str] = ..., return_documents: _Optional[bool] = ...) -> None: ...
+
+class RerankResult(_message.Message):
+    __slots__ = ("index", "score", "document")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    score: float
+    document: str
+    def __init__(self, index: _Optional[int] = ..., score: _Optional[float] = ..., document: _Optional[str] = ...) -> None: ...
+
+class RerankResponse(_message.Message):
+    __slots__ = ("results", "token_counts", "model", "queue_ms", "inference_ms")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_MS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[RerankResult]
+    token_counts: _containers.RepeatedScalarFieldContainer[int]
+    model: str
+    queue_ms: float
+    inference_ms: float
+    def __init__(self, results: _Optional[_Iterable[_Union[RerankResult, _Mapping]]] = ..., token_counts: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., queue_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ...) -> None: ...
+
 class TokenizeRequest(_message.Message):
     __slots__ = ("inputs", "instruction", "model")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -117,7 +157,7 @@ class BatchingLimits(_message.Message):
     def __init__(self, max_batch_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_wait_ms: _Optional[float] = ..., max_inputs_per_request: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., max_queue_tokens: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ..., run_timeout_s: _Optional[float] = ..., max_instruction_chars: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "dim", "min_dim", "max_length", "precision", "backend", "execution_providers", "instruction_aware", "default_instruction", "batching", "version", "models", "memory")
+    __slots__ = ("model", "dim", "min_dim", "max_length", "precision", "backend", "execution_providers", "instruction_aware", "default_instruction", "batching", "version", "models", "memory", "task")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     MIN_DIM_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +171,7 @@ class InfoResponse(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
     model: str
     dim: int
     min_dim: int
@@ -144,10 +185,11 @@ class InfoResponse(_message.Message):
     version: str
     models: _containers.RepeatedCompositeFieldContainer[ModelStatus]
     memory: MemoryBudget
-    def __init__(self, model: _Optional[str] = ..., dim: _Optional[int] = ..., min_dim: _Optional[int] = ..., max_length: _Optional[int] = ..., precision: _Optional[str] = ..., backend: _Optional[str] = ..., execution_providers: _Optional[_Iterable[str]] = ..., instruction_aware: _Optional[bool] = ..., default_instruction: _Optional[str] = ..., batching: _Optional[_Union[BatchingLimits, _Mapping]] = ..., version: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., memory: _Optional[_Union[MemoryBudget, _Mapping]] = ...) -> None: ...
+    task: str
+    def __init__(self, model: _Optional[str] = ..., dim: _Optional[int] = ..., min_dim: _Optional[int] = ..., max_length: _Optional[int] = ..., precision: _Optional[str] = ..., backend: _Optional[str] = ..., execution_providers: _Optional[_Iterable[str]] = ..., instruction_aware: _Optional[bool] = ..., default_instruction: _Optional[str] = ..., batching: _Optional[_Union[BatchingLimits, _Mapping]] = ..., version: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., memory: _Optional[_Union[MemoryBudget, _Mapping]] = ..., task: _Optional[str] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("name", "model_id", "state", "pinned", "precision", "charged_bytes", "charged_from", "resident_measured_bytes", "loads", "evictions", "requests", "parity_cos_min", "parity_ok", "error")
+    __slots__ = ("name", "model_id", "state", "pinned", "precision", "charged_bytes", "charged_from", "resident_measured_bytes", "loads", "evictions", "requests", "parity_cos_min", "parity_ok", "error", "task")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +204,7 @@ class ModelStatus(_message.Message):
     PARITY_COS_MIN_FIELD_NUMBER: _ClassVar[int]
     PARITY_OK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
     name: str
     model_id: str
     state: str
@@ -176,7 +219,8 @@ class ModelStatus(_message.Message):
     parity_cos_min: float
     parity_ok: bool
     error: str
-    def __init__(self, name: _Optional[str] = ..., model_id: _Optional[str] = ..., state: _Optional[str] = ..., pinned: _Optional[bool] = ..., precision: _Optional[str] = ..., charged_bytes: _Optional[int] = ..., charged_from: _Optional[str] = ..., resident_measured_bytes: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., requests: _Optional[int] = ..., parity_cos_min: _Optional[float] = ..., parity_ok: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+    task: str
+    def __init__(self, name: _Optional[str] = ..., model_id: _Optional[str] = ..., state: _Optional[str] = ..., pinned: _Optional[bool] = ..., precision: _Optional[str] = ..., charged_bytes: _Optional[int] = ..., charged_from: _Optional[str] = ..., resident_measured_bytes: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., requests: _Optional[int] = ..., parity_cos_min: _Optional[float] = ..., parity_ok: _Optional[bool] = ..., error: _Optional[str] = ..., task: _Optional[str] = ...) -> None: ...
 
 class MemoryBudget(_message.Message):
     __slots__ = ("budget_bytes", "committed_bytes", "base_bytes", "rss_bytes", "requests_bytes")

@@ -44,6 +44,11 @@ class EmbeddingServiceStub:
                 request_serializer=edge__embed_dot_v1_dot_embed__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=edge__embed_dot_v1_dot_embed__pb2.EmbedStreamResponse.FromString,
                 _registered_method=True)
+        self.Rerank = channel.unary_unary(
+                '/edge_embed.v1.EmbeddingService/Rerank',
+                request_serializer=edge__embed_dot_v1_dot_embed__pb2.RerankRequest.SerializeToString,
+                response_deserializer=edge__embed_dot_v1_dot_embed__pb2.RerankResponse.FromString,
+                _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/edge_embed.v1.EmbeddingService/Tokenize',
                 request_serializer=edge__embed_dot_v1_dot_embed__pb2.TokenizeRequest.SerializeToString,
@@ -74,6 +79,13 @@ class EmbeddingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rerank(self, request, context):
+        """Score documents against a query with a reranker: results best first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Tokenize(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -98,6 +110,11 @@ def add_EmbeddingServiceServicer_to_server(servicer, server):
                     servicer.EmbedStream,
                     request_deserializer=edge__embed_dot_v1_dot_embed__pb2.EmbedRequest.FromString,
                     response_serializer=edge__embed_dot_v1_dot_embed__pb2.EmbedStreamResponse.SerializeToString,
+            ),
+            'Rerank': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rerank,
+                    request_deserializer=edge__embed_dot_v1_dot_embed__pb2.RerankRequest.FromString,
+                    response_serializer=edge__embed_dot_v1_dot_embed__pb2.RerankResponse.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
@@ -164,6 +181,33 @@ class EmbeddingService:
             '/edge_embed.v1.EmbeddingService/EmbedStream',
             edge__embed_dot_v1_dot_embed__pb2.EmbedRequest.SerializeToString,
             edge__embed_dot_v1_dot_embed__pb2.EmbedStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rerank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edge_embed.v1.EmbeddingService/Rerank',
+            edge__embed_dot_v1_dot_embed__pb2.RerankRequest.SerializeToString,
+            edge__embed_dot_v1_dot_embed__pb2.RerankResponse.FromString,
             options,
             channel_credentials,
             insecure,
