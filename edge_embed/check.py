@@ -217,6 +217,7 @@ def _bundle_need(path: Path, precision: str, limits: Limits, measure: bool, back
 
     bundle = load_bundle(path)
     m = bundle.manifest
+    kind = "reranker" if m.task == "rerank" else "embedding"
     chosen = precision if precision in m.variants else bundle_default_precision(m.variants)
     variant = m.variants[chosen]
     on_disk = sum(f.stat().st_size for f in bundle.path.iterdir() if f.is_file())
@@ -227,8 +228,8 @@ def _bundle_need(path: Path, precision: str, limits: Limits, measure: bool, back
     if footprint is not None:
         total = footprint.total(activations)
         return ModelNeed(m.model_id, chosen, f"measured on this device ({footprint.execution_provider})",
-                         total, 0, total, on_disk=on_disk)
-    return ModelNeed(m.model_id, chosen, "bundle estimate", memory, 0, memory, on_disk=on_disk)
+                         total, 0, total, on_disk=on_disk, kind=kind)
+    return ModelNeed(m.model_id, chosen, "bundle estimate", memory, 0, memory, on_disk=on_disk, kind=kind)
 
 
 def bundle_default_precision(variants) -> str:
@@ -271,7 +272,17 @@ def check(
         else:
             need = _need_from_spec(find_model(target), wanted, limits, export_here)
         needs.append(need)
-    return CheckReport(_device(info), wanted, tuple(needs), _resources(needs, info, export_here))
+    report = CheckReport(_device(info), wanted, tuple(needs), _resources(needs, info, export_here))
+    embedders = [n for n in needs if n.kind != "reranker"]
+    if report.verdict != FEASIBLE and embedders and len(embedders) < len(needs):
+        alone = _resources(embedders, info, export_here)
+        verdict = max((r.verdict for r in alone), key=_ORDER.__getitem__, default=UNKNOWN)
+        if verdict == FEASIBLE:
+            report = dataclasses.replace(report, suggestions=({
+                "change": f"embedding only ({', '.join(n.name for n in embedders)}), no reranker",
+                "models": [n.name for n in embedders], "precision": wanted,
+                "resources": {r.resource: r.required for r in alone}},))
+    return report
 
 
 def _size(resource: str, value: int | None, missing: str) -> str:
@@ -285,9 +296,10 @@ def render_check(report: CheckReport) -> str:
     """The report as a table a newcomer can read top to bottom."""
     names = " + ".join(n.name for n in report.models)
     lines = [f"{names} on {report.device}", ""]
-    lines.append(f"  {'model':<40} {'precision':<9} {'memory MB':>10} {'disk MB':>9}  figures")
+    lines.append(f"  {'model':<40} {'kind':<9} {'precision':<9} {'memory MB':>10} {'disk MB':>9}  figures")
     for n in report.models:
-        lines.append(f"  {n.name[:40]:<40} {n.precision:<9} {n.memory / 1e6:>10,.0f} {n.disk / 1e6:>9,.0f}  {n.source}")
+        lines.append(f"  {n.name[:40]:<40} {n.kind:<9} {n.precision:<9} {n.memory / 1e6:>10,.0f} "
+                     f"{n.disk / 1e6:>9,.0f}  {n.source}")
     lines.append("")
     lines.append(f"  {'resource':<11} {'required':>10} {'available':>10}  verdict")
     for r in report.resources:

@@ -42,7 +42,8 @@ def diagnose(bundle_path: Path | None, backend: str = "auto", max_batch_tokens: 
     m = bundle.manifest
     report["bundle"].update({
         "model": m.model_id,
-        "variants": {name: {"format": variant_format(name), "bytes": v.bytes, "export_cos_min": v.parity.cos_min}
+        "task": m.task,
+        "variants": {name: {"format": variant_format(name), "bytes": v.bytes, "export": _fidelity(v.parity)}
                      for name, v in m.variants.items()},
     })
     try:
@@ -59,6 +60,7 @@ def diagnose(bundle_path: Path | None, backend: str = "auto", max_batch_tokens: 
         "precision": run.precision,
         "fallback": run.fallback,
         "parity": dataclasses.asdict(run.parity) if run.parity else None,
+        "parity_summary": _fidelity(run.parity) if run.parity else None,
         "parity_ok": run.parity is not None and provider.parity_passes(),
         "memory": {"estimated_bytes": needed, "figure": figure, "usable_bytes": available,
                    "fits": needed <= available,
@@ -119,7 +121,7 @@ def render(report: dict[str, Any]) -> str:
         if "error" in bundle:
             lines.append(f"  cannot open: {bundle['error']}")
         for name, v in bundle.get("variants", {}).items():
-            lines.append(f"  {name} ({v['format']}): {v['bytes'] / 1e6:.1f} MB, export cos min {v['export_cos_min']:.4f}")
+            lines.append(f"  {name} ({v['format']}): {v['bytes'] / 1e6:.1f} MB, export {v['export']}")
     run = report.get("would_run")
     if run:
         lines.append("Would run")
@@ -131,10 +133,17 @@ def render(report: dict[str, Any]) -> str:
                 lines.append(f"  fallback: {run['fallback']}")
             if run["parity"]:
                 verdict = "passes" if run["parity_ok"] else "FAILS its gate"
-                lines.append(f"  parity here: cos min {run['parity']['cos_min']:.4f} over "
-                             f"{run['parity']['probes']} golden texts, {verdict}")
+                lines.append(f"  parity here: {run['parity_summary']} over {run['parity']['probes']} golden "
+                             f"{'pairs' if 'score_diff_max' in run['parity'] else 'texts'}, {verdict}")
             mem = run["memory"]
             fits = "fits" if mem["fits"] else "does NOT fit"
             lines.append(f"  memory: ~{mem['estimated_bytes'] / 1e6:.0f} MB needed ({mem['figure']}), "
                          f"{mem['usable_bytes'] / 1e6:.0f} MB usable ({mem['rule']}): {fits}")
     return "\n".join(lines)
+
+
+def _fidelity(parity) -> str:
+    """A variant's fidelity to FP32 in a few words: cosine for vectors, score and order for scores."""
+    if hasattr(parity, "score_diff_max"):
+        return f"score diff max {parity.score_diff_max:.4f}, Kendall tau mean {parity.kendall_tau_mean:.3f}"
+    return f"cos min {parity.cos_min:.4f}"

@@ -153,3 +153,26 @@ def test_check_cli_json_and_exit_codes(tmp_path):
     assert unknown.returncode == 2 and unknown.stderr.startswith("edge-embed: error:") and "Traceback" not in unknown.stderr
     listing = subprocess.run([sys.executable, "-m", "edge_embed.cli", "models"], **env_run)
     assert listing.returncode == 0 and "qwen3-vl-reranker-8b" in listing.stdout and "16,000 (fp16)" in listing.stdout
+
+
+@pytest.mark.slow
+def test_an_embedder_and_reranker_pair_of_real_bundles(qwen3_bundle, qwen3_reranker_bundle, tmp_path, monkeypatch):
+    """Both bundles measured here, their sum judged; on a device too small for the pair the
+    advice is the embedder alone, with its figures."""
+    monkeypatch.setenv("EDGE_EMBED_CACHE", str(tmp_path))
+    here = check([str(qwen3_bundle), str(qwen3_reranker_bundle)], "int8")
+    embedder, reranker = here.models
+    assert (embedder.kind, reranker.kind) == ("embedding", "reranker")
+    assert all(n.source.startswith("measured on this device") for n in here.models)
+    assert here.resources[0].required > embedder.memory + reranker.memory  # plus the process base
+    assert here.verdict == FEASIBLE and "reranker" in render_check(here)
+    # A device with room for the process and the embedder, not both models.
+    from edge_embed.registry import PROCESS_BASE_BYTES
+
+    room = int((PROCESS_BASE_BYTES + embedder.memory + reranker.memory // 2) / 0.8)
+    small = PlatformInfo(os="linux", arch="aarch64", cpus=4, memory_bytes=room, disk_free_bytes=10 * GiB)
+    tight = check([str(qwen3_bundle), str(qwen3_reranker_bundle)], "int8", info=small)
+    assert tight.verdict != FEASIBLE
+    (advice,) = tight.suggestions
+    assert advice["models"] == ["tiny-qwen3"] and "no reranker" in advice["change"]
+    assert advice["resources"]["memory"] == PROCESS_BASE_BYTES + embedder.memory
