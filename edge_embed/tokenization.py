@@ -132,7 +132,6 @@ class BundleTokenizer:
             ids.append(seq)
         return ids
 
-
     # -- reranker pairs -------------------------------------------------------------------
 
     def encode_pairs(self, query: str, documents: list[str], *, instruction: str | None = None,

@@ -439,7 +439,8 @@ def _torch_stage(source: SourceModel, work: Path, texts: list[str], seqs: list[n
         if pairs is not None:
             queries, documents, groups = pairs
             np.savez(work / GOLDEN_FILE, queries=np.array(queries), documents=np.array(documents), groups=groups,
-                     logits=reference[:, 0])
+                     logits=reference[:, 0],
+                     scores=scores_from_logits(reference[:, 0], draft.rerank.activation).astype(np.float32))
         else:
             np.savez(work / GOLDEN_FILE, texts=np.array(texts), vectors=reference)
         mlx = {}

@@ -121,6 +121,8 @@ def test_bundles_hold_the_task_the_score_gates_and_golden_scores(qwen3_reranker_
         assert (queries, documents, groups.tolist()) == (expected_q, expected_d, expected_g)
         assert logits.shape == (len(queries),) and np.isfinite(logits).all()
         assert np.ptp(logits) > 1.0, "random weights were meant to spread the scores"
+        with np.load(path / "golden.npz") as golden:
+            np.testing.assert_allclose(golden["scores"], 1 / (1 + np.exp(-logits.astype(np.float64))), atol=1e-6)
     assert load_bundle(qwen3_reranker_bundle).variant("int8").recipe["method"].startswith("per-token")
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import json
 import logging
@@ -300,13 +301,23 @@ class HttpTransport:
                 raise
             raise InvalidInputError(f"the body is not valid JSON: {exc}") from None
 
-    async def _embeddings(self, request: web.Request) -> web.Response:
+    @contextlib.asynccontextmanager
+    async def _body(self, request: web.Request, route: str, fields: tuple[str, ...]):
+        """The JSON object of a request, its size on the wire, and the request memory it
+        holds (reserved before the body is read, released when the request is answered)."""
         declared = request.content_length
         cost = self.service.memory.reserve(min(declared, self.config.max_message_bytes) if declared is not None
                                            else self.config.max_message_bytes)
         try:
-            payload, nbytes = await self._read_json(request)
-            payload = _check_fields(payload, "/v1/embeddings", EMBEDDINGS_FIELDS)
+            # Popped, not named: a handler's `del payload` must free the body's strings.
+            parsed = list(await self._read_json(request))
+            nbytes = parsed.pop()
+            yield _check_fields(parsed.pop(), route, fields), nbytes
+        finally:
+            self.service.memory.release(cost)
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        async with self._body(request, "/v1/embeddings", EMBEDDINGS_FIELDS) as (payload, nbytes):
             texts = _texts(payload.get("input"))
             model = _model_name(payload)
             dimensions = _optional(payload, "dimensions", int, "a positive integer")
@@ -325,8 +336,6 @@ class HttpTransport:
             done = await self.service.embed_texts(
                 model, len(texts), nbytes, lambda: texts, instruction=instruction, dimensions=dimensions,
                 truncate=True if truncate is None else truncate, field="input")
-        finally:
-            self.service.memory.release(cost)
         if encoding == "base64":  # little-endian float32, as OpenAI sends it
             rows = [base64.b64encode(v.astype("<f4", copy=False).tobytes()).decode("ascii") for v in done.vectors]
         else:
@@ -340,12 +349,7 @@ class HttpTransport:
         })
 
     async def _rerank(self, request: web.Request) -> web.Response:
-        declared = request.content_length
-        cost = self.service.memory.reserve(min(declared, self.config.max_message_bytes) if declared is not None
-                                           else self.config.max_message_bytes)
-        try:
-            payload, nbytes = await self._read_json(request)
-            payload = _check_fields(payload, "/v1/rerank", RERANK_FIELDS)
+        async with self._body(request, "/v1/rerank", RERANK_FIELDS) as (payload, nbytes):
             if "query" not in payload:
                 raise InvalidInputError("query is required: a string")
             query = _text(payload["query"], "query")
@@ -361,8 +365,6 @@ class HttpTransport:
             done = await self.service.rerank_documents(
                 model, query, len(documents), nbytes, lambda: documents, instruction=instruction, top_n=top_n,
                 return_documents=return_documents)
-        finally:
-            self.service.memory.release(cost)
         results = []
         for r in done.results:
             row: dict[str, Any] = {"index": r.index, "relevance_score": r.score}
