@@ -369,6 +369,10 @@ def embed_corpus(
 
     started = time.monotonic()
     source = load_bundle(bundle)
+    if source.manifest.task != "embed":
+        from .provider import wrong_task
+
+        raise wrong_task(source.manifest.model_id, source.manifest.task, "embed")
     chosen = planned_precision(source.manifest, precision)
     variant = source.variant(chosen)
     width = source.manifest.check_dimensions(dimensions)

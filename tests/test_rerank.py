@@ -254,3 +254,12 @@ def test_a_manifest_without_a_task_is_an_embedder():
     data.pop("task")
     data.pop("rerank")
     assert Manifest.from_dict(data).task == "embed"
+
+
+@pytest.mark.slow
+def test_a_corpus_job_refuses_a_reranker_before_any_work(qwen3_reranker_bundle, tmp_path):
+    corpus = tmp_path / "in.jsonl"
+    corpus.write_text('{"id": "a", "text": "one passage"}\n')
+    with pytest.raises(WrongTaskError, match="is a reranker and cannot embed texts"):
+        edge_embed.embed_corpus(qwen3_reranker_bundle, corpus, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

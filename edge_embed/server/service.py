@@ -182,10 +182,12 @@ class EmbeddingService:
 
     async def _tokenize(self, runner: ModelRunner, inputs: list[str], instruction: str, truncate: bool,
                         field: str = "inputs") -> list:
-        def run() -> list:
-            return runner.tokenize(inputs, instruction=instruction or None, truncate=truncate, field=field)
+        return await self._off_loop(sum(len(t) for t in inputs), lambda: runner.tokenize(
+            inputs, instruction=instruction or None, truncate=truncate, field=field))
 
-        if sum(len(t) for t in inputs) <= _INLINE_TOKENIZE_CHARS:
+    async def _off_loop(self, chars: int, run: Callable[[], list]) -> list:
+        """Tokenize small requests on the event loop, big ones on the tokenizer thread."""
+        if chars <= _INLINE_TOKENIZE_CHARS:
             return run()
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer, run)
 
@@ -253,14 +255,8 @@ class EmbeddingService:
             with batcher.admit(bound, deadline) as ticket:
                 docs = documents()
                 self._check_inputs(docs, field)
-
-                def tokenize() -> list:
-                    return runner.tokenize_pairs(query, docs, instruction=instruction or None, field=field)
-
-                if len(query) * len(docs) + sum(len(d) for d in docs) <= _INLINE_TOKENIZE_CHARS:
-                    seqs = tokenize()
-                else:
-                    seqs = await asyncio.get_running_loop().run_in_executor(self._tokenizer, tokenize)
+                seqs = await self._off_loop(len(query) * len(docs) + sum(len(d) for d in docs), lambda: (
+                    runner.tokenize_pairs(query, docs, instruction=instruction or None, field=field)))
                 self.metrics.queue_depth.set(batcher.depth)
                 result = await ticket.submit(seqs)
             scores = runner.finish_scores(result.vectors, field=field)
