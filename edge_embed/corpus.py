@@ -6,8 +6,17 @@ and records which bundle it was (`check_same_bundle` refuses a mix later).
 
 The corpus is cut into units of at most `rows_per_shard` rows (a slice of one input
 shard). Each unit becomes one output shard, written under a temporary name and renamed,
-so a shard is either whole or absent; a rerun skips units whose shard is complete. The
-same unit function runs in process and in every Ray actor, so both give the same vectors.
+so a shard is either whole or absent; a rerun skips units whose shard is complete. Units
+are read in spans: the units of a Parquet shard that share a row group are read in one
+pass over it, so a shard written as one big row group is decoded once, not once per unit.
+The same span function runs in process and in every Ray actor, so both give the same
+vectors. The job talks to the model only through the `ModelRunner` contract.
+
+A row that fails on its own (no id, an empty text, too long with truncation off, a model
+run that fails or gives a non-finite vector for it alone) goes to the errors file and its
+unit completes without it. What is not a row's fault (a row out of memory even alone, a
+stopped worker, a model that no longer embeds a known text, I/O) stops the job; a rerun
+resumes it.
 
 OUTPUT holds:
     corpus.json                  the bundle (model id, precision, sha256), fields, inputs, totals
@@ -18,6 +27,7 @@ OUTPUT holds:
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import logging
@@ -31,7 +41,11 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BackendUnavailableError, CorpusError, EdgeEmbedError, InvalidInputError
+from .batching import BatchLimits, plan_batches
+from .bundle import load_bundle
+from .errors import BackendUnavailableError, CorpusError, EdgeEmbedError, InvalidInputError, WorkerStoppedError
+from .loading import load, planned_precision
+from .provider import ModelRunner, ProviderInfo, wrong_task
 
 __all__ = ["embed_corpus", "check_same_bundle", "CorpusReport", "Unit", "RUN_FILE", "ERRORS_FILE"]
 
@@ -43,6 +57,9 @@ DEFAULT_ROWS_PER_SHARD = 10_000
 _JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 _PARQUET_SUFFIXES = (".parquet",)
 _META = b"edge_embed"  # key of the run facts in each shard's Parquet metadata
+_READ_BATCH_ROWS = 4096  # the most rows per Arrow batch while streaming a Parquet span
+# Embedded after rows failed alone: if the model cannot embed this either, the rows are not to blame.
+_KNOWN_TEXT = "A short, plain sentence that any text model can embed."
 
 
 @dataclass(frozen=True)
@@ -146,29 +163,94 @@ def _parquet_file(path: Path | str):
         raise InvalidInputError(f"{path} is not a readable Parquet file: {exc}") from exc
 
 
-def _read_unit(unit: Unit, job: _Job) -> tuple[list[str], list[str], list[tuple[str, str]]]:
-    """(ids, texts, errors) of a unit's rows; rows that cannot be embedded become errors."""
-    ids: list[str] = []
-    texts: list[str] = []
-    errors: list[tuple[str, str]] = []
-    name = Path(unit.source).name
+def _is_parquet(source: str | Path) -> bool:
+    return Path(source).suffix.lower() in _PARQUET_SUFFIXES
 
-    def take(row_id: Any, text: Any, where: str) -> None:
-        if row_id is None or (isinstance(row_id, str) and not row_id.strip()):
-            errors.append((where, f"no {job.id_field!r} field"))
-        elif not isinstance(text, str):
-            errors.append((str(row_id), f"{job.text_field!r} is missing" if text is None
-                           else f"{job.text_field!r} is a {type(text).__name__}, not a string"))
-        elif not text.strip():
-            errors.append((str(row_id), f"{job.text_field!r} is empty"))
+
+def _row_group_starts(meta: Any) -> list[int]:
+    """The first row of each row group of a Parquet file's metadata, then its row count."""
+    starts = [0]
+    for group in range(meta.num_row_groups):
+        starts.append(starts[-1] + meta.row_group(group).num_rows)
+    return starts
+
+
+def plan_spans(units: Sequence[Unit], at_least: int = 1) -> list[list[Unit]]:
+    """Units in reading order, grouped so no row group is decoded once per unit.
+
+    Consecutive units of one Parquet shard that share a row group form one span, read in
+    one pass (units between them that are already complete are passed over); a JSONL
+    unit, read by byte offset, is a span of its own. `at_least` (parallel workers) halves
+    the longest spans until there are that many; each half then decodes its first row
+    group from the group's start, so k workers on a one-group shard decode it about
+    (k + 1) / 2 times, not once per unit.
+    """
+    spans: list[list[Unit]] = []
+    starts: dict[str, list[int]] = {}
+    previous: tuple[str, int] | None = None  # the source and last row group of the span before
+    for unit in units:
+        if not _is_parquet(unit.source):
+            spans.append([unit])
+            previous = None
+            continue
+        if unit.source not in starts:
+            starts[unit.source] = _row_group_starts(_parquet_file(unit.source).metadata)
+        bounds = starts[unit.source]
+        first = bisect.bisect_right(bounds, unit.start) - 1
+        if previous == (unit.source, first):
+            spans[-1].append(unit)
         else:
-            ids.append(str(row_id))
-            texts.append(text)
+            spans.append([unit])
+        previous = (unit.source, bisect.bisect_right(bounds, unit.start + unit.rows - 1) - 1)
+    while len(spans) < at_least:
+        longest = max(range(len(spans)), key=lambda i: len(spans[i]), default=None)
+        if longest is None or len(spans[longest]) < 2:
+            break
+        span = spans[longest]
+        spans[longest:longest + 1] = [span[:len(span) // 2], span[len(span) // 2:]]
+    return spans
 
-    if Path(unit.source).suffix.lower() in _PARQUET_SUFFIXES:
-        for offset, (row_id, text) in enumerate(_parquet_rows(unit, job)):
-            take(row_id, text, f"{name}:row {unit.first_row + offset}")
-        return ids, texts, errors
+
+class _Rows:
+    """One unit's rows as read: (id, text) of those that can be embedded, (id, reason) of the others."""
+
+    __slots__ = ("ids", "texts", "errors")
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.texts: list[str] = []
+        self.errors: list[tuple[str, str]] = []
+
+    def take(self, row_id: Any, text: Any, where: str, job: _Job) -> None:
+        if row_id is None or (isinstance(row_id, str) and not row_id.strip()):
+            self.errors.append((where, f"no {job.id_field!r} field"))
+        elif not isinstance(text, str):
+            self.errors.append((str(row_id), f"{job.text_field!r} is missing" if text is None
+                                else f"{job.text_field!r} is a {type(text).__name__}, not a string"))
+        elif not text.strip():
+            self.errors.append((str(row_id), f"{job.text_field!r} is empty"))
+        else:
+            self.ids.append(str(row_id))
+            self.texts.append(text)
+
+
+def read_span(span: Sequence[Unit], job: _Job) -> Iterator[tuple[Unit, _Rows]]:
+    """Each unit of a span with its rows, in order; rows that cannot be embedded become errors."""
+    name = Path(span[0].source).name
+    if _is_parquet(span[0].source):
+        for unit, pairs in _parquet_span(span, job):
+            rows = _Rows()
+            for offset, (row_id, text) in enumerate(pairs):
+                rows.take(row_id, text, f"{name}:row {unit.first_row + offset}", job)
+            yield unit, rows
+        return
+    for unit in span:
+        yield unit, _jsonl_unit(unit, job)
+
+
+def _jsonl_unit(unit: Unit, job: _Job) -> _Rows:
+    rows = _Rows()
+    name = Path(unit.source).name
     with open(unit.source, "rb") as f:
         f.seek(unit.start)
         row = unit.first_row
@@ -183,50 +265,71 @@ def _read_unit(unit: Unit, job: _Job) -> tuple[list[str], list[str], list[tuple[
             try:
                 record = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                errors.append((where, f"not a JSON object: {exc}"))
+                rows.errors.append((where, f"not a JSON object: {exc}"))
                 continue
             if not isinstance(record, dict):
-                errors.append((where, f"not a JSON object but a {type(record).__name__}"))
+                rows.errors.append((where, f"not a JSON object but a {type(record).__name__}"))
                 continue
-            take(record.get(job.id_field), record.get(job.text_field), where)
-    return ids, texts, errors
+            rows.take(record.get(job.id_field), record.get(job.text_field), where, job)
+    return rows
 
 
-def _parquet_rows(unit: Unit, job: _Job) -> Iterator[tuple[Any, Any]]:
-    """The unit's (id, text) pairs, reading only the row groups that hold them."""
-    pf = _parquet_file(unit.source)
+def _parquet_span(span: Sequence[Unit], job: _Job) -> Iterator[tuple[Unit, list[tuple[Any, Any]]]]:
+    """Each unit's (id, text) pairs, streaming the row groups that hold the span once."""
+    source = span[0].source
+    pf = _parquet_file(source)
     names = set(pf.schema_arrow.names)
     for field in (job.id_field, job.text_field):
         if field not in names:
-            raise InvalidInputError(f"{unit.source} has no column {field!r} (it has: {', '.join(sorted(names))})")
-    first = 0
-    end = unit.start + unit.rows
-    for group in range(pf.metadata.num_row_groups):
-        size = pf.metadata.row_group(group).num_rows
-        if first + size > unit.start and first < end:
-            table = pf.read_row_group(group, columns=[job.id_field, job.text_field])
-            lo, hi = max(unit.start - first, 0), min(end - first, size)
-            part = table.slice(lo, hi - lo)
-            yield from zip(part.column(job.id_field).to_pylist(), part.column(job.text_field).to_pylist())
-        first += size
-        if first >= end:
-            break
+            raise InvalidInputError(f"{source} has no column {field!r} (it has: {', '.join(sorted(names))})")
+    starts = _row_group_starts(pf.metadata)
+    first = bisect.bisect_right(starts, span[0].start) - 1
+    end = span[-1].start + span[-1].rows
+    groups = [g for g in range(first, pf.metadata.num_row_groups) if starts[g] < end]
+    # Batches no longer than a unit: a span that ends early in a row group decodes no further.
+    batches = pf.iter_batches(batch_size=min(_READ_BATCH_ROWS, max(u.rows for u in span)), row_groups=groups,
+                              columns=list(dict.fromkeys([job.id_field, job.text_field])))
+    held, held_start = None, starts[first]  # the batch last read and the shard row it starts at
+    for unit in span:
+        pairs: list[tuple[Any, Any]] = []
+        row, stop = unit.start, unit.start + unit.rows
+        while row < stop:
+            if held is None or held_start + held.num_rows <= row:
+                if held is not None:
+                    held_start += held.num_rows
+                held = next(batches, None)
+                if held is None:
+                    raise CorpusError(f"{source} ended before row {row}: it changed since the run was planned")
+                continue
+            part = held.slice(row - held_start, stop - row)
+            pairs += zip(part.column(job.id_field).to_pylist(), part.column(job.text_field).to_pylist())
+            row += part.num_rows
+        yield unit, pairs
 
 
-# -- one unit: read, embed, write ----------------------------------------------------------
+# -- a span of units: read, embed, write -----------------------------------------------
 
 
-def run_unit(provider: Any, unit: Unit, job: _Job) -> dict[str, Any]:
-    """Embed one unit and write its shard atomically; returns its counts.
+def run_span(provider: ModelRunner, span: Sequence[Unit], job: _Job,
+             before_unit: Callable[[Unit], None] | None = None) -> Iterator[dict[str, Any]]:
+    """Read a span and embed and write each of its units in turn; yields each unit's counts."""
+    for unit, rows in read_span(span, job):
+        if before_unit is not None:
+            before_unit(unit)
+        yield run_unit(provider, unit, rows, job)
 
-    Rows that cannot be embedded (no id, empty text, over the token limit with truncation
-    off, a non-finite vector) go to the unit's errors file; the others keep their order.
+
+def run_unit(provider: ModelRunner, unit: Unit, rows: _Rows, job: _Job) -> dict[str, Any]:
+    """Embed one unit's rows and write its shard atomically; returns its counts.
+
+    Rows that cannot be embedded go to the unit's errors file; the others keep their order.
     """
-    ids, texts, errors = _read_unit(unit, job)
-    seqs = _tokenize_rows(provider, ids, texts, errors, job)
+    info = provider.info
+    errors = list(rows.errors)
+    seqs = _tokenize_rows(provider, rows.ids, rows.texts, errors, job)
     kept = [i for i, s in enumerate(seqs) if s is not None]
-    width = provider.manifest.check_dimensions(job.dimensions)
-    vectors = _embed_rows(provider, [seqs[i] for i in kept], [ids[i] for i in kept], width, errors)
+    width = info.check_dimensions(job.dimensions)
+    vectors = _embed_rows(provider, info, [seqs[i] for i in kept], [rows.ids[i] for i in kept], width, errors)
     ok = [i for i, v in zip(kept, vectors) if v is not None]
     matrix = np.stack([v for v in vectors if v is not None]) if ok else np.empty((0, width), np.float32)
     out = Path(job.output)
@@ -237,12 +340,13 @@ def run_unit(provider: Any, unit: Unit, job: _Job) -> dict[str, Any]:
              "model_id": job.model_id, "precision": job.precision, "sha256": job.sha256, "dimensions": width}
     if len(ok) + len(errors) != unit.rows:
         raise CorpusError(f"{unit.name}: {unit.rows} rows in but {len(ok)} embedded and {len(errors)} errors")
-    _write_shard(out / f"{unit.name}.parquet", [ids[i] for i in ok], matrix,
+    _write_shard(out / f"{unit.name}.parquet", [rows.ids[i] for i in ok], matrix,
                  [len(seqs[i]) for i in ok], facts)
     return {"name": unit.name, "rows_in": unit.rows, "rows_out": len(ok), "errors": len(errors)}
 
 
-def _tokenize_rows(provider, ids, texts, errors, job) -> list[np.ndarray | None]:
+def _tokenize_rows(provider: ModelRunner, ids: list[str], texts: list[str], errors: list[tuple[str, str]],
+                   job: _Job) -> list[np.ndarray | None]:
     """Token ids per row; a batch that fails is retried row by row so only bad rows drop."""
     if not texts:
         return []
@@ -260,25 +364,57 @@ def _tokenize_rows(provider, ids, texts, errors, job) -> list[np.ndarray | None]
     return seqs
 
 
-def _embed_rows(provider, seqs, ids, width, errors) -> list[np.ndarray | None]:
-    """Finished vectors per row. A failed batch is rerun row by row; when every row fails,
-    the cause is not the rows and the unit fails (a rerun retries it)."""
+def _embed(provider: ModelRunner, info: ProviderInfo, seqs: Sequence[np.ndarray], width: int) -> np.ndarray:
+    """Finished vectors of tokenized rows, in batches planned as the provider's own `embed`
+    plans them, so a corpus vector is the one a device computes for the same text."""
+    limits = info.batch_limits(BatchLimits())
+    pooled = np.empty((len(seqs), info.dim), dtype=np.float32)
+    for batch in plan_batches([len(s) for s in seqs], limits.max_batch_tokens, limits.max_batch_size,
+                              stepped_rows=limits.stepped_rows):
+        pooled[batch] = provider.run_batch([seqs[i] for i in batch])
+    return provider.finish(pooled, width, True)
+
+
+def _not_the_rows(exc: BaseException) -> bool:
+    """Whether an error says nothing about the rows: a stopped worker, or out of memory."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (MemoryError, WorkerStoppedError)):
+            return True
+        seen = seen.__cause__
+    return False
+
+
+def _embed_rows(provider: ModelRunner, info: ProviderInfo, seqs: list[np.ndarray], ids: list[str], width: int,
+                errors: list[tuple[str, str]]) -> list[np.ndarray | None]:
+    """Finished vectors per row. A failed batch (out of memory included) is rerun row by
+    row, and a row that fails alone is an error row, once the model has shown it still
+    embeds a known text; a model or machine that fails everything, or a row that runs out
+    of memory alone, fails the unit instead, and a rerun retries it."""
     if not seqs:
         return []
     try:
-        return list(provider.finish(provider.embed_token_ids(seqs), width, True))
+        return list(_embed(provider, info, seqs, width))
     except EdgeEmbedError as exc:
+        if isinstance(exc, WorkerStoppedError):
+            raise
         log.warning("a batch of %d rows failed (%s); embedding them one by one", len(seqs), exc)
     vectors: list[np.ndarray | None] = []
-    failures = []
+    failures: list[tuple[str, str]] = []
     for row_id, seq in zip(ids, seqs):
         try:
-            vectors.append(provider.finish(provider.embed_token_ids([seq]), width, True)[0])
+            vectors.append(_embed(provider, info, [seq], width)[0])
         except EdgeEmbedError as exc:
+            if _not_the_rows(exc):
+                raise
             failures.append((row_id, str(exc)))
             vectors.append(None)
-    if len(failures) == len(seqs):
-        raise CorpusError(f"every row of a unit failed; the last: {failures[-1][1]}")
+    if failures:
+        try:
+            _embed(provider, info, provider.tokenize([_KNOWN_TEXT]), width)
+        except EdgeEmbedError as exc:
+            raise CorpusError(f"{len(failures)} rows failed, and then so did a known text, so the fault is not "
+                              f"the rows'; the first row's error: {failures[0][1]}; the known text's: {exc}") from exc
     errors.extend(failures)
     return vectors
 
@@ -362,16 +498,14 @@ def embed_corpus(
     (a filesystem every node sees, like INPUT and OUTPUT) or, with `ship_bundle`, through
     the object store. Every worker checks the model file's sha256 against this run's.
     `before_unit` is called in the worker before each unit (a hook to throttle or to
-    inject faults). Raises CorpusError when OUTPUT holds another run, or rows go missing.
+    inject faults). Raises CorpusError when OUTPUT holds another run, rows go missing, or
+    rows fail for a cause that is not theirs (the model then fails a known text too);
+    running out of memory stops the run with ModelRunError. A rerun resumes either.
     """
     _need_pyarrow()
-    from . import load_bundle, planned_precision
-
     started = time.monotonic()
     source = load_bundle(bundle)
     if source.manifest.task != "embed":
-        from .provider import wrong_task
-
         raise wrong_task(source.manifest.model_id, source.manifest.task, "embed")
     chosen = planned_precision(source.manifest, precision)
     variant = source.variant(chosen)
@@ -393,15 +527,11 @@ def embed_corpus(
         log.info("embedding %d rows in %d shards with %s %s (%d shards already complete)",
                  sum(u.rows for u in pending), len(pending), job.model_id, chosen, len(done))
     if pending and ray is None:
-        from . import load
-
         with load(source, precision=chosen, threads=threads) as provider:
-            for unit in pending:
-                if before_unit is not None:
-                    before_unit(unit)
-                result = run_unit(provider, unit, job)
-                done[unit.name] = result
-                bar.advance(result["rows_in"])
+            for span in plan_spans(pending):
+                for result in run_span(provider, span, job, before_unit):
+                    done[result["name"]] = result
+                    bar.advance(result["rows_in"])
     elif pending:
         for result in _run_on_ray(source, pending, job, ray, actors, cpus_per_actor, ship_bundle, before_unit):
             done[result["name"]] = result
@@ -458,7 +588,7 @@ def _finish_run(output: Path, run: dict, units: list[Unit], done: dict, skipped:
                         precision=run["precision"], sha256=run["sha256"])
 
 
-def check_same_bundle(corpus: str | Path, provider: Any, dimensions: int | None = None) -> None:
+def check_same_bundle(corpus: str | Path, provider: ModelRunner, dimensions: int | None = None) -> None:
     """Refuse (CorpusError) to query a corpus whose vectors another model file, precision
     or width made than the ones `provider` (a loaded provider) queries with."""
     record = Path(corpus) / RUN_FILE
@@ -467,9 +597,9 @@ def check_same_bundle(corpus: str | Path, provider: Any, dimensions: int | None 
     run = json.loads(record.read_text())
     if not run.get("complete"):
         raise CorpusError(f"the corpus in {corpus} is incomplete: run embed-corpus again to finish it")
-    mine = {"model_id": provider.manifest.model_id, "precision": provider.precision,
-            "sha256": provider.bundle.variant(provider.precision).sha256,
-            "dimensions": provider.manifest.check_dimensions(dimensions)}
+    info = provider.info
+    mine = {"model_id": info.model_id, "precision": info.precision, "sha256": info.sha256,
+            "dimensions": info.check_dimensions(dimensions)}
     differs = [f"{k} {run.get(k)!r} (corpus) vs {v!r} (here)" for k, v in mine.items() if run.get(k) != v]
     if differs:
         raise CorpusError(f"the corpus in {corpus} does not match these queries: " + "; ".join(differs))
@@ -481,7 +611,7 @@ def check_same_bundle(corpus: str | Path, provider: Any, dimensions: int | None 
 def _run_on_ray(source, pending: list[Unit], job: _Job, address, actors, cpus_per_actor, ship_bundle,
                 before_unit) -> Iterator[dict]:
     """The pending units through a Ray Data actor pool: each actor loads the bundle once,
-    checks its sha256, then reads, embeds and writes whole units."""
+    checks its sha256, then reads, embeds and writes whole spans of units."""
     try:
         import ray
         import ray.data
@@ -512,9 +642,10 @@ def _map_units(ray, source, pending: list[Unit], job: _Job, actors, cpus_per_act
     if cpus_per_actor < 1 or cpus_per_actor > cluster_cpus:
         raise InvalidInputError(f"cpus_per_actor must be 1..{cluster_cpus} (the cluster's CPUs), got {cpus_per_actor}")
     size = actors or max(1, cluster_cpus // cpus_per_actor)
-    size = min(size, len(pending))
+    spans = plan_spans(pending, at_least=size)
+    size = min(size, len(spans))
     shipped = ray.put(_bundle_files(source, job.precision)) if ship_bundle else None
-    items = [dataclasses.asdict(u) for u in pending]
+    items = [{"units": json.dumps([dataclasses.asdict(u) for u in span])} for span in spans]
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _UnitWorker,
         fn_constructor_kwargs={"bundle_path": str(source.path), "shipped": shipped, "job": job,
@@ -554,12 +685,10 @@ def _bundle_files(source, precision: str) -> dict[str, bytes]:
 
 
 class _UnitWorker:
-    """A Ray actor: one provider for its life, whole units per call."""
+    """A Ray actor: one provider for its life, whole spans of units per call."""
 
     def __init__(self, bundle_path: str, shipped: Any, job: _Job, threads: int, before_unit):
         import tempfile
-
-        from . import load
 
         if shipped is not None:  # the bundle's files, through the object store
             import ray
@@ -568,26 +697,20 @@ class _UnitWorker:
             for name, data in ray.get(shipped).items():
                 (Path(self._dir.name) / name).write_bytes(data)
             bundle_path = self._dir.name
-        self.provider = load(bundle_path, precision=job.precision, threads=threads)
-        here = self.provider.bundle.variant(job.precision).sha256
-        if here != job.sha256 or self.provider.manifest.model_id != job.model_id:
-            raise CorpusError(f"the bundle at {bundle_path} on this worker is not the run's: sha256 {here[:12]}... "
-                              f"vs {job.sha256[:12]}...")
+        self.provider: ModelRunner = load(bundle_path, precision=job.precision, threads=threads)
+        info = self.provider.info
+        if info.sha256 != job.sha256 or info.model_id != job.model_id:
+            raise CorpusError(f"the bundle at {bundle_path} on this worker is not the run's: sha256 "
+                              f"{(info.sha256 or '?')[:12]}... vs {job.sha256[:12]}...")
         self.job = job
         self.before_unit = before_unit
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = []
-        for i in range(len(batch["source"])):
-            unit = Unit(**{f.name: _plain(batch[f.name][i]) for f in dataclasses.fields(Unit)})
-            if self.before_unit is not None:
-                self.before_unit(unit)
-            results.append(run_unit(self.provider, unit, self.job))
+        for units in batch["units"]:
+            span = [Unit(**fields) for fields in json.loads(str(units))]
+            results += run_span(self.provider, span, self.job, self.before_unit)
         return {k: np.array([r[k] for r in results]) for k in ("name", "rows_in", "rows_out", "errors")}
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else value
 
 
 # -- progress --------------------------------------------------------------------------------

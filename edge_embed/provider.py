@@ -1,13 +1,16 @@
 """The provider contracts and the shared text -> vector pipeline of every backend.
 
-Two contracts, one narrow inside the other:
+Three contracts, two of them built on the narrow one:
 
-- `ModelRunner` is all the server uses: tokenize, run exactly the batch it is given,
-  post-process. The server's batcher decides every batch; a runner never re-plans it.
-- `EmbeddingProvider` adds what an application calls in process: `embed` (which plans
-  its own batches under the same `BatchLimits`), `count_tokens`, and a context manager.
+- `ModelRunner` is all the server and embed-corpus use: tokenize (texts, or query and
+  document pairs), run exactly the batch it is given, post-process (vectors, or scores).
+  Whoever calls `run_batch` decides every batch; a runner never re-plans it.
+- `EmbeddingProvider` adds what an application calls in process to embed: `embed` (which
+  plans its own batches under the same `BatchLimits`), `count_tokens`, a context manager.
+- `Reranker` adds the in-process `rerank`.
 
-Every backend implements both through `BundleEmbedder`.
+Every backend implements all three through `BundleEmbedder`; a loaded model does one task
+(`info.task`) and the other task's methods raise WrongTaskError.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from .tokenization import BundleTokenizer, check_query, check_texts
 log = logging.getLogger(__name__)
 
 __all__ = ["ModelRunner", "EmbeddingProvider", "Reranker", "RerankResult", "ProviderInfo", "BundleEmbedder",
-           "finish_vectors", "wrong_task"]
+           "finish_vectors", "wrong_task", "check_top_n"]
 
 DEFAULT_PARITY_PROBES = 32
 
@@ -77,6 +80,7 @@ class ProviderInfo:
     parity: Parity | ScoreParity | None = None  # boot-time check against the bundle's golden vectors
     parity_ok: bool | None = None  # whether that check met the variant's gate; None: not checked
     task: str = "embed"  # "embed": texts -> vectors; "rerank": (query, document) pairs -> scores
+    sha256: str | None = None  # the running model file's, from the manifest: which exact artifact this is
 
     def check_dimensions(self, dimensions: int | None) -> int:
         """The output width for a requested Matryoshka dimension, or InvalidInputError."""
@@ -90,11 +94,14 @@ class ProviderInfo:
 
 @runtime_checkable
 class ModelRunner(Protocol):
-    """What the server needs of a loaded model, and nothing more.
+    """What the server and embed-corpus need of a loaded model, and nothing more.
 
-    `run_batch` runs exactly the sequences it is given as one batch and returns raw pooled
-    vectors [len(seqs), dim]; it raises only EdgeEmbedError (foreign exceptions are
-    translated at the backend boundary). `finish` cuts, checks and normalizes them.
+    `run_batch` runs exactly the sequences it is given as one batch and returns the raw
+    output [len(seqs), dim]; it raises only EdgeEmbedError (foreign exceptions are
+    translated at the backend boundary). An embedder's sequences come from `tokenize` and
+    `finish` cuts, checks and normalizes its vectors; a reranker's come from
+    `tokenize_pairs` and `finish_scores` turns its logits into scores. The half of the
+    other task raises WrongTaskError naming both kinds.
     """
 
     @property
@@ -107,6 +114,11 @@ class ModelRunner(Protocol):
     def run_batch(self, seqs: Sequence[np.ndarray]) -> np.ndarray: ...
 
     def finish(self, pooled: np.ndarray, width: int, normalize: bool, *, field: str = "texts") -> np.ndarray: ...
+
+    def tokenize_pairs(self, query: str, documents: Sequence[str], *, instruction: str | None = None,
+                       truncate: bool = True, field: str = "documents") -> list[np.ndarray]: ...
+
+    def finish_scores(self, logits: np.ndarray, *, field: str = "documents") -> np.ndarray: ...
 
     def close(self) -> None: ...
 
@@ -143,13 +155,9 @@ class RerankResult:
 
 
 @runtime_checkable
-class Reranker(Protocol):
-    """(query, documents) in, relevance scores out; what a reranker bundle's provider adds."""
-
-    def tokenize_pairs(self, query: str, documents: Sequence[str], *, instruction: str | None = None,
-                       truncate: bool = True, field: str = "documents") -> list[np.ndarray]: ...
-
-    def finish_scores(self, logits: np.ndarray, *, field: str = "documents") -> np.ndarray: ...
+class Reranker(ModelRunner, Protocol):
+    """(query, documents) in, relevance scores out, in process; what a reranker bundle's
+    provider adds to the runner."""
 
     def rerank(self, query: str, documents: Sequence[str], *, instruction: str | None = None,
                top_n: int | None = None, return_documents: bool = False,
@@ -164,11 +172,17 @@ def wrong_task(model_id: str, task: str, wanted: str) -> WrongTaskError:
                           f"{kind[wanted]}")
 
 
-def ranked(scores: np.ndarray, documents: Sequence[str], top_n: int | None,
-           return_documents: bool) -> list[RerankResult]:
-    """Results best first (ties keep request order), cut to `top_n`."""
+def check_top_n(top_n: object) -> int | None:
+    """`top_n` itself if it is None or a positive integer, else InvalidInputError: checked
+    once, before any work, by every caller that ranks."""
     if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
         raise InvalidInputError(f"top_n must be a positive integer, got {top_n!r}")
+    return top_n
+
+
+def ranked(scores: np.ndarray, documents: Sequence[str], top_n: int | None,
+           return_documents: bool) -> list[RerankResult]:
+    """Results best first (ties keep request order), cut to `top_n` (checked by `check_top_n`)."""
     order = np.argsort(-scores, kind="stable")[: top_n or len(scores)]
     return [RerankResult(int(i), float(scores[i]), documents[i] if return_documents else None) for i in order]
 
@@ -239,6 +253,7 @@ class BundleEmbedder(abc.ABC):
             parity=self.parity,
             parity_ok=None if self.parity is None else self.parity_passes(),
             task=m.task,
+            sha256=self.bundle.variant(self.precision).sha256,
         )
 
     @abc.abstractmethod
@@ -305,6 +320,7 @@ class BundleEmbedder(abc.ABC):
                top_n: int | None = None, return_documents: bool = False,
                truncate: bool = True) -> list[RerankResult]:
         """The documents' indices and scores, best first (`top_n` of them)."""
+        top_n = check_top_n(top_n)
         seqs = self.tokenize_pairs(query, documents, instruction=instruction, truncate=truncate)
         if not seqs:
             return []

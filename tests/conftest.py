@@ -20,9 +20,11 @@ CACHE = Path(os.environ.get("EDGE_EMBED_TEST_CACHE", REPO / ".cache" / "test-bun
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 
-# Code that cannot change what an export writes: serving, the CLI, sizing advice.
+# Code that cannot change what an export writes: serving, the CLI, sizing advice, loading
+# a bundle to run it, bulk embedding.
 _NOT_EXPORT_CODE = ("edge_embed/server/", "edge_embed/v1/", "edge_embed/cli.py", "edge_embed/client.py",
-                    "edge_embed/check.py", "edge_embed/registry.py", "edge_embed/memory.py", "edge_embed/doctor.py")
+                    "edge_embed/check.py", "edge_embed/registry.py", "edge_embed/memory.py", "edge_embed/doctor.py",
+                    "edge_embed/corpus.py", "edge_embed/loading.py")
 
 
 def _code_key(*extra: str) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 
 from edge_embed.errors import InvalidInputError
 from edge_embed.manifest import Manifest
-from edge_embed.provider import ProviderInfo, finish_vectors
+from edge_embed.provider import ProviderInfo, finish_vectors, wrong_task
 from edge_embed.tokenization import check_texts
 
 FAKE_MANIFEST = Manifest(
@@ -99,6 +99,12 @@ class FakeProvider:
 
     def finish(self, pooled, width, normalize, *, field="texts"):
         return finish_vectors(pooled, width, normalize, field=field, what="the fake model")
+
+    def tokenize_pairs(self, query, documents, *, instruction=None, truncate=True, field="documents"):
+        raise wrong_task("fake-model", "embed", "rerank")
+
+    def finish_scores(self, logits, *, field="documents"):
+        raise wrong_task("fake-model", "embed", "rerank")
 
     def close(self) -> None:
         self.closed = True

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_embed.corpus import ERRORS_FILE, RUN_FILE, _Job, _read_unit, _start_run, input_shards, plan_units
-from edge_embed.errors import CorpusError, InvalidInputError
+from edge_embed.corpus import ERRORS_FILE, RUN_FILE, _Job, _start_run, input_shards, plan_spans, plan_units, read_span
+from edge_embed.errors import CorpusError, InvalidInputError, ModelRunError
 
 pa = pytest.importorskip("pyarrow", reason="embed-corpus needs pyarrow (the corpus extra)")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -60,7 +60,8 @@ def read_output(folder: Path) -> tuple[list[str], np.ndarray, list[int]]:
         table = pq.read_table(shard)
         ids += table["id"].to_pylist()
         tokens += table["tokens"].to_pylist()
-        vectors.append(np.asarray(table["embedding"].combine_chunks().flatten()).reshape(len(table), -1))
+        dim = table.schema.field("embedding").type.list_size
+        vectors.append(np.asarray(table["embedding"].combine_chunks().flatten()).reshape(len(table), dim))
     return ids, np.vstack(vectors), tokens
 
 
@@ -75,13 +76,16 @@ def test_units_cover_every_row_once_in_order(tmp_path):
         units = plan_units(shards, rows_per_shard)
         assert all(0 < u.rows <= rows_per_shard for u in units)
         assert len({u.name for u in units}) == len(units)
-        got, errors = [], []
-        for unit in units:
-            unit_ids, unit_texts, unit_errors = _read_unit(unit, JOB)
-            got += list(zip(unit_ids, unit_texts))
-            errors += unit_errors
-        assert got == list(zip(ids, texts)), rows_per_shard
-        assert [e[0] for e in errors] == bad
+        for spans in (plan_spans(units), plan_spans(units, at_least=len(units)), [[u] for u in units]):
+            got, errors, seen = [], [], []
+            for span in spans:
+                for unit, rows in read_span(span, JOB):
+                    seen.append(unit)
+                    got += list(zip(rows.ids, rows.texts))
+                    errors += rows.errors
+            assert seen == units
+            assert got == list(zip(ids, texts)), rows_per_shard
+            assert [e[0] for e in errors] == bad
     reasons = dict(errors)
     assert "not a JSON object" in reasons["a.jsonl:row 5"] and reasons["empty"] == "'text' is empty"
     assert reasons["a.jsonl:row 7"] == "no 'id' field" and "is a int, not a string" in reasons["num"]
@@ -103,6 +107,55 @@ def test_bad_inputs_and_foreign_output_folders_are_refused(tmp_path):
         _start_run(tmp_path / "out", {**run, "sha256": "b"})
     with pytest.raises(CorpusError, match="not empty"):
         _start_run(tmp_path, run)
+
+
+@pytest.fixture
+def parquet_rows_read(monkeypatch) -> list[int]:
+    """[rows that every ParquetFile read in this process returned], tables and streamed batches alike."""
+    count = [0]
+    for name in ("read", "read_row_group", "read_row_groups"):
+        def counted(self, *args, _read=getattr(pq.ParquetFile, name), **kwargs):
+            table = _read(self, *args, **kwargs)
+            count[0] += table.num_rows
+            return table
+
+        monkeypatch.setattr(pq.ParquetFile, name, counted)
+    iter_batches = pq.ParquetFile.iter_batches
+
+    def streamed(self, *args, **kwargs):
+        for batch in iter_batches(self, *args, **kwargs):
+            count[0] += batch.num_rows
+            yield batch
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", streamed)
+    return count
+
+
+def one_row_group(path: Path, n: int) -> tuple[list[str], list[str]]:
+    """A Parquet file of `n` rows as pyarrow writes it by default: one row group."""
+    ids, texts = [f"r{i}" for i in range(n)], passages(n)
+    pq.write_table(pa.table({"id": ids, "text": texts}), path)
+    assert pq.ParquetFile(path).metadata.num_row_groups == 1
+    return ids, texts
+
+
+def test_a_parquet_shard_of_one_row_group_is_decoded_once_not_once_per_unit(tmp_path, parquet_rows_read):
+    n = 3000
+    ids, _ = one_row_group(tmp_path / "one.parquet", n)
+    units = plan_units([tmp_path / "one.parquet"], 100)  # 30 units in one row group
+
+    def read(spans) -> list[str]:
+        parquet_rows_read[0] = 0
+        return [i for span in spans for _, rows in read_span(span, JOB) for i in rows.ids]
+
+    assert read(plan_spans(units)) == ids
+    assert parquet_rows_read[0] == n  # was 30 x n: each unit decoded the whole row group
+    pending = [u for k, u in enumerate(units) if k % 3]  # a rerun after every third unit was written
+    assert read(plan_spans(pending)) == [i for u in pending for i in ids[u.start:u.start + u.rows]]
+    assert parquet_rows_read[0] <= n
+    spans = plan_spans(units, at_least=4)  # four Ray actors: each decodes the group up to its end
+    assert len(spans) == 4 and [u for span in spans for u in span] == units
+    assert read(spans) == ids and parquet_rows_read[0] <= (4 + 1) / 2 * n
 
 
 def test_ray_without_the_extra_names_it(monkeypatch):
@@ -186,6 +239,122 @@ def test_cli_embeds_a_corpus_and_says_what_it_did(minilm_bundle, tmp_path):
     assert "embed-corpus: 51/51 rows (100%)" in done.stderr
     refused = subprocess.run(cli[:-2] + ["--actors", "2"], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and refused.stderr.strip() == "edge-embed: error: --actors, --cpus-per-actor and --ship-bundle need --ray"
+
+
+@pytest.mark.slow
+def test_one_row_group_is_read_once_per_run_and_resumes(minilm_bundle, tmp_path, parquet_rows_read):
+    import edge_embed
+
+    n = 240
+    ids, texts = one_row_group(tmp_path / "one.parquet", n)
+
+    def crash_on_eighth(unit):
+        if unit.name == "part-00000-00007":
+            raise RuntimeError("worker lost")
+
+    run = dict(precision="int8", rows_per_shard=20, threads=2, progress=False)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        edge_embed.embed_corpus(minilm_bundle, tmp_path / "one.parquet", tmp_path / "out", **run,
+                                before_unit=crash_on_eighth)
+    assert parquet_rows_read[0] <= n  # was 8 x n: each of the first 8 units decoded all 240 rows
+    parquet_rows_read[0] = 0
+    report = edge_embed.embed_corpus(minilm_bundle, tmp_path / "one.parquet", tmp_path / "out", **run)
+    assert parquet_rows_read[0] <= n
+    assert (report.units, report.units_skipped, report.rows_out, report.errors) == (12, 7, n, 0)
+    out_ids, vectors, _ = read_output(tmp_path / "out")
+    assert out_ids == ids
+    with edge_embed.load(minilm_bundle, precision="int8", threads=2, parity_probes=0) as provider:
+        np.testing.assert_allclose(vectors, provider.embed(texts), atol=2e-6)
+
+
+def inject(monkeypatch, fault) -> None:
+    """embed-corpus loads the real provider, then `fault(provider)` breaks part of it."""
+    import edge_embed.corpus
+    from edge_embed.loading import load as real
+
+    def load(*args, **kwargs):
+        provider = real(*args, **kwargs)
+        fault(provider)
+        return provider
+
+    monkeypatch.setattr(edge_embed.corpus, "load", load)
+
+
+def past_the_vocabulary(provider) -> None:
+    """Rows holding the word "corrupt" get a token id past the vocabulary, so ONNX Runtime
+    itself refuses them, every time, alone or in any batch."""
+    tokenize = provider.tokenize
+
+    def marked(texts, **kwargs):
+        seqs = tokenize(texts, **kwargs)
+        for text, seq in zip(texts, seqs):
+            if "corrupt" in text.split():
+                seq[1] = 10**7
+        return seqs
+
+    provider.tokenize = marked
+
+
+@pytest.mark.slow
+def test_rows_that_always_fail_are_errors_and_the_run_completes(minilm_bundle, tmp_path, monkeypatch):
+    import edge_embed
+
+    texts = passages(12)
+    rows = [{"id": f"r{i}", "text": t + (" corrupt" if 4 <= i < 8 or i == 10 else "")} for i, t in enumerate(texts)]
+    (tmp_path / "in").mkdir()
+    write_jsonl(tmp_path / "in" / "a.jsonl", rows, blank_lines=False)
+    inject(monkeypatch, past_the_vocabulary)
+    run = dict(precision="int8", rows_per_shard=4, threads=2, progress=False)
+    report = edge_embed.embed_corpus(minilm_bundle, tmp_path / "in", tmp_path / "out", **run)
+    assert (report.rows_in, report.rows_out, report.errors) == (12, 7, 5)
+    assert pq.read_table(tmp_path / "out" / "part-00000-00001.parquet").num_rows == 0  # every row of it failed
+    errors = [json.loads(line) for line in (tmp_path / "out" / ERRORS_FILE).read_text().splitlines()]
+    assert [e["id"] for e in errors] == ["r4", "r5", "r6", "r7", "r10"]
+    assert all("onnx backend failed on a batch of 1 x" in e["reason"] for e in errors)
+    out_ids, vectors, _ = read_output(tmp_path / "out")
+    assert out_ids == ["r0", "r1", "r2", "r3", "r8", "r9", "r11"]
+    with edge_embed.load(minilm_bundle, precision="int8", threads=2, parity_probes=0) as provider:
+        np.testing.assert_allclose(vectors, provider.embed([texts[i] for i in (0, 1, 2, 3, 8, 9, 11)]), atol=2e-6)
+    again = edge_embed.embed_corpus(minilm_bundle, tmp_path / "in", tmp_path / "out", **run)
+    assert again.units_skipped == 3 and (again.rows_out, again.errors) == (7, 5)
+
+
+@pytest.mark.slow
+def test_failures_that_are_not_the_rows_stop_the_run(minilm_bundle, tmp_path, monkeypatch):
+    import edge_embed
+
+    texts = passages(8)
+    texts[5] = " ".join(passages(40)[20:24])  # one row far longer than the others
+    (tmp_path / "in").mkdir()
+    write_jsonl(tmp_path / "in" / "a.jsonl", [{"id": f"r{i}", "text": t} for i, t in enumerate(texts)],
+                blank_lines=False)
+    run = dict(precision="int8", rows_per_shard=4, threads=2, progress=False)
+
+    def lost_device(provider):
+        def forward(seqs):
+            raise RuntimeError("the device was lost")
+
+        provider._forward = forward
+
+    inject(monkeypatch, lost_device)
+    with pytest.raises(CorpusError, match="then so did a known text, so the fault is not the rows'.*device was lost"):
+        edge_embed.embed_corpus(minilm_bundle, tmp_path / "in", tmp_path / "lost", **run)
+    assert not list((tmp_path / "lost").glob("part-*"))
+
+    def short_of_memory(provider):
+        forward = provider._forward
+
+        def out_of_memory_when_long(seqs):
+            if max(len(s) for s in seqs) > 60:
+                raise MemoryError()
+            return forward(seqs)
+
+        provider._forward = out_of_memory_when_long
+
+    inject(monkeypatch, short_of_memory)
+    with pytest.raises(ModelRunError, match="ran out of memory on a batch of 1 x"):
+        edge_embed.embed_corpus(minilm_bundle, tmp_path / "in", tmp_path / "memory", **run)
+    assert [p.name for p in (tmp_path / "memory").glob("part-*")] == ["part-00000-00000.parquet"]
 
 
 # -- Ray -------------------------------------------------------------------------------------
