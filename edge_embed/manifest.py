@@ -182,6 +182,10 @@ class Manifest:
             raise BundleError(f"manifest pooling {self.pooling!r} is not one of {POOLINGS}")
         if self.padding_side not in ("left", "right"):
             raise BundleError(f"manifest padding_side {self.padding_side!r} is not left or right")
+        if self.append_eos and (isinstance(self.eos_token_id, bool) or not isinstance(self.eos_token_id, int)):
+            # The runtime appends this id to every text: without it no text can be encoded.
+            raise BundleError(f"manifest append_eos is true but eos_token_id is {self.eos_token_id!r}, "
+                              "not a token id")
         if self.instruction_template is not None and not (
                 self.instruction_template.endswith("{text}") and "{instruction}" in self.instruction_template):
             # Truncation cuts from the end: text after {text} would be cut before the text.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,24 +47,39 @@ def check_query(query: object) -> str:
 
 
 class BundleTokenizer:
-    """The bundle's `tokenizers` tokenizer plus the manifest's rules (EOS, limits, prompts)."""
+    """The bundle's `tokenizers` tokenizer plus the manifest's rules (EOS, limits, prompts).
+
+    User text (texts, queries, documents, instructions) never becomes special tokens: a
+    document holding `<|im_end|>` or a query holding `[SEP]` is read as those characters,
+    so it cannot end a turn, open a new one or move a segment boundary. Two tokenizers do
+    this without per-call state shared between threads: one reads special-token strings as
+    text (for user text), one as control tokens (for the model's own template parts). The
+    post-processor's tokens (CLS/SEP, EOS) are added by both.
+    """
 
     def __init__(self, tokenizer_path: Path, manifest: Manifest):
-        try:
-            self._tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
-            raise BundleError(f"cannot load tokenizer {tokenizer_path}: {exc}") from exc
         self._manifest = manifest
-        self._tokenizer.no_padding()
+        self._tokenizer = _load(tokenizer_path)
+        self._text_tokenizer = _load(tokenizer_path)
+        self._text_tokenizer.encode_special_tokens = True
+        # Longest first, so that a special token that starts another one cannot split it.
+        specials = sorted((t.content for t in self._tokenizer.get_added_tokens_decoder().values() if t.special),
+                          key=len, reverse=True)
+        self._special_pattern = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
         if manifest.task == "rerank":
             # Pairs are cut by hand (the document only), so the tokenizer never truncates.
-            self._tokenizer.no_truncation()
             self.min_text_tokens = min(MIN_TEXT_TOKENS, manifest.max_length // 4)
             self.prefix_chars = max(2048, 8 * manifest.max_length)
             return
+        template = manifest.instruction_template
+        if template is not None and self._special_pattern is not None and self._special_pattern.search(template):
+            # Queries are tokenized whole as user text, which would turn the template's own
+            # control tokens into text.
+            raise BundleError(f"manifest instruction_template {template!r} holds a special token of the "
+                              "tokenizer, which an embedder's template cannot hold")
         # With append_eos the runtime adds EOS itself, so the tokenizer keeps one slot free.
         self._limit = manifest.max_length - (1 if manifest.append_eos else 0)
-        self._tokenizer.enable_truncation(self._limit)
+        self._text_tokenizer.enable_truncation(self._limit)
         # Tokens the post-processor adds (EOS, CLS/SEP): truncation keeps room for them.
         self._specials = self._tokenizer.post_processor.num_special_tokens_to_add(False) \
             if self._tokenizer.post_processor is not None else 0
@@ -93,7 +109,7 @@ class BundleTokenizer:
 
     def _check_prefix(self, prefix: str) -> None:
         """Refuse an instruction whose formatted prefix leaves too little of the limit for the text."""
-        enc = self._tokenizer.encode(prefix, add_special_tokens=False)
+        enc = self._text_tokenizer.encode(prefix, add_special_tokens=False)
         used = len(enc.ids) + sum(len(o.ids) for o in enc.overflowing)
         room = self._limit - self._specials - used
         if room < self.min_text_tokens:
@@ -113,10 +129,10 @@ class BundleTokenizer:
         costs what the model reads, not what was sent; otherwise it is tokenized whole.
         """
         cut = [t if len(t) <= self.prefix_chars else t[: self.prefix_chars] for t in texts]
-        encodings = self._tokenizer.encode_batch(self.format(cut, instruction))
+        encodings = self._text_tokenizer.encode_batch(self.format(cut, instruction))
         whole = [i for i, t in enumerate(texts) if len(t) > self.prefix_chars and not _cut_is_exact(encodings[i])]
         if whole:
-            redone = self._tokenizer.encode_batch(self.format([texts[i] for i in whole], instruction))
+            redone = self._text_tokenizer.encode_batch(self.format([texts[i] for i in whole], instruction))
             for i, enc in zip(whole, redone):
                 encodings[i] = enc
         ids = []
@@ -147,15 +163,16 @@ class BundleTokenizer:
         if spec is None:
             raise InvalidInputError(f"{self._manifest.model_id} is not a reranker")
         if spec.format == "template":
-            head, doc_prefix, tail = self._template_parts(query, instruction)
-            specials = 0
+            head_ids, doc_prefix, tail_ids = self._template_parts(query, instruction)
+            head, specials = None, 0
         else:
             if instruction is not None:
                 raise InvalidInputError(f"{self._manifest.model_id} does not take instructions; rerank without one")
-            head, doc_prefix, tail = self._tokenizer.encode(query, add_special_tokens=False), "", None
+            head, doc_prefix = self._text_tokenizer.encode(query, add_special_tokens=False), ""
+            head_ids, tail_ids = head.ids, []
             specials = self._tokenizer.post_processor.num_special_tokens_to_add(True) \
                 if self._tokenizer.post_processor is not None else 0
-        fixed = len(head.ids) + specials + (len(tail.ids) if tail is not None else 0)
+        fixed = len(head_ids) + specials + len(tail_ids)
         room = self._manifest.max_length - fixed
         if room < self.min_text_tokens:
             raise InvalidInputError(
@@ -163,27 +180,32 @@ class BundleTokenizer:
                 f"{self._manifest.model_id}'s {self._manifest.max_length} tokens for the document; a query must "
                 f"leave at least {self.min_text_tokens}")
         docs = [doc_prefix + (d if len(d) <= self.prefix_chars else d[: self.prefix_chars]) for d in documents]
-        encodings = self._tokenizer.encode_batch(docs, add_special_tokens=False)
+        encodings = self._text_tokenizer.encode_batch(docs, add_special_tokens=False)
         out = []
         for i, enc in enumerate(encodings):
             if len(documents[i]) > self.prefix_chars and not _prefix_covers(enc, room):
-                enc = self._tokenizer.encode(doc_prefix + documents[i], add_special_tokens=False)
+                enc = self._text_tokenizer.encode(doc_prefix + documents[i], add_special_tokens=False)
             if len(enc.ids) > room:
                 if not truncate:
                     raise InvalidInputError(
                         f"{field}[{i}] makes a pair longer than the model's {self._manifest.max_length} tokens "
                         "and truncate is false")
                 enc.truncate(room)
-            if tail is not None:
-                ids = [*head.ids, *enc.ids, *tail.ids]
+            if head is None:
+                ids = [*head_ids, *enc.ids, *tail_ids]
             else:
                 ids = self._tokenizer.post_process(head, enc, add_special_tokens=True).ids
             out.append(np.asarray(ids, dtype=np.int64))
         return out
 
-    def _template_parts(self, query: str, instruction: str | None):
-        """The template's tokens before and after the document, and the whitespace that
-        leads the document: tokenized with the document, as the model saw it in one piece."""
+    def _template_parts(self, query: str, instruction: str | None) -> tuple[list[int], str, list[int]]:
+        """The template's token ids before and after the document, and the whitespace that
+        leads the document: tokenized with the document, as the model saw it in one piece.
+
+        The template's special tokens are its own control tokens; between them, its text
+        and the query and instruction put into it are tokenized together as user text, so
+        each run of text gets the tokens the whole prompt would give it.
+        """
         spec = self._manifest.rerank
         if instruction is None:
             instruction = spec.default_instruction or ""
@@ -192,12 +214,34 @@ class BundleTokenizer:
         elif not isinstance(instruction, str) or not instruction.strip():
             raise InvalidInputError("instruction must be a non-empty string")
         before, after = spec.template.split("{document}", 1)
-        # Plain replacement, not str.format: braces in a query or instruction stay literal.
-        head_text = query.join(part.replace("{instruction}", instruction) for part in before.split("{query}"))
-        stripped = head_text.rstrip(" ")
-        head = self._tokenizer.encode(stripped, add_special_tokens=False)
-        tail = self._tokenizer.encode(after, add_special_tokens=False)
-        return head, head_text[len(stripped):], tail
+        # Text and special tokens alternate: text at even positions, specials at odd ones.
+        pieces = self._special_pattern.split(before) if self._special_pattern is not None else [before]
+        head: list[int] = []
+        lead = ""
+        for k, piece in enumerate(pieces):
+            if k % 2:
+                head.append(self._tokenizer.token_to_id(piece))
+                continue
+            # Plain replacement, not str.format: braces in a query or instruction stay literal.
+            text = query.join(part.replace("{instruction}", instruction) for part in piece.split("{query}"))
+            if k == len(pieces) - 1:
+                stripped = text.rstrip(" ")
+                text, lead = stripped, text[len(stripped):]
+            if text:
+                head += self._text_tokenizer.encode(text, add_special_tokens=False).ids
+        tail = self._tokenizer.encode(after, add_special_tokens=False).ids
+        return head, lead, tail
+
+
+def _load(tokenizer_path: Path) -> Tokenizer:
+    """The bundle's tokenizer with no padding and no truncation: the caller sets its limits."""
+    try:
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+        raise BundleError(f"cannot load tokenizer {tokenizer_path}: {exc}") from exc
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
 
 
 def _prefix_covers(encoding, room: int) -> bool:
