@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import sys
@@ -21,6 +22,7 @@ from ..platform import usable_cpu_count
 from ..tokenization import BundleTokenizer, model_inputs
 from .probes import PROBE_CATEGORIES, probe_texts, rerank_probe_pairs
 from .source import SourceModel, read_source
+from .torch_stage import run_torch_stage
 from ..parity import (
     Gates,
     alone_vs_batch_cos,
@@ -184,21 +186,6 @@ class _Runner:
         return dataclasses.replace(parity, **{field: batch})
 
 
-def _reference_vectors(model, manifest: Manifest, seqs: list[np.ndarray], progress: Progress) -> np.ndarray:
-    import torch
-
-    out = np.empty((len(seqs), manifest.dim), dtype=np.float32)
-    batches = plan_batches([len(s) for s in seqs], _REFERENCE_BATCH_TOKENS, 64)
-    done = 0
-    with torch.inference_mode():
-        for batch in batches:
-            feeds = model_inputs([seqs[i] for i in batch], manifest)
-            out[batch] = model(*(torch.from_numpy(feeds[n]) for n in manifest.graph_inputs)).numpy()
-            done += len(batch)
-        progress(f"reference vectors: {done}/{len(seqs)} probe texts")
-    return out
-
-
 INT8_RECIPES = ("per-token", "per-tensor")
 
 
@@ -360,6 +347,48 @@ def _mlx_forward(work: Path, weights: Path, manifest: Manifest) -> Callable[[dic
         raise ExportError(f"MLX cannot run the exported weights: {exc}") from exc
 
 
+def _check_target(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an output that is not a directory, or that holds anything but a bundle: overwrite
+    replaces a bundle, never a folder of other files pointed at by mistake."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ExportError(f"{out_dir} exists and is not a directory")
+    if not any(out_dir.iterdir()):
+        return
+    if not _holds_bundle(out_dir):
+        raise ExportError(f"{out_dir} is not empty and holds no edge-embed bundle (no bundle {MANIFEST_FILE}); "
+                          "export replaces only a bundle, even with overwrite: choose a new or empty directory")
+    if not overwrite:
+        raise ExportError(f"{out_dir} already holds a bundle (pass overwrite to replace it)")
+
+
+def _holds_bundle(folder: Path) -> bool:
+    """A bundle's manifest, of any schema version: other tools write manifest.json files too."""
+    try:
+        data = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "schema_version" in data and "variants" in data
+
+
+def _move_into_place(work: Path, out_dir: Path) -> None:
+    """Put the finished bundle at out_dir; a bundle it replaces is removed only once the new
+    one is in place."""
+    if not out_dir.exists():
+        work.rename(out_dir)
+        return
+    old = out_dir.with_name(f".{out_dir.name}.replaced-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    out_dir.rename(old)
+    try:
+        work.rename(out_dir)
+    except OSError:
+        old.rename(out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def export(
     source_dir: str | Path,
     out_dir: str | Path,
@@ -378,12 +407,12 @@ def export(
 
     `task` None detects from the model whether it embeds or reranks (see read_source).
     The bundle is assembled in a sibling temporary directory and moved into place only
-    when every requested variant has passed its gate.
+    when every requested variant has passed its gate. An existing `out_dir` must be empty,
+    or hold a bundle that `overwrite` replaces; anything else is refused before any work.
     """
     wanted = parse_precisions(precisions)
     out_dir = Path(out_dir).expanduser().resolve()
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ExportError(f"{out_dir} exists and is not empty (pass overwrite to replace it)")
+    _check_target(out_dir, overwrite)
     progress = progress or console_progress()
     source = read_source(source_dir, model_id=model_id, revision=revision, max_length=max_length, task=task)
     draft = source.manifest
@@ -408,90 +437,12 @@ def export(
     work.mkdir()
     try:
         manifest = _build(source, work, wanted, gates, progress, int8_recipe)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        work.rename(out_dir)
+        _check_target(out_dir, overwrite)  # again: the folder may have changed during the export
+        _move_into_place(work, out_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     progress(f"bundle written to {out_dir}")
     return manifest
-
-
-def _torch_stage(source: SourceModel, work: Path, texts: list[str], seqs: list[np.ndarray],
-                 mlx_wanted: tuple[str, ...], raw_path: Path, conn, pairs: tuple | None = None) -> None:
-    """Everything that needs the PyTorch model, in a child process: the reference vectors
-    (golden.npz), MLX weights and the raw ONNX export. When the child exits, all of its
-    memory goes back to the OS: PyTorch and the exporter keep references to a model that
-    no `del` releases."""
-    try:
-        import torch
-
-        from .graph import export_onnx, exporter_name, load_reference_model
-
-        def progress(message: str) -> None:
-            conn.send(("progress", message))
-
-        torch.set_num_threads(usable_cpu_count())
-        draft = source.manifest
-        progress(f"loading the PyTorch FP32 model from {source.path}")
-        model = load_reference_model(source)
-        reference = _reference_vectors(model, draft, seqs, progress)
-        if pairs is not None:
-            queries, documents, groups = pairs
-            np.savez(work / GOLDEN_FILE, queries=np.array(queries), documents=np.array(documents), groups=groups,
-                     logits=reference[:, 0],
-                     scores=scores_from_logits(reference[:, 0], draft.rerank.activation).astype(np.float32))
-        else:
-            np.savez(work / GOLDEN_FILE, texts=np.array(texts), vectors=reference)
-        mlx = {}
-        for precision in mlx_wanted:
-            from .mlx_weights import save_mlx_weights
-
-            mlx[precision] = save_mlx_weights(model.encoder, work / f"model.{precision}.safetensors",
-                                              precision.removeprefix("mlx-"))
-        progress(f"exporting the FP32 ONNX graph (torch.onnx, {exporter_name(source)})")
-        sample = model_inputs(sorted(seqs, key=len)[-2:], draft)
-        conn.send(("done", export_onnx(model, source, raw_path, sample), mlx))
-    except BaseException as exc:  # noqa: BLE001 - the parent raises it with its message
-        conn.send(("error", type(exc).__name__, str(exc)))
-    finally:
-        conn.close()
-
-
-def _run_torch_stage(source: SourceModel, work: Path, texts: list[str], seqs: list[np.ndarray],
-                     mlx_wanted: tuple[str, ...], raw_path: Path, progress: Progress,
-                     pairs: tuple | None = None) -> tuple[list[str], dict]:
-    """Run `_torch_stage` in a spawned child, relaying its progress lines; its errors
-    become ExportError with the child's message."""
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")
-    receive, send = context.Pipe(duplex=False)
-    child = context.Process(target=_torch_stage, args=(source, work, texts, seqs, mlx_wanted, raw_path, send, pairs),
-                            name="edge-embed-export-torch", daemon=True)
-    child.start()
-    send.close()
-    outcome = None
-    try:
-        while True:
-            try:
-                message = receive.recv()
-            except EOFError:
-                break
-            if message[0] == "progress":
-                progress(message[1])
-            else:
-                outcome = message
-    finally:
-        child.join()
-    if outcome is None:
-        raise ExportError(f"the PyTorch export stage died (exit code {child.exitcode}); out of memory?")
-    if outcome[0] == "error":
-        _, kind, text = outcome
-        if kind == "ExportError":
-            raise ExportError(text)
-        raise ExportError(f"the PyTorch export stage failed: {kind}: {text}")
-    return outcome[1], outcome[2]
 
 
 def _release_freed_memory() -> None:
@@ -511,8 +462,6 @@ def _fuse(source: SourceModel, raw: Path, fp32: Path, quant_base: Path | None) -
     """The shipped FP32 graph, fully fused; and, for the quantized variants of a BERT-family
     model, the same graph with attention fused after its Q/K/V projections, which the INT8
     and INT4 recipes quantize (a fused Attention op would keep them in FP32)."""
-    import json
-
     from .fusion import fuse_graph
 
     config = json.loads((source.path / "config.json").read_text())
@@ -547,7 +496,9 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
 
     mlx_wanted = tuple(p for p in wanted if variant_format(p) == "mlx")
     raw_path = work / "model.export.onnx"
-    raw_external, mlx_recipes = _run_torch_stage(source, work, texts, seqs, mlx_wanted, raw_path, progress, pairs)
+    job = {"source": source, "work": work, "texts": texts, "seqs": seqs, "mlx_wanted": mlx_wanted,
+           "raw_path": raw_path, "pairs": pairs, "batch_tokens": _REFERENCE_BATCH_TOKENS}
+    raw_external, mlx_recipes = run_torch_stage(job, work, progress)
     with np.load(work / GOLDEN_FILE) as golden:
         reference = golden["logits"][:, None] if pairs is not None else golden["vectors"]
     mlx_weights = {p: (work / f"model.{p}.safetensors", mlx_recipes[p]) for p in mlx_wanted}
