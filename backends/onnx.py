@@ -36,20 +36,25 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _REASON_HINTS = ("Failed", "failed", "EP Error", "Require", "Please install", "cannot open")
 
 
+_ORT_LINE = re.compile(r"^\s*(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+ \[[VIWEF]:onnxruntime:|\*{5,}|EP Error|Falling back to \[)")
+
+
 @contextlib.contextmanager
 def _captured_fds() -> Iterator[list[str]]:
     """Collect what ONNX Runtime writes to fds 1 and 2 while a session is created.
 
     A provider that cannot load is reported only there, as log lines and a printed
     "EP Error", never as an exception; capturing also keeps that noise out of stdout.
+    Whatever else was written meanwhile (the server's own log lines, from other threads)
+    is written back to the fd it was meant for once the session exists: late, never lost.
     """
     lines: list[str] = []
     sys.stdout.flush()
     sys.stderr.flush()
     saved = (os.dup(1), os.dup(2))
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 1)
-        os.dup2(sink.fileno(), 2)
+    with tempfile.TemporaryFile() as out_sink, tempfile.TemporaryFile() as err_sink:
+        os.dup2(out_sink.fileno(), 1)
+        os.dup2(err_sink.fileno(), 2)
         try:
             yield lines
         finally:
@@ -57,10 +62,17 @@ def _captured_fds() -> Iterator[list[str]]:
             sys.stderr.flush()
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
-            sink.seek(0)
-            lines.extend(_ANSI.sub("", sink.read().decode(errors="replace")).splitlines())
+            for fd, sink in zip(saved, (out_sink, err_sink)):
+                sink.seek(0)
+                others = []
+                for line in sink.read().decode(errors="replace").splitlines(keepends=True):
+                    if _ORT_LINE.match(_ANSI.sub("", line)):
+                        lines.append(_ANSI.sub("", line).rstrip("\n"))
+                    else:
+                        others.append(line)
+                if others:
+                    os.write(fd, "".join(others).encode())
+                os.close(fd)
 
 
 def _reason(lines: list[str]) -> str:
@@ -163,6 +175,10 @@ class OnnxProvider(BundleEmbedder):
             except Exception as exc:  # ORT raises its own untyped exceptions
                 raise BundleError(f"ONNX Runtime cannot load {model_path.name}: {exc}") from exc
         self._active = tuple(self._session.get_providers())
+        # A failed run raises with ORT's message (ModelRunError at the boundary); its log
+        # lines would only repeat it on the console.
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = 3
         if "TensorrtExecutionProvider" not in self._active:
             self.limits = dataclasses.replace(self.limits, stepped_rows=False)  # no profiles to keep to
         if providers[0] not in self._active:
@@ -225,7 +241,7 @@ class OnnxProvider(BundleEmbedder):
 
     def _forward(self, seqs: list[np.ndarray]) -> np.ndarray:
         feeds = model_inputs(seqs, self.manifest)
-        (pooled,) = self._session.run([self.manifest.graph_output], feeds)
+        (pooled,) = self._session.run([self.manifest.graph_output], feeds, self._run_options)
         return pooled
 
     def close(self) -> None:

@@ -3,6 +3,7 @@
     EdgeEmbedError                 base; never raised itself
     ├── InvalidInputError          bad texts or options from a caller (also a ValueError)
     │   └── RequestTooLargeError   a request over the server's message size limit
+    ├── RequestTimeoutError        a request body that did not arrive in time (HTTP 408)
     ├── ModelNotFoundError         a request names a model the server does not hold
     ├── UnauthenticatedError       a request without the server's bearer token
     ├── BundleError                a bundle is missing, malformed or fails its checksums
@@ -12,6 +13,8 @@
     ├── ModelNotReadyError         the requested model is loading or waits for memory; retry
     ├── ModelRunError              a model run failed (a backend error such as an allocation failure);
     │                              only that batch's requests fail; a retry may succeed
+    ├── InputRunError              the model fails on one request's input while it runs others: the
+    │                              same input fails again, so it is not retried
     ├── NonFiniteOutputError       the model produced NaN or infinity for one input; that request fails
     ├── WorkerStoppedError         the model worker failed repeatedly or hung; the server stops serving
     ├── CorpusError                a corpus job's output belongs to another run or bundle, or lost rows
@@ -33,6 +36,7 @@ __all__ = [
     "EdgeEmbedError",
     "InvalidInputError",
     "RequestTooLargeError",
+    "RequestTimeoutError",
     "ModelNotFoundError",
     "UnauthenticatedError",
     "BundleError",
@@ -43,6 +47,7 @@ __all__ = [
     "ModelNotReadyError",
     "MemoryBudgetError",
     "ModelRunError",
+    "InputRunError",
     "NonFiniteOutputError",
     "WorkerStoppedError",
     "CorpusError",
@@ -75,6 +80,14 @@ class RequestTooLargeError(InvalidInputError):
     """A request body over `max_message_bytes`; refused before it is parsed."""
 
     http_status = 413
+
+
+class RequestTimeoutError(EdgeEmbedError):
+    """A request body that did not arrive within the server's body timeout."""
+
+    grpc_code = "DEADLINE_EXCEEDED"
+    http_status = 408
+    exit_code = 6
 
 
 class ModelNotFoundError(EdgeEmbedError):
@@ -120,9 +133,16 @@ class GateError(ExportError):
 
 
 class OverloadedError(EdgeEmbedError):
+    """A refusal for load; `cause` names the limit (queue, memory, concurrency, deadline,
+    bodies), counted by the server's refusal metric."""
+
     grpc_code = "RESOURCE_EXHAUSTED"
     http_status = 429
     exit_code = 6
+
+    def __init__(self, message: str = "", *, retry_after_ms: int | None = None, cause: str = "other"):
+        super().__init__(message, retry_after_ms=retry_after_ms)
+        self.cause = cause
 
 
 class ModelNotReadyError(EdgeEmbedError):
@@ -137,6 +157,9 @@ class MemoryBudgetError(OverloadedError):
 
     http_status = 413  # too big even alone: clients must not retry it as they retry 429
 
+    def __init__(self, message: str = "", *, retry_after_ms: int | None = None, cause: str = "memory_budget"):
+        super().__init__(message, retry_after_ms=retry_after_ms, cause=cause)
+
 
 class ModelRunError(EdgeEmbedError):
     """The backend failed to run a batch. Transient causes (memory) are common: retry."""
@@ -145,6 +168,16 @@ class ModelRunError(EdgeEmbedError):
     http_status = 503
     exit_code = 4
     retry_after_ms = 200
+
+
+class InputRunError(EdgeEmbedError):
+    """The model failed on this request's input while other inputs ran (or a known-good
+    batch ran right after): the input's fault, so the worker keeps serving and a retry of
+    the same input would fail the same way."""
+
+    grpc_code = "INVALID_ARGUMENT"
+    http_status = 422
+    exit_code = 2
 
 
 class NonFiniteOutputError(EdgeEmbedError):

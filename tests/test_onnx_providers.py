@@ -75,3 +75,30 @@ def test_gpu_providers_without_cuda_never_fall_back_silently(gpu_venv, minilm_bu
         assert auto["active"] == ["CPUExecutionProvider"] and auto["shape"] == [1, 384]
         assert auto["fallback"] and provider in auto["fallback"]
         assert auto["stepped_rows"] is False  # TensorRT's profile rows bind only where TensorRT runs
+
+
+@pytest.mark.slow
+def test_lines_written_while_a_session_is_created_reach_the_console_after_it(minilm_bundle, capfd, monkeypatch):
+    """ONNX Runtime's own lines are captured (they carry a provider's failure); anything
+    else written meanwhile, such as the server's log from another thread, is written back."""
+    import os
+
+    import onnxruntime as ort
+
+    from edge_embed import load_bundle
+    from edge_embed.backends.onnx import OnnxProvider
+
+    real = ort.InferenceSession
+
+    def noisy_session(*args, **kwargs):
+        os.write(2, b"2026-12-05 10:00:00.123456 [W:onnxruntime:, session.cc:1 Init] provider noise\n")
+        os.write(2, b"edge_embed.server: another model answered a request\n")
+        os.write(1, b"a line for stdout\n")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", noisy_session)
+    provider = OnnxProvider(load_bundle(minilm_bundle), "fp32", providers=("CPUExecutionProvider",))
+    provider.close()
+    out, err = capfd.readouterr()
+    assert "another model answered a request" in err and "a line for stdout" in out
+    assert "provider noise" not in err + out

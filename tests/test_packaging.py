@@ -46,7 +46,8 @@ def test_public_names_are_pinned():
         "BundleEmbedder", "ProviderInfo", "EdgeEmbedError", "InvalidInputError", "BundleError",
         "BackendUnavailableError", "ExportError", "GateError", "OverloadedError",
         "ModelNotFoundError", "UnauthenticatedError", "ModelNotReadyError", "MemoryBudgetError",
-        "ModelRunner", "BatchLimits", "ModelRunError", "NonFiniteOutputError", "WorkerStoppedError",
+        "ModelRunner", "BatchLimits", "ModelRunError", "InputRunError", "NonFiniteOutputError", "RequestTimeoutError",
+        "WorkerStoppedError",
         "planned_precision", "CorpusError", "embed_corpus", "check_same_bundle", "WrongTaskError", "Reranker",
         "RerankResult",
     ])

@@ -19,7 +19,7 @@ from edge_embed.client import EmbedClient
 from edge_embed.errors import BackendUnavailableError, BundleError, OverloadedError
 from edge_embed.memory import measure_footprint, peak_rss_bytes
 from edge_embed.server import ServerConfig
-from edge_embed.server.app import pool_from_config
+from edge_embed.server.pool import pool_from_config
 from edge_embed.server.pool import ModelSource, parse_bytes, parse_model_sources
 from edge_embed.v1 import embed_pb2 as pb
 

@@ -17,7 +17,7 @@ from edge_embed.client import EmbedClient
 from edge_embed.errors import InvalidInputError
 from edge_embed.memory import measure_footprint
 from edge_embed.server import ServerConfig
-from edge_embed.server.app import pool_from_config
+from edge_embed.server.pool import pool_from_config
 from edge_embed.server.pool import parse_model_sources
 from edge_embed.v1 import embed_pb2 as pb
 

@@ -16,9 +16,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edge_embed.batching import BatchLimits
 from edge_embed.client import EmbedClient
-from edge_embed.errors import BackendUnavailableError, BundleError, OverloadedError
+from edge_embed.errors import (
+    InputRunError,
+    ModelRunError,
+    NonFiniteOutputError,
+    OverloadedError,
+    WorkerStoppedError,
+)
 from edge_embed.server.batcher import TokenBudgetBatcher
-from edge_embed.server.service import RequestMemory
+from edge_embed.server.core import RequestMemory
 from edge_embed.v1 import embed_pb2 as pb
 
 from .fakes import FakeProvider
@@ -54,7 +60,8 @@ def outcome(fn, *args, **kwargs) -> object:
 
 def test_a_failing_batch_fails_only_the_request_that_breaks_it():
     """Eight requests share batches; one holds a text that makes the backend raise a
-    foreign exception. Only that request fails (UNAVAILABLE, retryable); the server serves on."""
+    foreign exception. Only that request fails, with INVALID_ARGUMENT (the same input fails
+    again: no retry) and a request id, not the backend's words; the server serves on."""
     fake = FakeProvider(delay_s=0.05)
     texts = [f"request {i} words" for i in range(8)]
     texts[5] = "request 5 poison"
@@ -64,8 +71,8 @@ def test_a_failing_batch_fails_only_the_request_that_breaks_it():
         assert max(len(b) for b in fake.batches) > 1  # they did share a batch
         for i, result in enumerate(results):
             if i == 5:
-                assert isinstance(result, BackendUnavailableError), result
-                assert "choked on a poisoned text" in str(result)
+                assert isinstance(result, InputRunError), result
+                assert "request " in str(result) and "choked" not in str(result)
             else:
                 assert isinstance(result, np.ndarray), result
                 assert np.allclose(result[0], expected(fake, texts[i]), atol=1e-6)
@@ -83,7 +90,7 @@ def test_a_non_finite_vector_fails_only_its_owner_naming_the_input():
                        pool.submit(outcome, client.embed, ["a neighbour"]),
                        pool.submit(outcome, client.embed, ["another neighbour"])]
             bad, *good = [f.result() for f in futures]
-        assert isinstance(bad, BundleError) and "FAILED_PRECONDITION" in str(bad)
+        assert isinstance(bad, NonFiniteOutputError) and "FAILED_PRECONDITION" in str(bad)
         assert "non-finite vector for inputs[1]" in str(bad)
         for result in good:
             assert isinstance(result, np.ndarray) and np.isfinite(result).all()
@@ -91,15 +98,18 @@ def test_a_non_finite_vector_fails_only_its_owner_naming_the_input():
 
 
 def test_repeated_failures_stop_the_worker_and_turn_health_off():
+    """The model fails every batch, the canary too: each failure is the model's, retryable
+    (UNAVAILABLE with a hint), and the third in a row stops the worker."""
     fake = FakeProvider()
     with running_server(fake, max_consecutive_failures=3, max_batch_size=1) as (edge, target):
         fake.fail_with = RuntimeError("device lost")
         with EmbedClient(target, retries=0) as client:
             for i in range(3):
-                with pytest.raises(BackendUnavailableError, match="device lost"):
+                with pytest.raises(ModelRunError, match="may succeed on a retry") as info:
                     client.embed([f"x {i}"])
+                assert info.value.retry_after_ms and "device lost" not in str(info.value)
             assert wait_for_health(target, NOT_SERVING) == NOT_SERVING
-            with pytest.raises(BackendUnavailableError, match="failed 3 batches in a row"):
+            with pytest.raises(WorkerStoppedError, match="failed 3 batches in a row"):
                 client.embed(["after the worker stopped"])
         assert edge.pool.stopped is not None
         assert [s.state.value for s in edge.pool.status()] == ["stopped"]
@@ -110,7 +120,7 @@ def test_a_success_between_failures_keeps_the_worker():
     with running_server(fake, max_consecutive_failures=2, max_batch_size=1) as (edge, target):
         with EmbedClient(target, retries=0) as client:
             for i in range(4):
-                assert isinstance(outcome(client.embed, [f"poison {i}"]), BackendUnavailableError)
+                assert isinstance(outcome(client.embed, [f"poison {i}"]), InputRunError)
                 assert client.embed([f"fine {i}"]).shape == (1, 8)
         assert health(target) == SERVING and edge.pool.stopped is None
 
@@ -138,7 +148,7 @@ def test_a_hung_run_turns_health_off_fails_pending_and_starves_the_watchdog(tmp_
                 results = [hung.result(), waiting.result()]
                 took = time.monotonic() - started
             for result in results:
-                assert isinstance(result, BackendUnavailableError), result
+                assert isinstance(result, WorkerStoppedError), result
                 assert "did not finish within the run timeout of 0.5 s" in str(result)
             assert took < 3
             assert wait_for_health(target, NOT_SERVING) == NOT_SERVING
@@ -276,12 +286,23 @@ def test_admission_counts_tokens_before_tokenizing():
 
 
 def test_request_memory_is_admitted_against_the_budget_left():
-    memory = RequestMemory(lambda: 1000)
-    assert memory.try_reserve(600)
-    assert not memory.try_reserve(600)
-    memory.release(600)
-    assert memory.try_reserve(5000)  # alone it is always let in: it could never run otherwise
-    assert not memory.try_reserve(1)
+    memory = RequestMemory(lambda: 1_000_000)
+    first = memory.reserve(100_000)  # 6 copies and the overhead: about 0.67 MB
+    with pytest.raises(OverloadedError, match="memory budget"):
+        memory.reserve(100_000)
+    first.release()
+    first.release()  # a second release gives nothing back twice
+    assert memory.held == 0
+    alone = memory.reserve(10_000_000)  # alone it is always let in: it could never run otherwise
+    with pytest.raises(OverloadedError):
+        memory.reserve(1)
+    alone.release()
+    growing = memory.reserve(0)
+    growing.grow(50_000)
+    growing.grow(50_000)
+    assert memory.held == growing.nbytes == 6 * 100_000 + 64 * 1024
+    growing.release()
+    assert memory.held == 0
 
 
 def test_requests_beyond_the_memory_left_get_resource_exhausted():
@@ -350,8 +371,9 @@ def test_batcher_splits_a_failed_batch_and_counts_whole_failures_only():
         return batcher, results
 
     batcher, results = asyncio.run(scenario())
-    assert [type(r).__name__ for r in results].count("ModelRunError") == 1
-    assert type(results[3]).__name__ == "ModelRunError"
+    # The rest of the batch ran, so the failure is pinned on the input: not retryable, not counted.
+    assert [type(r).__name__ for r in results].count("InputRunError") == 1
+    assert type(results[3]).__name__ == "InputRunError"
     assert batcher.stopped is None and batcher.consecutive_failures == 0
     assert calls[0] == 8 and len(calls) <= 1 + 2 * 3 + 1
 

@@ -21,12 +21,13 @@ from ..provider import ModelRunner
 from ..v1 import embed_pb2
 from .batcher import TokenBudgetBatcher
 from .config import ServerConfig
+from .core import EmbeddingService
+from .grpc_transport import SERVICE_NAME, BearerTokenInterceptor, method_handlers
 from .metrics import ServerMetrics
 from .pool import ModelPool, ModelSource, PooledModel
-from .service import SERVICE_NAME, BearerTokenInterceptor, EmbeddingService, method_handlers
 from .systemd import Notifier
 
-__all__ = ["EdgeServer", "create_server", "serve", "WARMUP_TEXTS", "pool_from_config", "default_memory_budget"]
+__all__ = ["EdgeServer", "create_server", "serve", "WARMUP_TEXTS", "warmup_token_ids"]
 
 if TYPE_CHECKING:
     from .http import HttpTransport  # imports aiohttp: only when the HTTP API is on
@@ -79,6 +80,14 @@ class EdgeServer:
         self.metrics.close()
 
 
+def warmup_token_ids(runner: ModelRunner) -> list:
+    """Token ids of the warm-up batch: the first batch every model runs, and afterwards the
+    canary that tells a failing input from a failing model."""
+    if runner.info.task == "rerank":
+        return runner.tokenize_pairs(WARMUP_TEXTS[0], WARMUP_TEXTS)
+    return runner.tokenize(WARMUP_TEXTS)
+
+
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     if config.tls_cert is None:
         return None
@@ -117,6 +126,7 @@ async def create_server(config: ServerConfig, models: ModelRunner | ModelPool, *
             on_batch=metrics.observe_batch,
             on_stop=lambda error: loop.create_task(mark_stopped(model)),
             oversize=lambda rows, width: model_pool.oversize_run(model, rows, width),
+            canary=warmup_token_ids(runner),
         )
 
     if isinstance(models, ModelPool):
@@ -135,6 +145,8 @@ async def create_server(config: ServerConfig, models: ModelRunner | ModelPool, *
     service = EmbeddingService(pool, config, metrics)
     interceptors = [BearerTokenInterceptor(config.token)] if config.token else []
     transport_limit = config.max_message_bytes + 1024 * 1024  # our own check answers first, clearly
+    # No server-wide maximum_concurrent_rpcs: it would refuse health checks when busy (and
+    # the pod would be restarted when busiest); the service limits model requests itself.
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -142,7 +154,6 @@ async def create_server(config: ServerConfig, models: ModelRunner | ModelPool, *
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
             ("grpc.so_reuseport", 0),
         ],
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
     server.add_generic_rpc_handlers((method_handlers(service, config.max_message_bytes),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -151,6 +162,9 @@ async def create_server(config: ServerConfig, models: ModelRunner | ModelPool, *
          reflection.SERVICE_NAME),
         server,
     )
+    if config.open_to_network:
+        log.warning("listening on %s with neither a bearer token nor TLS: anyone who can reach this host can "
+                    "use the server (set --token, or --tls-cert and --tls-key)", config.host)
     address = f"{config.host}:{config.port}"
     credentials = _credentials(config)
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
@@ -159,9 +173,7 @@ async def create_server(config: ServerConfig, models: ModelRunner | ModelPool, *
     if warm_up:
         for model in pool.models.values():
             if model.batcher is not None:
-                runner = model.runner
-                seqs = (runner.tokenize_pairs(WARMUP_TEXTS[0], WARMUP_TEXTS) if runner.info.task == "rerank"
-                        else runner.tokenize(WARMUP_TEXTS))
+                seqs = warmup_token_ids(model.runner)
                 with model.batcher.admit(sum(len(s) for s in seqs)) as ticket:
                     await ticket.submit(seqs)
     await server.start()
@@ -187,7 +199,9 @@ async def serve(config: ServerConfig, models: ModelPool) -> None:
 
     A model worker that stops (repeated failures, or a run past the run timeout) ends the
     process with exit code 1 for the supervisor to restart; systemd's watchdog is fed only
-    while no run is overdue.
+    while no run is overdue. A hung run's thread can be neither interrupted nor joined, so
+    whenever one is hung the process leaves at once (`os._exit`), never through an
+    interpreter shutdown that would wait for that thread forever.
     """
     notifier = Notifier()
     started = time.monotonic()
@@ -218,22 +232,36 @@ async def serve(config: ServerConfig, models: ModelPool) -> None:
     notifier.notify("STOPPING=1", "STATUS=draining")
     if watchdog:
         watchdog.cancel()
-    if pool.stopped is not None and pool.hung:
-        # The stuck run's thread can be neither interrupted nor joined: leave at once.
-        log.error("exiting for a restart: %s", pool.stopped)
-        logging.shutdown()
-        os._exit(1)
+    if pool.hung:
+        _exit_now(pool.stopped or "a model run is past the run timeout")
     log.info("draining (grace %.0f s)", config.grace_s)
     started = time.monotonic()
-    await edge.stop(config.grace_s)
+    # A run that hangs while draining must not hold the exit past the grace.
+    drain = loop.create_task(edge.stop(config.grace_s))
+    done, _ = await asyncio.wait([drain, loop.create_task(_wait_hung(edge))], timeout=config.grace_s + 5,
+                                 return_when=asyncio.FIRST_COMPLETED)
+    if drain not in done or pool.hung:
+        _exit_now(pool.stopped or f"the drain did not finish within {config.grace_s:g} s")
     log.info("stopped after %.2f s of drain", time.monotonic() - started)
     if pool.stopped is not None:
         log.error("exiting for a restart: %s", pool.stopped)
         raise SystemExit(1)
 
 
+def _exit_now(reason: object) -> None:
+    """Leave without joining threads: a hung model thread would keep the process alive."""
+    log.error("exiting for a restart: %s", reason)
+    logging.shutdown()
+    os._exit(1)
+
+
 async def _wait_stopped(edge: EdgeServer) -> None:
     while edge.pool.stopped is None and not edge.pool.hung:
+        await asyncio.sleep(0.25)
+
+
+async def _wait_hung(edge: EdgeServer) -> None:
+    while not edge.pool.hung:
         await asyncio.sleep(0.25)
 
 
@@ -251,64 +279,3 @@ def _no_loader(source: ModelSource) -> ModelRunner:
 
 def _no_cost(source: ModelSource) -> tuple[int, str]:
     return 0, "outside the pool"
-
-
-def default_memory_budget(memory_bytes: int | None) -> int:
-    """The detected memory less a reserve for the OS and the apps beside us (the `check`
-    headroom rule: a fifth); 4 GiB when the memory is unknown."""
-    from ..check import HEADROOM
-
-    return int(memory_bytes * HEADROOM) if memory_bytes else 4 * 1024**3
-
-
-def pool_from_config(config: ServerConfig, sources: list[ModelSource]) -> ModelPool:
-    """The pool `edge-embed serve` runs: real loads, stored or estimated costs, and each
-    load's measured RSS growth stored as this device's figure."""
-    from .. import load, planned_precision
-    from ..bundle import MANIFEST_FILE
-    from ..manifest import Manifest
-    from ..memory import Footprint, import_runtimes, store_footprint, stored_footprint
-    from ..platform import snapshot_platform
-    from ..registry import bundle_estimate
-
-    tokens = config.max_batch_tokens
-    platform = snapshot_platform()
-
-    def cost_of(source: ModelSource) -> tuple[int, str]:
-        """Charged for the variant a load will really run here (FP16 on a GPU, INT8 on a CPU)."""
-        manifest = Manifest.read(source.path / MANIFEST_FILE)
-        precision = planned_precision(manifest, source.precision, config.backend, platform)
-        memory, activations = bundle_estimate(manifest, source.path, precision, tokens)
-        stored = stored_footprint(manifest.variants[precision].sha256, None, tokens)
-        if stored is not None:
-            return stored.total(activations), "measured on this device"
-        return memory, "estimate"
-
-    def loader(source: ModelSource) -> ModelRunner:
-        return load(source.path, precision=source.precision, backend=config.backend,
-                    threads=config.model_threads(), limits=config.limits, platform=platform)
-
-    def oversize_bytes(model: PooledModel, rows: int, width: int) -> int:
-        """Activations of a batch past the token budget, beyond those charged at the budget."""
-        precision = model.info.precision
-        _, at_budget = bundle_estimate(model.manifest, model.source.path, precision, tokens)
-        _, needed = bundle_estimate(model.manifest, model.source.path, precision, rows * width)
-        return max(0, needed - at_budget)
-
-    def after_load(model, growth: int, peak: int | None) -> int:
-        info, manifest = model.info, model.manifest
-        variant = manifest.variants[info.precision]
-        _, activations = bundle_estimate(manifest, model.source.path, info.precision, tokens)
-        footprint = store_footprint(Footprint(
-            model_id=manifest.model_id, precision=info.precision, execution_provider=info.execution_providers[0],
-            variant_sha256=variant.sha256, max_batch_tokens=tokens, resident=max(growth, 0),
-            load_peak=max(peak if peak is not None else growth, 0), batch_peak=None, batch_shape=None,
-            measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        ))
-        return footprint.total(activations)
-
-    for source in sources:
-        import_runtimes(Manifest.read(source.path / MANIFEST_FILE).variants)
-    budget = config.memory_budget or default_memory_budget(platform.memory_bytes)
-    return ModelPool(sources, budget_bytes=budget, loader=loader, cost_of=cost_of, pinned=config.pin,
-                     load_wait_s=config.load_wait_s, after_load=after_load, oversize_bytes=oversize_bytes)

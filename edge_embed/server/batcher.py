@@ -1,17 +1,23 @@
 """The one component that decides every batch a model runs.
 
 Requests are admitted by tokens before they are tokenized, queued as texts, and packed
-into batches that the model runs exactly as formed (TEI's queue is the model). Small work
-is never stuck behind big work: each batch is filled least-served request first, so a
+into batches that the model runs exactly as formed (TEI's queue is the model). One policy
+forms every batch, here and in process (`plan_batches`): texts of about the same length
+(each at least half the widest) within the token budget. Small work is never stuck behind
+big work: the least-served request sets the batch's width and fills it first, so a
 one-text request arriving behind a 240-text one rides the very next batch. One failed
-batch fails only its own requests (split to find the one that fails); only repeated
-failures, or a run that hangs past the run timeout, stop the worker.
+batch fails only its own requests (split to find the one that fails); a failure pinned on
+a request's input (the rest of the batch ran, or a known-good canary batch runs) fails that
+request with a non-retryable error and does not count against the worker; only repeated
+failures that cannot be pinned, or a run that hangs past the run timeout, stop the worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import contextvars
 import heapq
 import itertools
 import logging
@@ -23,14 +29,21 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..batching import BatchLimits
-from ..errors import EdgeEmbedError, ModelRunError, OverloadedError, WorkerStoppedError
+from ..errors import EdgeEmbedError, InputRunError, ModelRunError, OverloadedError, WorkerStoppedError
 
-__all__ = ["TokenBudgetBatcher", "BatchResult", "Ticket", "BatchObserver"]
+__all__ = ["TokenBudgetBatcher", "BatchResult", "Ticket", "BatchObserver", "REQUEST_ID"]
 
 log = logging.getLogger(__name__)
 
-# Called after each model run: (texts, padded tokens, seconds).
-BatchObserver = Callable[[int, int, float], None]
+# The id of the request being handled, set by the transport at its boundary: errors that
+# clients see carry it, and the log line with the detail does too.
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("edge_embed_request_id", default="-")
+
+# Called after each model run: (texts, padded tokens, real tokens, seconds).
+BatchObserver = Callable[[int, int, int, float], None]
+# A request whose bound does not fit the queue now waits for room at most this long (or
+# half the time left to its deadline, if sooner) before it is refused with an honest hint.
+_ADMISSION_WAIT_S = 2.0
 _THROUGHPUT_SMOOTHING = 0.2  # weight of the newest batch in the tokens/s estimate
 # Batches handed to the model thread at once: one running, one waiting to start the moment
 # it ends. More would make late small requests wait behind batches formed without them.
@@ -57,10 +70,13 @@ class Ticket:
         self.charge = charge
         self.deadline = deadline
         self.order = order
+        self.request_id = REQUEST_ID.get()
         self.seqs: list[np.ndarray] = []
         self.future: asyncio.Future | None = None
         self.enqueued = 0.0
-        self.next = 0  # next text to put in a batch
+        # Texts not yet put in a batch, longest first, and their lengths negated (for bisect).
+        self.pending: list[int] = []
+        self._pending_keys: list[int] = []
         self.done = 0  # texts computed
         self.served = 0  # tokens computed so far: the fairness key
         self.vectors: np.ndarray | None = None
@@ -80,7 +96,23 @@ class Ticket:
 
     @property
     def remaining_tokens(self) -> int:
-        return sum(len(s) for s in self.seqs[self.next:])
+        return -sum(self._pending_keys)
+
+    def _queue(self, seqs: list[np.ndarray]) -> None:
+        self.seqs = seqs
+        self.pending = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # stable: ties keep input order
+        self._pending_keys = [-len(seqs[i]) for i in self.pending]
+
+    def longest_pending(self) -> int:
+        return -self._pending_keys[0]
+
+    def take(self, shortest: int, longest: int) -> int | None:
+        """Remove and return the longest waiting text with shortest <= length <= longest."""
+        at = bisect.bisect_left(self._pending_keys, -longest)
+        if at == len(self.pending) or -self._pending_keys[at] < shortest:
+            return None
+        del self._pending_keys[at]
+        return self.pending.pop(at)
 
     def alive(self, now: float) -> bool:
         return self.future is not None and not self.future.done() and (self.deadline is None or now < self.deadline)
@@ -96,8 +128,10 @@ class TokenBudgetBatcher:
       padded tokens stay within `limits`; a text longer than the token budget runs alone.
       `max_wait_s` lets a batch wait for company. Model work runs in one executor thread.
     - Faults: a failed run is split by request until the failing request is found; only
-      it fails. `max_consecutive_failures` batches in a row that fail entirely, or a run
-      longer than `run_timeout_s`, stop the worker: every waiting request gets
+      it fails. When the rest of the batch ran, or `canary` (token ids known to run) runs
+      right after, the failure is the input's: InputRunError, not retryable, not counted.
+      `max_consecutive_failures` batches in a row that fail with the model at fault, or a
+      run longer than `run_timeout_s`, stop the worker: every waiting request gets
       UNAVAILABLE and `on_stop` is called (the server turns NOT_SERVING).
     """
 
@@ -113,8 +147,10 @@ class TokenBudgetBatcher:
         on_batch: BatchObserver | None = None,
         on_stop: Callable[[WorkerStoppedError], None] | None = None,
         oversize: Callable[[int, int], contextlib.AbstractAsyncContextManager] | None = None,
+        canary: Sequence[np.ndarray] | None = None,
     ):
         self._run_batch = run_batch
+        self._canary = list(canary) if canary else None
         self.limits = limits
         self.max_wait_s = max_wait_s
         self.max_queue_tokens = max_queue_tokens
@@ -126,6 +162,7 @@ class TokenBudgetBatcher:
         self._active: list[Ticket] = []  # submitted, not finished, in arrival order
         self.queued_tokens = 0
         self._order = itertools.count()
+        self._room_waiters: list[asyncio.Future] = []  # requests waiting for queue room
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-embed-model")
@@ -144,10 +181,17 @@ class TokenBudgetBatcher:
         """Requests queued or partly computed."""
         return len(self._active)
 
-    def retry_after_ms(self) -> int:
-        """A hint for refused callers: roughly how long the queued work takes to drain."""
+    def retry_after_ms(self, tokens: int = 0) -> int:
+        """A hint for refused callers: roughly how long until the queue has room for
+        `tokens` more (all of it drained, for a request bigger than the queue limit)."""
         speed = self.tokens_per_s or 2000.0
-        return int(min(30_000, max(10, 1000 * (self.queued_tokens / speed + self.max_wait_s))))
+        return int(min(30_000, max(10, 1000 * (self._excess(tokens) / speed + self.max_wait_s))))
+
+    def _excess(self, tokens: int) -> int:
+        """Queued tokens that must drain before `tokens` more are admitted."""
+        if tokens > self.max_queue_tokens:
+            return self.queued_tokens
+        return max(0, self.queued_tokens + tokens - self.max_queue_tokens)
 
     def overdue(self, now: float | None = None) -> bool:
         """Whether the model run in progress has passed the run timeout."""
@@ -162,25 +206,62 @@ class TokenBudgetBatcher:
 
     def admit(self, tokens: int, deadline: float | None = None) -> Ticket:
         """Reserve `tokens` (an upper bound, before tokenizing) of queue room, or refuse now."""
+        ticket = self.try_admit(tokens, deadline)
+        if ticket is None:
+            raise self._full(tokens)
+        return ticket
+
+    def try_admit(self, tokens: int, deadline: float | None = None) -> Ticket | None:
+        """Reserve `tokens` of queue room if there is room now; None if there is not."""
         if self.stopped is not None:
             raise self.stopped
         if self._task is None:
             raise WorkerStoppedError("the model worker is not running")
         if self.queued_tokens and self.queued_tokens + tokens > self.max_queue_tokens:
-            hint = self.retry_after_ms()
-            raise OverloadedError(
-                f"the queue holds {self.queued_tokens:,} tokens and this request up to {tokens:,} more; "
-                f"the limit is {self.max_queue_tokens:,}: retry after {hint} ms", retry_after_ms=hint)
+            return None
         ticket = Ticket(self, tokens, deadline, next(self._order))
         self.queued_tokens += tokens
         return ticket
+
+    async def admit_when_room(self, tokens: int, deadline: float | None = None) -> Ticket:
+        """Reserve `tokens` (a real count) of queue room, waiting for the queue to drain
+        enough while that can happen before the deadline (and within a bounded wait);
+        else refuse with a hint of when there will be room."""
+        started = time.monotonic()
+        # Half of what is left before the deadline at most: the other half is for the run.
+        wait_s = _ADMISSION_WAIT_S if deadline is None else min(_ADMISSION_WAIT_S, (deadline - started) / 2)
+        give_up = started + wait_s
+        while (ticket := self.try_admit(tokens, deadline)) is None:
+            now = time.monotonic()
+            if self.tokens_per_s is None:
+                raise self._full(tokens)  # no run measured yet: nothing says the queue drains in time
+            if now + self._excess(tokens) / self.tokens_per_s >= give_up:
+                raise self._full(tokens)
+            room = asyncio.get_running_loop().create_future()
+            self._room_waiters.append(room)
+            try:
+                await asyncio.wait_for(room, give_up - now)
+            except asyncio.TimeoutError:
+                raise self._full(tokens) from None
+            finally:
+                if room in self._room_waiters:
+                    self._room_waiters.remove(room)
+        return ticket
+
+    def _full(self, tokens: int) -> OverloadedError:
+        hint = self.retry_after_ms(tokens)
+        return OverloadedError(
+            f"the queue holds {self.queued_tokens:,} tokens and this request {tokens:,} more; "
+            f"the limit is {self.max_queue_tokens:,}: retry after {hint} ms", retry_after_ms=hint, cause="queue")
 
     async def _submit(self, ticket: Ticket, seqs: list[np.ndarray]) -> BatchResult:
         if self.stopped is not None:
             raise self.stopped
         real = sum(len(s) for s in seqs)
         self.queued_tokens += real - ticket.charge  # the bound becomes the real count
-        ticket.charge, ticket.seqs = real, seqs
+        ticket.charge = real
+        ticket._queue(seqs)
+        self._wake_room_waiters()
         now = time.monotonic()
         if ticket.deadline is not None and self.tokens_per_s and self._active:
             # Least-served-first shares the model like processor sharing: this request
@@ -191,7 +272,8 @@ class TokenBudgetBatcher:
                 hint = self.retry_after_ms()
                 raise OverloadedError(
                     f"this request's {real:,} tokens would take about {eta:.1f} s behind the queued work, past "
-                    f"its deadline in {ticket.deadline - now:.1f} s: retry after {hint} ms", retry_after_ms=hint)
+                    f"its deadline in {ticket.deadline - now:.1f} s: retry after {hint} ms", retry_after_ms=hint,
+                    cause="deadline")
         ticket.future = asyncio.get_running_loop().create_future()
         ticket.enqueued = now
         if not seqs:
@@ -213,6 +295,14 @@ class TokenBudgetBatcher:
         tokens = min(tokens, ticket.charge)
         ticket.charge -= tokens
         self.queued_tokens -= tokens
+        if tokens:
+            self._wake_room_waiters()
+
+    def _wake_room_waiters(self) -> None:
+        for room in self._room_waiters:
+            if not room.done():
+                room.set_result(None)
+        self._room_waiters.clear()
 
     # -- the consumer -----------------------------------------------------------------
 
@@ -263,31 +353,34 @@ class TokenBudgetBatcher:
                 break
 
     def _schedulable(self) -> bool:
-        return any(t.next < len(t.seqs) for t in self._active)
+        return any(t.pending for t in self._active)
 
     def _budget_filled(self) -> bool:
-        rows = sum(len(t.seqs) - t.next for t in self._active)
+        rows = sum(len(t.pending) for t in self._active)
         return rows >= self.limits.max_batch_size or self.queued_tokens >= self.limits.max_batch_tokens
 
     def _form_batch(self) -> list[tuple[Ticket, int]]:
-        """Texts for one run: least-served request first, within rows and padded tokens."""
+        """Texts for one run, by `plan_batches`' rule: the least-served request's longest
+        waiting text sets the width; texts from 1/2 of it up to it fill the rows the
+        budget allows, least-served request first (each gives its longest that fit)."""
         now = time.monotonic()
         for ticket in [t for t in self._active if not t.alive(now)]:
             self._drop(ticket)
-        heap = [(t.served, t.order, t) for t in self._active if t.next < len(t.seqs)]
+        heap = [(t.served, t.order, t) for t in self._active if t.pending]
+        if not heap:
+            return []
         heapq.heapify(heap)
+        width = heap[0][2].longest_pending()
+        rows, shortest = self.limits.rows_for(width), (width + 1) // 2
         batch: list[tuple[Ticket, int]] = []
-        width = 0
-        while heap and len(batch) < self.limits.max_batch_size:
+        while heap and len(batch) < rows:
             served, order, ticket = heapq.heappop(heap)
-            length = len(ticket.seqs[ticket.next])
-            if batch and not self.limits.fits(len(batch) + 1, max(width, length)):
-                continue  # this request's next text does not fit; others' may
-            batch.append((ticket, ticket.next))
-            ticket.next += 1
-            width = max(width, length)
-            if ticket.next < len(ticket.seqs):
-                heapq.heappush(heap, (served + length, order, ticket))
+            index = ticket.take(shortest, width)
+            if index is None:
+                continue  # nothing of this request's fits this batch's width
+            batch.append((ticket, index))
+            if ticket.pending:
+                heapq.heappush(heap, (served + len(ticket.seqs[index]), order, ticket))
         for ticket, index in batch:
             ticket.served += len(ticket.seqs[index])
         return batch
@@ -310,6 +403,7 @@ class TokenBudgetBatcher:
             self._wakeup.set()
 
     async def _run_and_count(self, batch: list[tuple[Ticket, int]]) -> None:
+        failures: list[tuple[Ticket, EdgeEmbedError]] = []
         async with contextlib.AsyncExitStack() as stack:
             if self._oversize is not None and not self.limits.fits(len(batch), _width(batch)):
                 # A text longer than the token budget runs alone; its memory is reserved first.
@@ -319,20 +413,38 @@ class TokenBudgetBatcher:
                     for ticket in dict.fromkeys(t for t, _ in batch):
                         self._fail(ticket, exc)
                     return
-            succeeded = await self._run_split(batch)
+            ran = await self._run_split(batch, failures)
         if self.stopped is not None:
             return
-        if succeeded:
+        if not failures:
             self.consecutive_failures = 0
-        else:
-            self.consecutive_failures += 1
-            if self.consecutive_failures >= self.max_consecutive_failures:
-                self._stop(WorkerStoppedError(
-                    f"the model failed {self.consecutive_failures} batches in a row; the worker stopped "
-                    f"(last failure: {self.last_failure})"))
+            return
+        # Pinned on the inputs when the rest of the batch ran, or the model runs a canary now.
+        pinned = ran or await self._canary_runs()
+        if self.stopped is not None:
+            return
+        for ticket, error in failures:
+            log.warning("request %s: a batch of its %d texts failed%s: %s", ticket.request_id, len(ticket.seqs),
+                        " on its input" if pinned else "", error)
+            self._fail(ticket, InputRunError(
+                f"the model fails on this request's input (request {ticket.request_id}); the same input fails "
+                "again") if pinned else ModelRunError(
+                f"the model run failed (request {ticket.request_id}); it may succeed on a retry"))
+        if pinned:
+            self.consecutive_failures = 0
+            return
+        self.consecutive_failures += 1
+        if self.consecutive_failures >= self.max_consecutive_failures:
+            log.error("the model failed %d batches in a row; the last failure: %s", self.consecutive_failures,
+                      self.last_failure)
+            self._stop(WorkerStoppedError(
+                f"the model failed {self.consecutive_failures} batches in a row and the worker stopped (the server "
+                "log has the failures); a restart is needed"))
 
-    async def _run_split(self, batch: list[tuple[Ticket, int]]) -> bool:
-        """Run a batch; if it fails, run each half of its requests apart. True if any ran."""
+    async def _run_split(self, batch: list[tuple[Ticket, int]],
+                         failures: list[tuple[Ticket, EdgeEmbedError]]) -> bool:
+        """Run a batch; if it fails, run each half of its requests apart, down to the one
+        request that fails (put in `failures`). True if any part ran."""
         try:
             vectors, seconds = await self._execute([t.seqs[i] for t, i in batch])
         except asyncio.CancelledError:
@@ -344,14 +456,26 @@ class TokenBudgetBatcher:
             self.last_failure = str(error)
             owners = list(dict.fromkeys(t for t, _ in batch))
             if len(owners) == 1:
-                log.warning("a batch of %d texts failed: %s", len(batch), error)
-                self._fail(owners[0], error)
+                failures.append((owners[0], error))
                 return False
             half = set(owners[: len(owners) // 2])
-            first = await self._run_split([row for row in batch if row[0] in half])
-            second = await self._run_split([row for row in batch if row[0] not in half])
+            first = await self._run_split([row for row in batch if row[0] in half], failures)
+            second = await self._run_split([row for row in batch if row[0] not in half], failures)
             return first or second
         self._deliver(batch, vectors, seconds)
+        return True
+
+    async def _canary_runs(self) -> bool:
+        """Whether the model runs a batch known to run: then a failure was its input's."""
+        if self._canary is None:
+            return False
+        try:
+            await self._execute(self._canary, observe=False)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the model is at fault: that is the answer
+            log.warning("the model failed its canary batch too: %s", exc)
+            return False
         return True
 
     def _timed_run(self, seqs: list[np.ndarray]) -> tuple[np.ndarray, float]:
@@ -362,18 +486,18 @@ class TokenBudgetBatcher:
         finally:
             self.running_since = None
 
-    async def _execute(self, seqs: list[np.ndarray]) -> tuple[np.ndarray, float]:
+    async def _execute(self, seqs: list[np.ndarray], *, observe: bool = True) -> tuple[np.ndarray, float]:
         loop = asyncio.get_running_loop()
         vectors, seconds = await loop.run_in_executor(self._executor, self._timed_run, seqs)
         if len(vectors) != len(seqs):
             raise ModelRunError(f"the model returned {len(vectors)} vectors for {len(seqs)} texts")
         tokens = len(seqs) * max(len(s) for s in seqs)
-        if seconds > 0.001:
+        if seconds > 0.001 and observe:
             speed = tokens / seconds
             self.tokens_per_s = speed if self.tokens_per_s is None else (
                 (1 - _THROUGHPUT_SMOOTHING) * self.tokens_per_s + _THROUGHPUT_SMOOTHING * speed)
-        if self._on_batch is not None:
-            self._on_batch(len(seqs), tokens, seconds)
+        if self._on_batch is not None and observe:
+            self._on_batch(len(seqs), tokens, sum(len(s) for s in seqs), seconds)
         return vectors, seconds
 
     def _deliver(self, batch: list[tuple[Ticket, int]], vectors: np.ndarray, seconds: float) -> None:

@@ -37,13 +37,14 @@ class ServerConfig:
     max_batch_size: int = BatchLimits.max_batch_size
     max_wait_ms: float = 0.0
     max_queue_tokens: int | None = None  # tokens queued per model; None: 16 batches' worth
-    max_concurrent_rpcs: int = 64  # RPCs handled at once; more get RESOURCE_EXHAUSTED
+    max_concurrent_rpcs: int = 64  # model requests handled at once over both transports; health is never counted
     run_timeout_s: float = 120.0  # a model run longer than this means the worker hung
     max_consecutive_failures: int = 5  # batches failing in a row before the worker stops
-    max_inputs: int = 256
+    max_inputs: int = 2048  # OpenAI's own limit per request; admission by tokens guards the memory
     max_text_chars: int = 32_768
     max_instruction_chars: int = 4096  # checked before tokenizing: an instruction is copied into every text
     max_message_bytes: int = 8 * 1024 * 1024
+    body_timeout_s: float = 15.0  # an HTTP request body must arrive within this, else 408
     token: str | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -60,8 +61,12 @@ class ServerConfig:
             raise InvalidInputError(f"max_queue_tokens must be at least 1, got {self.max_queue_tokens}")
         if self.max_wait_ms < 0 or self.grace_s < 0 or self.load_wait_s < 0:
             raise InvalidInputError("max_wait_ms, grace_s and load_wait_s must not be negative")
-        if self.run_timeout_s <= 0:
-            raise InvalidInputError(f"run_timeout_s must be positive, got {self.run_timeout_s}")
+        if self.run_timeout_s <= 0 or self.body_timeout_s <= 0:
+            raise InvalidInputError("run_timeout_s and body_timeout_s must be positive")
+        if self.token is not None and not self.token.strip():
+            # `--token "$TOKEN"` with the variable unset must not serve without auth.
+            raise InvalidInputError("the bearer token is empty: give a token, or leave the option out to serve "
+                                    "without one")
         if self.memory_budget is not None and self.memory_budget < 1:
             raise InvalidInputError(f"memory_budget must be positive, got {self.memory_budget}")
         for name in ("bundle", "pin"):
@@ -77,6 +82,13 @@ class ServerConfig:
             raise InvalidInputError("TLS needs both tls_cert and tls_key")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise InvalidInputError("mutual TLS (tls_client_ca) needs tls_cert and tls_key")
+
+    @property
+    def open_to_network(self) -> bool:
+        """Whether it listens beyond loopback with neither a token nor TLS: anyone on the
+        network may use it."""
+        loopback = self.host in ("localhost", "::1") or self.host.startswith("127.")
+        return not loopback and self.token is None and self.tls_cert is None
 
     @property
     def limits(self) -> BatchLimits:

@@ -1,10 +1,14 @@
-"""The OpenAI-compatible HTTP API: a second transport into the gRPC server's queue.
+"""The OpenAI-compatible HTTP API: a peer adapter over the core (core.py), beside gRPC.
 
 It runs on the gRPC server's event loop and calls the same `EmbeddingService`, so one
 pool, one batcher per model, one set of limits and one memory budget serve both: an HTTP
 request and a gRPC request can share a batch. Errors come from the one error tree, with
 the HTTP status each class names and OpenAI's error body. aiohttp is imported only when
 the HTTP port is on.
+
+A body is charged to the request memory as its bytes arrive, never before, and must
+arrive within `body_timeout_s` (else 408); at most half the concurrency slots may be
+waiting for bodies, so idle clients can neither hold the memory budget nor every slot.
 
 Routes: POST /v1/embeddings, POST /v1/rerank (the Cohere/Jina rerank shape that vLLM and
 TEI clients speak), GET /v1/models (bearer token, as gRPC), GET /health and GET /ready
@@ -16,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hmac
 import json
 import logging
 import math
@@ -32,13 +35,14 @@ from ..errors import (
     EdgeEmbedError,
     InvalidInputError,
     OverloadedError,
+    RequestTimeoutError,
     RequestTooLargeError,
     UnauthenticatedError,
     http_status_of,
     retry_after_ms_of,
 )
 from .config import ServerConfig
-from .service import EmbeddingService
+from .core import REQUEST_ID, EmbeddingService, Reservation, bearer_matches, new_request_id, public_message
 
 __all__ = ["HttpTransport"]
 
@@ -54,6 +58,8 @@ _SURROGATE = re.compile("[\ud800-\udfff]")  # JSON "\ud800" escapes make strings
 _ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
 _BUSY_RETRY_MS = 200
 _MAX_MODEL_CHARS = 256
+# Routes that run a model: each takes one of max_concurrent_rpcs, shared with gRPC.
+_MODEL_ROUTES = ("/v1/embeddings", "/v1/rerank")
 
 
 def error_body(status: int, message: str, code: str) -> dict[str, Any]:
@@ -62,16 +68,17 @@ def error_body(status: int, message: str, code: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
+def _json_bytes(payload: Any) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 def _json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
-    return web.Response(body=body, status=status, headers=headers, content_type="application/json")
+    return web.Response(body=_json_bytes(payload), status=status, headers=headers, content_type="application/json")
 
 
 def _error_response(exc: BaseException) -> web.Response:
-    if isinstance(exc, EdgeEmbedError):
-        status, message, code = http_status_of(exc), str(exc), exc.grpc_code
-    else:
-        status, message, code = 500, f"internal error: {exc!r}", "INTERNAL"
+    status, message = http_status_of(exc), public_message(exc)
+    code = exc.grpc_code if isinstance(exc, EdgeEmbedError) else "INTERNAL"
     headers = {}
     hint = retry_after_ms_of(exc)
     if hint is not None:
@@ -171,8 +178,9 @@ class HttpTransport:
                  alive: Callable[[], bool]):
         self.service, self.config = service, config
         self._serving, self._alive = serving, alive
-        self._token = f"Bearer {config.token}".encode() if config.token else None
-        self._inflight = 0
+        self._token = config.token.encode() if config.token else None
+        self._reading = 0  # requests whose body is arriving
+        self._max_reading = max(1, config.max_concurrent_rpcs // 2)
         self._created = int(time.time())
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
@@ -227,31 +235,24 @@ class HttpTransport:
     async def _boundary(self, request: web.Request, handler: Callable) -> web.StreamResponse:
         path = request.path if request.path in _ROUTES else "other"
         method = f"HTTP {path}"
-        counted = path.startswith("/v1/")
+        REQUEST_ID.set(new_request_id())
         try:
             if path not in _OPEN_PATHS:
                 self._authenticate(request)
-            if counted:
-                if self._inflight >= self.config.max_concurrent_rpcs:
-                    raise OverloadedError(
-                        f"{self._inflight} HTTP requests are being handled; the limit is "
-                        f"{self.config.max_concurrent_rpcs}: retry after {_BUSY_RETRY_MS} ms",
-                        retry_after_ms=_BUSY_RETRY_MS)
-                self._inflight += 1
-            try:
+            if path in _MODEL_ROUTES:
+                with self.service.slot():
+                    response = await handler(request)
+            else:
                 response = await handler(request)
-            finally:
-                if counted:
-                    self._inflight -= 1
         except asyncio.CancelledError:  # the client went away
             self.service.metrics.requests.labels(method, "CANCELLED").inc()
             raise
-        except web.HTTPException as exc:  # aiohttp's own: unknown route, wrong method, body too big
+        except web.HTTPException as exc:  # aiohttp's own: unknown route, wrong method
             response = self._http_exception(exc)
         except Exception as exc:  # noqa: BLE001 - every error becomes an answer, never a crash
-            if not isinstance(exc, EdgeEmbedError):
-                log.exception("%s %s failed", request.method, request.path)
+            self.service.refused(exc)
             response = _error_response(exc)
+        response.headers["x-request-id"] = REQUEST_ID.get()
         self.service.metrics.requests.labels(method, str(response.status)).inc()
         return response
 
@@ -259,7 +260,7 @@ class HttpTransport:
         if self._token is None:
             return
         given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-        if not hmac.compare_digest(given, self._token):  # constant time: no timing oracle on the token
+        if not bearer_matches(given, self._token):
             raise UnauthenticatedError("missing or wrong bearer token (header 'Authorization: Bearer <token>')")
 
     @staticmethod
@@ -276,16 +277,44 @@ class HttpTransport:
 
     # -- routes -----------------------------------------------------------------------
 
-    async def _read_json(self, request: web.Request) -> tuple[Any, int]:
-        """The body as JSON, within the size limit; returns it and its size on the wire."""
-        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding not in ("", "identity"):
-            raise InvalidInputError(f"Content-Encoding {encoding!r} is not accepted: send the body uncompressed")
+    async def _read_body(self, request: web.Request, reservation: Reservation) -> bytes:
+        """The body, charged to the request memory chunk by chunk as it arrives, within
+        the size limit and `body_timeout_s`."""
         limit = self.config.max_message_bytes
         declared = request.content_length
         if declared is not None and declared > limit:
             raise RequestTooLargeError(f"the request is {declared} bytes; the limit is {limit}")
-        body = await request.read()
+        if self._reading >= self._max_reading:
+            raise OverloadedError(
+                f"{self._reading} request bodies are arriving; the limit is {self._max_reading}: retry after "
+                f"{_BUSY_RETRY_MS} ms", retry_after_ms=_BUSY_RETRY_MS, cause="bodies")
+        chunks: list[bytes] = []
+
+        async def receive() -> None:
+            total = 0
+            async for chunk in request.content.iter_any():
+                total += len(chunk)
+                if total > limit:
+                    raise RequestTooLargeError(f"the request body is over the limit of {limit} bytes")
+                reservation.grow(len(chunk))
+                chunks.append(chunk)
+
+        self._reading += 1
+        try:
+            await asyncio.wait_for(receive(), self.config.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestTimeoutError(f"the request body did not arrive within {self.config.body_timeout_s:g} s "
+                                      f"({sum(map(len, chunks))} bytes came)") from None
+        finally:
+            self._reading -= 1
+        return b"".join(chunks)
+
+    async def _read_json(self, request: web.Request, reservation: Reservation) -> tuple[Any, int]:
+        """The body as JSON, within the size limit; returns it and its size on the wire."""
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise InvalidInputError(f"Content-Encoding {encoding!r} is not accepted: send the body uncompressed")
+        body = await self._read_body(request, reservation)
         nbytes = len(body)
         try:
             text = body.decode("utf-8")
@@ -304,17 +333,15 @@ class HttpTransport:
     @contextlib.asynccontextmanager
     async def _body(self, request: web.Request, route: str, fields: tuple[str, ...]):
         """The JSON object of a request, its size on the wire, and the request memory it
-        holds (reserved before the body is read, released when the request is answered)."""
-        declared = request.content_length
-        cost = self.service.memory.reserve(min(declared, self.config.max_message_bytes) if declared is not None
-                                           else self.config.max_message_bytes)
+        holds (charged as the body arrives, released when the request is answered)."""
+        reservation = self.service.memory.reserve(0)
         try:
             # Popped, not named: a handler's `del payload` must free the body's strings.
-            parsed = list(await self._read_json(request))
+            parsed = list(await self._read_json(request, reservation))
             nbytes = parsed.pop()
             yield _check_fields(parsed.pop(), route, fields), nbytes
         finally:
-            self.service.memory.release(cost)
+            reservation.release()
 
     async def _embeddings(self, request: web.Request) -> web.Response:
         async with self._body(request, "/v1/embeddings", EMBEDDINGS_FIELDS) as (payload, nbytes):
@@ -336,17 +363,23 @@ class HttpTransport:
             done = await self.service.embed_texts(
                 model, len(texts), nbytes, lambda: texts, instruction=instruction, dimensions=dimensions,
                 truncate=True if truncate is None else truncate, field="input")
-        if encoding == "base64":  # little-endian float32, as OpenAI sends it
-            rows = [base64.b64encode(v.astype("<f4", copy=False).tobytes()).decode("ascii") for v in done.vectors]
-        else:
-            rows = [v.tolist() for v in done.vectors]  # float32 values; their repr reads back exactly
         tokens = sum(done.token_counts)
-        return _json_response({
-            "object": "list",
-            "data": [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)],
-            "model": done.model,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        })
+
+        def build() -> bytes:
+            if encoding == "base64":  # little-endian float32, as OpenAI sends it
+                rows = [base64.b64encode(v.astype("<f4", copy=False).tobytes()).decode("ascii")
+                        for v in done.vectors]
+            else:
+                rows = [v.tolist() for v in done.vectors]  # float32 values; their repr reads back exactly
+            return _json_bytes({
+                "object": "list",
+                "data": [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)],
+                "model": done.model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            })
+
+        body = await self.service.shape(done.vectors.size, build)
+        return web.Response(body=body, content_type="application/json")
 
     async def _rerank(self, request: web.Request) -> web.Response:
         async with self._body(request, "/v1/rerank", RERANK_FIELDS) as (payload, nbytes):
@@ -356,8 +389,6 @@ class HttpTransport:
             documents = _documents(payload.get("documents"))
             model = _model_name(payload)
             top_n = _optional(payload, "top_n", int, "a positive integer")
-            if top_n is not None and top_n < 1:
-                raise InvalidInputError(f"top_n must be a positive integer, got {top_n}")
             return_documents = bool(_optional(payload, "return_documents", bool, "a boolean"))
             instruction = _text(payload.get("instruction") or "", "instruction")
             _optional(payload, "user", str, "a string")

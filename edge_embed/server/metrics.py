@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
+from prometheus_client.core import GaugeMetricFamily
 
 __all__ = ["ServerMetrics"]
 
@@ -15,7 +16,13 @@ class ServerMetrics:
         r = self.registry
         ProcessCollector(registry=r)  # process_resident_memory_bytes and friends
         self.requests = Counter("edge_embed_requests", "RPCs by method and status code", ["method", "code"], registry=r)
-        self.queue_depth = Gauge("edge_embed_queue_depth", "requests waiting for a batch", registry=r)
+        self.refusals = Counter("edge_embed_refusals", "requests refused for load, by the limit that refused them "
+                                "(queue, memory, memory_budget, concurrency, deadline, bodies)", ["cause"],
+                                registry=r)
+        self.batch_real_tokens = Counter("edge_embed_batch_real_tokens", "tokens of texts run by the model",
+                                         registry=r)
+        self.batch_padded_tokens = Counter("edge_embed_batch_padded_tokens",
+                                           "token slots the model computed (texts x batch width)", registry=r)
         self.batch_size = Histogram("edge_embed_batch_size", "texts per model batch", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.batch_tokens = Histogram("edge_embed_batch_tokens", "padded tokens per model batch", registry=r,
@@ -51,18 +58,29 @@ class ServerMetrics:
         self.model_info.labels(info.model_id, info.precision, info.backend, info.execution_providers[0]).set(1)
         self.observe_pool(pool)
 
-    def observe_eviction(self, model, pool) -> None:
+    def observe_eviction(self, model, pool, info) -> None:
+        """`info`: the evicted model's ProviderInfo, whose model_info series goes with it."""
         self.model_evictions.labels(model.name).inc()
         self.model_resident_bytes.labels(model.name).set(0)
+        if info is not None:
+            try:
+                self.model_info.remove(info.model_id, info.precision, info.backend, info.execution_providers[0])
+            except KeyError:
+                pass
         self.observe_pool(pool)
 
     def observe_pool(self, pool) -> None:
         self.memory_budget_bytes.set(pool.budget_bytes)
         self.memory_committed_bytes.set(pool.committed_bytes)
+        if not getattr(self, "_queues_watched", False):
+            self.registry.register(_QueueCollector(pool))
+            self._queues_watched = True
 
-    def observe_batch(self, texts: int, tokens: int, inference_s: float) -> None:
+    def observe_batch(self, texts: int, padded: int, real: int, inference_s: float) -> None:
         self.batch_size.observe(texts)
-        self.batch_tokens.observe(tokens)
+        self.batch_tokens.observe(padded)
+        self.batch_padded_tokens.inc(padded)
+        self.batch_real_tokens.inc(real)
         self.inference_seconds.observe(inference_s)
 
     def serve_http(self, host: str, port: int) -> int:
@@ -76,3 +94,24 @@ class ServerMetrics:
         if http is not None:
             http.shutdown()
             http.server_close()
+
+
+class _QueueCollector:
+    """Each model's queue, read when scraped: requests waiting or partly computed, and tokens."""
+
+    def __init__(self, pool) -> None:
+        self._pool = pool
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        depth = GaugeMetricFamily("edge_embed_queue_depth", "requests queued or partly computed, per model",
+                                  labels=["model"])
+        tokens = GaugeMetricFamily("edge_embed_queue_tokens", "tokens queued per model", labels=["model"])
+        for model in list(self._pool.models.values()):
+            batcher = model.batcher
+            depth.add_metric([model.name], batcher.depth if batcher is not None else 0)
+            tokens.add_metric([model.name], batcher.queued_tokens if batcher is not None else 0)
+        yield depth
+        yield tokens

@@ -10,6 +10,13 @@ model that cannot fit even alone is refused with RESOURCE_EXHAUSTED and the figu
 
 A request for a model that is loading (or waiting for memory) waits up to its deadline,
 capped by `load_wait_s`, then gets UNAVAILABLE with a `retry-after-ms` hint.
+
+Two locks: `_admit` guards the ledger (evicting, charging) and is held only for such
+decisions, never while a load waits for memory, so a small load that fits goes ahead of
+a big one waiting; `_loading` runs one load at a time, so each load's RSS growth is its own.
+
+`BundlePolicy` is how `edge-embed serve` prices and loads bundles on this device (stored
+footprints or the registry's estimate; each load's measured growth stored for next time).
 """
 
 from __future__ import annotations
@@ -21,18 +28,22 @@ import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..bundle import MANIFEST_FILE
 from ..errors import BundleError, InvalidInputError, MemoryBudgetError, ModelNotFoundError, ModelNotReadyError
-from ..manifest import Manifest
+from ..manifest import PRECISIONS, Manifest
 from ..memory import peak_rss_bytes, release_free_memory, reset_peak_rss, rss_bytes
 from ..provider import ModelRunner, ProviderInfo
 from .batcher import TokenBudgetBatcher
 
+if TYPE_CHECKING:
+    from .config import ServerConfig
+
 __all__ = ["ModelSource", "ModelState", "ModelStatus", "PooledModel", "ModelPool", "parse_model_sources",
-           "parse_bytes"]
+           "parse_bytes", "BundlePolicy", "pool_from_config", "default_memory_budget"]
 
 log = logging.getLogger("edge_embed.server.pool")
 
@@ -97,11 +108,22 @@ def parse_bytes(text: str | int) -> int:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """One servable model: a name requests use, a bundle directory, a precision."""
+    """One servable model: a name requests use, a bundle directory, a precision, and its
+    manifest as read when the source was named (requests may name it by its model id)."""
 
     name: str
     path: Path
     precision: str = "auto"
+    manifest: Manifest | None = field(default=None, compare=False, repr=False)
+
+
+def _split_precision(text: str) -> tuple[str, str | None]:
+    """'PATH@PRECISION' -> (PATH, PRECISION) when what follows the last '@' is a precision
+    name; otherwise the whole text is a path (paths may hold '@')."""
+    path, at, chosen = text.rpartition("@")
+    if at and (chosen in PRECISIONS or chosen == "auto"):
+        return path, chosen
+    return text, None
 
 
 def parse_model_sources(specs: tuple[str, ...], models_dir: Path | None, precision: str = "auto") -> list[ModelSource]:
@@ -110,27 +132,24 @@ def parse_model_sources(specs: tuple[str, ...], models_dir: Path | None, precisi
     Without NAME a model is named by its manifest's model id; folders under
     `models_dir` are named by the folder.
     """
-    from ..bundle import MANIFEST_FILE
-    from ..manifest import Manifest
-
     sources: list[ModelSource] = []
     for spec in specs:
         name, sep, rest = spec.partition("=")
-        if not sep:
+        if not sep or "/" in name or "\\" in name:  # '=' inside a path is no NAME=
             name, rest = "", spec
-        path_text, at, chosen = rest.rpartition("@") if "@" in rest else (rest, "", "")
+        path_text, chosen = _split_precision(rest)
         path = Path(path_text).expanduser()
         if not (path / MANIFEST_FILE).is_file():
             raise BundleError(f"--bundle {spec!r}: {path} is not a bundle directory (no {MANIFEST_FILE})")
-        sources.append(ModelSource(name or Manifest.read(path / MANIFEST_FILE).model_id, path,
-                                   chosen if at else precision))
+        manifest = Manifest.read(path / MANIFEST_FILE)
+        sources.append(ModelSource(name or manifest.model_id, path, chosen or precision, manifest))
     if models_dir is not None:
         if not models_dir.is_dir():
             raise BundleError(f"models folder {models_dir} does not exist")
         found = sorted(p for p in models_dir.iterdir() if (p / MANIFEST_FILE).is_file())
         if not found:
             raise BundleError(f"models folder {models_dir} holds no bundle (no */{MANIFEST_FILE})")
-        sources.extend(ModelSource(p.name, p, precision) for p in found)
+        sources.extend(ModelSource(p.name, p, precision, Manifest.read(p / MANIFEST_FILE)) for p in found)
     names = [s.name for s in sources]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -149,7 +168,7 @@ class PooledModel:
         self.runner: ModelRunner | None = None
         self.batcher: TokenBudgetBatcher | None = None
         self.info: ProviderInfo | None = None  # of the last load
-        self.manifest: Manifest | None = None
+        self.manifest: Manifest | None = source.manifest
         self.cost = 0  # bytes charged against the budget while resident
         self.cost_source = "estimate"
         self.resident_measured: int | None = None
@@ -185,10 +204,15 @@ class PooledModel:
         except BundleError:
             return ""
 
+    def known_model_id(self) -> str:
+        """The model id, reading the manifest if nothing has yet ('' when it cannot be read)."""
+        try:
+            return self.model_id or self.source_manifest().model_id
+        except BundleError:
+            return ""
+
     def source_manifest(self) -> Manifest:
         """The bundle's manifest, read without loading the model."""
-        from ..bundle import MANIFEST_FILE
-
         if self.manifest is None:
             self.manifest = Manifest.read(self.source.path / MANIFEST_FILE)
         return self.manifest
@@ -232,8 +256,9 @@ class ModelPool:
         self._make_batcher: Callable[[PooledModel], TokenBudgetBatcher] | None = None
         self.metrics: Any = None
         self.base_bytes = (rss_bytes() or 0) + _PROCESS_SLACK_BYTES
-        self._admit = asyncio.Lock()
-        self._released = asyncio.Condition()
+        self._admit = asyncio.Lock()  # the ledger: evictions and charges
+        self._loading = asyncio.Lock()  # one load at a time
+        self._released = asyncio.Condition()  # memory or a model may have come free
 
     # -- figures ----------------------------------------------------------------------
 
@@ -264,7 +289,7 @@ class ModelPool:
             return self.models[self.default]
         if name in self.models:
             return self.models[name]
-        by_id = [m for m in self.models.values() if m.model_id == name]
+        by_id = [m for m in self.models.values() if m.known_model_id() == name]
         if len(by_id) == 1:
             return by_id[0]
         raise ModelNotFoundError(f"model {name!r} is not served here; this server has {sorted(self.models)}")
@@ -350,18 +375,20 @@ class ModelPool:
         it runs alone) for the length of that run; evict idle models to make room, or refuse."""
         extra = self._oversize_bytes(model, rows, width) if self._oversize_bytes is not None else 0
         if extra > 0:
-            while self.committed_bytes + extra > self.budget_bytes and (victim := self._victim(model)) is not None:
-                await self._evict(victim)
-            if self.committed_bytes + extra > self.budget_bytes:
-                raise MemoryBudgetError(
-                    f"a text of {width:,} tokens needs {extra / 1e6:,.0f} MB of activations beyond a batch at the "
-                    f"token budget; with {self.committed_bytes / 1e6:,.0f} MB committed that is over the memory "
-                    f"budget of {self.budget_bytes / 1e6:,.0f} MB (send it with truncate, or shorter)")
-        model.cost += extra
+            async with self._admit:
+                while self.committed_bytes + extra > self.budget_bytes and (victim := self._victim(model)):
+                    await self._evict(victim)
+                if self.committed_bytes + extra > self.budget_bytes:
+                    raise MemoryBudgetError(
+                        f"a text of {width:,} tokens needs {extra / 1e6:,.0f} MB of activations beyond a batch at "
+                        f"the token budget; with {self.committed_bytes / 1e6:,.0f} MB committed that is over the "
+                        f"memory budget of {self.budget_bytes / 1e6:,.0f} MB (send it with truncate, or shorter)")
+                model.cost += extra
         try:
             yield
         finally:
             model.cost -= extra
+            await self._notify_released()
 
     # -- admission, loading, eviction -------------------------------------------------
 
@@ -370,7 +397,8 @@ class ModelPool:
                 if m.state == LOADED and not m.pinned and m.inflight == 0 and m is not exclude]
         return min(idle, key=lambda m: m.last_used) if idle else None
 
-    async def _make_room(self, model: PooledModel, cost: int) -> None:
+    def _check_fits_at_all(self, model: PooledModel, cost: int) -> None:
+        """Refuse (no retry) a model that cannot fit even with every evictable model gone."""
         if self.base_bytes + cost > self.budget_bytes:
             raise MemoryBudgetError(
                 f"model {model.name!r} needs {cost / 1e6:,.0f} MB ({model.cost_source}) and the process "
@@ -386,59 +414,75 @@ class ModelPool:
                 f"({self.base_bytes / 1e6:,.0f} MB) that is over the memory budget of "
                 f"{self.budget_bytes / 1e6:,.0f} MB"
             )
-        started = time.monotonic()
-        while self.committed_bytes + cost > self.budget_bytes:
-            victim = self._victim(model)
-            if victim is not None:
+
+    async def _charge(self, model: PooledModel, cost: int) -> bool:
+        """Under the ledger lock: evict idle models until `cost` fits, then charge it (the
+        model turns LOADING). False when busy or pinned models hold the room."""
+        async with self._admit:
+            self._check_fits_at_all(model, cost)
+            while self.committed_bytes + cost > self.budget_bytes and (victim := self._victim(model)) is not None:
                 await self._evict(victim)
-                continue
-            held = ", ".join(f"{m.name} ({'pinned' if m.pinned else f'{m.inflight} in flight'})"
-                             for m in self.models.values() if m.resident)
-            model.waiting_for = (f"it needs {cost / 1e6:,.0f} MB and the budget is held by busy or pinned "
-                                 f"models: {held}")
+            if self.committed_bytes + cost > self.budget_bytes:
+                held = ", ".join(f"{m.name} ({'pinned' if m.pinned else f'{m.inflight} in flight'})"
+                                 for m in self.models.values() if m.resident)
+                model.waiting_for = (f"it needs {cost / 1e6:,.0f} MB and the budget is held by busy or pinned "
+                                     f"models: {held}")
+                return False
+            model.state, model.error, model.cost, model.waiting_for = LOADING, None, cost, None
+            return True
+
+    async def _notify_released(self) -> None:
+        async with self._released:
+            self._released.notify_all()
+
+    async def _load(self, model: PooledModel) -> None:
+        """Charge the model (waiting, without holding the ledger, while busy or pinned
+        models hold the room), then load it, one load at a time."""
+        if model.state == LOADED:
+            return
+        cost, model.cost_source = self.charge_for(model.name)
+        started = time.monotonic()
+        while not await self._charge(model, cost):
             left = self.load_wait_s - (time.monotonic() - started)
             if left <= 0:
                 raise ModelNotReadyError(f"model {model.name!r}: {model.waiting_for}")
             async with self._released:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._released.wait(), left)
-        model.waiting_for = None
+        async with self._loading:
+            await self._load_charged(model)
 
-    async def _load(self, model: PooledModel) -> None:
+    async def _load_charged(self, model: PooledModel) -> None:
+        log.info("loading %s from %s (%s MB charged, %s)", model.name, model.source.path,
+                 f"{model.cost / 1e6:,.0f}", model.cost_source)
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        try:
+            runner, growth, peak = await loop.run_in_executor(None, self._load_measured, model.source)
+        except Exception as exc:
+            model.state, model.error, model.cost = FAILED, str(exc), 0
+            model.failure = (time.monotonic(), exc)
+            log.error("loading %s failed: %s", model.name, exc)
+            await self._notify_released()
+            raise
+        model.failure = None
+        model.runner, model.info = runner, runner.info
+        model.source_manifest()
+        model.resident_measured = growth
+        if self._after_load is not None and growth is not None:
+            measured = self._after_load(model, growth, peak)
+            if measured is not None:
+                model.cost, model.cost_source = max(model.cost, measured), "measured here"
+        model.batcher = self._make_batcher(model)
+        model.batcher.start()
+        model.state, model.last_used = LOADED, time.monotonic()
+        model.loads += 1
+        if self.metrics is not None:
+            self.metrics.observe_load(model, time.monotonic() - started, self)
+        log.info("loaded %s in %.1f s; %s MB committed of %s MB", model.name, time.monotonic() - started,
+                 f"{self.committed_bytes / 1e6:,.0f}", f"{self.budget_bytes / 1e6:,.0f}")
+        # A load that measured bigger than charged may have pushed the pool over: settle now.
         async with self._admit:
-            if model.state == LOADED:
-                return
-            cost, model.cost_source = self.charge_for(model.name)
-            await self._make_room(model, cost)
-            model.state, model.error, model.cost = LOADING, None, cost
-            log.info("loading %s from %s (%s MB charged, %s)", model.name, model.source.path,
-                     f"{model.cost / 1e6:,.0f}", model.cost_source)
-            loop = asyncio.get_running_loop()
-            started = time.monotonic()
-            try:
-                runner, growth, peak = await loop.run_in_executor(None, self._load_measured, model.source)
-            except Exception as exc:
-                model.state, model.error, model.cost = FAILED, str(exc), 0
-                model.failure = (time.monotonic(), exc)
-                log.error("loading %s failed: %s", model.name, exc)
-                raise
-            model.failure = None
-            model.runner, model.info = runner, runner.info
-            model.source_manifest()
-            model.resident_measured = growth
-            if self._after_load is not None and growth is not None:
-                measured = self._after_load(model, growth, peak)
-                if measured is not None:
-                    model.cost, model.cost_source = max(model.cost, measured), "measured here"
-            model.batcher = self._make_batcher(model)
-            model.batcher.start()
-            model.state, model.last_used = LOADED, time.monotonic()
-            model.loads += 1
-            if self.metrics is not None:
-                self.metrics.observe_load(model, time.monotonic() - started, self)
-            log.info("loaded %s in %.1f s; %s MB committed of %s MB", model.name, time.monotonic() - started,
-                     f"{self.committed_bytes / 1e6:,.0f}", f"{self.budget_bytes / 1e6:,.0f}")
-            # A load that measured bigger than charged may have pushed the pool over: settle now.
             while self.committed_bytes > self.budget_bytes and (victim := self._victim(model)) is not None:
                 await self._evict(victim)
 
@@ -454,7 +498,7 @@ class ModelPool:
     async def _evict(self, model: PooledModel) -> None:
         log.info("evicting %s (idle since %.1f s ago) to make room", model.name, time.monotonic() - model.last_used)
         model.state = EVICTING
-        batcher, held = model.batcher, [model.runner]
+        batcher, held, info = model.batcher, [model.runner], model.info
         model.batcher = model.runner = None
         if batcher is not None:
             await batcher.stop()
@@ -472,7 +516,7 @@ class ModelPool:
         model.state, model.cost = EVICTED, 0
         model.evictions += 1
         if self.metrics is not None:
-            self.metrics.observe_eviction(model, self)
+            self.metrics.observe_eviction(model, self, info)
 
     # -- reporting --------------------------------------------------------------------
 
@@ -491,3 +535,83 @@ class ModelPool:
                 task=m.task,
             ))
         return out
+
+
+def default_memory_budget(memory_bytes: int | None) -> int:
+    """The detected memory less a reserve for the OS and the apps beside us (the `check`
+    headroom rule: a fifth); 4 GiB when the memory is unknown."""
+    from ..check import HEADROOM
+
+    return int(memory_bytes * HEADROOM) if memory_bytes else 4 * 1024**3
+
+
+class BundlePolicy:
+    """How `edge-embed serve` loads bundles and prices them on this device: a model is
+    charged for the variant a load will really run here (FP16 on a GPU, INT8 on a CPU),
+    from this device's stored footprint or else the registry's estimate; each load's
+    measured RSS growth is stored as this device's figure."""
+
+    def __init__(self, config: ServerConfig):
+        from ..platform import snapshot_platform
+
+        self.config = config
+        self.platform = snapshot_platform()
+        self.tokens = config.max_batch_tokens
+
+    def cost_of(self, source: ModelSource) -> tuple[int, str]:
+        from ..loading import planned_precision
+        from ..memory import stored_footprint
+        from ..registry import bundle_estimate
+
+        manifest = source.manifest or Manifest.read(source.path / MANIFEST_FILE)
+        precision = planned_precision(manifest, source.precision, self.config.backend, self.platform)
+        memory, activations = bundle_estimate(manifest, source.path, precision, self.tokens)
+        stored = stored_footprint(manifest.variants[precision].sha256, None, self.tokens)
+        if stored is not None:
+            return stored.total(activations), "measured on this device"
+        return memory, "estimate"
+
+    def load(self, source: ModelSource) -> ModelRunner:
+        from ..loading import load
+
+        c = self.config
+        return load(source.path, precision=source.precision, backend=c.backend, threads=c.model_threads(),
+                    limits=c.limits, platform=self.platform)
+
+    def oversize_bytes(self, model: PooledModel, rows: int, width: int) -> int:
+        """Activations of a batch past the token budget, beyond those charged at the budget."""
+        from ..registry import bundle_estimate
+
+        precision = model.info.precision
+        _, at_budget = bundle_estimate(model.manifest, model.source.path, precision, self.tokens)
+        _, needed = bundle_estimate(model.manifest, model.source.path, precision, rows * width)
+        return max(0, needed - at_budget)
+
+    def after_load(self, model: PooledModel, growth: int, peak: int | None) -> int:
+        from ..memory import Footprint, store_footprint
+        from ..registry import bundle_estimate
+
+        info, manifest = model.info, model.manifest
+        variant = manifest.variants[info.precision]
+        _, activations = bundle_estimate(manifest, model.source.path, info.precision, self.tokens)
+        footprint = store_footprint(Footprint(
+            model_id=manifest.model_id, precision=info.precision, execution_provider=info.execution_providers[0],
+            variant_sha256=variant.sha256, max_batch_tokens=self.tokens, resident=max(growth, 0),
+            load_peak=max(peak if peak is not None else growth, 0), batch_peak=None, batch_shape=None,
+            measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        ))
+        return footprint.total(activations)
+
+
+def pool_from_config(config: ServerConfig, sources: list[ModelSource]) -> ModelPool:
+    """The pool `edge-embed serve` runs: real loads under a `BundlePolicy`, within the
+    configured budget (or the detected memory less a fifth)."""
+    from ..memory import import_runtimes
+
+    policy = BundlePolicy(config)
+    for source in sources:
+        import_runtimes((source.manifest or Manifest.read(source.path / MANIFEST_FILE)).variants)
+    budget = config.memory_budget or default_memory_budget(policy.platform.memory_bytes)
+    return ModelPool(sources, budget_bytes=budget, loader=policy.load, cost_of=policy.cost_of, pinned=config.pin,
+                     load_wait_s=config.load_wait_s, after_load=policy.after_load,
+                     oversize_bytes=policy.oversize_bytes)

@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -6,8 +7,15 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class VectorFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VECTOR_FORMAT_FLOATS: _ClassVar[VectorFormat]
+    VECTOR_FORMAT_PACKED: _ClassVar[VectorFormat]
+VECTOR_FORMAT_FLOATS: VectorFormat
+VECTOR_FORMAT_PACKED: VectorFormat
+
 class EmbedRequest(_message.Message):
-    __slots__ = ("inputs", "instruction", "dimensions", "normalize", "truncate", "model", "request_id")
+    __slots__ = ("inputs", "instruction", "dimensions", "normalize", "truncate", "model", "request_id", "vector_format")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +23,7 @@ class EmbedRequest(_message.Message):
     TRUNCATE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FORMAT_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedScalarFieldContainer[str]
     instruction: str
     dimensions: int
@@ -22,7 +31,8 @@ class EmbedRequest(_message.Message):
     truncate: bool
     model: str
     request_id: str
-    def __init__(self, inputs: _Optional[_Iterable[str]] = ..., instruction: _Optional[str] = ..., dimensions: _Optional[int] = ..., normalize: _Optional[bool] = ..., truncate: _Optional[bool] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    vector_format: VectorFormat
+    def __init__(self, inputs: _Optional[_Iterable[str]] = ..., instruction: _Optional[str] = ..., dimensions: _Optional[int] = ..., normalize: _Optional[bool] = ..., truncate: _Optional[bool] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ..., vector_format: _Optional[_Union[VectorFormat, str]] = ...) -> None: ...
 
 class Embedding(_message.Message):
     __slots__ = ("values",)
@@ -31,20 +41,22 @@ class Embedding(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
-    __slots__ = ("embeddings", "token_counts", "model", "dimensions", "queue_ms", "inference_ms")
+    __slots__ = ("embeddings", "token_counts", "model", "dimensions", "queue_ms", "inference_ms", "packed")
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_COUNTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_MS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
     token_counts: _containers.RepeatedScalarFieldContainer[int]
     model: str
     dimensions: int
     queue_ms: float
     inference_ms: float
-    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., token_counts: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., dimensions: _Optional[int] = ..., queue_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ...) -> None: ...
+    packed: bytes
+    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., token_counts: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., dimensions: _Optional[int] = ..., queue_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., packed: _Optional[bytes] = ...) -> None: ...
 
 class StreamError(_message.Message):
     __slots__ = ("code", "message")

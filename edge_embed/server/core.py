@@ -1,0 +1,356 @@
+"""The transport-neutral core of the server: request checks, memory and concurrency
+admission, the model pool and its batchers, and results before a transport shapes them.
+
+gRPC (grpc_transport.py) and HTTP (http.py) are peer adapters over this module: each
+authenticates, translates its wire format to these calls and the answers back, and nothing
+else. Nothing here knows a wire format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+from ..errors import EdgeEmbedError, InvalidInputError, OverloadedError
+from ..manifest import Manifest
+from ..provider import ModelRunner, RerankResult, check_top_n, ranked, wrong_task
+from .batcher import REQUEST_ID, Ticket, TokenBudgetBatcher
+from .config import ServerConfig
+from .metrics import ServerMetrics
+from .pool import ModelPool, PooledModel
+
+log = logging.getLogger("edge_embed.server")
+
+__all__ = ["EmbeddingService", "Embedded", "Reranked", "Tokenized", "ModelFacts", "RequestMemory", "Reservation",
+           "new_request_id", "public_message", "bearer_matches", "REQUEST_ID"]
+
+T = TypeVar("T")
+
+# Texts up to this many characters in all are tokenized on the event loop (tens of
+# microseconds); bigger requests go to the worker thread, one at a time.
+_INLINE_CHARS = 4096
+# Responses with more values than this are built on the worker thread: 256 x 1024 floats
+# took 41 ms to copy into a protobuf and 141 ms to write as JSON, on the event loop.
+_INLINE_VALUES = 16_384
+# A request's bytes live several times while it is handled: gRPC's buffers, the parsed
+# message, its Python strings, the tokenizer's input (measured: about 6 for big requests).
+_REQUEST_COPIES = 6
+_REQUEST_OVERHEAD_BYTES = 64 * 1024
+# Tokens a reranker's prompt template adds to each pair at most (Qwen3-Reranker's: about 60).
+_TEMPLATE_TOKENS = 256
+_MEMORY_RETRY_MS = 200
+_BUSY_RETRY_MS = 200
+
+
+def new_request_id() -> str:
+    return secrets.token_hex(6)
+
+
+def bearer_matches(given: bytes, token: bytes) -> bool:
+    """Whether an Authorization value is `Bearer <token>`: the scheme is case-insensitive
+    (RFC 7235), the token compared in constant time (no timing oracle on it)."""
+    scheme, _, credentials = given.strip().partition(b" ")
+    return hmac.compare_digest(scheme.lower(), b"bearer") & hmac.compare_digest(credentials.strip(), token)
+
+
+def public_message(exc: BaseException) -> str:
+    """What a client is told: our own errors' messages; for anything else (a bug) a stable
+    line with the request id, while the log gets the detail under the same id."""
+    if isinstance(exc, EdgeEmbedError):
+        return str(exc)
+    rid = REQUEST_ID.get()
+    log.error("request %s failed", rid, exc_info=exc)
+    return f"internal error (request {rid}); the server log has the detail"
+
+
+class Reservation:
+    """Request memory held by one request: grows as its bytes arrive, released once."""
+
+    def __init__(self, memory: RequestMemory):
+        self._memory = memory
+        self.nbytes = 0
+
+    def grow(self, wire_bytes: int) -> None:
+        """Charge `wire_bytes` more of the request (each lives several times while it is
+        handled); OverloadedError when the budget has no room for them now."""
+        self._memory.take(self, _REQUEST_COPIES * wire_bytes + (0 if self.nbytes else _REQUEST_OVERHEAD_BYTES))
+
+    def release(self) -> None:
+        self._memory.give_back(self)
+
+
+class RequestMemory:
+    """Admission by memory: the bytes of requests being handled stay within what the
+    memory budget leaves beside the process and its resident models."""
+
+    def __init__(self, available: Callable[[], int]):
+        self._available = available
+        self.held = 0
+
+    def reserve(self, wire_bytes: int) -> Reservation:
+        """A reservation for a request of `wire_bytes`, or OverloadedError (retry)."""
+        reservation = Reservation(self)
+        reservation.grow(wire_bytes)
+        return reservation
+
+    def take(self, reservation: Reservation, nbytes: int) -> None:
+        if self.held and self.held + nbytes > self._available():
+            raise OverloadedError(
+                f"requests being handled hold {self.held / 1e6:,.0f} MB and this one needs {nbytes / 1e6:,.1f} MB "
+                f"more than the memory budget leaves: retry after {_MEMORY_RETRY_MS} ms",
+                retry_after_ms=_MEMORY_RETRY_MS, cause="memory")
+        self.held += nbytes
+        reservation.nbytes += nbytes
+
+    def give_back(self, reservation: Reservation) -> None:
+        self.held -= reservation.nbytes
+        reservation.nbytes = 0
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """One request's vectors and facts, before a transport shapes the answer."""
+
+    vectors: np.ndarray
+    token_counts: list[int]
+    model: str
+    dimensions: int
+    queue_s: float
+    inference_s: float
+
+
+@dataclass(frozen=True)
+class Reranked:
+    """One rerank request's results (best first) and facts, before a transport shapes them."""
+
+    results: list[RerankResult]
+    token_counts: list[int]
+    model: str
+    queue_s: float
+    inference_s: float
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    seqs: list[np.ndarray]
+    model: str
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What Info says of one model: from its last load, else from its manifest alone."""
+
+    name: str
+    task: str
+    dim: int
+    min_dim: int
+    max_length: int
+    instruction_aware: bool
+    default_instruction: str
+    precision: str = ""
+    backend: str = ""
+    execution_providers: tuple[str, ...] = ()
+
+
+class EmbeddingService:
+    """Checks every request, admits it by concurrency, memory and tokens, and hands token
+    ids to its model's batcher; one instance serves every transport."""
+
+    def __init__(self, pool: ModelPool, config: ServerConfig, metrics: ServerMetrics):
+        self.pool = pool
+        self.config = config
+        self.metrics = metrics
+        self.memory = RequestMemory(lambda: pool.budget_bytes - pool.committed_bytes)
+        self.inflight = 0  # model requests being handled, over both transports
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-embed-requests")
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=False, cancel_futures=True)
+
+    # -- admission at the door ----------------------------------------------------------
+
+    def busy(self) -> bool:
+        """Whether a new model request would pass `max_concurrent_rpcs` now."""
+        return self.inflight >= self.config.max_concurrent_rpcs
+
+    def busy_error(self) -> OverloadedError:
+        return OverloadedError(
+            f"{self.inflight} requests are being handled; the limit is {self.config.max_concurrent_rpcs}: "
+            f"retry after {_BUSY_RETRY_MS} ms", retry_after_ms=_BUSY_RETRY_MS, cause="concurrency")
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        """One of `max_concurrent_rpcs` model requests (health, Info and reflection take none)."""
+        if self.busy():
+            raise self.busy_error()
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+
+    def refused(self, exc: BaseException) -> None:
+        """Count a refusal for load by its cause."""
+        if isinstance(exc, OverloadedError):
+            self.metrics.refusals.labels(exc.cause).inc()
+
+    # -- request checks ---------------------------------------------------------------
+
+    def _check_count(self, count: int, field: str) -> None:
+        if count == 0:
+            raise InvalidInputError(f"{field} is empty: send at least one text")
+        if count > self.config.max_inputs:
+            raise InvalidInputError(f"{field} has {count} texts; the limit is {self.config.max_inputs}")
+
+    def _check_inputs(self, inputs: list[str], field: str = "inputs") -> None:
+        self._check_count(len(inputs), field)
+        for i, text in enumerate(inputs):
+            if len(text) > self.config.max_text_chars:
+                raise InvalidInputError(
+                    f"{field}[{i}] has {len(text)} characters; the limit is {self.config.max_text_chars}"
+                )
+
+    @staticmethod
+    def _check_task(model: PooledModel, wanted: str) -> None:
+        """A request for the other task is refused before any work, naming both kinds."""
+        task = model.info.task if model.info is not None else model.source_manifest().task
+        if task != wanted:
+            raise wrong_task(model.name, task, wanted)
+
+    def _check_instruction(self, instruction: str) -> None:
+        if len(instruction) > self.config.max_instruction_chars:
+            raise InvalidInputError(f"instruction has {len(instruction)} characters; the limit is "
+                                    f"{self.config.max_instruction_chars}")
+
+    async def off_loop(self, size: int, limit: int, work: Callable[[], T]) -> T:
+        """Run small work on the event loop and big work (over `limit`) on the worker
+        thread, so neither transport stalls while a big request is tokenized or answered."""
+        if size <= limit:
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(self._worker, work)
+
+    async def shape(self, values: int, build: Callable[[], T]) -> T:
+        """Build a response of `values` numbers off the event loop when it is big."""
+        return await self.off_loop(values, _INLINE_VALUES, build)
+
+    async def _admitted(self, batcher: TokenBudgetBatcher, bound: int, deadline: float | None, chars: int,
+                        tokenize: Callable[[], list[np.ndarray]]) -> tuple[list[np.ndarray], Any]:
+        """Tokenize a request and submit it under admission by tokens.
+
+        `bound` (from the request's size on the wire, before tokenizing) is tried first;
+        when it does not fit the queue now, the texts are tokenized and their real count
+        waits for room (a bounded wait), so a request whose real size fits gets in under
+        steady small traffic instead of only into an empty queue.
+        """
+        with contextlib.ExitStack() as stack:
+            ticket: Ticket | None = batcher.try_admit(bound, deadline)
+            if ticket is not None:
+                stack.enter_context(ticket)
+            seqs = await self.off_loop(chars, _INLINE_CHARS, tokenize)
+            if ticket is None:
+                ticket = stack.enter_context(await batcher.admit_when_room(sum(len(s) for s in seqs), deadline))
+            return seqs, await ticket.submit(seqs)
+
+    # -- the request paths --------------------------------------------------------------
+
+    async def embed_texts(self, model_name: str, count: int, nbytes: int, texts: Callable[[], list[str]], *,
+                          instruction: str = "", dimensions: int | None = None, normalize: bool = True,
+                          truncate: bool = True, deadline: float | None = None, field: str = "inputs") -> Embedded:
+        """The one embedding path of every transport: checks, admission by tokens, the model's
+        batcher, then the Matryoshka cut and normalization.
+
+        `count` and `nbytes` (the request's size on the wire) bound the tokens before
+        `texts()` makes Python strings of the inputs: a token takes at least one byte of
+        UTF-8, and no text passes the model's limit. `field` is what errors call the texts.
+        """
+        start = time.monotonic()
+        self._check_task(self.pool.find(model_name), "embed")
+        self._check_count(count, field)
+        self._check_instruction(instruction)
+        async with self.pool.use(model_name, deadline) as model:
+            runner, batcher, info = model.runner, model.batcher, model.info
+            try:
+                width = info.check_dimensions(dimensions or None)
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"dimensions: {exc}") from None
+            inputs = texts()
+            self._check_inputs(inputs, field)
+            bound = min(count * info.max_length, nbytes + count * (len(instruction) + 8))
+            seqs, result = await self._admitted(
+                batcher, bound, deadline, sum(len(t) for t in inputs),
+                lambda: runner.tokenize(inputs, instruction=instruction or None, truncate=truncate, field=field))
+            del inputs
+            vectors = runner.finish(result.vectors, width, normalize, field=field)
+        self.metrics.queue_seconds.observe(result.queue_s)
+        self.metrics.total_seconds.observe(time.monotonic() - start)
+        return Embedded(vectors, [len(s) for s in seqs], model.name, width, result.queue_s, result.inference_s)
+
+    async def rerank_documents(self, model_name: str, query: str, count: int, nbytes: int,
+                               documents: Callable[[], list[str]], *, instruction: str = "",
+                               top_n: int | None = None, return_documents: bool = False,
+                               deadline: float | None = None, field: str = "documents") -> Reranked:
+        """The one rerank path of every transport: the same checks, admission by tokens and
+        batcher as embedding (pairs share batches with each other), then scores, best first.
+
+        Every pair repeats the query and the template, so the token bound counts them per pair.
+        """
+        start = time.monotonic()
+        self._check_task(self.pool.find(model_name), "rerank")
+        self._check_count(count, field)
+        self._check_instruction(instruction)
+        check_top_n(top_n)
+        if len(query) > self.config.max_text_chars:
+            raise InvalidInputError(f"query has {len(query)} characters; the limit is {self.config.max_text_chars}")
+        async with self.pool.use(model_name, deadline) as model:
+            runner, batcher, info = model.runner, model.batcher, model.info
+            docs = documents()
+            self._check_inputs(docs, field)
+            per_pair = len(query.encode()) + len(instruction.encode()) + _TEMPLATE_TOKENS
+            bound = min(count * info.max_length, nbytes + count * per_pair)
+            seqs, result = await self._admitted(
+                batcher, bound, deadline, len(query) * len(docs) + sum(len(d) for d in docs),
+                lambda: runner.tokenize_pairs(query, docs, instruction=instruction or None, field=field))
+            scores = runner.finish_scores(result.vectors, field=field)
+        self.metrics.queue_seconds.observe(result.queue_s)
+        self.metrics.total_seconds.observe(time.monotonic() - start)
+        return Reranked(ranked(scores, docs, top_n, return_documents), [len(s) for s in seqs], model.name,
+                        result.queue_s, result.inference_s)
+
+    async def tokenize_texts(self, model_name: str, inputs: list[str], *, instruction: str = "",
+                             deadline: float | None = None) -> Tokenized:
+        """Token ids as the model would read them (template and EOS included)."""
+        self._check_task(self.pool.find(model_name), "embed")
+        self._check_inputs(inputs)
+        self._check_instruction(instruction)
+        async with self.pool.use(model_name, deadline) as model:
+            runner: ModelRunner = model.runner
+            seqs = await self.off_loop(sum(len(t) for t in inputs), _INLINE_CHARS, lambda: runner.tokenize(
+                inputs, instruction=instruction or None, truncate=True, field="inputs"))
+        return Tokenized(seqs, model.name)
+
+    def facts(self, model_name: str) -> ModelFacts:
+        """The named (or default) model's facts; a model never loaded is described from
+        its manifest alone (Info never loads one)."""
+        model = self.pool.find(model_name)
+        if model.info is not None:
+            i = model.info
+            return ModelFacts(model.name, i.task, i.dim, i.matryoshka_min_dim or i.dim, i.max_length,
+                              i.instruction_aware, i.default_instruction or "", i.precision, i.backend,
+                              tuple(i.execution_providers))
+        m: Manifest = model.source_manifest()
+        if m.rerank is not None:
+            aware, default = m.rerank.takes_instruction, m.rerank.default_instruction
+        else:
+            aware, default = m.instruction_template is not None, m.default_instruction
+        return ModelFacts(model.name, m.task, m.dim, m.matryoshka_min_dim or m.dim, m.max_length, aware,
+                          default or "")

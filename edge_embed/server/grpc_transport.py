@@ -1,0 +1,357 @@
+"""The edge_embed.v1 gRPC transport: a peer adapter over the core (core.py).
+
+At the door, before a request's bytes are parsed or any memory is reserved: the bearer
+token (`BearerTokenInterceptor`), then the model-request concurrency limit (health,
+reflection and Info are never refused for load). Then each message is parsed against
+the request memory, translated to a core call, and the answer back to protobuf. Errors
+become their class's status code here and nowhere else, with trailers a client reads:
+`retry-after-ms` and gRPC's own `grpc-retry-pushback-ms` where waiting helps,
+`edge-embed-error` (the error class) and `request-id`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from .. import __version__
+from ..errors import (
+    EdgeEmbedError,
+    InvalidInputError,
+    RequestTooLargeError,
+    UnauthenticatedError,
+    grpc_code_of,
+    retry_after_ms_of,
+)
+from ..memory import rss_bytes
+from ..v1 import embed_pb2 as pb
+from .core import REQUEST_ID, EmbeddingService, Reservation, bearer_matches, new_request_id, public_message
+from .pool import ModelStatus
+
+__all__ = ["SERVICE_NAME", "grpc_status", "method_handlers", "BearerTokenInterceptor", "error_trailers"]
+
+SERVICE_NAME = "edge_embed.v1.EmbeddingService"
+_STREAM_WINDOW = 64  # stream messages in flight at once; beyond this the reader waits
+# RPCs that run a model take one of max_concurrent_rpcs; Info only reads the pool.
+_MODEL_METHODS = ("Embed", "EmbedStream", "Rerank", "Tokenize")
+
+
+def grpc_status(exc: BaseException) -> grpc.StatusCode:
+    """The one place errors become gRPC status codes: each error class names its own."""
+    return getattr(grpc.StatusCode, grpc_code_of(exc))
+
+
+def error_trailers(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """What a client needs beside the status: the error class (so it maps back exactly),
+    the request id, and how long to wait where waiting helps (ours and gRPC's own key,
+    which stock clients with a retry policy honour)."""
+    trailers = [("edge-embed-error", type(exc).__name__ if isinstance(exc, EdgeEmbedError) else "EdgeEmbedError"),
+                ("request-id", REQUEST_ID.get())]
+    hint = retry_after_ms_of(exc)
+    if hint is not None:
+        trailers += [("retry-after-ms", str(int(hint))), ("grpc-retry-pushback-ms", str(int(hint)))]
+    elif grpc_code_of(exc) in ("UNAVAILABLE", "RESOURCE_EXHAUSTED"):
+        trailers.append(("grpc-retry-pushback-ms", "-1"))  # a stock retry policy must not retry it
+    return tuple(trailers)
+
+
+class _Malformed:
+    """Stands in for a request whose bytes did not parse, so the handler can say why."""
+
+    def __init__(self, error: EdgeEmbedError):
+        self.error = error
+
+
+class _Admitted:
+    """A parsed request and the memory it holds until it is answered."""
+
+    def __init__(self, message: Any, reservation: Reservation):
+        self.message = message
+        self.reservation = reservation
+
+
+def _parser(message_type: type, max_bytes: int, service: EmbeddingService) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        if len(data) > max_bytes:
+            return _Malformed(RequestTooLargeError(f"the request is {len(data)} bytes; the limit is {max_bytes}"))
+        try:
+            reservation = service.memory.reserve(len(data))
+        except EdgeEmbedError as exc:
+            return _Malformed(exc)
+        try:
+            return _Admitted(message_type.FromString(data), reservation)
+        except DecodeError as exc:
+            reservation.release()
+            return _Malformed(InvalidInputError(
+                f"the request does not parse (invalid UTF-8 in a string field?): {exc}"))
+
+    return parse
+
+
+def _unparsed(data: bytes) -> None:
+    """The deserializer of a call refused at the door: its bytes are never parsed or charged."""
+    return None
+
+
+def _deadline(context: grpc.aio.ServicerContext | None) -> float | None:
+    remaining = context.time_remaining() if context is not None else None
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class GrpcApi:
+    """The EmbeddingService RPC bodies: protobuf in, a core call, protobuf out."""
+
+    def __init__(self, service: EmbeddingService):
+        self.service = service
+
+    async def embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        done = await self.service.embed_texts(
+            request.model, len(request.inputs), request.ByteSize(), lambda: list(request.inputs),
+            instruction=request.instruction, dimensions=request.dimensions or None,
+            normalize=request.normalize if request.HasField("normalize") else True,
+            truncate=request.truncate if request.HasField("truncate") else True,
+            deadline=_deadline(context),
+        )
+        packed = request.vector_format == pb.VECTOR_FORMAT_PACKED
+
+        def build() -> pb.EmbedResponse:
+            response = pb.EmbedResponse(token_counts=done.token_counts, model=done.model,
+                                        dimensions=done.dimensions, queue_ms=done.queue_s * 1000,
+                                        inference_ms=done.inference_s * 1000)
+            if packed:
+                response.packed = np.ascontiguousarray(done.vectors, dtype="<f4").tobytes()
+            else:
+                add = response.embeddings.add
+                for v in done.vectors:
+                    add().values.extend(v)
+            return response
+
+        return await self.service.shape(0 if packed else done.vectors.size, build)
+
+    async def rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
+        done = await self.service.rerank_documents(
+            request.model, request.query, len(request.documents), request.ByteSize(), lambda: list(request.documents),
+            instruction=request.instruction, top_n=request.top_n or None,
+            return_documents=request.return_documents, deadline=_deadline(context))
+        return pb.RerankResponse(
+            results=[pb.RerankResult(index=r.index, score=r.score, document=r.document or "") for r in done.results],
+            token_counts=done.token_counts, model=done.model, queue_ms=done.queue_s * 1000,
+            inference_ms=done.inference_s * 1000)
+
+    async def tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        done = await self.service.tokenize_texts(request.model, list(request.inputs), instruction=request.instruction,
+                                                 deadline=_deadline(context))
+        return pb.TokenizeResponse(tokens=[pb.TokenIds(ids=s.tolist()) for s in done.seqs],
+                                   token_counts=[len(s) for s in done.seqs])
+
+    async def info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+        """The named (or default) model's facts, every model's state and the memory budget."""
+        service = self.service
+        facts, c, pool = service.facts(request.model), service.config, service.pool
+        return pb.InfoResponse(
+            model=facts.name, dim=facts.dim, min_dim=facts.min_dim, max_length=facts.max_length,
+            instruction_aware=facts.instruction_aware, default_instruction=facts.default_instruction,
+            precision=facts.precision, backend=facts.backend, execution_providers=list(facts.execution_providers),
+            batching=pb.BatchingLimits(
+                max_batch_tokens=c.max_batch_tokens, max_batch_size=c.max_batch_size, max_wait_ms=c.max_wait_ms,
+                max_queue_tokens=c.queue_tokens, max_inputs_per_request=c.max_inputs,
+                max_text_chars=c.max_text_chars, max_concurrent_rpcs=c.max_concurrent_rpcs,
+                run_timeout_s=c.run_timeout_s, max_instruction_chars=c.max_instruction_chars,
+            ),
+            version=__version__,
+            models=[_model_status(s) for s in pool.status()],
+            task=facts.task,
+            memory=pb.MemoryBudget(budget_bytes=pool.budget_bytes, committed_bytes=pool.committed_bytes,
+                                   base_bytes=pool.base_bytes, rss_bytes=rss_bytes() or 0,
+                                   requests_bytes=service.memory.held),
+        )
+
+    async def embed_stream(self, requests: AsyncIterator[Any],
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.EmbedStreamResponse]:
+        """Answers in request order; messages are computed concurrently so they can share batches.
+
+        At most `_STREAM_WINDOW` messages are in flight; when the client goes away, the
+        reader and every message still in flight are cancelled, and every message's
+        memory is released (also for messages cancelled before they started).
+        """
+        if self.service.busy():  # passed the door, but others took the last slots meanwhile
+            await _abort(context, self.service.busy_error())
+        window: asyncio.Queue = asyncio.Queue(maxsize=_STREAM_WINDOW)
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    task = asyncio.ensure_future(self._answer(request, context))
+                    if isinstance(request, _Admitted):
+                        task.add_done_callback(lambda _, r=request.reservation: r.release())
+                    await window.put(task)
+            except asyncio.CancelledError:
+                raise  # the consumer is gone; nobody waits for the end marker
+            except Exception:  # noqa: BLE001 - a broken client stream simply ends the stream
+                pass
+            await window.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            with self.service.slot():
+                while (task := await window.get()) is not None:
+                    yield await task
+        finally:
+            reader.cancel()
+            while not window.empty():
+                task = window.get_nowait()
+                if task is not None:
+                    task.cancel()
+
+    async def _answer(self, request: Any, context: grpc.aio.ServicerContext) -> pb.EmbedStreamResponse:
+        message = request.message if isinstance(request, _Admitted) else None
+        rid = message.request_id if message is not None else ""
+        REQUEST_ID.set(rid or new_request_id())
+        try:
+            if isinstance(request, _Malformed):
+                raise request.error
+            response = await self.embed(message, context)
+        except Exception as exc:  # noqa: BLE001 - one message's error is that message's answer
+            code = grpc_status(exc)
+            self.service.refused(exc)
+            self.service.metrics.requests.labels("EmbedStream.message", code.name).inc()
+            return pb.EmbedStreamResponse(request_id=rid,
+                                          error=pb.StreamError(code=code.name, message=public_message(exc)))
+        self.service.metrics.requests.labels("EmbedStream.message", "OK").inc()
+        return pb.EmbedStreamResponse(request_id=rid, response=response)
+
+
+def _model_status(s: ModelStatus) -> pb.ModelStatus:
+    return pb.ModelStatus(
+        name=s.name, model_id=s.model_id, state=s.state.value, pinned=s.pinned, precision=s.precision,
+        charged_bytes=s.charged_bytes, charged_from=s.charged_from,
+        resident_measured_bytes=max(0, s.resident_measured_bytes or 0), loads=s.loads,
+        evictions=s.evictions, requests=s.requests, parity_cos_min=s.parity_cos_min or 0.0,
+        parity_ok=bool(s.parity_ok), error=s.error or "", task=s.task,
+    )
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    await context.abort(grpc_status(exc), public_message(exc), trailing_metadata=error_trailers(exc))
+
+
+def _unary(service: EmbeddingService, name: str, body: Callable, *, takes_slot: bool) -> Callable:
+    """Wrap an RPC body: a request id, a concurrency slot for model work, the count, and
+    any error turned into its status (never a crash); its memory released on every way out."""
+
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        REQUEST_ID.set(new_request_id())
+        try:
+            if isinstance(request, _Malformed):
+                raise request.error
+            if takes_slot:
+                with service.slot():
+                    response = await body(request.message, context)
+            else:
+                response = await body(request.message, context)
+        except asyncio.CancelledError:
+            service.metrics.requests.labels(name, "CANCELLED").inc()
+            raise
+        except Exception as exc:  # noqa: BLE001 - the boundary: every error becomes a status
+            service.refused(exc)
+            service.metrics.requests.labels(name, grpc_status(exc).name).inc()
+            await _abort(context, exc)
+        finally:
+            if isinstance(request, _Admitted):
+                request.reservation.release()
+        service.metrics.requests.labels(name, "OK").inc()
+        return response
+
+    return handler
+
+
+class _ServiceHandler(grpc.GenericRpcHandler):
+    """The EmbeddingService's methods, with the concurrency limit checked at the door: a
+    call refused for load is never parsed, so it holds no request memory."""
+
+    def __init__(self, service: EmbeddingService, handlers: dict[str, grpc.RpcMethodHandler]):
+        self._service = service
+        self._handlers = {f"/{SERVICE_NAME}/{name}": (name, h) for name, h in handlers.items()}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        found = self._handlers.get(handler_call_details.method)
+        if found is None:
+            return None
+        name, handler = found
+        if name in _MODEL_METHODS and self._service.busy():
+            error = self._service.busy_error()
+            self._service.refused(error)
+            self._service.metrics.requests.labels(name, grpc_status(error).name).inc()
+            return refusing_handler(handler, error)
+        return handler
+
+
+def refusing_handler(handler: grpc.RpcMethodHandler, error: EdgeEmbedError) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as `handler` that answers `error` without reading the request."""
+
+    async def deny(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        REQUEST_ID.set(new_request_id())
+        await _abort(context, error)
+
+    async def deny_stream(request_or_iterator: Any, context: grpc.aio.ServicerContext):
+        REQUEST_ID.set(new_request_id())
+        await _abort(context, error)
+        yield  # pragma: no cover - makes this an async generator
+
+    make = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(handler.request_streaming, handler.response_streaming)]
+    behaviour = deny_stream if handler.response_streaming else deny
+    return make(behaviour, _unparsed, handler.response_serializer)
+
+
+def method_handlers(service: EmbeddingService, max_message_bytes: int) -> grpc.GenericRpcHandler:
+    api = GrpcApi(service)
+
+    def parse(message_type: type) -> Callable[[bytes], Any]:
+        return _parser(message_type, max_message_bytes, service)
+
+    def unary(name: str, body: Callable, request: type, response: type) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(
+            _unary(service, name, body, takes_slot=name in _MODEL_METHODS), parse(request),
+            response.SerializeToString)
+
+    return _ServiceHandler(service, {
+        "Embed": unary("Embed", api.embed, pb.EmbedRequest, pb.EmbedResponse),
+        "EmbedStream": grpc.stream_stream_rpc_method_handler(
+            api.embed_stream, parse(pb.EmbedRequest), pb.EmbedStreamResponse.SerializeToString),
+        "Rerank": unary("Rerank", api.rerank, pb.RerankRequest, pb.RerankResponse),
+        "Tokenize": unary("Tokenize", api.tokenize, pb.TokenizeRequest, pb.TokenizeResponse),
+        "Info": unary("Info", api.info, pb.InfoRequest, pb.InfoResponse),
+    })
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Requires `authorization: Bearer <token>` on every RPC except health checks. A
+    denied call's bytes are never parsed, so it reserves no request memory."""
+
+    _OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+
+    def __init__(self, token: str):
+        self._token = token.encode()
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if details.method.startswith(self._OPEN_PREFIXES) or handler is None:
+            return handler
+        metadata = dict(details.invocation_metadata or ())
+        given = metadata.get("authorization", "")
+        given = given.encode("utf-8", "surrogateescape") if isinstance(given, str) else bytes(given)
+        if bearer_matches(given, self._token):
+            return handler
+        return refusing_handler(handler, UnauthenticatedError(
+            "missing or wrong bearer token (metadata 'authorization: Bearer <token>')"))
