@@ -6,6 +6,7 @@ Errors print one line on stderr and exit with the error class's own exit code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import EdgeEmbedError, InvalidInputError
+from .errors import BackendUnavailableError, EdgeEmbedError, InvalidInputError, WrongTaskError
 from .manifest import DEFAULT_EXPORT_PRECISIONS
 
 __all__ = ["main"]
@@ -69,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="reranker INT8 gate: largest |score diff| to FP32 (default 0.05)")
     ex.add_argument("--fp16-score-diff-max", type=float,
                     help="reranker FP16 gate: largest |score diff| to FP32 (default 0.02)")
-    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    ex.add_argument("--overwrite", action="store_true",
+                    help="replace the bundle already at OUT (any other non-empty OUT is refused)")
 
     em = sub.add_parser("embed", help="embed texts; prints one JSON object per line")
     em.add_argument("texts", nargs="*", help="texts to embed; '-' reads one text per line from stdin")
@@ -187,6 +189,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _client_options(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--model", metavar="NAME",
+                     help="with --server: which of the server's models to ask (embed and rerank: env EDGE_EMBED_MODEL; "
+                          "default: the server's default model)")
     cmd.add_argument("--token", default=_env("TOKEN"), help="bearer token for the server")
     cmd.add_argument("--root-cert", type=Path, help="CA certificate to trust (enables TLS)")
     cmd.add_argument("--client-cert", type=Path, help="client certificate for mutual TLS")
@@ -268,19 +273,44 @@ def _client(args: argparse.Namespace, timeout: float = 30.0):
                        client_key=args.client_key, timeout=timeout)
 
 
+def _server_model(args: argparse.Namespace) -> str | None:
+    """--model, else EDGE_EMBED_MODEL: one of a server's models, so the flag needs --server
+    (the variable is only read when a server is asked)."""
+    if args.model and not args.server:
+        raise InvalidInputError("--model picks one of a server's models: give --server too, or only --bundle")
+    return args.model or _env("MODEL") or None
+
+
+@contextlib.contextmanager
+def _naming_models_for(client, task: str):
+    """A request sent to a model of the other task fails naming the server's models that do it."""
+    try:
+        yield
+    except WrongTaskError as exc:
+        try:
+            names = [m.name for m in client.info().models if m.task == task]
+        except EdgeEmbedError:
+            names = []
+        if not names:
+            raise
+        raise WrongTaskError(f"{exc}: " + " or ".join(f"--model {name}" for name in names)) from None
+
+
 def _cmd_embed(args: argparse.Namespace) -> None:
     texts = _read_texts(args)
     if args.server:
-        with _client(args) as client:
+        model = _server_model(args)
+        with _client(args) as client, _naming_models_for(client, "embed"):
             instruction = args.instruction
             if args.query:
-                instruction = client.info().default_instruction or None
+                instruction = client.info(model).default_instruction or None
                 if instruction is None:
                     raise InvalidInputError("the served model has no query instruction")
             vectors = client.embed(texts, instruction=instruction, dimensions=args.dimensions,
-                                   normalize=not args.no_normalize, truncate=not args.no_truncate)
+                                   normalize=not args.no_normalize, truncate=not args.no_truncate, model=model)
         _print_vectors(vectors)
         return
+    _server_model(args)
     with _open(args) as provider:
         instruction = args.instruction
         if args.query:
@@ -311,10 +341,13 @@ def _cmd_rerank(args: argparse.Namespace) -> None:
     else:
         raise InvalidInputError("give documents to score, or '-' to read them from stdin")
     if args.server:
-        with _client(args) as client:
-            response = client.rerank(args.query, documents, instruction=args.instruction, top_n=args.top_n)
+        model = _server_model(args)
+        with _client(args) as client, _naming_models_for(client, "rerank"):
+            response = client.rerank(args.query, documents, instruction=args.instruction, top_n=args.top_n,
+                                     model=model)
         results = [(r.index, r.score) for r in response.results]
     else:
+        _server_model(args)
         if args.bundle is None:
             raise InvalidInputError("give a reranker bundle (--bundle or EDGE_EMBED_RERANKER) or --server")
         with _open(args) as provider:
@@ -339,8 +372,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
     from .default_model import ensure_default_bundle
     from .server import ServerConfig, serve
-    from .server.app import pool_from_config
-    from .server.pool import parse_model_sources
+    from .server.pool import parse_model_sources, pool_from_config
 
     flags = dict(vars(args))
     flags["bundle"] = tuple(args.bundle) if args.bundle else None
@@ -357,27 +389,62 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
 
 def _cmd_health(args: argparse.Namespace) -> None:
+    """The server's status; with --model, that model's: its own health service where the
+    server registers one, else the server's status and the model's state from Info."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from .errors import BackendUnavailableError
+    from .client import health_service_name
 
+    # The flag only: a container's HEALTHCHECK must keep meaning the whole server even where
+    # EDGE_EMBED_MODEL is set for the other commands.
+    if args.model and not args.server:
+        raise InvalidInputError("--model picks one of a server's models: give --server too")
+    model = args.model
     with _client(args, timeout=args.timeout) as client:
         stub = health_pb2_grpc.HealthStub(client._channel)
-        try:
-            status = stub.Check(health_pb2.HealthCheckRequest(), timeout=args.timeout).status
-        except grpc.RpcError as exc:
-            raise BackendUnavailableError(f"{args.server}: {exc.code().name}: {exc.details()}") from None
+
+        def check(service: str) -> int | None:
+            """`service`'s status; None for a model's name that the server does not register."""
+            try:
+                return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=args.timeout).status
+            except grpc.RpcError as exc:
+                if service and exc.code() == grpc.StatusCode.NOT_FOUND:
+                    return None
+                raise BackendUnavailableError(f"{args.server}: {exc.code().name}: {exc.details()}") from None
+
+        status = check(health_service_name(model)) if model else None
+        served = None  # the model's pool status, where the server has no health entry for it
+        if status is None:
+            status = check("")
+            if model and status == health_pb2.HealthCheckResponse.SERVING:
+                served = _model_status(client, model)
     name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
-    print(name)
+    broken = served is not None and served.state in _BROKEN_STATES
+    if broken:
+        name = "NOT_SERVING"
+    print(name if served is None else f"{name} ({served.name}: {served.state})")
+    if broken:
+        raise BackendUnavailableError(f"{args.server}: model {served.name} is {served.state}: "
+                                      f"{served.error or 'no reason given'}")
     if status != health_pb2.HealthCheckResponse.SERVING:
         raise BackendUnavailableError(f"{args.server} is {name}")
 
 
+# Pool states in which a model's requests fail: its last load failed (the pool tries again
+# later), or its worker stopped. The others serve: loaded, or loaded on demand.
+_BROKEN_STATES = ("failed", "stopped")
+
+
+def _model_status(client, model: str):
+    """One model's ModelStatus from Info (None where Info lists no models); Info raises
+    ModelNotFoundError when the server has no such model."""
+    info = client.info(model)
+    return next((status for status in info.models if status.name == info.model), None)
+
+
 def _cmd_doctor(args: argparse.Namespace) -> None:
     from .doctor import diagnose, render
-
-    from .errors import BackendUnavailableError
 
     report = diagnose(args.bundle, backend=args.backend)
     print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else render(report))

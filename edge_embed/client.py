@@ -1,13 +1,44 @@
 """Clients for the edge_embed.v1 gRPC API, sync and asyncio, with deadlines and retries.
 
-Retries cover UNAVAILABLE and RESOURCE_EXHAUSTED only, and wait as long as the server's
-`retry-after-ms` hint says (else an exponential backoff). Status codes come back as
-the matching edge-embed errors.
+Errors come back as the edge-embed error the server raised: it names the class in the
+`edge-embed-error` trailer (one of edge_embed.errors' public classes; any other name is
+ignored). Without that trailer (an older server, or a call that never reached one) the
+status code picks the class. The message is the status code and the server's details.
+
+A call is retried only where the server says waiting helps: RESOURCE_EXHAUSTED or
+UNAVAILABLE with a hint (`retry-after-ms`, else gRPC's `grpc-retry-pushback-ms`), after
+that many milliseconds; and UNAVAILABLE without an `edge-embed-error` trailer, a transport
+failure (no server answered), after an exponential backoff. Every other error, an
+UNAVAILABLE that names its class without a hint included, fails at once. All attempts
+share the call's one deadline.
+
+Other clients get the same policy from stock gRPC retries with `SERVICE_CONFIG`, gRPC
+service config JSON (`retryPolicy`), passed as the channel's default service config:
+
+    Python   grpc.insecure_channel(target, options=[("grpc.service_config", SERVICE_CONFIG)])
+    Go       grpc.NewClient(target, grpc.WithDefaultServiceConfig(serviceConfig), ...)
+    Java     ManagedChannelBuilder.forTarget(target).defaultServiceConfig(parsedJsonMap).enableRetry()
+    C++      grpc::ChannelArguments args; args.SetServiceConfigJSON(serviceConfig);
+
+gRPC then retries UNAVAILABLE and RESOURCE_EXHAUSTED up to `maxAttempts` (it caps that
+at 5), waits `grpc-retry-pushback-ms` where the server sends it and the backoff where it
+does not, and stops at a negative pushback. It reads no other trailer, so it also retries
+an error of those codes that the server sent without a pushback, and it never retries a
+request bigger than the channel's retry buffer (`grpc.per_rpc_retry_buffer_size`, 256 KiB)
+or one whose response headers arrived. grpcurl takes no service config and never retries:
+`grpcurl -v` prints the trailers (`edge-embed-error`, the hints) for a script to act on.
+
+These clients do not pass SERVICE_CONFIG: their channels set `grpc.enable_retries` to 0,
+which turns gRPC's retries off even under a service config, so the loop here is the only
+one that retries (both together would multiply attempts, gRPC's inside each of ours), and
+it keeps what gRPC cannot: the trailer test, more than 5 attempts, requests of any size.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +46,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from . import errors
 from .errors import (
     BackendUnavailableError,
     BundleError,
@@ -26,9 +58,28 @@ from .errors import (
 )
 from .v1 import embed_pb2 as pb
 
-__all__ = ["EmbedClient", "AsyncEmbedClient"]
+__all__ = ["EmbedClient", "AsyncEmbedClient", "SERVICE_CONFIG", "ERROR_TRAILER", "health_service_name"]
 
-_METHOD = "/edge_embed.v1.EmbeddingService/"
+_SERVICE = "edge_embed.v1.EmbeddingService"
+_METHOD = f"/{_SERVICE}/"
+ERROR_TRAILER = "edge-embed-error"  # the edge_embed.errors class name of a failed call
+_RETRY_AFTER = "retry-after-ms"
+_PUSHBACK = "grpc-retry-pushback-ms"
+# One retry policy: this module's loop (retries=3 is maxAttempts 4) and SERVICE_CONFIG.
+_RETRIES = 3
+_INITIAL_BACKOFF_S = 0.05
+_MAX_BACKOFF_S = 2.0
+_BACKOFF_MULTIPLIER = 2
+SERVICE_CONFIG = json.dumps({"methodConfig": [{
+    "name": [{"service": _SERVICE}],
+    "retryPolicy": {
+        "maxAttempts": _RETRIES + 1,
+        "initialBackoff": f"{_INITIAL_BACKOFF_S}s",
+        "maxBackoff": f"{_MAX_BACKOFF_S}s",
+        "backoffMultiplier": _BACKOFF_MULTIPLIER,
+        "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+    },
+}]})
 _ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidInputError,
     grpc.StatusCode.NOT_FOUND: ModelNotFoundError,
@@ -37,6 +88,34 @@ _ERRORS = {
     grpc.StatusCode.UNAVAILABLE: BackendUnavailableError,
     grpc.StatusCode.FAILED_PRECONDITION: BundleError,
 }
+_RETRYABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+def health_service_name(model: str) -> str:
+    """The grpc.health.v1 service name under which a server reports one of its models."""
+    return f"{_SERVICE}/{model}"
+
+
+def _takes_message(cls: type) -> bool:
+    try:
+        inspect.signature(cls).bind("message")
+    except TypeError:
+        return False
+    return True
+
+
+def _wire_classes() -> dict[str, type[EdgeEmbedError]]:
+    """The classes a trailer may name, each as the nearest class of its ancestry that can
+    be made from a message alone (GateError's fields stay on the server: ExportError)."""
+    classes = {}
+    for name in errors.__all__:
+        cls = getattr(errors, name)
+        if isinstance(cls, type) and issubclass(cls, EdgeEmbedError):
+            classes[name] = next(c for c in cls.__mro__ if issubclass(c, EdgeEmbedError) and _takes_message(c))
+    return classes
+
+
+_WIRE_CLASSES = _wire_classes()
 
 
 def _credentials(root_cert: Path | None, client_cert: Path | None, client_key: Path | None):
@@ -64,29 +143,42 @@ def _vectors(response: pb.EmbedResponse) -> np.ndarray:
     return np.array([e.values for e in response.embeddings], dtype=np.float32)
 
 
-def _translate(exc: grpc.RpcError) -> EdgeEmbedError:
-    cls = _ERRORS.get(exc.code(), EdgeEmbedError)
-    return cls(f"{exc.code().name}: {exc.details()}")
-
-
-def _hint_ms(exc: grpc.RpcError) -> int | None:
+def _trailers(exc: grpc.RpcError) -> dict[str, str]:
+    found: dict[str, str] = {}
     for key, value in exc.trailing_metadata() or ():
-        if key == "retry-after-ms" and value.isdigit():
-            return int(value)
+        if isinstance(value, str):
+            found.setdefault(key, value)
+    return found
+
+
+def _hint_ms(trailers: dict[str, str]) -> int | None:
+    """The wait the server asked for; a negative pushback means "do not retry": no hint."""
+    for key in (_RETRY_AFTER, _PUSHBACK):
+        if trailers.get(key, "").isdigit():
+            return int(trailers[key])
     return None
 
 
-def _retryable(exc: grpc.RpcError) -> bool:
-    """UNAVAILABLE, and RESOURCE_EXHAUSTED when the server says waiting helps (a full
-    queue sends a hint; a model too big for the memory budget does not)."""
-    code = exc.code()
-    return code == grpc.StatusCode.UNAVAILABLE or (
-        code == grpc.StatusCode.RESOURCE_EXHAUSTED and _hint_ms(exc) is not None)
+def _translate(exc: grpc.RpcError) -> EdgeEmbedError:
+    """The error the server raised, with the wait it asked for (None where it gave none)."""
+    trailers = _trailers(exc)
+    cls = _WIRE_CLASSES.get(trailers.get(ERROR_TRAILER, "")) or _ERRORS.get(exc.code(), EdgeEmbedError)
+    error = cls(f"{exc.code().name}: {exc.details()}")
+    error.retry_after_ms = _hint_ms(trailers)
+    return error
 
 
-def _retry_delay(exc: grpc.RpcError, attempt: int) -> float:
-    hint = _hint_ms(exc)
-    return hint / 1000 if hint is not None else min(2.0, 0.05 * 2**attempt)
+def _retry_delay(exc: grpc.RpcError, attempt: int, retries: int, deadline: float) -> float | None:
+    """Seconds to wait before the next attempt, or None when the call fails now: the server
+    gave no hint for it, no attempt is left, or the wait would pass the deadline."""
+    code, trailers = exc.code(), _trailers(exc)
+    hint = _hint_ms(trailers)
+    transport = code == grpc.StatusCode.UNAVAILABLE and ERROR_TRAILER not in trailers and _PUSHBACK not in trailers
+    if attempt >= retries or code not in _RETRYABLE_CODES or (hint is None and not transport):
+        return None
+    backoff = min(_MAX_BACKOFF_S, _INITIAL_BACKOFF_S * _BACKOFF_MULTIPLIER**attempt)
+    delay = hint / 1000 if hint is not None else backoff
+    return None if time.monotonic() + delay >= deadline else delay
 
 
 class _Options:
@@ -96,7 +188,8 @@ class _Options:
         self.credentials = _credentials(root_cert, client_cert, client_key)
         self.timeout = timeout
         self.retries = retries
-        self.options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        # gRPC's own retries off, service config or not: the loop in `_call` is the one.
+        self.options = [("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.enable_retries", 0)]
 
     def channel(self, grpc_module):
         """A channel of `grpc` or `grpc.aio`, secure when TLS options were given."""
@@ -121,12 +214,22 @@ def _rerank_request(query: str, documents: Sequence[str], instruction: str | Non
                             top_n=top_n or 0, return_documents=return_documents, model=model or "")
 
 
+def _tokenize_request(texts: Sequence[str], instruction: str | None, model: str | None) -> pb.TokenizeRequest:
+    if isinstance(texts, str):
+        raise InvalidInputError("texts must be a list of strings, not a single string")
+    return pb.TokenizeRequest(inputs=list(texts), instruction=instruction or "", model=model or "")
+
+
+def _token_ids(response: pb.TokenizeResponse) -> list[list[int]]:
+    return [list(t.ids) for t in response.tokens]
+
+
 class EmbedClient:
     """Blocking client. `with EmbedClient("host:port") as c: c.embed([...])`."""
 
     def __init__(self, target: str, *, token: str | None = None, root_cert: Path | None = None,
                  client_cert: Path | None = None, client_key: Path | None = None,
-                 timeout: float = 10.0, retries: int = 3):
+                 timeout: float = 10.0, retries: int = _RETRIES):
         self._o = _Options(target, token=token, root_cert=root_cert, client_cert=client_cert,
                            client_key=client_key, timeout=timeout, retries=retries)
         self._channel = self._o.channel(grpc)
@@ -138,8 +241,8 @@ class EmbedClient:
             try:
                 return method(request, timeout=max(0.001, deadline - time.monotonic()), metadata=self._o.metadata)
             except grpc.RpcError as exc:
-                delay = _retry_delay(exc, attempt)
-                if not _retryable(exc) or attempt == self._o.retries or time.monotonic() + delay >= deadline:
+                delay = _retry_delay(exc, attempt, self._o.retries, deadline)
+                if delay is None:
                     raise _translate(exc) from None
                 time.sleep(delay)
         raise AssertionError("unreachable")
@@ -160,9 +263,10 @@ class EmbedClient:
         """Scores of `documents` for `query` from a reranker, best first (`top_n` of them)."""
         return self._call(self._rerank, _rerank_request(query, documents, instruction, top_n, return_documents, model))
 
-    def tokenize(self, texts: Sequence[str], *, instruction: str | None = None) -> list[list[int]]:
-        response = self._call(self._tokenize, pb.TokenizeRequest(inputs=list(texts), instruction=instruction or ""))
-        return [list(t.ids) for t in response.tokens]
+    def tokenize(self, texts: Sequence[str], *, instruction: str | None = None,
+                 model: str | None = None) -> list[list[int]]:
+        """Token ids of each text as the model sees it (with `instruction`: as a query)."""
+        return _token_ids(self._call(self._tokenize, _tokenize_request(texts, instruction, model)))
 
     def info(self, model: str | None = None) -> pb.InfoResponse:
         """The server's models and memory; top-level fields describe `model` (default: the default one)."""
@@ -183,11 +287,11 @@ class AsyncEmbedClient:
 
     def __init__(self, target: str, *, token: str | None = None, root_cert: Path | None = None,
                  client_cert: Path | None = None, client_key: Path | None = None,
-                 timeout: float = 10.0, retries: int = 3):
+                 timeout: float = 10.0, retries: int = _RETRIES):
         self._o = _Options(target, token=token, root_cert=root_cert, client_cert=client_cert,
                            client_key=client_key, timeout=timeout, retries=retries)
         self._channel = self._o.channel(grpc.aio)
-        self._embed, self._info, _, self._rerank = _stubs(self._channel)
+        self._embed, self._info, self._tokenize, self._rerank = _stubs(self._channel)
 
     async def _call(self, method, request):
         deadline = time.monotonic() + self._o.timeout
@@ -196,8 +300,8 @@ class AsyncEmbedClient:
                 return await method(request, timeout=max(0.001, deadline - time.monotonic()),
                                     metadata=self._o.metadata)
             except grpc.aio.AioRpcError as exc:
-                delay = _retry_delay(exc, attempt)
-                if not _retryable(exc) or attempt == self._o.retries or time.monotonic() + delay >= deadline:
+                delay = _retry_delay(exc, attempt, self._o.retries, deadline)
+                if delay is None:
                     raise _translate(exc) from None
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
@@ -214,6 +318,10 @@ class AsyncEmbedClient:
                      model: str | None = None) -> pb.RerankResponse:
         return await self._call(self._rerank,
                                 _rerank_request(query, documents, instruction, top_n, return_documents, model))
+
+    async def tokenize(self, texts: Sequence[str], *, instruction: str | None = None,
+                       model: str | None = None) -> list[list[int]]:
+        return _token_ids(await self._call(self._tokenize, _tokenize_request(texts, instruction, model)))
 
     async def info(self, model: str | None = None) -> pb.InfoResponse:
         return await self._call(self._info, pb.InfoRequest(model=model or ""))

@@ -180,3 +180,91 @@ def test_warm_runs_the_profile_shapes_of_the_limits_serve_reads(minilm_bundle):
                env={"EDGE_EMBED_MAX_BATCH_TOKENS": "512"})
     assert done.returncode == 0, done.stderr
     assert "CPUExecutionProvider" in done.stdout and "[(4, 128), (2, 256)]" in done.stdout
+
+
+@pytest.fixture
+def emb_and_rr(qwen3_bundle, qwen3_reranker_bundle, tmp_path):
+    """The README's pair, served as the README does: `edge-embed serve --bundle emb=...
+    --bundle rr=...`; yields its HOST:PORT once health says SERVING."""
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        target = f"127.0.0.1:{s.getsockname()[1]}"
+    console = tmp_path / "console.txt"
+    env = {**os.environ, "EDGE_EMBED_CACHE": str(tmp_path / "cache")}  # loads store their footprints there
+    with console.open("w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "edge_embed.cli", "serve", "--port", target.split(":")[1],
+                                 "--bundle", f"emb={qwen3_bundle}@fp32",
+                                 "--bundle", f"rr={qwen3_reranker_bundle}@fp32"],
+                                env=env, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while run("health", "--server", target).returncode != 0:
+            assert proc.poll() is None and time.monotonic() < deadline, console.read_text()
+            time.sleep(0.5)
+        yield target
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, console.read_text()
+
+
+def test_embed_rerank_and_health_pick_one_of_a_servers_models(emb_and_rr):
+    """--model (or EDGE_EMBED_MODEL) picks the reranker for `rerank`; a request to the other
+    kind of model exits 2 (WrongTaskError) in one line that names the model to pick."""
+    target = emb_and_rr
+    query, documents = "jetson memory", ["Jetson Orin has 8 GB of unified memory.", "Bread needs flour and time."]
+    ranked = run("rerank", "--server", target, "--model", "rr", query, *documents)
+    assert ranked.returncode == 0, ranked.stderr
+    rows = [json.loads(line) for line in ranked.stdout.splitlines()]
+    assert sorted(r["index"] for r in rows) == [0, 1] and rows[0]["score"] >= rows[1]["score"]
+    by_env = run("rerank", "--server", target, query, *documents, env={"EDGE_EMBED_MODEL": "rr"})
+    assert by_env.returncode == 0 and by_env.stdout == ranked.stdout, by_env.stderr
+    embedded = run("embed", "--server", target, "--model", "emb", "--query", "a text")
+    assert embedded.returncode == 0 and len(json.loads(embedded.stdout)["embedding"]) == 64, embedded.stderr
+
+    for args, message, pick in (
+        (["rerank", "--server", target, query, *documents], "emb is an embedding model and cannot rerank",
+         "--model rr"),
+        (["embed", "--server", target, "--model", "rr", "a text"], "rr is a reranker and cannot embed", "--model emb"),
+    ):
+        done = run(*args)
+        assert done.returncode == 2, done.stderr  # WrongTaskError's exit code, not 3 (bad bundle)
+        assert message in done.stderr and done.stderr.rstrip().endswith(pick) and not done.stdout
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+    health = run("health", "--server", target, "--model", "rr")
+    assert health.returncode == 0 and health.stdout.startswith("SERVING (rr: "), health.stdout + health.stderr
+    missing = run("health", "--server", target, "--model", "nope")
+    assert missing.returncode == 2 and "'nope' is not served here" in missing.stderr
+    local = run("embed", "--model", "emb", "a text")
+    assert local.returncode == 2 and "give --server" in local.stderr
+
+
+def test_health_of_one_model_from_its_health_name_or_its_state():
+    """A model with its own grpc.health.v1 name is that name's status; one without is the
+    server's status and its state in Info: a failed load is NOT_SERVING and says why."""
+    from grpc_health.v1 import health_pb2
+
+    from edge_embed.client import health_service_name
+    from edge_embed.v1 import embed_pb2 as pb
+
+    from .test_client import scripted_server
+
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    names = {"": serving, health_service_name("emb"): serving, health_service_name("rr"): not_serving}
+    info = pb.InfoResponse(model="broken", models=[
+        pb.ModelStatus(name="emb", state="loaded"),
+        pb.ModelStatus(name="broken", state="failed", error="model.fp32.onnx fails its checksum")])
+    with scripted_server(info, health_status=names) as (_, target):
+        whole = run("health", "--server", target)
+        assert whole.returncode == 0 and whole.stdout == "SERVING\n", whole.stderr
+        emb = run("health", "--server", target, "--model", "emb")
+        assert emb.returncode == 0 and emb.stdout == "SERVING\n", emb.stderr
+        rr = run("health", "--server", target, "--model", "rr")
+        assert rr.returncode == 4 and rr.stdout == "NOT_SERVING\n"
+        broken = run("health", "--server", target, "--model", "broken")
+    assert broken.returncode == 4 and broken.stdout == "NOT_SERVING (broken: failed)\n"
+    assert "model broken is failed: model.fp32.onnx fails its checksum" in broken.stderr
