@@ -121,7 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-queue-tokens", type=_positive_int,
                     help="tokens queued per model before RESOURCE_EXHAUSTED (default: 16 batches' worth)")
     sv.add_argument("--max-concurrent-rpcs", type=_positive_int,
-                    help="requests handled at once per transport (default 64)")
+                    help="model requests handled at once over gRPC and HTTP together; health and Info are never "
+                         "refused (default 64)")
     sv.add_argument("--run-timeout-s", type=float,
                     help="a model run longer than this means the worker hung: stop serving (default 120)")
     sv.add_argument("--max-consecutive-failures", type=_positive_int,
@@ -130,6 +131,8 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-text-chars", type=_positive_int, help="characters per text at most")
     sv.add_argument("--max-instruction-chars", type=_positive_int, help="characters per instruction at most")
     sv.add_argument("--max-message-bytes", type=_positive_int, help="request size at most")
+    sv.add_argument("--body-timeout-s", type=float,
+                    help="an HTTP request body must arrive within this, else 408 (default 15)")
     sv.add_argument("--token", help="require this bearer token (prefer EDGE_EMBED_TOKEN)")
     sv.add_argument("--tls-cert", type=Path, help="server certificate (PEM)")
     sv.add_argument("--tls-key", type=Path, help="server private key (PEM)")
@@ -190,7 +193,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _client_options(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--model", metavar="NAME",
-                     help="with --server: which of the server's models to ask (embed and rerank: env EDGE_EMBED_MODEL; "
+                     help="with --server: which of the server's models to ask "
+                          "(embed and rerank: env EDGE_EMBED_MODEL; "
                           "default: the server's default model)")
     cmd.add_argument("--token", default=_env("TOKEN"), help="bearer token for the server")
     cmd.add_argument("--root-cert", type=Path, help="CA certificate to trust (enables TLS)")
