@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import gzip
 import http.client
 import json
 import random
+import socket
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -438,3 +440,168 @@ def test_qwen3_queries_with_an_instruction_and_matryoshka_dims_over_http(qwen3_b
             documents = client.embeddings.create(input=texts, model="tiny-qwen3")
             assert np.array_equal(np.array([d.embedding for d in documents.data], np.float32),
                                   grpc_client.embed(texts))
+
+
+# -- bodies that idle, deadlines, limits -------------------------------------------------
+
+
+def start_body(port: int, *, chunked: bool, length: int = 5_000_000, sent: bytes = b"",
+               headers: dict | None = None) -> socket.socket:
+    """A POST /v1/embeddings whose headers arrive and whose body (after `sent`) never does:
+    the client that idles, declaring a big Content-Length or a chunked body."""
+    sock = opened(socket.create_connection(("127.0.0.1", port), timeout=10))
+    framing = {"Transfer-Encoding": "chunked"} if chunked else {"Content-Length": str(length)}
+    lines = [f"{k}: {v}" for k, v in {"Host": "127.0.0.1", "Content-Type": "application/json", **framing,
+                                         **(headers or {})}.items()]
+    sock.sendall(("POST /v1/embeddings HTTP/1.1\r\n" + "\r\n".join(lines) + "\r\n\r\n").encode())
+    if sent:
+        sock.sendall(b"%x\r\n%s\r\n" % (len(sent), sent) if chunked else sent)
+    return sock
+
+
+def answer_on(sock: socket.socket):
+    """The response on a raw socket: (status, headers, parsed JSON body)."""
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    return _read(response)
+
+
+def wait_until(condition, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_idle_bodies_hold_no_request_memory_and_grpc_is_served_meanwhile():
+    with running_server(FakeProvider(), http_port=0) as (edge, target):
+        edge.pool.budget_bytes = edge.pool.committed_bytes + 2_000_000  # room for small requests only
+        idle = [start_body(edge.http_port, chunked=i % 2 == 1) for i in range(12)]  # 5 MB each, or chunked
+        assert wait_until(lambda: edge.service.inflight == 12)
+        time.sleep(0.1)
+        held = edge.service.memory.held
+        with EmbedClient(target, retries=0) as client:
+            assert client.embed(["served while bodies idle"]).shape == (1, 8)
+        assert 0 < held < 1_000_000, held  # charged as bytes arrive, not as declared
+        assert edge.service.memory.held < 1_000_000
+        for sock in idle:
+            sock.close()
+        assert wait_until(lambda: edge.service.inflight == 0 and edge.service.memory.held == 0)
+
+
+def test_a_body_that_does_not_arrive_in_time_gets_408_and_gives_its_memory_back():
+    with running_server(FakeProvider(), http_port=0, body_timeout_s=1) as (edge, _):
+        port = edge.http_port
+        for chunked in (False, True):
+            start = time.monotonic()
+            sock = start_body(port, chunked=chunked, sent=b'{"input": ["' + b"a" * 1000)
+            status, headers, body = answer_on(sock)
+            waited = time.monotonic() - start
+            assert status == 408 and 0.9 <= waited < 3, (status, waited, body)
+            assert body["error"]["code"] == "DEADLINE_EXCEEDED" and body["error"]["type"] == "invalid_request_error"
+            assert "did not arrive within 1 s" in body["error"]["message"] and headers["x-request-id"]
+            assert wait_until(lambda: edge.service.memory.held == 0 and edge.service.inflight == 0)
+        status, _, answer = post(port, "/v1/embeddings", json.dumps({"input": "on time"}).encode())
+        assert status == 200 and len(answer["data"][0]["embedding"]) == 8
+
+
+def test_at_most_half_the_request_slots_wait_for_bodies():
+    with running_server(FakeProvider(), http_port=0, max_concurrent_rpcs=4, body_timeout_s=1) as (edge, target):
+        port = edge.http_port
+        slow = [start_body(port, chunked=False), start_body(port, chunked=True)]
+        assert wait_until(lambda: edge.service.inflight == 2)
+        start = time.monotonic()
+        status, headers, body = answer_on(start_body(port, chunked=False, length=100))
+        assert status == 429 and time.monotonic() - start < 1, (status, body)  # not after a body timeout
+        assert int(headers["retry-after"]) >= 1 and int(headers["retry-after-ms"]) > 0
+        assert body["error"]["type"] == "rate_limit_error" and body["error"]["code"] == "RESOURCE_EXHAUSTED"
+        assert "bodies are arriving" in body["error"]["message"]
+        with EmbedClient(target, retries=0) as client:  # the other half of the slots still run models
+            assert client.embed(["served beside slow bodies"]).shape == (1, 8)
+        assert [answer_on(sock)[0] for sock in slow] == [408, 408]
+        status, _, answer = post(port, "/v1/embeddings", json.dumps({"input": "after the slow ones"}).encode())
+        assert status == 200 and len(answer["data"][0]["embedding"]) == 8
+        assert edge.metrics.refusals.labels("bodies")._value.get() == 1
+        assert edge.service.memory.held == 0
+
+
+def test_the_bearer_scheme_is_case_insensitive():
+    with running_server(FakeProvider(), http_port=0, token="s3cret") as (edge, _):
+        port = edge.http_port
+        body = json.dumps({"input": "authorized"}).encode()
+        for scheme in ("Bearer", "bearer", "BEARER", "bEaReR"):
+            status, _, answer = post(port, "/v1/embeddings", body, {"Authorization": f"{scheme} s3cret"})
+            assert status == 200 and len(answer["data"]) == 1, (scheme, answer)
+            assert get(port, "/v1/models", {"Authorization": f"{scheme} s3cret"})[0] == 200
+        for wrong in ("bearer wrong", "Bearer s3cret2", "Bearer S3CRET", "Basic s3cret", "s3cret", "bearer", None):
+            status, headers, answer = post(port, "/v1/embeddings", body, {"Authorization": wrong} if wrong else {})
+            assert status == 401 and headers["www-authenticate"] == "Bearer", wrong
+            assert answer["error"]["type"] == "authentication_error"
+        assert get(port, "/health")[0] == 200 and get(port, "/ready")[0] == 200
+
+
+def test_openai_clients_may_send_2048_inputs_and_no_more():
+    assert ServerConfig().max_inputs == 2048  # OpenAI's own limit per request
+    fake = FakeProvider()
+    texts = [f"text number {i}" for i in range(2048)]
+    with running_server(fake, http_port=0) as (edge, _):
+        client = openai_client(edge)
+        answer = client.embeddings.create(input=texts, model="fake-model")
+        with pytest.raises(openai.BadRequestError, match="2049 texts; the limit is 2048"):
+            client.embeddings.create(input=[*texts, "one more"], model="fake-model")
+    assert [d.index for d in answer.data] == list(range(2048))
+    got = np.array([d.embedding for d in answer.data], dtype=np.float32)
+    for i in (0, 1000, 2047):
+        assert np.allclose(got[i], fake_unit(fake, texts[i]), atol=1e-6)
+
+
+class LeakyProvider(FakeProvider):
+    """A runner whose tokenizer fails as a bug would: a foreign exception naming a file."""
+
+    def tokenize(self, texts, **kwargs):
+        if any("explode" in t for t in texts):
+            raise RuntimeError("/secret/path/model.onnx broke")
+        return super().tokenize(texts, **kwargs)
+
+
+def test_an_internal_error_gives_the_client_a_request_id_and_the_log_the_detail(caplog):
+    with running_server(LeakyProvider(), http_port=0) as (edge, _):
+        status, headers, body = post(edge.http_port, "/v1/embeddings", json.dumps({"input": ["explode"]}).encode())
+        fine = post(edge.http_port, "/v1/embeddings", json.dumps({"input": ["fine"]}).encode())
+    assert status == 500 and body["error"]["type"] == "server_error" and body["error"]["code"] == "INTERNAL"
+    rid = headers["x-request-id"]
+    assert f"request {rid}" in body["error"]["message"]
+    assert "/secret" not in json.dumps(body) and "model.onnx" not in json.dumps(body)
+    assert "/secret/path/model.onnx broke" in caplog.text and rid in caplog.text
+    assert fine[0] == 200 and fine[1]["x-request-id"] not in ("", rid)
+
+
+class WideProvider(FakeProvider):
+    """A 64-dim fake: a few hundred inputs make a response big enough to be built off the loop."""
+
+    @property
+    def info(self):
+        return dataclasses.replace(super().info, dim=64)
+
+    @staticmethod
+    def vector(seq) -> np.ndarray:
+        rng = np.random.default_rng(int(sum((i + 1) * int(t) for i, t in enumerate(seq))) % (2**32))
+        return rng.standard_normal(64).astype(np.float32)
+
+
+def test_a_big_response_is_the_grpc_answer_in_float_and_base64():
+    from edge_embed.server.core import _INLINE_VALUES
+
+    texts = [f"word{i} and word{i * 7}" for i in range(300)]
+    assert len(texts) * 64 > _INLINE_VALUES
+    with running_server(WideProvider(), http_port=0) as (edge, target):
+        client = openai_client(edge)
+        floats = client.embeddings.create(input=texts, model="fake-model", encoding_format="float")
+        raw = client.embeddings.create(input=texts, model="fake-model", encoding_format="base64")
+        with EmbedClient(target) as grpc_client:
+            over_grpc = grpc_client.embed(texts)
+    assert over_grpc.shape == (300, 64)
+    as_float = np.array([d.embedding for d in floats.data], dtype=np.float32)
+    as_base64 = np.stack([np.frombuffer(base64.b64decode(d.embedding), dtype="<f4") for d in raw.data])
+    assert np.array_equal(as_float, over_grpc) and np.array_equal(as_base64, over_grpc)
+    assert [d.index for d in raw.data] == list(range(300))

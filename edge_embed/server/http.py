@@ -199,10 +199,12 @@ class HttpTransport:
         # Compressed bodies are refused rather than inflated past the size limit; the access
         # log would put every request on the console; a client that goes away cancels its
         # request (it leaves the queue); idle keep-alive connections close after 75 s
-        # (aiohttp's default is an hour), so idle clients cannot pile up file descriptors.
+        # (aiohttp's default is an hour), so idle clients cannot pile up file descriptors; an
+        # answer given before the body was read (408, 413, 401) reads what is still coming
+        # for 2 s, not aiohttp's 10, so an idle body's connection cannot hold a drain.
         runner = web.AppRunner(self.app, handle_signals=False, access_log=None, auto_decompress=False,
                                handler_cancellation=True, shutdown_timeout=self.config.grace_s,
-                               keepalive_timeout=75.0)
+                               keepalive_timeout=75.0, lingering_time=2.0)
         await runner.setup()
         site = web.TCPSite(runner, host, port, ssl_context=self._ssl_context(), reuse_port=False)
         await site.start()
