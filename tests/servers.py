@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 
 from edge_embed.server import ServerConfig, create_server
 
@@ -48,3 +49,11 @@ def settle(futures) -> list[tuple[str, object]]:
         except grpc.RpcError as exc:
             outcomes.append((exc.code().name, exc))
     return outcomes
+
+
+def wait_until(condition, timeout: float = 5.0) -> bool:
+    """Poll `condition` until it holds or `timeout` s pass; its last value."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()

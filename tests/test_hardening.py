@@ -27,7 +27,7 @@ from edge_embed.v1 import embed_pb2 as pb
 
 from .conftest import REPO
 from .fakes import FakeProvider, word_id
-from .servers import running_server, settle
+from .servers import running_server, settle, wait_until
 from .test_serve_process import free_port
 
 METHOD = "/edge_embed.v1.EmbeddingService/"
@@ -45,13 +45,6 @@ def embed_call(channel: grpc.Channel):
 
 def trailers(exc: grpc.RpcError) -> dict[str, str]:
     return dict(exc.trailing_metadata() or ())
-
-
-def wait_until(condition, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return condition()
 
 
 # -- auth ---------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from edge_embed.errors import InvalidInputError
 from edge_embed.server import ServerConfig
 
 from .fakes import FakeProvider
-from .servers import on_server_loop, running_server
+from .servers import on_server_loop, running_server, wait_until
 
 
 _OPEN: list = []
@@ -464,13 +464,6 @@ def answer_on(sock: socket.socket):
     response = http.client.HTTPResponse(sock)
     response.begin()
     return _read(response)
-
-
-def wait_until(condition, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return condition()
 
 
 def test_idle_bodies_hold_no_request_memory_and_grpc_is_served_meanwhile():
