@@ -2,28 +2,35 @@
 
 Real bundles (MiniLM FP32 and INT8 from one export, the tiny Qwen3) behind a real gRPC
 server; budgets are set from the pool's own charges so exactly the intended models fit.
+The ledger's locks, model-id lookup and metrics are also tested over fake models (FakeProvider
+loads with fixed charges, hand-written manifests), where the test controls every step.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import os
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from edge_embed.bundle import MANIFEST_FILE
 from edge_embed.client import EmbedClient
-from edge_embed.errors import BackendUnavailableError, BundleError, OverloadedError
+from edge_embed.errors import BundleError, ModelNotFoundError, ModelNotReadyError, OverloadedError
 from edge_embed.memory import measure_footprint, peak_rss_bytes
+from edge_embed.provider import ProviderInfo
 from edge_embed.server import ServerConfig
-from edge_embed.server.pool import pool_from_config
-from edge_embed.server.pool import ModelSource, parse_bytes, parse_model_sources
+from edge_embed.server.pool import ModelPool, ModelSource, parse_bytes, parse_model_sources, pool_from_config
 from edge_embed.v1 import embed_pb2 as pb
 
-from .servers import running_server
+from .fakes import FAKE_MANIFEST, FakeProvider, word_id
+from .servers import on_server_loop, running_server
 from .test_serve_process import free_port
 
 TEXT = ["edge devices have a few gigabytes of memory shared by everything"]
@@ -147,7 +154,7 @@ def test_pinned_models_stay_and_busy_models_are_not_evicted(three, footprints):
         while edge.pool.models["minilm-int8"].inflight == 0 and time.monotonic() < deadline:
             time.sleep(0.005)
         # qwen3 needs minilm-int8's memory, which is busy: wait 0.3 s, then UNAVAILABLE with a hint.
-        with pytest.raises(BackendUnavailableError, match="busy or pinned"):
+        with pytest.raises(ModelNotReadyError, match="UNAVAILABLE.*busy or pinned"):
             _embed(target, "qwen3")
         worker.join(120)
         assert isinstance(results["busy"], np.ndarray) and results["busy"].shape == (256, 384)
@@ -320,3 +327,239 @@ def test_two_models_that_never_fit_together_do_not_thrash(minilm_bundle, footpri
         loads = {m.name: m.loads for m in _info(target).models}
     assert results == [(4, 384)] * 30, [r for r in results if not isinstance(r, tuple)]
     assert sum(loads.values()) <= 8, loads
+
+
+# -- pool mechanics over fake models ------------------------------------------------------
+# Hand-written manifest folders and FakeProvider loads with fixed charges: the ledger, its
+# locks and the metrics, without exporting anything.
+
+_UNIT = 100_000_000  # bytes: one unit of the fake models' charges
+
+
+class _NamedFake(FakeProvider):
+    """A FakeProvider reporting its bundle's model id; `close` waits for `closing` when given
+    (an eviction's release step that takes as long as the test says)."""
+
+    def __init__(self, model_id: str, closing: threading.Event | None = None):
+        super().__init__()
+        self.model_id, self.closing = model_id, closing
+
+    @property
+    def info(self) -> ProviderInfo:
+        return dataclasses.replace(super().info, model_id=self.model_id)
+
+    def close(self) -> None:
+        if self.closing is not None:
+            assert self.closing.wait(20), "the test never let the eviction finish"
+        super().close()
+
+
+class _FakeLoads:
+    """Loader and charges of a fake pool: one runner per load, recorded by model name."""
+
+    def __init__(self, costs: dict[str, int], ids: dict[str, str]):
+        self.costs, self.ids = costs, ids
+        self.runners: dict[str, list[_NamedFake]] = {name: [] for name in costs}
+        self.closing: dict[str, threading.Event] = {}
+
+    def load(self, source: ModelSource) -> _NamedFake:
+        runner = _NamedFake(self.ids[source.name], self.closing.get(source.name))
+        self.runners[source.name].append(runner)
+        return runner
+
+    def cost_of(self, source: ModelSource) -> tuple[int, str]:
+        return self.costs[source.name], "fixed by the test"
+
+
+def _fake_bundle(folder: Path, model_id: str) -> Path:
+    folder.mkdir(parents=True)
+    dataclasses.replace(FAKE_MANIFEST, model_id=model_id).write(folder / MANIFEST_FILE)
+    return folder
+
+
+def _fake_pool(tmp_path: Path, costs: dict[str, int], room: int, ids: dict[str, str] | None = None,
+               **options) -> tuple[ModelPool, _FakeLoads]:
+    """Models named as in `costs` (the first is the default), model ids "org/<name>" unless
+    `ids` says otherwise, and a budget of `room` bytes beside the process."""
+    ids = {name: f"org/{name}" for name in costs} | (ids or {})
+    specs = tuple(f"{name}={_fake_bundle(tmp_path / name, ids[name])}" for name in costs)
+    loads = _FakeLoads(costs, ids)
+    pool = ModelPool(parse_model_sources(specs, None), budget_bytes=2**62, loader=loads.load,
+                     cost_of=loads.cost_of, **options)
+    pool.budget_bytes = pool.base_bytes + room
+    return pool, loads
+
+
+def _wait_for(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the pool"
+        time.sleep(0.005)
+
+
+def _in_thread(call, *args, **kwargs) -> tuple[threading.Thread, dict[str, object]]:
+    """Run `call` in a thread; the dict gets its result or exception under "out"."""
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            box["out"] = call(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the test asserts on it
+            box["out"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, box
+
+
+def _info_models(edge) -> set[str]:
+    """The model ids edge_embed_model_info shows as served."""
+    return {dict(labels)["model"] for (name, labels), value in _samples(edge).items()
+            if name == "edge_embed_model_info" and value == 1}
+
+
+def _samples(edge) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """What a scrape of the server's registry says: (name, sorted labels) -> value."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = generate_latest(edge.metrics.registry).decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_a_model_is_found_by_its_model_id_before_any_load(tmp_path):
+    """The manifest is read when sources are parsed: a request may name a model by its model
+    id before anything loaded it (or read its manifest), even once the file is gone."""
+    pool, loads = _fake_pool(tmp_path, {"a": _UNIT, "b": _UNIT}, room=4 * _UNIT)
+    (tmp_path / "b" / MANIFEST_FILE).unlink()  # only what parsing read can name it now
+    assert pool.find("org/b") is pool.models["b"]
+    assert pool.models["b"].source.manifest.model_id == "org/b"
+    with running_server(pool) as (edge, target):
+        assert _states(target) == {"a": "loaded", "b": "unloaded"}
+        with EmbedClient(target) as client:
+            assert client.info(model="org/b").model == "b"
+        assert _states(target)["b"] == "unloaded"  # Info never loads
+        assert _embed(target, "org/b").shape == (1, 8)
+        assert _states(target) == {"a": "loaded", "b": "loaded"}
+    assert len(loads.runners["b"]) == 1
+
+
+def test_paths_holding_at_signs_are_paths_and_only_a_precision_follows_the_last(tmp_path):
+    bundle = _fake_bundle(tmp_path / "models@v2" / "minilm", "org/minilm")
+    plain, = parse_model_sources((str(bundle),), None)
+    assert (plain.name, plain.path, plain.precision) == ("org/minilm", bundle, "auto")
+    named, = parse_model_sources((f"m={bundle}@int8",), None, precision="fp32")
+    assert (named.name, named.path, named.precision) == ("m", bundle, "int8")
+    tagged = _fake_bundle(tmp_path / "bundle@v3", "org/tagged")  # '@' in the last part of the path
+    assert [(s.path, s.precision) for s in parse_model_sources((str(tagged), f"t={tagged}@fp16"), None)] == [
+        (tagged, "auto"), (tagged, "fp16")]
+    with pytest.raises(BundleError, match="not a bundle directory"):
+        parse_model_sources((f"{bundle}@int9",), None)  # no precision: the whole text is a path
+
+
+def test_an_oversize_run_evicts_under_the_ledger_lock(tmp_path):
+    """A request for the model an oversize run is evicting waits for that eviction to end:
+    its load is never charged beside the model's old self, then zeroed by the eviction."""
+    pool, loads = _fake_pool(tmp_path, {"a": _UNIT, "v": _UNIT}, room=7 * _UNIT // 2,
+                             oversize_bytes=lambda model, rows, width: 2 * _UNIT)
+    gate = loads.closing["v"] = threading.Event()
+    entered, leave = threading.Event(), threading.Event()
+
+    async def long_text_on_a() -> None:
+        async with pool.use("a"), pool.oversize_run(pool.models["a"], 1, 10_000):
+            entered.set()
+            while not leave.is_set():
+                await asyncio.sleep(0.005)
+
+    with running_server(pool) as (edge, target):
+        _embed(target, "v")
+        v = pool.models["v"]
+        run = on_server_loop(edge, long_text_on_a())
+        try:
+            _wait_for(lambda: v.state.value == "evicting")  # v's runner is being closed
+            thread, box = _in_thread(_embed, target, "v", timeout=20)
+            _wait_for(lambda: v.inflight == 1)
+            time.sleep(0.3)
+            assert (v.state.value, len(loads.runners["v"])) == ("evicting", 1)  # no load during the eviction
+            gate.set()
+            assert entered.wait(5)
+            time.sleep(0.1)
+            assert v.state.value == "evicted" and "busy or pinned" in (v.waiting_for or "")
+        finally:
+            gate.set()
+            leave.set()
+        run.result(10)
+        thread.join(20)
+        assert isinstance(box["out"], np.ndarray), box["out"]
+        assert (v.state.value, v.cost, v.loads, v.evictions) == ("loaded", _UNIT, 2, 1)
+        assert loads.runners["v"][0].closed and v.runner is loads.runners["v"][1]
+        assert pool.committed_bytes == pool.base_bytes + 2 * _UNIT
+
+
+def test_a_load_waiting_for_memory_does_not_hold_back_one_that_fits(tmp_path):
+    """A big model waits for a busy model's memory; a small one that fits loads at once."""
+    pool, loads = _fake_pool(tmp_path, {"a": 2 * _UNIT, "big": 4 * _UNIT, "small": _UNIT // 2}, room=5 * _UNIT,
+                             load_wait_s=10)
+    with running_server(pool) as (edge, target):
+        loads.runners["a"][0].hang.set()
+        busy, busy_out = _in_thread(_embed, target, "a", ["hang"], timeout=20)
+        _wait_for(lambda: [(word_id("hang"),)] in loads.runners["a"][0].batches)  # its batch runs, hung
+        big, big_out = _in_thread(_embed, target, "big", timeout=20)
+        _wait_for(lambda: pool.models["big"].waiting_for is not None)
+        started = time.monotonic()
+        try:
+            assert _embed(target, "small", timeout=3).shape == (1, 8)
+            took = time.monotonic() - started
+            assert pool.models["big"].state.value == "unloaded" and not big_out
+        finally:
+            loads.runners["a"][0].hang.clear()
+        busy.join(20)
+        big.join(20)
+        assert isinstance(busy_out["out"], np.ndarray) and isinstance(big_out["out"], np.ndarray), (busy_out, big_out)
+        assert _states(target) == {"a": "evicted", "big": "loaded", "small": "evicted"}
+    assert took < 1.0, took
+
+
+def test_metrics_follow_models_queues_and_refusals(tmp_path):
+    """Through a scrape of the server's registry: model_info goes with an evicted model,
+    queue depth is per model and read live, refusals are counted by cause."""
+    pool, loads = _fake_pool(tmp_path, {"a": 2 * _UNIT, "b": 2 * _UNIT, "huge": 10 * _UNIT}, room=3 * _UNIT)
+    with running_server(pool) as (edge, target):
+        def depth(model: str) -> float:
+            return _samples(edge)[("edge_embed_queue_depth", (("model", model),))]
+
+        assert _info_models(edge) == {"org/a"}
+        _embed(target, "b")  # only one fits: a is evicted
+        assert _states(target) == {"a": "evicted", "b": "loaded", "huge": "unloaded"}
+        assert _info_models(edge) == {"org/b"}
+
+        loads.runners["b"][0].hang.set()
+        thread, box = _in_thread(_embed, target, "b", ["hang"], timeout=20)
+        try:
+            _wait_for(lambda: depth("b") == 1)
+            assert depth("a") == 0 and depth("huge") == 0
+        finally:
+            loads.runners["b"][0].hang.clear()
+        thread.join(20)
+        assert isinstance(box["out"], np.ndarray), box["out"]
+        assert depth("b") == 0
+
+        with pytest.raises(OverloadedError, match="over the memory budget"):
+            _embed(target, "huge")
+        assert _samples(edge)[("edge_embed_refusals_total", (("cause", "memory_budget"),))] == 1
+        assert _states(target)["huge"] == "unloaded"
+
+
+def test_two_names_for_one_model_id_are_told_apart(tmp_path):
+    """Two names for one model (and precision): the model id names neither, and evicting
+    one leaves the other's model_info series in place."""
+    pool, _ = _fake_pool(tmp_path, {"x1": _UNIT, "x2": _UNIT, "y": _UNIT}, room=5 * _UNIT // 2,
+                         ids={"x1": "org/x", "x2": "org/x"})
+    with pytest.raises(ModelNotFoundError, match=r"org/x.* 2 models here \(x1, x2\): name one"):
+        pool.find("org/x")
+    with running_server(pool) as (edge, target):
+        _embed(target, "x2")
+        _embed(target, "y")  # x1 is least recently used and goes; x2 reports the same info
+        assert _states(target) == {"x1": "evicted", "x2": "loaded", "y": "loaded"}
+        assert _info_models(edge) == {"org/x", "org/y"}

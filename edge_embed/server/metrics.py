@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
@@ -54,19 +56,21 @@ class ServerMetrics:
         self.model_loads.labels(model.name).inc()
         self.model_load_seconds_by_model.labels(model.name).set(seconds)
         self.model_resident_bytes.labels(model.name).set(model.cost)
-        info = model.info
-        self.model_info.labels(info.model_id, info.precision, info.backend, info.execution_providers[0]).set(1)
+        self.model_info.labels(*_info_labels(model.info)).set(1)
         self.observe_pool(pool)
 
     def observe_eviction(self, model, pool, info) -> None:
-        """`info`: the evicted model's ProviderInfo, whose model_info series goes with it."""
+        """`info`: the evicted model's ProviderInfo, whose model_info series goes with it
+        unless another resident model reports the same one (two names for one bundle)."""
         self.model_evictions.labels(model.name).inc()
         self.model_resident_bytes.labels(model.name).set(0)
         if info is not None:
-            try:
-                self.model_info.remove(info.model_id, info.precision, info.backend, info.execution_providers[0])
-            except KeyError:
-                pass
+            labels = _info_labels(info)
+            shared = any(m is not model and m.resident and m.info is not None and _info_labels(m.info) == labels
+                         for m in pool.models.values())
+            if not shared:
+                with contextlib.suppress(KeyError):
+                    self.model_info.remove(*labels)
         self.observe_pool(pool)
 
     def observe_pool(self, pool) -> None:
@@ -94,6 +98,11 @@ class ServerMetrics:
         if http is not None:
             http.shutdown()
             http.server_close()
+
+
+def _info_labels(info) -> tuple[str, str, str, str]:
+    """The edge_embed_model_info labels of a loaded model's ProviderInfo."""
+    return info.model_id, info.precision, info.backend, info.execution_providers[0]
 
 
 class _QueueCollector:

@@ -292,6 +292,9 @@ class ModelPool:
         by_id = [m for m in self.models.values() if m.known_model_id() == name]
         if len(by_id) == 1:
             return by_id[0]
+        if by_id:
+            raise ModelNotFoundError(f"model id {name!r} is that of {len(by_id)} models here "
+                                     f"({', '.join(sorted(m.name for m in by_id))}): name one of them")
         raise ModelNotFoundError(f"model {name!r} is not served here; this server has {sorted(self.models)}")
 
     # -- lifecycle --------------------------------------------------------------------
