@@ -35,7 +35,7 @@ def _positive_int(value: str) -> int:
 
 
 def _size(value: str) -> int:
-    from .server.pool import parse_bytes
+    from .server.config import parse_bytes
 
     try:
         return parse_bytes(value)

@@ -26,7 +26,8 @@ from edge_embed.errors import BundleError, ModelNotFoundError, ModelNotReadyErro
 from edge_embed.memory import measure_footprint, peak_rss_bytes
 from edge_embed.provider import ProviderInfo
 from edge_embed.server import ServerConfig
-from edge_embed.server.pool import ModelPool, ModelSource, parse_bytes, parse_model_sources, pool_from_config
+from edge_embed.server.config import parse_bytes
+from edge_embed.server.pool import ModelPool, ModelSource, parse_model_sources, pool_from_config
 from edge_embed.v1 import embed_pb2 as pb
 
 from .fakes import FAKE_MANIFEST, FakeProvider, word_id

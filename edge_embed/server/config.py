@@ -12,7 +12,9 @@ from typing import Any
 from ..batching import BatchLimits
 from ..errors import InvalidInputError
 
-__all__ = ["ServerConfig", "ENV_PREFIX"]
+__all__ = ["ServerConfig", "ENV_PREFIX", "parse_bytes"]
+
+_MiB = 1024**2
 
 ENV_PREFIX = "EDGE_EMBED_"
 
@@ -123,8 +125,6 @@ class ServerConfig:
 def _convert(name: str, type_name: str, raw: str) -> Any:
     """An environment string as the field's type (annotations are strings here)."""
     if name == "memory_budget":
-        from .pool import parse_bytes
-
         try:
             return parse_bytes(raw)
         except InvalidInputError as exc:
@@ -141,3 +141,21 @@ def _convert(name: str, type_name: str, raw: str) -> Any:
     except ValueError:
         raise InvalidInputError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {type_name.split()[0]}") from None
     return raw
+
+
+def parse_bytes(text: str | int) -> int:
+    """'2GiB', '1500MB', '512M', '1073741824' -> bytes."""
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+             "kib": 1024, "mib": _MiB, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
+    raw = str(text).strip().lower().replace(" ", "")
+    number = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = raw[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in units or value <= 0:
+        raise InvalidInputError(f"{text!r} is not a size: use bytes or a unit such as 1500MB or 2GiB")
+    return int(value * units[unit])

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from .config import ServerConfig
 
 __all__ = ["ModelSource", "ModelState", "ModelStatus", "PooledModel", "ModelPool", "parse_model_sources",
-           "parse_bytes", "BundlePolicy", "pool_from_config", "default_memory_budget"]
+           "BundlePolicy", "pool_from_config", "default_memory_budget"]
 
 log = logging.getLogger("edge_embed.server.pool")
 
@@ -86,24 +86,6 @@ _MiB = 1024**2
 # gRPC buffers, executor threads and allocator slack that grow after the pool starts.
 _PROCESS_SLACK_BYTES = 32 * _MiB
 _RETRY_FAILED_S = 30.0  # a model whose load failed answers with that error this long before a retry
-
-
-def parse_bytes(text: str | int) -> int:
-    """'2GiB', '1500MB', '512M', '1073741824' -> bytes."""
-    if isinstance(text, int):
-        return text
-    units = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-             "kib": 1024, "mib": _MiB, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
-    raw = str(text).strip().lower().replace(" ", "")
-    number = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = raw[len(number):]
-    try:
-        value = float(number)
-    except ValueError:
-        value = -1.0
-    if unit not in units or value <= 0:
-        raise InvalidInputError(f"{text!r} is not a size: use bytes or a unit such as 1500MB or 2GiB")
-    return int(value * units[unit])
 
 
 @dataclass(frozen=True)
