@@ -320,3 +320,38 @@ def test_internal_errors_give_clients_a_request_id_and_the_log_the_detail(caplog
     assert "request m1" in answer.error.message  # a stream message's id is the one its client gave
     logged = "\n".join(f"{r.getMessage()} {r.exc_info[1] if r.exc_info else ''}" for r in caplog.records)
     assert rid in logged and "/srv/secret/models/model.int8.onnx" in logged
+
+
+def test_a_batch_not_yet_started_is_formed_again_when_a_request_arrives():
+    """One batch runs and the next waits for the model thread; a one-text request that
+    arrives meanwhile runs right after the running batch, not after the waiting one."""
+    release = threading.Event()
+    batches: list[list[int]] = []
+
+    def run(batch):
+        batches.append([int(s[0]) for s in batch])
+        if len(batches) == 1:
+            release.wait(5)
+        return np.zeros((len(batch), 4), np.float32)
+
+    async def scenario():
+        batcher = TokenBudgetBatcher(run, limits=BatchLimits(max_batch_tokens=64, max_batch_size=2),
+                                     max_wait_s=0.0, max_queue_tokens=100_000, run_timeout_s=10,
+                                     max_consecutive_failures=2)
+        batcher.start()
+        big_seqs = [np.full(8, 1, np.int64) for _ in range(6)]
+        with batcher.admit(48) as big_ticket:
+            big = asyncio.ensure_future(big_ticket.submit(big_seqs))
+            while batcher._not_started is None:  # the first batch runs, the second waits
+                await asyncio.sleep(0.005)
+            with batcher.admit(2) as small_ticket:
+                small = asyncio.ensure_future(small_ticket.submit([np.full(2, 7, np.int64)]))
+                await asyncio.sleep(0.05)
+                release.set()
+                await small
+                await big
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert batches[0] == [1, 1] and batches[1] == [7], batches
+    assert sum(len(b) for b in batches) == 7  # every text ran once: the taken-back batch ran later

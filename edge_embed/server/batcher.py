@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import concurrent.futures
 import contextlib
 import contextvars
 import heapq
@@ -46,8 +47,13 @@ BatchObserver = Callable[[int, int, int, float], None]
 _ADMISSION_WAIT_S = 2.0
 _THROUGHPUT_SMOOTHING = 0.2  # weight of the newest batch in the tokens/s estimate
 # Batches handed to the model thread at once: one running, one waiting to start the moment
-# it ends. More would make late small requests wait behind batches formed without them.
+# it ends. The waiting one is formed again when a request arrives before it starts, so a
+# late small request waits for one batch at most, never for one formed without it.
 _PIPELINE_DEPTH = 2
+
+
+class _Preempted(asyncio.CancelledError):
+    """A batch taken back before the model thread started it: its texts queue again."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,16 @@ class Ticket:
 
     def longest_pending(self) -> int:
         return -self._pending_keys[0]
+
+    def put_back(self, index: int) -> None:
+        """Queue text `index` again (its batch was taken back before it ran)."""
+        key = -len(self.seqs[index])
+        at = bisect.bisect_left(self._pending_keys, key)
+        while at < len(self.pending) and self._pending_keys[at] == key and self.pending[at] < index:
+            at += 1
+        self.pending.insert(at, index)
+        self._pending_keys.insert(at, key)
+        self.served -= len(self.seqs[index])
 
     def take(self, shortest: int, longest: int) -> int | None:
         """Remove and return the longest waiting text with shortest <= length <= longest."""
@@ -170,6 +186,7 @@ class TokenBudgetBatcher:
         self.hung = False
         self.running_since: float | None = None  # set by the model thread while a run is on
         self._running: set[asyncio.Task] = set()  # batches handed to the model thread
+        self._not_started: concurrent.futures.Future | None = None  # a batch waiting for the model thread
         self.tokens_per_s: float | None = None
         self.consecutive_failures = 0
         self.last_failure = ""
@@ -208,7 +225,7 @@ class TokenBudgetBatcher:
         """Reserve `tokens` (an upper bound, before tokenizing) of queue room, or refuse now."""
         ticket = self.try_admit(tokens, deadline)
         if ticket is None:
-            raise self._full(tokens)
+            raise self.full_error(tokens)
         return ticket
 
     def try_admit(self, tokens: int, deadline: float | None = None) -> Ticket | None:
@@ -234,21 +251,22 @@ class TokenBudgetBatcher:
         while (ticket := self.try_admit(tokens, deadline)) is None:
             now = time.monotonic()
             if self.tokens_per_s is None:
-                raise self._full(tokens)  # no run measured yet: nothing says the queue drains in time
+                raise self.full_error(tokens)  # no run measured yet: nothing says the queue drains in time
             if now + self._excess(tokens) / self.tokens_per_s >= give_up:
-                raise self._full(tokens)
+                raise self.full_error(tokens)
             room = asyncio.get_running_loop().create_future()
             self._room_waiters.append(room)
             try:
                 await asyncio.wait_for(room, give_up - now)
             except asyncio.TimeoutError:
-                raise self._full(tokens) from None
+                raise self.full_error(tokens) from None
             finally:
                 if room in self._room_waiters:
                     self._room_waiters.remove(room)
         return ticket
 
-    def _full(self, tokens: int) -> OverloadedError:
+    def full_error(self, tokens: int) -> OverloadedError:
+        """The refusal of `tokens` more for a full queue, with a hint of when they fit."""
         hint = self.retry_after_ms(tokens)
         return OverloadedError(
             f"the queue holds {self.queued_tokens:,} tokens and this request {tokens:,} more; "
@@ -280,6 +298,9 @@ class TokenBudgetBatcher:
             ticket.future.set_result(BatchResult(np.empty((0, 0), np.float32), 0.0, 0.0, 0))
         else:
             self._active.append(ticket)
+            waiting = self._not_started
+            if waiting is not None and waiting.cancel():  # not started: form it again with this request
+                self._not_started = None
             self._wakeup.set()
         return await ticket.future
 
@@ -398,6 +419,9 @@ class TokenBudgetBatcher:
         that looked in between would sleep with texts queued until a new request came."""
         try:
             await self._run_and_count(batch)
+        except _Preempted:
+            for ticket, index in batch:
+                ticket.put_back(index)
         finally:
             self._running.discard(asyncio.current_task())
             self._wakeup.set()
@@ -446,7 +470,7 @@ class TokenBudgetBatcher:
         """Run a batch; if it fails, run each half of its requests apart, down to the one
         request that fails (put in `failures`). True if any part ran."""
         try:
-            vectors, seconds = await self._execute([t.seqs[i] for t, i in batch])
+            vectors, seconds = await self._execute([t.seqs[i] for t, i in batch], preemptible=not failures)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - run_batch raises EdgeEmbedError; a bug is a failure too
@@ -486,9 +510,22 @@ class TokenBudgetBatcher:
         finally:
             self.running_since = None
 
-    async def _execute(self, seqs: list[np.ndarray], *, observe: bool = True) -> tuple[np.ndarray, float]:
-        loop = asyncio.get_running_loop()
-        vectors, seconds = await loop.run_in_executor(self._executor, self._timed_run, seqs)
+    async def _execute(self, seqs: list[np.ndarray], *, observe: bool = True,
+                       preemptible: bool = False) -> tuple[np.ndarray, float]:
+        """Run `seqs` on the model thread. A `preemptible` batch that has not started when
+        a new request arrives is taken back (`_Preempted`) and formed again."""
+        run = self._executor.submit(self._timed_run, seqs)
+        if preemptible:
+            self._not_started = run
+        try:
+            vectors, seconds = await asyncio.wrap_future(run)
+        except asyncio.CancelledError:
+            if run.cancelled() and preemptible:
+                raise _Preempted() from None
+            raise
+        finally:
+            if self._not_started is run:
+                self._not_started = None
         if len(vectors) != len(seqs):
             raise ModelRunError(f"the model returned {len(vectors)} vectors for {len(seqs)} texts")
         tokens = len(seqs) * max(len(s) for s in seqs)

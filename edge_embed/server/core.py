@@ -172,6 +172,7 @@ class EmbeddingService:
         self.metrics = metrics
         self.memory = RequestMemory(lambda: pool.budget_bytes - pool.committed_bytes)
         self.inflight = 0  # model requests being handled, over both transports
+        self._precounting: object | None = None  # the request tokenized to learn its real size
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-embed-requests")
 
     def close(self) -> None:
@@ -243,23 +244,39 @@ class EmbeddingService:
         """Build a response of `values` numbers off the event loop when it is big."""
         return await self.off_loop(values, _INLINE_VALUES, build)
 
-    async def _admitted(self, batcher: TokenBudgetBatcher, bound: int, deadline: float | None, chars: int,
-                        tokenize: Callable[[], list[np.ndarray]]) -> tuple[list[np.ndarray], Any]:
+    async def _admitted(self, batcher: TokenBudgetBatcher, bound: int, deadline: float | None,
+                        materialize: Callable[[], tuple[int, Callable[[], list[np.ndarray]]]]
+                        ) -> tuple[list[np.ndarray], Any]:
         """Tokenize a request and submit it under admission by tokens.
 
-        `bound` (from the request's size on the wire, before tokenizing) is tried first;
-        when it does not fit the queue now, the texts are tokenized and their real count
-        waits for room (a bounded wait), so a request whose real size fits gets in under
-        steady small traffic instead of only into an empty queue.
+        `bound` (from the request's size on the wire) is tried first, before the inputs
+        become Python strings. When it does not fit the queue now, one request at a time
+        may be tokenized to learn its real count, which then waits for room (a bounded
+        wait): a request whose real size fits gets in under steady small traffic instead
+        of only into an empty queue. Others meanwhile are refused at once with a hint, so a
+        flood never makes strings of, or tokenizes, what it will refuse.
+
+        `materialize()` checks the inputs and returns (characters, tokenize).
         """
         with contextlib.ExitStack() as stack:
             ticket: Ticket | None = batcher.try_admit(bound, deadline)
             if ticket is not None:
                 stack.enter_context(ticket)
+            elif self._precounting is not None:
+                raise batcher.full_error(bound)
+            else:
+                self._precounting = owner = object()
+                stack.callback(self._end_precount, owner)
+            chars, tokenize = materialize()
             seqs = await self.off_loop(chars, _INLINE_CHARS, tokenize)
             if ticket is None:
                 ticket = stack.enter_context(await batcher.admit_when_room(sum(len(s) for s in seqs), deadline))
+                self._end_precount(owner)
             return seqs, await ticket.submit(seqs)
+
+    def _end_precount(self, owner: object) -> None:
+        if self._precounting is owner:
+            self._precounting = None
 
     # -- the request paths --------------------------------------------------------------
 
@@ -283,13 +300,15 @@ class EmbeddingService:
                 width = info.check_dimensions(dimensions or None)
             except InvalidInputError as exc:
                 raise InvalidInputError(f"dimensions: {exc}") from None
-            inputs = texts()
-            self._check_inputs(inputs, field)
             bound = min(count * info.max_length, nbytes + count * (len(instruction) + 8))
-            seqs, result = await self._admitted(
-                batcher, bound, deadline, sum(len(t) for t in inputs),
-                lambda: runner.tokenize(inputs, instruction=instruction or None, truncate=truncate, field=field))
-            del inputs
+
+            def materialize() -> tuple[int, Callable[[], list[np.ndarray]]]:
+                inputs = texts()
+                self._check_inputs(inputs, field)
+                return sum(len(t) for t in inputs), lambda: runner.tokenize(
+                    inputs, instruction=instruction or None, truncate=truncate, field=field)
+
+            seqs, result = await self._admitted(batcher, bound, deadline, materialize)
             vectors = runner.finish(result.vectors, width, normalize, field=field)
         self.metrics.queue_seconds.observe(result.queue_s)
         self.metrics.total_seconds.observe(time.monotonic() - start)
@@ -313,13 +332,17 @@ class EmbeddingService:
             raise InvalidInputError(f"query has {len(query)} characters; the limit is {self.config.max_text_chars}")
         async with self.pool.use(model_name, deadline) as model:
             runner, batcher, info = model.runner, model.batcher, model.info
-            docs = documents()
-            self._check_inputs(docs, field)
             per_pair = len(query.encode()) + len(instruction.encode()) + _TEMPLATE_TOKENS
             bound = min(count * info.max_length, nbytes + count * per_pair)
-            seqs, result = await self._admitted(
-                batcher, bound, deadline, len(query) * len(docs) + sum(len(d) for d in docs),
-                lambda: runner.tokenize_pairs(query, docs, instruction=instruction or None, field=field))
+            docs: list[str] = []
+
+            def materialize() -> tuple[int, Callable[[], list[np.ndarray]]]:
+                docs.extend(documents())
+                self._check_inputs(docs, field)
+                return len(query) * len(docs) + sum(len(d) for d in docs), lambda: runner.tokenize_pairs(
+                    query, docs, instruction=instruction or None, field=field)
+
+            seqs, result = await self._admitted(batcher, bound, deadline, materialize)
             scores = runner.finish_scores(result.vectors, field=field)
         self.metrics.queue_seconds.observe(result.queue_s)
         self.metrics.total_seconds.observe(time.monotonic() - start)
