@@ -118,6 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch-tokens", type=_positive_int, help="padded-token budget of one batch")
     sv.add_argument("--max-batch-size", type=_positive_int, help="texts in one batch at most")
     sv.add_argument("--max-wait-ms", type=float, help="how long a batch waits for company")
+    sv.add_argument("--max-batch-ms", type=float,
+                    help="a batch's model time at most, at the measured speed, so requests arriving meanwhile "
+                         "wait about this long at most (default 250; 0: the token budget alone)")
     sv.add_argument("--max-queue-tokens", type=_positive_int,
                     help="tokens queued per model before RESOURCE_EXHAUSTED (default: 16 batches' worth)")
     sv.add_argument("--max-concurrent-rpcs", type=_positive_int,

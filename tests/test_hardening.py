@@ -22,7 +22,7 @@ from edge_embed.batching import BatchLimits, padded_share, plan_batches
 from edge_embed.client import EmbedClient
 from edge_embed.errors import InputRunError, InvalidInputError
 from edge_embed.server import ServerConfig, create_server
-from edge_embed.server.batcher import TokenBudgetBatcher
+from edge_embed.server.batcher import Ticket, TokenBudgetBatcher
 from edge_embed.v1 import embed_pb2 as pb
 
 from .conftest import REPO
@@ -355,3 +355,27 @@ def test_a_batch_not_yet_started_is_formed_again_when_a_request_arrives():
     asyncio.run(scenario())
     assert batches[0] == [1, 1] and batches[1] == [7], batches
     assert sum(len(b) for b in batches) == 7  # every text ran once: the taken-back batch ran later
+
+
+def test_batches_are_cut_to_the_time_budget_by_the_measured_cost():
+    """Where a batch costs 1 ms per token (1,000 tokens/s, no fixed cost), a 250 ms budget holds 250 tokens: texts of 100 tokens run two at a time, not
+    forty. Where a batch costs the same whatever its size (a GPU's fixed cost), or with no
+    budget, the token budget alone decides."""
+    linear = [(4000, 4.0), (100, 0.1), (1000, 1.0), (300, 0.3)]
+    constant = [(4000, 0.3), (100, 0.3), (1000, 0.3), (300, 0.3)]
+
+    async def first_batch_rows(max_batch_s: float, costs: list[tuple[int, float]]) -> int:
+        batcher = TokenBudgetBatcher(lambda seqs: None, limits=BatchLimits(max_batch_tokens=4096, max_batch_size=64),
+                                     max_wait_s=0.0, max_queue_tokens=100_000, run_timeout_s=10,
+                                     max_consecutive_failures=2, max_batch_s=max_batch_s)
+        for tokens, seconds in costs:
+            batcher.batch_cost.observe(tokens, seconds)
+        ticket = Ticket(batcher, 4000, None, 0)
+        ticket._queue([np.ones(100, np.int64) for _ in range(40)])
+        ticket.future = asyncio.get_running_loop().create_future()
+        batcher._active.append(ticket)
+        return len(batcher._form_batch())
+
+    assert asyncio.run(first_batch_rows(0.25, linear)) == 2
+    assert asyncio.run(first_batch_rows(0.25, constant)) == 40
+    assert asyncio.run(first_batch_rows(0.0, linear)) == 40

@@ -127,6 +127,7 @@ async def create_server(config: ServerConfig, models: ModelRunner | ModelPool, *
             on_stop=lambda error: loop.create_task(mark_stopped(model)),
             oversize=lambda rows, width: model_pool.oversize_run(model, rows, width),
             canary=warmup_token_ids(runner),
+            max_batch_s=config.max_batch_ms / 1000,
         )
 
     if isinstance(models, ModelPool):

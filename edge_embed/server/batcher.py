@@ -19,6 +19,7 @@ import bisect
 import concurrent.futures
 import contextlib
 import contextvars
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -50,6 +51,9 @@ _THROUGHPUT_SMOOTHING = 0.2  # weight of the newest batch in the tokens/s estima
 # it ends. The waiting one is formed again when a request arrives before it starts, so a
 # late small request waits for one batch at most, never for one formed without it.
 _PIPELINE_DEPTH = 2
+# Batches in a row a waiting request may give no text to (its lengths did not fit their
+# widths) before it sets the width of the next one itself.
+_MAX_PASSED_OVER = 2
 
 
 class _Preempted(asyncio.CancelledError):
@@ -84,6 +88,7 @@ class Ticket:
         self.pending: list[int] = []
         self._pending_keys: list[int] = []
         self.done = 0  # texts computed
+        self.passed_over = 0  # batches formed in a row while it waited and gave no text
         self.served = 0  # tokens computed so far: the fairness key
         self.vectors: np.ndarray | None = None
         self.started: float | None = None
@@ -143,6 +148,8 @@ class TokenBudgetBatcher:
     - Batching: texts of the queued requests, least-served request first, while rows and
       padded tokens stay within `limits`; a text longer than the token budget runs alone.
       `max_wait_s` lets a batch wait for company. Model work runs in one executor thread.
+      `max_batch_s` (0: off) narrows the token budget to what the measured speed runs in
+      that long, so a request arriving during a batch waits for about that at most.
     - Faults: a failed run is split by request until the failing request is found; only
       it fails. When the rest of the batch ran, or `canary` (token ids known to run) runs
       right after, the failure is the input's: InputRunError, not retryable, not counted.
@@ -164,9 +171,11 @@ class TokenBudgetBatcher:
         on_stop: Callable[[WorkerStoppedError], None] | None = None,
         oversize: Callable[[int, int], contextlib.AbstractAsyncContextManager] | None = None,
         canary: Sequence[np.ndarray] | None = None,
+        max_batch_s: float = 0.0,
     ):
         self._run_batch = run_batch
         self._canary = list(canary) if canary else None
+        self.max_batch_s = max_batch_s
         self.limits = limits
         self.max_wait_s = max_wait_s
         self.max_queue_tokens = max_queue_tokens
@@ -188,6 +197,7 @@ class TokenBudgetBatcher:
         self._running: set[asyncio.Task] = set()  # batches handed to the model thread
         self._not_started: concurrent.futures.Future | None = None  # a batch waiting for the model thread
         self.tokens_per_s: float | None = None
+        self.batch_cost = BatchCost()
         self.consecutive_failures = 0
         self.last_failure = ""
 
@@ -381,19 +391,30 @@ class TokenBudgetBatcher:
         return rows >= self.limits.max_batch_size or self.queued_tokens >= self.limits.max_batch_tokens
 
     def _form_batch(self) -> list[tuple[Ticket, int]]:
-        """Texts for one run, by `plan_batches`' rule: the least-served request's longest
-        waiting text sets the width; texts from 1/2 of it up to it fill the rows the
-        budget allows, least-served request first (each gives its longest that fit)."""
+        """Texts for one run, by `plan_batches`' rule: one request's longest waiting text
+        sets the width; texts from 1/2 of it up to it fill the rows the budget allows,
+        least-served request first (each gives its longest that fit).
+
+        The width is set by the least-served request, unless a request has had no text in
+        `_MAX_PASSED_OVER` batches in a row (its texts were all too long or too short for
+        their widths): then it sets the width, so steady short traffic cannot starve long
+        texts, nor long traffic short ones.
+        """
         now = time.monotonic()
         for ticket in [t for t in self._active if not t.alive(now)]:
             self._drop(ticket)
-        heap = [(t.served, t.order, t) for t in self._active if t.pending]
-        if not heap:
+        waiting = [t for t in self._active if t.pending]
+        if not waiting:
             return []
+        starved = [t for t in waiting if t.passed_over >= _MAX_PASSED_OVER]
+        first = (max(starved, key=lambda t: (t.passed_over, -t.order)) if starved
+                 else min(waiting, key=lambda t: (t.served, t.order)))
+        width = first.longest_pending()
+        rows, shortest = self._limits_now(width).rows_for(width), (width + 1) // 2
+        batch: list[tuple[Ticket, int]] = [(first, first.take(shortest, width))]
+        heap = [(t.served + (len(first.seqs[batch[0][1]]) if t is first else 0), t.order, t)
+                for t in waiting if t.pending]
         heapq.heapify(heap)
-        width = heap[0][2].longest_pending()
-        rows, shortest = self.limits.rows_for(width), (width + 1) // 2
-        batch: list[tuple[Ticket, int]] = []
         while heap and len(batch) < rows:
             served, order, ticket = heapq.heappop(heap)
             index = ticket.take(shortest, width)
@@ -404,7 +425,20 @@ class TokenBudgetBatcher:
                 heapq.heappush(heap, (served + len(ticket.seqs[index]), order, ticket))
         for ticket, index in batch:
             ticket.served += len(ticket.seqs[index])
+        chosen = {t for t, _ in batch}
+        for ticket in waiting:
+            ticket.passed_over = 0 if ticket in chosen else ticket.passed_over + 1
         return batch
+
+    def _limits_now(self, width: int) -> BatchLimits:
+        """The limits, with the token budget cut to what runs in `max_batch_s` by the
+        measured cost model (never below one text of `width`); uncut where the model is
+        not known yet or a batch's fixed cost is a large part of the target (a GPU, say,
+        where small batches cost nearly as much as full ones)."""
+        budget = self.batch_cost.tokens_within(self.max_batch_s) if self.max_batch_s else None
+        if budget is None or budget >= self.limits.max_batch_tokens:
+            return self.limits
+        return dataclasses.replace(self.limits, max_batch_tokens=max(width, budget))
 
     def _drop(self, ticket: Ticket) -> None:
         """A request whose caller went away or whose deadline passed: no more compute."""
@@ -529,6 +563,8 @@ class TokenBudgetBatcher:
         if len(vectors) != len(seqs):
             raise ModelRunError(f"the model returned {len(vectors)} vectors for {len(seqs)} texts")
         tokens = len(seqs) * max(len(s) for s in seqs)
+        if observe:
+            self.batch_cost.observe(tokens, seconds)
         if seconds > 0.001 and observe:
             speed = tokens / seconds
             self.tokens_per_s = speed if self.tokens_per_s is None else (
@@ -592,6 +628,44 @@ class TokenBudgetBatcher:
             except asyncio.CancelledError:
                 pass
         self._executor.shutdown(wait=not self.hung, cancel_futures=True)
+
+
+class BatchCost:
+    """seconds = fixed + per_token x padded tokens, fitted over recent batches (decayed
+    least squares): what a batch of N tokens costs on this device, where speed in tokens/s
+    alone would make small batches look slow and keep batches small."""
+
+    _DECAY = 0.95  # the weight an older batch keeps at each new one
+
+    def __init__(self) -> None:
+        self._n = self._x = self._y = self._xx = self._xy = 0.0
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        d = self._DECAY
+        self._n, self._x, self._y = d * self._n + 1, d * self._x + tokens, d * self._y + seconds
+        self._xx, self._xy = d * self._xx + tokens * tokens, d * self._xy + tokens * seconds
+
+    def fit(self) -> tuple[float, float] | None:
+        """(fixed s, s per token), or None while the batches seen vary too little in size."""
+        if self._n < 3:
+            return None
+        mx, my = self._x / self._n, self._y / self._n
+        var = self._xx / self._n - mx * mx
+        if var <= (0.25 * mx) ** 2:
+            return None
+        per_token = (self._xy / self._n - mx * my) / var
+        if per_token <= 0:
+            return None
+        return max(0.0, my - per_token * mx), per_token
+
+    def tokens_within(self, seconds: float) -> int | None:
+        """Padded tokens a batch may hold to run in `seconds`; None where no such cut pays
+        (unknown costs, or a fixed cost over a fifth of `seconds`)."""
+        fitted = self.fit()
+        if fitted is None or fitted[0] > seconds / 5:
+            return None
+        fixed, per_token = fitted
+        return int((seconds - fixed) / per_token)
 
 
 def _width(batch: list[tuple[Ticket, int]]) -> int:

@@ -38,6 +38,9 @@ class ServerConfig:
     max_batch_tokens: int = BatchLimits.max_batch_tokens
     max_batch_size: int = BatchLimits.max_batch_size
     max_wait_ms: float = 0.0
+    # A batch's model time at most, at the measured speed (0: the token budget alone): a
+    # request that arrives while a batch runs waits for about this long, not for a 4,096-token batch.
+    max_batch_ms: float = 250.0
     max_queue_tokens: int | None = None  # tokens queued per model; None: 16 batches' worth
     max_concurrent_rpcs: int = 64  # model requests handled at once over both transports; health is never counted
     run_timeout_s: float = 120.0  # a model run longer than this means the worker hung
@@ -61,8 +64,8 @@ class ServerConfig:
                 raise InvalidInputError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_queue_tokens is not None and self.max_queue_tokens < 1:
             raise InvalidInputError(f"max_queue_tokens must be at least 1, got {self.max_queue_tokens}")
-        if self.max_wait_ms < 0 or self.grace_s < 0 or self.load_wait_s < 0:
-            raise InvalidInputError("max_wait_ms, grace_s and load_wait_s must not be negative")
+        if self.max_wait_ms < 0 or self.max_batch_ms < 0 or self.grace_s < 0 or self.load_wait_s < 0:
+            raise InvalidInputError("max_wait_ms, max_batch_ms, grace_s and load_wait_s must not be negative")
         if self.run_timeout_s <= 0 or self.body_timeout_s <= 0:
             raise InvalidInputError("run_timeout_s and body_timeout_s must be positive")
         if self.token is not None and not self.token.strip():

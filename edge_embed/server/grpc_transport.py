@@ -163,6 +163,7 @@ class GrpcApi:
                 max_queue_tokens=c.queue_tokens, max_inputs_per_request=c.max_inputs,
                 max_text_chars=c.max_text_chars, max_concurrent_rpcs=c.max_concurrent_rpcs,
                 run_timeout_s=c.run_timeout_s, max_instruction_chars=c.max_instruction_chars,
+                max_batch_ms=c.max_batch_ms,
             ),
             version=__version__,
             models=[_model_status(s) for s in pool.status()],

@@ -147,7 +147,7 @@ class InfoRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class BatchingLimits(_message.Message):
-    __slots__ = ("max_batch_tokens", "max_batch_size", "max_wait_ms", "max_inputs_per_request", "max_text_chars", "max_queue_tokens", "max_concurrent_rpcs", "run_timeout_s", "max_instruction_chars")
+    __slots__ = ("max_batch_tokens", "max_batch_size", "max_wait_ms", "max_inputs_per_request", "max_text_chars", "max_queue_tokens", "max_concurrent_rpcs", "run_timeout_s", "max_instruction_chars", "max_batch_ms")
     MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +157,7 @@ class BatchingLimits(_message.Message):
     MAX_CONCURRENT_RPCS_FIELD_NUMBER: _ClassVar[int]
     RUN_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     MAX_INSTRUCTION_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_MS_FIELD_NUMBER: _ClassVar[int]
     max_batch_tokens: int
     max_batch_size: int
     max_wait_ms: float
@@ -166,7 +167,8 @@ class BatchingLimits(_message.Message):
     max_concurrent_rpcs: int
     run_timeout_s: float
     max_instruction_chars: int
-    def __init__(self, max_batch_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_wait_ms: _Optional[float] = ..., max_inputs_per_request: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., max_queue_tokens: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ..., run_timeout_s: _Optional[float] = ..., max_instruction_chars: _Optional[int] = ...) -> None: ...
+    max_batch_ms: float
+    def __init__(self, max_batch_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_wait_ms: _Optional[float] = ..., max_inputs_per_request: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., max_queue_tokens: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ..., run_timeout_s: _Optional[float] = ..., max_instruction_chars: _Optional[int] = ..., max_batch_ms: _Optional[float] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
     __slots__ = ("model", "dim", "min_dim", "max_length", "precision", "backend", "execution_providers", "instruction_aware", "default_instruction", "batching", "version", "models", "memory", "task")
