@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -86,6 +87,13 @@ def warmup_token_ids(runner: ModelRunner) -> list:
     if runner.info.task == "rerank":
         return runner.tokenize_pairs(WARMUP_TEXTS[0], WARMUP_TEXTS)
     return runner.tokenize(WARMUP_TEXTS)
+
+
+def _calibration_batches(seqs: list, max_length: int) -> list[list]:
+    """Batches of 8, 64 and 256 tokens made of the warm-up's ids: the batch cost model
+    (fixed + per token) is fitted from the first request on, not after big batches ran."""
+    ids = np.concatenate(seqs)
+    return [[np.resize(ids, min(width, max_length))] * rows for rows, width in ((1, 8), (2, 32), (4, 64))]
 
 
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -175,8 +183,9 @@ async def create_server(config: ServerConfig, models: ModelRunner | ModelPool, *
         for model in pool.models.values():
             if model.batcher is not None:
                 seqs = warmup_token_ids(model.runner)
-                with model.batcher.admit(sum(len(s) for s in seqs)) as ticket:
-                    await ticket.submit(seqs)
+                for batch in [seqs, *_calibration_batches(seqs, model.runner.info.max_length)]:
+                    with model.batcher.admit(sum(len(s) for s in batch)) as ticket:
+                        await ticket.submit(batch)
     await server.start()
     if config.http_port is not None:
         from .http import HttpTransport  # aiohttp is imported only when the HTTP API is on
