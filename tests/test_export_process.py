@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from edge_embed.errors import ExportError
+
 from .conftest import MINILM_ID, minilm_source
 
 STAGE_MODULE = "edge_embed.export.torch_stage"
@@ -28,19 +29,19 @@ def _python(args: list[str], *, stdin: str | None = None, cwd: Path) -> subproce
 
 
 @pytest.fixture(scope="module")
-def stdin_export(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
-    """An fp32 MiniLM export run as a heredoc script: `python - <<EOF ... EOF`."""
+def stdin_export(tmp_path_factory, qwen3_source) -> tuple[subprocess.CompletedProcess, Path]:
+    """An fp32 export of the tiny Qwen3 run as a heredoc script: `python - <<EOF ... EOF`."""
     folder = tmp_path_factory.mktemp("stdin-export")
     script = (
         "from edge_embed.export import export\n"
-        f"manifest = export({str(minilm_source())!r}, 'bundle', 'fp32', model_id={MINILM_ID!r})\n"
+        f"manifest = export({str(qwen3_source)!r}, 'bundle', 'fp32', model_id='tiny-qwen3')\n"
         "print('exported', sorted(manifest.variants))\n"
     )
     return _python(["-"], stdin=script, cwd=folder), folder / "bundle"
 
 
 @pytest.mark.slow
-def test_export_from_stdin_finishes_and_writes_a_bundle(stdin_export):
+def test_export_from_stdin_finishes_and_writes_a_bundle(stdin_export, qwen3_source):
     done, bundle = stdin_export
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "exported ['fp32']"
@@ -50,28 +51,28 @@ def test_export_from_stdin_finishes_and_writes_a_bundle(stdin_export):
     with pytest.raises(ExportError, match="already holds a bundle"):
         from edge_embed.export import export
 
-        export(minilm_source(), bundle, "fp32", model_id=MINILM_ID)
+        export(qwen3_source, bundle, "fp32", model_id="tiny-qwen3")
 
 
 @pytest.mark.slow
-def test_script_without_main_guard_runs_once_and_overwrite_replaces_a_bundle(stdin_export, tmp_path):
+def test_script_without_main_guard_runs_once_and_overwrite_replaces_a_bundle(stdin_export, qwen3_source, tmp_path):
     done, bundle = stdin_export
     assert done.returncode == 0, done.stderr
     target = tmp_path / "bundle"
     shutil.copytree(bundle, target)
     (target / "left-over.txt").write_text("from the bundle being replaced")
-    script = tmp_path / "export_minilm.py"
+    script = tmp_path / "export_qwen3.py"
     script.write_text(
         f"print({MARKER!r}, flush=True)\n"
         "from edge_embed.export import export\n"
-        f"export({str(minilm_source())!r}, {str(target)!r}, 'fp32', model_id='minilm-again', overwrite=True)\n"
+        f"export({str(qwen3_source)!r}, {str(target)!r}, 'fp32', model_id='qwen3-again', overwrite=True)\n"
     )
     done = _python([str(script)], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count(MARKER) == 1, done.stdout
-    assert json.loads((target / "manifest.json").read_text())["model_id"] == "minilm-again"
+    assert json.loads((target / "manifest.json").read_text())["model_id"] == "qwen3-again"
     assert not (target / "left-over.txt").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "export_minilm.py"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "export_qwen3.py"]
 
 
 def _children_running(module: str) -> list[int]:

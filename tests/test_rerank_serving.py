@@ -117,7 +117,7 @@ def test_a_request_to_the_wrong_kind_of_model_is_failed_precondition_naming_both
             assert body["error"]["code"] == "INVALID_ARGUMENT"
             assert re.search(match, body["error"]["message"]), (match, body)
         with pytest.raises(grpc.RpcError) as info:
-            _rpc(target, "Rerank", pb.RerankRequest(query=QUERY, documents=["d"] * 2000, model="reranker"),
+            _rpc(target, "Rerank", pb.RerankRequest(query=QUERY, documents=["d"] * 3000, model="reranker"),
                  pb.RerankResponse)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "the limit is" in info.value.details()
 

@@ -60,6 +60,10 @@ class _Preempted(asyncio.CancelledError):
     """A batch taken back before the model thread started it: its texts queue again."""
 
 
+class _OwnersGone(Exception):
+    """Raised on the model thread: every request of a batch gave up before it started."""
+
+
 @dataclass(frozen=True)
 class BatchResult:
     vectors: np.ndarray  # raw pooled vectors of this request, in input order
@@ -504,7 +508,8 @@ class TokenBudgetBatcher:
         """Run a batch; if it fails, run each half of its requests apart, down to the one
         request that fails (put in `failures`). True if any part ran."""
         try:
-            vectors, seconds = await self._execute([t.seqs[i] for t, i in batch], preemptible=not failures)
+            vectors, seconds = await self._execute([t.seqs[i] for t, i in batch], preemptible=not failures,
+                                                   owners=list(dict.fromkeys(t for t, _ in batch)))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - run_batch raises EdgeEmbedError; a bug is a failure too
@@ -536,23 +541,29 @@ class TokenBudgetBatcher:
             return False
         return True
 
-    def _timed_run(self, seqs: list[np.ndarray]) -> tuple[np.ndarray, float]:
-        """In the model thread: one run, its start visible to the run-timeout watch."""
+    def _timed_run(self, seqs: list[np.ndarray], owners: list[Ticket] | None = None) -> tuple[np.ndarray, float]:
+        """In the model thread: one run, its start visible to the run-timeout watch; none
+        when every owner gave up while the batch waited for the thread."""
+        if owners and not any(t.alive(time.monotonic()) for t in owners):
+            raise _OwnersGone()
         started = self.running_since = time.monotonic()
         try:
             return self._run_batch(seqs), time.monotonic() - started
         finally:
             self.running_since = None
 
-    async def _execute(self, seqs: list[np.ndarray], *, observe: bool = True,
-                       preemptible: bool = False) -> tuple[np.ndarray, float]:
+    async def _execute(self, seqs: list[np.ndarray], *, observe: bool = True, preemptible: bool = False,
+                       owners: list[Ticket] | None = None) -> tuple[np.ndarray, float]:
         """Run `seqs` on the model thread. A `preemptible` batch that has not started when
-        a new request arrives is taken back (`_Preempted`) and formed again."""
-        run = self._executor.submit(self._timed_run, seqs)
+        a new request arrives, or whose `owners` all gave up (deadline, cancel) before it
+        started, is taken back (`_Preempted`) and formed again."""
+        run = self._executor.submit(self._timed_run, seqs, owners if preemptible else None)
         if preemptible:
             self._not_started = run
         try:
             vectors, seconds = await asyncio.wrap_future(run)
+        except _OwnersGone:
+            raise _Preempted() from None
         except asyncio.CancelledError:
             if run.cancelled() and preemptible:
                 raise _Preempted() from None
