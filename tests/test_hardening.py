@@ -379,3 +379,16 @@ def test_batches_are_cut_to_the_time_budget_by_the_measured_cost():
     assert asyncio.run(first_batch_rows(0.25, linear)) == 2
     assert asyncio.run(first_batch_rows(0.25, constant)) == 40
     assert asyncio.run(first_batch_rows(0.0, linear)) == 40
+
+
+def test_an_unknown_vector_format_gets_the_repeated_floats_and_leaves_vectors_unchanged():
+    """The new request field is hostile input too: any enum number a client sends parses
+    (proto3 keeps unknown values); only PACKED packs, anything else answers floats."""
+    texts = ["same text", "another"]
+    with running_server(FakeProvider()) as (_, target):
+        with grpc.insecure_channel(target) as ch:
+            before = embed_call(ch)(pb.EmbedRequest(inputs=texts), timeout=5)
+            for value in (2, 7, 2**31 - 1, -1):
+                reply = embed_call(ch)(pb.EmbedRequest(inputs=texts, vector_format=value), timeout=5)
+                assert not reply.packed
+                assert [list(e.values) for e in reply.embeddings] == [list(e.values) for e in before.embeddings]
