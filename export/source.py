@@ -64,12 +64,13 @@ ARCHITECTURES: dict[str, ArchitectureRules] = {
     "xlm-roberta": _BERT,
     "mpnet": _BERT,
     "distilbert": _BERT,
-    # Qwen3-Embedding: last-token pooling over an appended EOS, left padding, Matryoshka
-    # output from 32 dims up, instruction-formatted queries. The 32k context is capped at
-    # 8192 by default: attention memory at 32k tokens does not fit an edge device.
+    # Qwen3-Embedding: last-token pooling over an appended EOS, right padding (see
+    # read_source), Matryoshka output from 32 dims up, instruction-formatted queries. The 32k
+    # context is capped at 8192 by default: attention memory at 32k tokens does not fit an
+    # edge device.
     "qwen3": ArchitectureRules(
         pooling="last_token",
-        padding_side="left",
+        padding_side="right",
         needs_eos=True,
         graph_inputs=("input_ids", "attention_mask", "position_ids"),
         matryoshka_min_dim=32,
@@ -182,8 +183,14 @@ def read_source(
 
     pooling = _st_pooling(path) or rules.pooling
     padding_side = tok_config.get("padding_side") or rules.padding_side
-    if pooling == "last_token" and padding_side != "left":
-        padding_side = "left"  # the graph handles either; left keeps the pooled token at -1
+    if pooling == "last_token":
+        # Right padding, though Qwen3-Embedding's tokenizer config says left: the graph pools
+        # the last real token either way, and with the padding after the text a causal
+        # model's attention sums run over the same positions alone and in a batch, so a
+        # text's vector does not move with its neighbours at all (left padding moved FP32
+        # hidden states by ~1e-6, enough to flip per-token INT8 roundings and miss the
+        # alone-vs-batch gate at the 0.6B shape).
+        padding_side = "right"
 
     eos_id = _token_id(tokenizer, tok_config.get("eos_token"))
     if eos_id is None and isinstance(config.get("eos_token_id"), int):

