@@ -425,7 +425,7 @@ class MlxProvider(BundleEmbedder):
         self._device = "gpu" if device.type == mx.DeviceType.gpu else "cpu"
 
     @staticmethod
-    def auto_precision(variants, providers: tuple[str, ...] = ()) -> str | None:
+    def auto_precision(variants, providers: tuple[str, ...] = (), int8_kernels: str | None = None) -> str | None:
         """The MLX variant precision="auto" runs; None if the bundle has none."""
         return next((candidate for candidate in _AUTO_ORDER if candidate in variants), None)
 

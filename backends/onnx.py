@@ -100,10 +100,30 @@ def trt_profile_options(limits: BatchLimits, max_length: int, inputs: tuple[str,
     }
 
 
-def auto_precision(variants, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> str | None:
-    """The ONNX variant precision="auto" runs on these providers; None if the bundle has none."""
-    order = _GPU_PREFERENCE if providers[0] in _GPU_PROVIDERS else _CPU_PREFERENCE
-    return next((candidate for candidate in order if candidate in variants), None)
+def auto_precision(variants, providers: tuple[str, ...] = ("CPUExecutionProvider",),
+                   int8_kernels: str | None = None) -> str | None:
+    """The ONNX variant precision="auto" runs on these providers; None if the bundle has none.
+
+    On a CPU, a quantized variant the export measured slower than FP32 at every shape, on a
+    CPU of this one's int8 kernel class (`int8_kernels`, read from this CPU when None), is
+    passed over for FP32: int8 must not be picked for speed where it has none.
+    """
+    if providers[0] in _GPU_PROVIDERS:
+        return next((candidate for candidate in _GPU_PREFERENCE if candidate in variants), None)
+    if int8_kernels is None:
+        from ..platform import this_cpu
+
+        int8_kernels = this_cpu()[1]
+    for candidate in _CPU_PREFERENCE:
+        if candidate in variants and not ("fp32" in variants and _slower_here(variants[candidate], int8_kernels)):
+            return candidate
+    return None
+
+
+def _slower_here(variant, int8_kernels: str) -> bool:
+    speed = variant.recipe.get("speed") or {}
+    ratios = list((speed.get("vs_fp32") or {}).values())
+    return speed.get("int8_kernels") == int8_kernels and bool(ratios) and max(ratios) < 1.0
 
 
 def trt_cache_dir(bundle: Bundle, precision: str) -> Path:
@@ -117,6 +137,10 @@ def trt_cache_dir(bundle: Bundle, precision: str) -> Path:
     gpu = os.environ.get("EDGE_EMBED_GPU_NAME", "gpu0")
     key = f"{bundle.variant(precision).sha256[:16]}-{re.sub(r'[^A-Za-z0-9.]+', '_', gpu)}-trt{trt_version}"
     return cache_dir() / "tensorrt" / key
+
+
+# Session config entries a variant's recipe may ask for.
+SESSION_CONFIG_KEYS = frozenset({"session.x64quantprecision"})
 
 
 class OnnxProvider(BundleEmbedder):
@@ -167,6 +191,11 @@ class OnnxProvider(BundleEmbedder):
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 2  # warnings carry the reason a provider did not load
+        # What the variant's recipe needs of ONNX Runtime (e.g. exact int8 kernels on x86
+        # without VNNI); only known keys, so a bundle cannot set arbitrary session options.
+        for key, value in bundle.variant(precision).recipe.get("session_config", {}).items():
+            if key in SESSION_CONFIG_KEYS:
+                options.add_session_config_entry(key, str(value))
         with _captured_fds() as output:
             try:
                 self._session = ort.InferenceSession(
@@ -224,8 +253,8 @@ class OnnxProvider(BundleEmbedder):
         return chosen
 
     @staticmethod
-    def auto_precision(variants, providers: tuple[str, ...]) -> str | None:
-        return auto_precision(variants, providers)
+    def auto_precision(variants, providers: tuple[str, ...], int8_kernels: str | None = None) -> str | None:
+        return auto_precision(variants, providers, int8_kernels)
 
     @property
     def execution_providers(self) -> tuple[str, ...]:

@@ -25,14 +25,16 @@ def planned_precision(manifest: Manifest, precision: str = "auto", backend: str 
     no variant for); a load that then falls back may still run another one.
     """
     from .backends import backend_class
-    from .platform import choose_backends, snapshot_platform
+    from .platform import choose_backends, int8_kernel_class, snapshot_platform
 
     if precision != "auto":
         return precision
     formats = {variant_format(p) for p in manifest.variants}
-    for candidate in choose_backends(platform or snapshot_platform(), backend):
+    platform = platform or snapshot_platform()
+    kernels = int8_kernel_class(platform.cpu_flags, platform.is_arm)
+    for candidate in choose_backends(platform, backend):
         if candidate.chosen and (backend != "auto" or candidate.backend in formats):
-            chosen = backend_class(candidate.backend).auto_precision(manifest.variants, candidate.providers)
+            chosen = backend_class(candidate.backend).auto_precision(manifest.variants, candidate.providers, kernels)
             if chosen is not None:
                 return chosen
     return next(iter(manifest.variants))

@@ -15,7 +15,7 @@ from typing import Any
 from .errors import BundleError, InvalidInputError
 
 __all__ = ["SCHEMA_VERSION", "PRECISIONS", "ONNX_PRECISIONS", "DEFAULT_EXPORT_PRECISIONS", "MLX_PRECISIONS", "POOLINGS",
-           "TASKS", "Parity", "ScoreParity", "RerankSpec", "Variant", "Manifest", "variant_format"]
+           "TASKS", "Parity", "RetrievalParity", "ScoreParity", "RerankSpec", "Variant", "Manifest", "variant_format"]
 
 SCHEMA_VERSION = 1
 ONNX_PRECISIONS = ("fp32", "fp16", "int8", "int4")
@@ -55,6 +55,33 @@ SCORE_ACTIVATIONS = ("sigmoid", "none")
 
 
 @dataclass(frozen=True, kw_only=True)
+class RetrievalParity:
+    """How a variant ranks the retrieval probe corpus (queries against passages of many
+    domains and lengths) compared with the PyTorch FP32 reference: what users consume from
+    an embedder, which a cosine close to 1 can still hide.
+
+    Gated: `topk_kept`, the mean share of each query's top-k passages under the reference
+    that stay in the candidate's top-k; `spearman`, the mean rank correlation of the
+    scores of each query's reference top 100; `mrr_ratio`, the MRR@k of the passage each
+    query was written for, the candidate's over the reference's (`reference_mrr`), judged
+    only when the reference retrieves (a random-weight model does not).
+    Reported: `top1_rr`, the mean reciprocal rank, in the candidate's ranking, of the
+    reference's first passage (near-ties make it move first).
+    """
+
+    queries: int
+    passages: int
+    languages: tuple[str, ...]
+    topk: int
+    topk_kept: float
+    spearman: float
+    mrr_ratio: float
+    reference_mrr: float
+    top1_rr: float
+    worst_query: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class Parity:
     """How close a variant's vectors are to the PyTorch FP32 reference on the probe set."""
 
@@ -67,6 +94,8 @@ class Parity:
     # A text alone against the same text in a batch of mixed lengths, worst cosine over the
     # probes checked; None for variants that run one text per batch (or older bundles).
     batch_cos_min: float | None = None
+    # The ranking of the retrieval probe corpus; None in bundles exported before it was gated.
+    retrieval: RetrievalParity | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -235,4 +264,9 @@ class Manifest:
 
 
 def _parity(data: dict[str, Any]) -> Parity | ScoreParity:
-    return ScoreParity(**data) if "score_diff_max" in data else Parity(**data)
+    if "score_diff_max" in data:
+        return ScoreParity(**data)
+    retrieval = data.get("retrieval")
+    if retrieval is not None:
+        retrieval = RetrievalParity(**{**retrieval, "languages": tuple(retrieval["languages"])})
+    return Parity(**{**data, "retrieval": retrieval})

@@ -18,6 +18,7 @@ import platform as _stdlib_platform
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -774,6 +775,33 @@ def _judge_acl(info: PlatformInfo) -> _Verdict:
             "only builds made with --use_acl have it",
         )
     return verdict(True, f"Arm Compute Library kernels on {_cpu_label(info)}, CPU for the rest")
+
+
+def int8_kernel_class(flags: frozenset[str] | set[str], is_arm: bool) -> str:
+    """Which kind of integer GEMM ONNX Runtime runs on a CPU with these flags: what decides
+    whether int8 beats FP32 there ("amx", "vnni", "avx2" without VNNI, "arm-i8mm",
+    "arm-dot", "arm-neon", "other")."""
+    if is_arm:
+        if "i8mm" in flags and "asimddp" in flags:
+            return "arm-i8mm"
+        return "arm-dot" if "asimddp" in flags else "arm-neon"
+    if "amx_int8" in flags:
+        return "amx"
+    if "avx512_vnni" in flags or "avx_vnni" in flags:
+        return "vnni"
+    return "avx2" if "avx2" in flags else "other"
+
+
+def this_cpu() -> tuple[str, str]:
+    """(model name, int8 kernel class) of the CPU this process runs on."""
+    machine = _stdlib_platform.machine().lower()
+    if sys.platform == "darwin":
+        facts = _snapshot_darwin(subprocess.run)
+        model, flags = facts["cpu_model"], facts["cpu_flags"]
+    else:
+        cpuinfo = parse_cpuinfo(_read(Path("/proc/cpuinfo")) or "")
+        model, flags = cpuinfo["model"], cpuinfo["flags"]
+    return model or machine, int8_kernel_class(flags, machine in ("arm64", "aarch64"))
 
 
 def _int8_kernels(info: PlatformInfo) -> str:

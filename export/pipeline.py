@@ -17,12 +17,21 @@ from .. import __version__
 from ..batching import plan_batches
 from ..bundle import GOLDEN_FILE, MANIFEST_FILE, file_sha256
 from ..errors import BundleError, ExportError, GateError
-from ..manifest import DEFAULT_EXPORT_PRECISIONS, PRECISIONS, Manifest, Parity, ScoreParity, Variant, variant_format
+from ..manifest import (
+    DEFAULT_EXPORT_PRECISIONS,
+    PRECISIONS,
+    Manifest,
+    Parity,
+    RetrievalParity,
+    ScoreParity,
+    Variant,
+    variant_format,
+)
 from ..platform import usable_cpu_count
 from ..tokenization import BundleTokenizer, model_inputs
-from .probes import PROBE_CATEGORIES, probe_texts, rerank_probe_pairs
+from .probes import PROBE_CATEGORIES, PROBE_LANGUAGES, probe_texts, rerank_probe_pairs, retrieval_probes
 from .source import SourceModel, read_source
-from .torch_stage import run_torch_stage
+from .torch_stage import RETRIEVAL_REFERENCE_FILE, run_torch_stage
 from ..parity import (
     Gates,
     alone_vs_batch_cos,
@@ -31,6 +40,7 @@ from ..parity import (
     check_gate,
     gate_failure,
     measure_parity,
+    measure_retrieval,
     measure_score_parity,
     pair_name,
     scores_from_logits,
@@ -77,14 +87,23 @@ def describe(parity: Parity | ScoreParity) -> str:
                 f"{parity.kendall_tau_mean:.3f} min {parity.kendall_tau_min:.3f}, top-1 {parity.top1_agreement:.2f}"
                 f"{batch}")
     batch = "" if parity.batch_cos_min is None else f", alone vs in a batch {parity.batch_cos_min:.6f}"
-    return f"cos mean {parity.cos_mean:.4f} min {parity.cos_min:.6f}{batch}"
+    return f"cos mean {parity.cos_mean:.4f} min {parity.cos_min:.6f}{batch}{describe_retrieval(parity.retrieval)}"
 
 
-def _quality(parity: Parity | ScoreParity) -> tuple[float, float]:
-    """Bigger is better: how recipes that all missed their gate are ranked."""
+def describe_retrieval(retrieval: RetrievalParity | None) -> str:
+    if retrieval is None:
+        return ""
+    return (f"; retrieval: top-{retrieval.topk} kept {retrieval.topk_kept:.3f}, Spearman {retrieval.spearman:.4f}, "
+            f"MRR@{retrieval.topk} {retrieval.mrr_ratio:.2%} of the reference's ({retrieval.reference_mrr:.3f})")
+
+
+def _quality(parity: Parity | ScoreParity) -> tuple[float, ...]:
+    """Bigger is better: how recipes that all missed their gate are ranked (for an embedder,
+    by the ranking it keeps first)."""
     if isinstance(parity, ScoreParity):
         return -parity.score_diff_max, parity.kendall_tau_mean
-    return parity.cos_min, parity.cos_mean
+    ranking = (parity.retrieval.topk_kept, parity.retrieval.spearman) if parity.retrieval else ()
+    return *ranking, parity.cos_min, parity.cos_mean
 
 
 def _rerank_probes(tokenizer: BundleTokenizer) -> tuple[list[str], list[np.ndarray], np.ndarray, tuple]:
@@ -107,12 +126,52 @@ def _probe_set(tokenizer: BundleTokenizer, manifest: Manifest) -> list[str]:
     return texts
 
 
+def probe_languages(manifest: Manifest) -> tuple[str, ...]:
+    """The languages of the retrieval probe corpus a model is judged in: every language of
+    the corpus for Qwen3 (multilingual), English for the BERT family, whose tokenizers and
+    training are English."""
+    return PROBE_LANGUAGES if manifest.architecture == "qwen3" else ("en",)
+
+
+@dataclasses.dataclass
+class _RetrievalSet:
+    """The retrieval probe corpus as token ids (queries formatted as the model's default
+    task asks), and the reference's vectors once the PyTorch stage has made them."""
+
+    queries: list[str]
+    query_seqs: list[np.ndarray]
+    passage_seqs: list[np.ndarray]
+    relevant: np.ndarray
+    languages: tuple[str, ...]
+    reference: tuple[np.ndarray, np.ndarray] | None = None
+
+    @classmethod
+    def build(cls, tokenizer: BundleTokenizer, manifest: Manifest, languages: tuple[str, ...]) -> _RetrievalSet:
+        probes = retrieval_probes(languages)
+        instruction = manifest.default_instruction if manifest.instruction_template else None
+        return cls(queries=probes.queries, query_seqs=tokenizer.encode(probes.queries, instruction=instruction),
+                   passage_seqs=tokenizer.encode(probes.passages), relevant=probes.relevant,
+                   languages=tuple(languages))
+
+    @property
+    def seqs(self) -> list[np.ndarray]:
+        return [*self.query_seqs, *self.passage_seqs]
+
+    def split(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return vectors[: len(self.query_seqs)], vectors[len(self.query_seqs):]
+
+    def measure(self, vectors: np.ndarray) -> RetrievalParity:
+        return measure_retrieval(self.reference, self.split(vectors), self.relevant, self.queries, self.languages)
+
+
 class _Runner:
     """Runs a candidate over the probe token ids with the runtime's own batching, and judges
-    its outputs as the task does: vectors by cosine, reranker logits by score and order."""
+    its outputs as the task does: vectors by cosine and by the ranking of the retrieval
+    probe corpus, reranker logits by score and order."""
 
-    def __init__(self, manifest: Manifest, seqs: list[np.ndarray], groups: np.ndarray | None = None):
-        self.manifest, self.seqs, self.groups = manifest, seqs, groups
+    def __init__(self, manifest: Manifest, seqs: list[np.ndarray], groups: np.ndarray | None = None,
+                 retrieval: _RetrievalSet | None = None):
+        self.manifest, self.seqs, self.groups, self.retrieval = manifest, seqs, groups, retrieval
         self.batches = plan_batches([len(s) for s in seqs], _REFERENCE_BATCH_TOKENS, 64)
 
     def vectors(self, forward: Callable[[dict[str, np.ndarray]], np.ndarray]) -> np.ndarray:
@@ -122,18 +181,22 @@ class _Runner:
         return out
 
     @staticmethod
-    def _session(path: Path):
+    def _session(path: Path, config: dict[str, str] | None = None):
+        """A CPU session as the runtime makes one for the variant (`config`: the session
+        config entries its recipe asks for)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = usable_cpu_count()
         options.log_severity_level = 3
+        for key, value in (config or {}).items():
+            options.add_session_config_entry(key, value)
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    def __call__(self, path: Path, *, alone: bool = False, session=None) -> np.ndarray:
+    def __call__(self, path: Path, *, alone: bool = False, session=None, config: dict | None = None) -> np.ndarray:
         """Vectors of an ONNX graph file; `alone` runs each text as its own batch, as the
         runtime does for variants whose vectors depend on their batch neighbours."""
-        session = session or self._session(path)
+        session = session or self._session(path, config)
         if not alone:
             return self.vectors(lambda feeds: session.run([self.manifest.graph_output], feeds)[0])
         return np.vstack([
@@ -162,6 +225,13 @@ class _Runner:
             return measure_score_parity(reference, outputs, self.groups, texts, self.manifest.rerank.activation)
         return measure_parity(reference, outputs, texts)
 
+    def measure_retrieval(self, vectors: Callable[[_Runner], np.ndarray]) -> RetrievalParity | None:
+        """The candidate's ranking of the retrieval probe corpus; `vectors` runs it over a
+        runner of the corpus's token ids."""
+        if self.retrieval is None or self.retrieval.reference is None:
+            return None
+        return self.retrieval.measure(vectors(_Runner(self.manifest, self.retrieval.seqs)))
+
     def errors(self, reference: np.ndarray, outputs: np.ndarray) -> np.ndarray:
         """Per probe, how far a candidate's output is from the reference (bigger is worse)."""
         if self.rerank:
@@ -173,20 +243,28 @@ class _Runner:
         return _Runner(self.manifest, [self.seqs[i] for i in rows],
                        None if self.groups is None else self.groups[rows])
 
-    def parity(self, path: Path, reference: np.ndarray, texts: list[str], recipe: dict) -> Parity | ScoreParity:
+    def parity(self, path: Path, reference: np.ndarray, texts: list[str], recipe: dict, *,
+               ranking: bool = False) -> Parity | ScoreParity:
         """Parity with the reference, run as the runtime will run it, plus the alone-vs-batch
-        check for a variant that claims batch invariance (one session for both)."""
+        check for a variant that claims batch invariance (one session for both); with
+        `ranking`, an embedder's ranking of the retrieval probe corpus too."""
         invariant = recipe.get("batch_invariant", True)
-        session = self._session(path)
+        session = self._session(path, recipe.get("session_config"))
         parity = self.measure(reference, self(path, alone=not invariant, session=session), texts)
         batch = self.batch_check(path, session) if invariant else None
+        if self.rerank:
+            parity = dataclasses.replace(parity, batch_diff_max=batch)
+        else:
+            retrieval = (self.measure_retrieval(lambda run: run(path, alone=not invariant, session=session))
+                         if ranking else None)
+            parity = dataclasses.replace(parity, batch_cos_min=batch, retrieval=retrieval)
         del session
         _release_freed_memory()
-        field = "batch_diff_max" if self.rerank else "batch_cos_min"
-        return dataclasses.replace(parity, **{field: batch})
+        return parity
 
 
 INT8_RECIPES = ("per-token", "per-tensor")
+SMOOTHQUANT_ALPHA = 0.5
 
 
 def _search_int8(fp32_path: Path, work: Path, run: _Runner, reference: np.ndarray, texts: list[str],
@@ -195,31 +273,37 @@ def _search_int8(fp32_path: Path, work: Path, run: _Runner, reference: np.ndarra
 
     `recipe` picks the activation quantization:
     - "per-token" (the default): one scale per token, batch-invariant by construction, so
-      it batches like FP32 (7-bit weights, exact on every ISA; vocabulary tables int8).
+      it batches like FP32; 8-bit weights, exact on every ISA (see quantize_per_token_int8),
+      first with SmoothQuant (calibrated on the probe texts), then without.
     - "per-tensor": ONNX Runtime's dynamic quantization, one activation scale per batch
       tensor, so a text's vector depends on its batch neighbours and the runtime runs it
       one text per batch. Only on request. Tried with full and 7-bit weights.
-    Then, for either, the MatMuls whose lone quantization hurts most are kept in FP32,
-    the fewest that pass; last, weight-only 8-bit.
+    Then, for either, the MatMuls whose lone quantization hurts most are kept in FP32, the
+    fewest that pass. Nothing else ships as int8: weight-only 8-bit runs FP32 arithmetic
+    (measured 5x slower than FP32 on a 16-token Qwen3 query), which the name would hide.
     """
-    from .quantize import (
-        quantize_dynamic_int8,
-        quantize_per_token_int8,
-        quantize_weight_only_int8,
-    )
+    from .quantize import activation_channel_max, quantize_dynamic_int8, quantize_per_token_int8
 
     if recipe not in INT8_RECIPES:
         raise ExportError(f"int8 recipe {recipe!r} is not one of {', '.join(INT8_RECIPES)}")
 
     def quantize(dst: Path, options: dict, exclude: tuple[str, ...]) -> dict:
         if recipe == "per-token":
-            return quantize_per_token_int8(fp32_path, dst, exclude=exclude)
+            return quantize_per_token_int8(fp32_path, dst, exclude=exclude, **options)
         return quantize_dynamic_int8(fp32_path, dst, per_channel=True, exclude=exclude, **options)
 
-    firsts = [("per-token", {})] if recipe == "per-token" else [
-        ("dynamic per-channel", {"reduce_range": False}), ("dynamic per-channel reduce-range", {"reduce_range": True})]
+    if recipe == "per-token":
+        progress("int8: measuring activation ranges on the probe texts (SmoothQuant calibration)")
+        calibration = activation_channel_max(
+            fp32_path, (model_inputs([run.seqs[i] for i in batch], run.manifest) for batch in run.batches),
+            usable_cpu_count())
+        firsts = [("per-token, SmoothQuant", {"smoothing": calibration, "smooth_alpha": SMOOTHQUANT_ALPHA}),
+                  ("per-token", {})]
+    else:
+        firsts = [("dynamic per-channel", {"reduce_range": False}),
+                  ("dynamic per-channel reduce-range", {"reduce_range": True})]
     return _search("int8", fp32_path, work, run, reference, texts, gates, progress, firsts, quantize, "in fp32",
-                   ("weight-only 8-bit", lambda dst: quantize_weight_only_int8(fp32_path, dst)))
+                   None)
 
 
 def _search_int4(fp32_path: Path, work: Path, run: _Runner, reference: np.ndarray, texts: list[str],
@@ -251,7 +335,7 @@ def _search(precision: str, fp32_path: Path, work: Path, run: _Runner, reference
 
     def attempt(label: str, make: Callable[[], dict]) -> tuple[dict, Parity, GateError | None]:
         made = make()
-        parity = run.parity(candidate, reference, texts, made)
+        parity = run.parity(candidate, reference, texts, made, ranking=True)
         failure = gate_failure(precision, parity, gates)
         verdict = "passes" if failure is None else "misses the gate"
         progress(f"{precision} {label}: {describe(parity)} -> {verdict}")
@@ -272,15 +356,16 @@ def _search(precision: str, fp32_path: Path, work: Path, run: _Runner, reference
     _, best_label, best, invariant = max(results, key=lambda r: _quality(r[0]))
     # Sensitivity is measured on the texts the best full recipe hurt most: they are the
     # ones the gate is decided on, and a small set keeps one pass per MatMul cheap.
-    quantize(candidate, best, ())
-    error_per_probe = run.errors(reference, run(candidate, alone=not invariant))
+    config = quantize(candidate, best, ()).get("session_config")
+    error_per_probe = run.errors(reference, run(candidate, alone=not invariant, config=config))
     hardest = np.argsort(-error_per_probe, kind="stable")[:_SENSITIVITY_PROBES]
     run_hardest = run.subset(hardest)
     progress(f"{precision}: measuring the sensitivity of {len(nodes)} MatMuls on the {len(hardest)} hardest texts")
     damage = {}
     for i, node in enumerate(nodes, 1):
         quantize(candidate, best, tuple(n for n in nodes if n != node))
-        damage[node] = float(run_hardest.errors(reference[hardest], run_hardest(candidate, alone=not invariant)).max())
+        damage[node] = float(run_hardest.errors(reference[hardest],
+                                                run_hardest(candidate, alone=not invariant, config=config)).max())
         if i % 10 == 0 or i == len(nodes):
             progress(f"{precision} sensitivity: {i}/{len(nodes)} MatMuls")
     ranked = sorted(nodes, key=lambda n: -damage[n])
@@ -321,6 +406,57 @@ def _search(precision: str, fp32_path: Path, work: Path, run: _Runner, reference
     candidate.unlink(missing_ok=True)
     best_try = max(tried, key=lambda t: _quality(t[1]))
     raise best_try[2]
+
+
+# Shapes (texts x tokens) a quantized variant is timed at against FP32 on the export
+# machine: one short query, and a batch.
+SPEED_SHAPES = ((1, 16), (8, 64))
+_SPEED_SECONDS = 0.6
+
+
+def _time_against_fp32(fp32: Path, variant: Path, recipe: dict, manifest: Manifest) -> dict:
+    """How fast a variant runs against FP32 here: best of three paired rounds per shape,
+    each round about `_SPEED_SECONDS` per graph. Recorded with the CPU and its int8 kernel
+    class, which decide the ratio (x86 without VNNI runs int8 GEMMs no faster than FP32)."""
+    from ..platform import this_cpu
+
+    sessions = (_Runner._session(fp32), _Runner._session(variant, recipe.get("session_config")))
+    rng = np.random.default_rng(0)
+    ratios = {}
+    for rows, width in SPEED_SHAPES:
+        seqs = [rng.integers(100, 1000, width).astype(np.int64) for _ in range(rows)]
+        feeds = model_inputs(seqs, manifest)
+        best = [float("inf"), float("inf")]
+        for _ in range(3):
+            for k, session in enumerate(sessions):
+                session.run(None, feeds)
+                runs, start = 0, time.perf_counter()
+                while runs < 3 or time.perf_counter() - start < _SPEED_SECONDS:
+                    session.run(None, feeds)
+                    runs += 1
+                best[k] = min(best[k], (time.perf_counter() - start) / runs)
+        ratios[f"{rows}x{width}"] = round(best[0] / best[1], 3)
+    del sessions
+    _release_freed_memory()
+    cpu, kernels = this_cpu()
+    return {"cpu": cpu, "int8_kernels": kernels, "threads": usable_cpu_count(), "vs_fp32": ratios}
+
+
+def _warn_slower(precision: str, speed: dict) -> None:
+    """Say so when a quantized variant runs slower than FP32 on the export machine: it still
+    ships (its size, and its speed on other CPUs), but `auto` will not pick it on CPUs of
+    this int8 kernel class, where it was measured slower."""
+    import logging
+
+    hint = {"avx2": "x86 without VNNI runs ONNX Runtime's int8 GEMMs no faster than FP32; CPUs with VNNI, AMX "
+                    "or ARM dot-product run them faster"}.get(speed["int8_kernels"], "")
+    everywhere = max(speed["vs_fp32"].values()) < 1.0
+    consequence = ("precision='auto' picks fp32 over it on CPUs of this kind" if everywhere
+                   else "precision='auto' still picks it, being faster at other shapes")
+    message = (f"{precision} runs slower than fp32 {'at every shape' if everywhere else 'at some shapes'} on this "
+               f"CPU ({speed['cpu']}, {speed['int8_kernels']} int8 kernels): {speed['vs_fp32']}x; {consequence}"
+               f"{'. ' + hint if hint else ''}")
+    logging.getLogger("edge_embed.export").warning(message)
 
 
 def _check_mlx_can_export(manifest: Manifest) -> None:
@@ -402,10 +538,13 @@ def export(
     progress: Progress | None = None,
     int8_recipe: str = "per-token",
     task: str | None = None,
+    languages: Sequence[str] | None = None,
 ) -> Manifest:
     """Export, validate every variant against the PyTorch FP32 reference, write the bundle.
 
     `task` None detects from the model whether it embeds or reranks (see read_source).
+    `languages` picks the languages of the retrieval probe corpus an embedder's variants
+    are ranked in (None: by the model's family, see probe_languages).
     The bundle is assembled in a sibling temporary directory and moved into place only
     when every requested variant has passed its gate. An existing `out_dir` must be empty,
     or hold a bundle that `overwrite` replaces; anything else is refused before any work.
@@ -436,13 +575,23 @@ def export(
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
-        manifest = _build(source, work, wanted, gates, progress, int8_recipe)
+        manifest = _build(source, work, wanted, gates, progress, int8_recipe, _languages(languages, draft))
         _check_target(out_dir, overwrite)  # again: the folder may have changed during the export
         _move_into_place(work, out_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     progress(f"bundle written to {out_dir}")
     return manifest
+
+
+def _languages(asked: Sequence[str] | None, manifest: Manifest) -> tuple[str, ...]:
+    if asked is None:
+        return probe_languages(manifest)
+    wanted = tuple(dict.fromkeys(lang.strip() for lang in asked if lang.strip()))
+    unknown = [lang for lang in wanted if lang not in PROBE_LANGUAGES]
+    if unknown or not wanted:
+        raise ExportError(f"probe languages must be some of {', '.join(PROBE_LANGUAGES)}, got {list(asked)!r}")
+    return wanted
 
 
 def _release_freed_memory() -> None:
@@ -475,7 +624,7 @@ def _fuse(source: SourceModel, raw: Path, fp32: Path, quant_base: Path | None) -
 
 
 def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gates, progress: Progress,
-           int8_recipe: str) -> Manifest:
+           int8_recipe: str, languages: tuple[str, ...]) -> Manifest:
     import onnxruntime
     import torch
 
@@ -485,7 +634,7 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
     for name in source.copied_files:
         shutil.copyfile(source.path / name, work / name)
     tokenizer = BundleTokenizer(work / "tokenizer.json", draft)
-    groups, pairs = None, None
+    groups, pairs, retrieval = None, None, None
     if draft.task == "rerank":
         texts, seqs, groups, (queries, documents) = _rerank_probes(tokenizer)
         pairs = (queries, documents, groups)
@@ -493,12 +642,22 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
     else:
         texts = _probe_set(tokenizer, draft)
         seqs = tokenizer.encode(texts)
+    if draft.task == "embed" and {"int8", "int4"} & set(wanted):
+        # The quantized variants are judged by how they rank too (FP16 and FP32 keep cosine
+        # >= 0.999, where the ranking does not move).
+        retrieval = _RetrievalSet.build(tokenizer, draft, languages)
+        progress(f"retrieval probes ({', '.join(languages)}): {len(retrieval.query_seqs)} queries against "
+                 f"{len(retrieval.passage_seqs)} passages")
 
     mlx_wanted = tuple(p for p in wanted if variant_format(p) == "mlx")
     raw_path = work / "model.export.onnx"
     job = {"source": source, "work": work, "texts": texts, "seqs": seqs, "mlx_wanted": mlx_wanted,
-           "raw_path": raw_path, "pairs": pairs, "batch_tokens": _REFERENCE_BATCH_TOKENS}
+           "raw_path": raw_path, "pairs": pairs, "batch_tokens": _REFERENCE_BATCH_TOKENS,
+           "retrieval_seqs": retrieval.seqs if retrieval else []}
     raw_external, mlx_recipes = run_torch_stage(job, work, progress)
+    if retrieval is not None:
+        retrieval.reference = retrieval.split(np.load(work / RETRIEVAL_REFERENCE_FILE))
+        (work / RETRIEVAL_REFERENCE_FILE).unlink()
     with np.load(work / GOLDEN_FILE) as golden:
         reference = golden["logits"][:, None] if pairs is not None else golden["vectors"]
     mlx_weights = {p: (work / f"model.{p}.safetensors", mlx_recipes[p]) for p in mlx_wanted}
@@ -511,7 +670,7 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
     if not quant_base.exists():
         quant_base = fp32_path
     progress(f"fused: {', '.join(f'{n} {op}' for op, n in fusion['fused_ops'].items()) or 'no patterns matched'}")
-    run = _Runner(draft, seqs, groups)
+    run = _Runner(draft, seqs, groups, retrieval)
 
     built: dict[str, tuple[Path, dict, Parity]] = {}
     recipe = {"method": f"torch.onnx.export ({exporter_name(source)})", **fusion, "batch_invariant": True}
@@ -538,6 +697,16 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
     if "int4" in wanted:
         progress("quantizing to INT4 (weight-only)")
         built["int4"] = _search_int4(quant_base, work, run, reference, texts, gates, progress)
+    for precision in ("int8", "int4"):
+        if precision in built:
+            path, recipe, parity = built[precision]
+            speed = _time_against_fp32(fp32_path, path, recipe, draft)
+            built[precision] = (path, {**recipe, "speed": speed}, parity)
+            shown = ", ".join(f"{shape} {ratio:.2f}x" for shape, ratio in speed["vs_fp32"].items())
+            progress(f"{precision} speed against fp32 here ({speed['cpu']}, {speed['int8_kernels']} int8 kernels, "
+                     f"{speed['threads']} threads): {shown}")
+            if min(speed["vs_fp32"].values()) < 1.0:
+                _warn_slower(precision, speed)
     if quant_base != fp32_path:
         for path in (quant_base, quant_base.with_name(quant_base.name + ".data")):
             path.unlink(missing_ok=True)
@@ -545,7 +714,7 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
     for precision, (path, recipe) in mlx_weights.items():
         progress(f"checking the {precision} variant with MLX")
         parity = measure_parity(reference, run.vectors(_mlx_forward(work, path, draft)), texts)
-        progress(f"{precision} parity: cos min {parity.cos_min:.6f}")
+        progress(f"{precision} parity: {describe(parity)}")
         check_gate(precision, parity, gates)
         built[precision] = (path, recipe, parity)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import onnx
 
 __all__ = ["to_fp16", "quantize_dynamic_int8", "quantize_per_token_int8", "quantize_weight_only_int8",
+           "activation_channel_max",
            "quantize_int4", "quantizable_matmuls", "INT4_BLOCK_SIZES", "INT4_ACCURACY_LEVEL"]
 
 
@@ -222,8 +223,9 @@ _WEIGHT_QMAX = {False: 127, True: 63}
 _PER_ROW_OPSET = 21  # QuantizeLinear with block_size: one scale per row in one op
 
 
-def quantize_per_token_int8(src: Path, dst: Path, *, reduce_range: bool = True,
-                            exclude: tuple[str, ...] = (), tables: bool = True) -> dict:
+def quantize_per_token_int8(src: Path, dst: Path, *, reduce_range: bool = False,
+                            exclude: tuple[str, ...] = (), tables: bool = True,
+                            smoothing: dict[str, "np.ndarray"] | None = None, smooth_alpha: float = 0.5) -> dict:
     """INT8 that is batch-invariant by construction: activations quantized per token.
 
     Each weight MatMul `X @ W` becomes MatMulInteger over uint8 activations (zero point
@@ -236,15 +238,28 @@ def quantize_per_token_int8(src: Path, dst: Path, *, reduce_range: bool = True,
     [..., 1] row scale is applied after the GEMM). Rows that share an input are quantized
     once. The graph's opset is raised to 21 for the blocked QuantizeLinear. With `tables`,
     vocabulary tables are stored as int8 rows too.
+
+    Weights use the full +-127 unless `reduce_range` (+-63). u8 x s8 products are summed
+    in pairs into int16 by x86 without VNNI (vpmaddubsw), which saturates at +-127; the
+    recipe therefore asks the runtime for ONNX Runtime's `session.x64quantprecision`,
+    which on exactly those CPUs turns the weights into u8 at load for its exact u8 x u8
+    kernel (16-bit products), and changes nothing where u8 x s8 is exact (VNNI, AMX, ARM
+    dot-product).
+
+    `smoothing` (SmoothQuant) maps a MatMul input to its per-channel max |x| measured on
+    calibration texts: each channel is divided by s = max|x|^a / max|w|^(1-a) before the
+    per-token quantization and the weight rows multiplied by s, so a few outlier channels
+    no longer set every token's scale.
     """
     with _graph_with_lazy_weights(src) as model:
-        recipe = _per_token_int8(model, reduce_range=reduce_range, exclude=exclude, tables=tables)
+        recipe = _per_token_int8(model, reduce_range=reduce_range, exclude=exclude, tables=tables,
+                                 smoothing=smoothing or {}, smooth_alpha=smooth_alpha)
     onnx.save(model, str(dst))
     return recipe
 
 
 def _per_token_int8(model: onnx.ModelProto, *, reduce_range: bool, exclude: tuple[str, ...],
-                    tables: bool) -> dict:
+                    tables: bool, smoothing: dict, smooth_alpha: float) -> dict:
     from onnx import TensorProto, helper, numpy_helper
 
     import numpy as np
@@ -288,13 +303,37 @@ def _per_token_int8(model: onnx.ModelProto, *, reduce_range: bool, exclude: tupl
             leading[info.name] = tuple(d.dim_param or d.dim_value for d in dims[:-1])
     zero_points: dict[tuple, str] = {}
 
+    def eligible(node) -> bool:
+        weight = weights.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        return weight is not None and node.name not in exclude and len(weight.dims) == 2
+
+    # SmoothQuant: one factor per input channel, shared by every quantized MatMul that
+    # reads the input (Q, K and V read one tensor), from their weights' largest rows.
+    factors: dict[str, np.ndarray] = {}
+    if smoothing:
+        weight_rows: dict[str, np.ndarray] = {}
+        for node in graph.node:
+            if eligible(node) and node.input[0] in smoothing:
+                rows = np.abs(_weight_array(weights[node.input[1]])).max(axis=1).astype(np.float64)
+                x = node.input[0]
+                weight_rows[x] = rows if x not in weight_rows else np.maximum(weight_rows[x], rows)
+        for x, rows in weight_rows.items():
+            act = np.maximum(np.asarray(smoothing[x], dtype=np.float64), 1e-5)
+            factor = act ** smooth_alpha / np.maximum(rows, 1e-5) ** (1.0 - smooth_alpha)
+            factors[x] = np.clip(factor, 1e-2, 1e2)
+
     def quantize_rows(x: str, width: int) -> tuple[str, str]:
         if x in quantized_inputs:
             return quantized_inputs[x]
         base = unique(f"pt_{x}")
         absx, amax, scale, safe, q = (f"{base}_{s}" for s in ("abs", "amax", "scale", "safe_scale", "u8"))
+        source = x
+        if x in factors:
+            source = f"{base}_smoothed"
+            inverse = const(f"{base}_inv_smooth", (1.0 / factors[x]).astype(np.float32))
+            new_nodes.append(helper.make_node("Mul", [x, inverse], [source], name=f"{base}_Smooth"))
         new_nodes.extend([
-            helper.make_node("Abs", [x], [absx], name=f"{base}_Abs"),
+            helper.make_node("Abs", [source], [absx], name=f"{base}_Abs"),
             helper.make_node("ReduceMax", [absx, last_axis], [amax], name=f"{base}_ReduceMax", keepdims=1),
             helper.make_node("Mul", [amax, inv_qmax], [scale], name=f"{base}_Scale"),
             helper.make_node("Max", [scale, tiny], [safe], name=f"{base}_SafeScale"),
@@ -309,7 +348,7 @@ def _per_token_int8(model: onnx.ModelProto, *, reduce_range: bool, exclude: tupl
                 helper.make_node("ConstantOfShape", [shape], [zero_points[key]], name=f"{base}_ZeroPoint",
                                  value=numpy_helper.from_array(np.array([128], dtype=np.uint8))),
             ])
-        new_nodes.append(helper.make_node("QuantizeLinear", [x, safe, zero_points[key]], [q],
+        new_nodes.append(helper.make_node("QuantizeLinear", [source, safe, zero_points[key]], [q],
                                           name=f"{base}_Quantize", axis=-1, block_size=width))
         quantized_inputs[x] = (q, safe)
         return quantized_inputs[x]
@@ -318,11 +357,13 @@ def _per_token_int8(model: onnx.ModelProto, *, reduce_range: bool, exclude: tupl
     rewritten = []
     rescaled: set[str] = set()
     for node in graph.node:
-        weight = weights.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        if weight is None or node.name in exclude or len(weight.dims) != 2:
+        if not eligible(node):
             rewritten.append(node)
             continue
+        weight = weights[node.input[1]]
         w = _weight_array(weight).astype(np.float32)
+        if node.input[0] in factors:
+            w = w * factors[node.input[0]][:, None].astype(np.float32)
         column_scale = np.maximum(np.abs(w).max(axis=0), 1e-30) / qmax
         w_q = np.clip(np.round(w / column_scale), -qmax, qmax).astype(np.int8)
         w_name = const(f"{weight.name}_int8", w_q)
@@ -384,10 +425,14 @@ def _per_token_int8(model: onnx.ModelProto, *, reduce_range: bool, exclude: tupl
     if tables:
         onnx.load_external_data_for_model(model, ".")  # what is left: norms, biases, the vocabulary table
     table_recipe = _quantize_embedding_tables(model) if tables else {}
+    exact = {} if reduce_range else {"session_config": {"session.x64quantprecision": "1"}}
+    smooth = {"smoothquant_alpha": smooth_alpha, "smoothed_inputs": len(factors)} if factors else {}
     return {
         "method": "per-token dynamic int8 (QuantizeLinear per row, MatMulInteger fused to MatMulIntegerToFloat)",
         "weights": f"int8 symmetric per output channel, +-{qmax}",
         "activations": "uint8 per token: symmetric scale max|row| / 127, zero point 128",
+        **exact,
+        **smooth,
         "batch_invariant": True,
         "per_channel": True,
         "reduce_range": reduce_range,
@@ -396,6 +441,44 @@ def _per_token_int8(model: onnx.ModelProto, *, reduce_range: bool, exclude: tupl
         "excluded_nodes": list(exclude),
         **table_recipe,
     }
+
+
+def activation_channel_max(src: Path, batches, threads: int) -> dict:
+    """Per input channel, the largest |x| each weight MatMul of `src` reads, over `batches`
+    (graph feeds): SmoothQuant's calibration. The MatMul inputs become extra outputs of a
+    copy of the graph written beside `src` (so external weights resolve), removed after."""
+    import numpy as np
+    import onnxruntime as ort
+
+    model = onnx.load(str(src), load_external_data=False)
+    weights = {init.name for init in model.graph.initializer}
+    inputs = list(dict.fromkeys(n.input[0] for n in model.graph.node
+                                if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in weights))
+    known = {o.name for o in model.graph.output}
+    for name in inputs:
+        if name not in known:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    probe = src.with_name(f"{src.stem}.calibration.onnx")
+    onnx.save(model, str(probe))
+    del model
+    try:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(probe), options, providers=["CPUExecutionProvider"])
+        channel_max: dict = {}
+        for feeds in batches:
+            rows = feeds["attention_mask"].reshape(-1).astype(bool)
+            for name, value in zip(inputs, session.run(inputs, feeds)):
+                flat = np.abs(value.reshape(-1, value.shape[-1]))
+                if flat.shape[0] == rows.shape[0]:
+                    flat = flat[rows]  # padding rows carry no text
+                top = flat.max(axis=0) if len(flat) else np.zeros(value.shape[-1], np.float32)
+                channel_max[name] = top if name not in channel_max else np.maximum(channel_max[name], top)
+        del session
+    finally:
+        probe.unlink(missing_ok=True)
+    return channel_max
 
 
 def quantize_weight_only_int8(src: Path, dst: Path, *, block_size: int = 32) -> dict:

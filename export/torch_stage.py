@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import ExportError
 from .source import SourceModel
 
-__all__ = ["run_torch_stage"]
+__all__ = ["run_torch_stage", "RETRIEVAL_REFERENCE_FILE"]
 
 JOB_FILE = "torch-stage.job.pickle"
 OUTCOME_FILE = "torch-stage.outcome.pickle"
@@ -148,10 +148,15 @@ class _LineRelay:
             print(text, file=sys.stderr, flush=True)
 
 
+RETRIEVAL_REFERENCE_FILE = "retrieval-reference.npy"
+
+
 def _run(source: SourceModel, work: Path, texts: list[str], seqs: list[np.ndarray], mlx_wanted: tuple[str, ...],
-         raw_path: Path, pairs: tuple | None, batch_tokens: int,
-         progress: Callable[[str], None]) -> tuple[list[str], dict]:
-    """Everything that needs the PyTorch model: golden.npz, MLX weights, the raw ONNX graph."""
+         raw_path: Path, pairs: tuple | None, batch_tokens: int, progress: Callable[[str], None],
+         retrieval_seqs: list[np.ndarray] = ()) -> tuple[list[str], dict]:
+    """Everything that needs the PyTorch model: golden.npz, the reference vectors of the
+    retrieval probe corpus (`retrieval_seqs`, kept in the work folder, never shipped), MLX
+    weights, the raw ONNX graph."""
     import torch
 
     from ..batching import plan_batches
@@ -165,12 +170,20 @@ def _run(source: SourceModel, work: Path, texts: list[str], seqs: list[np.ndarra
     draft = source.manifest
     progress(f"loading the PyTorch FP32 model from {source.path}")
     model = load_reference_model(source)
-    reference = np.empty((len(seqs), draft.dim), dtype=np.float32)
-    with torch.inference_mode():
-        for batch in plan_batches([len(s) for s in seqs], batch_tokens, 64):
-            feeds = model_inputs([seqs[i] for i in batch], draft)
-            reference[batch] = model(*(torch.from_numpy(feeds[n]) for n in draft.graph_inputs)).numpy()
+
+    def forward(sequences: list[np.ndarray]) -> np.ndarray:
+        out = np.empty((len(sequences), draft.dim), dtype=np.float32)
+        with torch.inference_mode():
+            for batch in plan_batches([len(s) for s in sequences], batch_tokens, 64):
+                feeds = model_inputs([sequences[i] for i in batch], draft)
+                out[batch] = model(*(torch.from_numpy(feeds[n]) for n in draft.graph_inputs)).numpy()
+        return out
+
+    reference = forward(seqs)
     progress(f"reference vectors: {len(seqs)}/{len(seqs)} probe texts")
+    if len(retrieval_seqs):
+        np.save(work / RETRIEVAL_REFERENCE_FILE, forward(list(retrieval_seqs)))
+        progress(f"reference vectors: {len(retrieval_seqs)} retrieval probe queries and passages")
     if pairs is not None:
         queries, documents, groups = pairs
         np.savez(work / GOLDEN_FILE, queries=np.array(queries), documents=np.array(documents), groups=groups,

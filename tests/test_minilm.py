@@ -102,9 +102,22 @@ def test_embeddings_carry_meaning(minilm_bundle):
     assert v[0] @ v[1] > 0.5 > v[0] @ v[2]
 
 
-def test_auto_precision_on_cpu_is_int8(minilm_bundle):
+def test_auto_precision_on_cpu_is_int8_unless_measured_slower_on_this_kind_of_cpu(minilm_bundle):
+    """The export times int8 against fp32 and records the CPU's int8 kernel class; `auto`
+    passes int8 over only on CPUs of the class where it ran slower at every shape."""
+    from edge_embed.backends.onnx import auto_precision
+    from edge_embed.platform import this_cpu
+
+    variants = edge_embed.load_bundle(minilm_bundle).manifest.variants
+    speed = variants["int8"].recipe["speed"]
+    assert speed["int8_kernels"] == this_cpu()[1] and set(speed["vs_fp32"]) == {"1x16", "8x64"}
+    slower = max(speed["vs_fp32"].values()) < 1.0
+    assert auto_precision(variants, int8_kernels=speed["int8_kernels"]) == ("fp32" if slower else "int8")
+    other = "vnni" if speed["int8_kernels"] != "vnni" else "avx2"
+    assert auto_precision(variants, int8_kernels=other) == "int8"
+    assert auto_precision({"int8": variants["int8"]}, int8_kernels=speed["int8_kernels"]) == "int8"
     with edge_embed.load(minilm_bundle) as provider:
-        assert provider.info.precision == "int8"
+        assert provider.info.precision == ("fp32" if slower else "int8")
         assert provider.info.threads >= 1
 
 
