@@ -121,7 +121,7 @@ def auto_precision(variants, providers: tuple[str, ...] = ("CPUExecutionProvider
 
 
 def _slower_here(variant, int8_kernels: str) -> bool:
-    speed = variant.recipe.get("speed") or {}
+    speed = (getattr(variant, "recipe", None) or {}).get("speed") or {}
     ratios = list((speed.get("vs_fp32") or {}).values())
     return speed.get("int8_kernels") == int8_kernels and bool(ratios) and max(ratios) < 1.0
 

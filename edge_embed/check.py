@@ -64,6 +64,7 @@ class ModelNeed:
     gpu_memory: int
     on_disk: int = 0  # bytes a local bundle already occupies
     kind: str = "embedding"
+    fidelity: str = ""  # a local bundle's variant: what its export measured against FP32
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,7 @@ def _bundle_need(path: Path, precision: str, limits: Limits, measure: bool, back
     """A local bundle's figures: measured on this device (stored, or measured now) or estimated."""
     from .bundle import load_bundle
     from .memory import measure_footprint, stored_footprint
+    from .parity import fidelity_summary
 
     bundle = load_bundle(path)
     m = bundle.manifest
@@ -225,11 +227,13 @@ def _bundle_need(path: Path, precision: str, limits: Limits, measure: bool, back
     if (footprint is None or footprint.batch_peak is None) and measure:
         footprint = measure_footprint(bundle.path, chosen, backend, max_batch_tokens=limits.max_batch_tokens)
     memory, activations = bundle_estimate(m, bundle.path, chosen, limits.max_batch_tokens)
+    fidelity = fidelity_summary(variant.parity)
     if footprint is not None:
         total = footprint.total(activations)
         return ModelNeed(m.model_id, chosen, f"measured on this device ({footprint.execution_provider})",
-                         total, 0, total, on_disk=on_disk, kind=kind)
-    return ModelNeed(m.model_id, chosen, "bundle estimate", memory, 0, memory, on_disk=on_disk, kind=kind)
+                         total, 0, total, on_disk=on_disk, kind=kind, fidelity=fidelity)
+    return ModelNeed(m.model_id, chosen, "bundle estimate", memory, 0, memory, on_disk=on_disk, kind=kind,
+                     fidelity=fidelity)
 
 
 def bundle_default_precision(variants) -> str:
@@ -300,6 +304,9 @@ def render_check(report: CheckReport) -> str:
     for n in report.models:
         lines.append(f"  {n.name[:40]:<40} {n.kind:<9} {n.precision:<9} {n.memory / 1e6:>10,.0f} "
                      f"{n.disk / 1e6:>9,.0f}  {n.source}")
+    for n in report.models:
+        if n.fidelity:
+            lines.append(f"  {n.name} {n.precision} against FP32 at export: {n.fidelity}")
     lines.append("")
     lines.append(f"  {'resource':<11} {'required':>10} {'available':>10}  verdict")
     for r in report.resources:

@@ -43,7 +43,8 @@ def diagnose(bundle_path: Path | None, backend: str = "auto", max_batch_tokens: 
     report["bundle"].update({
         "model": m.model_id,
         "task": m.task,
-        "variants": {name: {"format": variant_format(name), "bytes": v.bytes, "export": _fidelity(v.parity)}
+        "variants": {name: {"format": variant_format(name), "bytes": v.bytes, "export": _fidelity(v.parity),
+                            "speed": v.recipe.get("speed")}
                      for name, v in m.variants.items()},
     })
     try:
@@ -122,6 +123,10 @@ def render(report: dict[str, Any]) -> str:
             lines.append(f"  cannot open: {bundle['error']}")
         for name, v in bundle.get("variants", {}).items():
             lines.append(f"  {name} ({v['format']}): {v['bytes'] / 1e6:.1f} MB, export {v['export']}")
+            if v.get("speed"):
+                ratios = ", ".join(f"{shape} {ratio:.2f}x" for shape, ratio in v["speed"]["vs_fp32"].items())
+                lines.append(f"    speed against fp32 at export: {ratios} ({v['speed']['cpu']}, "
+                             f"{v['speed']['int8_kernels']} int8 kernels)")
     run = report.get("would_run")
     if run:
         lines.append("Would run")
@@ -143,7 +148,6 @@ def render(report: dict[str, Any]) -> str:
 
 
 def _fidelity(parity) -> str:
-    """A variant's fidelity to FP32 in a few words: cosine for vectors, score and order for scores."""
-    if hasattr(parity, "score_diff_max"):
-        return f"score diff max {parity.score_diff_max:.4f}, Kendall tau mean {parity.kendall_tau_mean:.3f}"
-    return f"cos min {parity.cos_min:.4f}"
+    from .parity import fidelity_summary
+
+    return fidelity_summary(parity)

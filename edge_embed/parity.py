@@ -14,7 +14,7 @@ from .errors import GateError
 from .manifest import Parity, RetrievalParity, ScoreParity
 
 __all__ = ["Gates", "measure_parity", "measure_score_parity", "scores_from_logits", "gate_failure", "check_gate",
-           "batch_probe_indices", "alone_vs_batch_cos", "alone_vs_batch_diff", "pair_name", "measure_retrieval"]
+           "batch_probe_indices", "alone_vs_batch_cos", "alone_vs_batch_diff", "pair_name", "measure_retrieval", "fidelity_summary"]
 
 BATCH_PROBES = 32
 
@@ -288,6 +288,19 @@ def gate_failure(precision: str, parity: Parity | ScoreParity, gates: Gates) -> 
         return GateError(precision, "batch_cos_min (alone vs in a batch)", parity.batch_cos_min,
                          gates.batch_cos_min, parity.worst_text)
     return None
+
+
+def fidelity_summary(parity: Parity | ScoreParity) -> str:
+    """A variant's fidelity to FP32 in a few words: cosine (and, for a quantized embedder,
+    the ranking it keeps) for vectors, score and order for scores."""
+    if isinstance(parity, ScoreParity):
+        return f"score diff max {parity.score_diff_max:.4f}, Kendall tau mean {parity.kendall_tau_mean:.3f}"
+    text = f"cos min {parity.cos_min:.4f}"
+    r = parity.retrieval
+    if r is not None:
+        text += (f", ranking of {r.queries} probe queries ({', '.join(r.languages)}): top-{r.topk} kept "
+                 f"{r.topk_kept:.3f}, Spearman {r.spearman:.3f}, MRR {r.mrr_ratio:.1%} of FP32's")
+    return text
 
 
 def check_gate(precision: str, parity: Parity | ScoreParity, gates: Gates) -> None:

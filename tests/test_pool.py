@@ -165,14 +165,14 @@ def test_pinned_models_stay_and_busy_models_are_not_evicted(three, footprints):
 
 def test_a_model_too_big_for_the_budget_is_refused_with_the_figures(three, footprints):
     probe, _ = _pool(three)
-    budget = probe.base_bytes + probe.charge_for("qwen3")[0] + 1_000_000
-    sources = [three[2], three[0]]  # qwen3 is the default and fits; minilm-fp32 never can
+    budget = probe.base_bytes + probe.charge_for("minilm-int8")[0] + 1_000_000
+    sources = [three[1], three[0]]  # minilm-int8 is the default and fits; minilm-fp32 never can
     pool, _ = _pool(sources, budget)
     with running_server(pool, memory_budget=budget) as (edge, target):
         with pytest.raises(OverloadedError, match=r"RESOURCE_EXHAUSTED.*minilm-fp32.*over the memory budget"):
             _embed(target, "minilm-fp32", retries=3)  # no retry hint: the client does not retry
-        assert _states(target) == {"qwen3": "loaded", "minilm-fp32": "unloaded"}
-        assert _embed(target, "qwen3").shape == (1, 64)
+        assert _states(target) == {"minilm-int8": "loaded", "minilm-fp32": "unloaded"}
+        assert _embed(target, "minilm-int8").shape == (1, 384)
 
     # Pinned models count as never leaving: beside a pinned qwen3 the FP32 model cannot fit.
     pool, _ = _pool([three[2], three[1], three[0]], None, pin=("qwen3",))

@@ -135,3 +135,24 @@ def test_an_export_refuses_an_int8_variant_that_loses_ranking_and_writes_nothing
     assert not (tmp_path / "bundle").exists()
     assert any(f"retrieval probes ({', '.join(PROBE_LANGUAGES)})" in line for line in lines)
     assert any("top-10 kept" in line and "Spearman" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_minilm_int8_keeps_the_ranking_and_says_so_in_manifest_doctor_and_check(minilm_bundle):
+    """The default INT8 (per-token, 8-bit weights, SmoothQuant) passes the ranking gate on
+    the English probe corpus, and the figures reach the manifest, doctor and check."""
+    from edge_embed.check import check, render_check
+    from edge_embed.doctor import diagnose, render
+
+    variant = edge_embed.load_bundle(minilm_bundle).manifest.variants["int8"]
+    r = variant.parity.retrieval
+    assert r.languages == ("en",) and r.queries >= 300 and r.passages >= 1000
+    assert r.topk_kept >= Gates().int8_topk_kept and r.spearman >= Gates().int8_spearman
+    assert r.mrr_ratio >= Gates().quantized_mrr_ratio and r.reference_mrr > 0.5
+    assert variant.recipe["gate"]["topk_kept"] == Gates().int8_topk_kept
+    assert variant.recipe["weights"].endswith("+-127") and variant.recipe["smoothquant_alpha"] == 0.5
+    assert variant.recipe["session_config"] == {"session.x64quantprecision": "1"}
+    assert edge_embed.load_bundle(minilm_bundle).manifest.variants["fp16"].parity.retrieval is None
+    shown = f"top-10 kept {r.topk_kept:.3f}, Spearman {r.spearman:.3f}"
+    assert shown in render(diagnose(minilm_bundle))
+    assert shown in render_check(check([str(minilm_bundle)], precision="int8", measure=False))
