@@ -9,7 +9,7 @@ is its own:
 - edge-embed FP32 and INT8: the graphs the export ships (torch.onnx, fused norms; INT8
   per-token with 8-bit weights and SmoothQuant calibrated on the probe texts), run as the
   runtime runs them;
-- llama.cpp F32, F16, Q8_0 and Q4_K_M (the `bench` extra: llama-cpp-python and gguf), GGUF
+- llama.cpp F32, Q8_0 and Q4_K_M (the `bench` extra: llama-cpp-python and gguf), GGUF
   files made by llama.cpp's own converter from the same model directory, last-token pooling.
 Shapes (texts x tokens): 1x16 (a query), 8x64, 4x256. For each: tokens/s (best of
 `--repeat` rounds of `--seconds`), the ratio to torch eager, and per contender the cosine of
@@ -159,24 +159,45 @@ def build_graphs(src: Path, work: Path, threads: int) -> dict[str, tuple[Path, d
     return {"edge-embed FP32": (fp32, {}), "edge-embed INT8": (int8, config)}
 
 
+def llama_cpp_converter(work: Path) -> Path:
+    """llama.cpp's convert_hf_to_gguf.py of the llama.cpp that llama-cpp-python was built
+    from: the wheel does not install it, its source distribution ships it (with the gguf-py
+    it expects), so that is downloaded once from the package index."""
+    import importlib.metadata
+    import tarfile
+
+    version = importlib.metadata.version("llama-cpp-python")
+    root = work / f"llama_cpp_python-{version}"
+    script = root / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
+    if not script.is_file():
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                        f"llama-cpp-python=={version}", "-d", str(work)], check=True, capture_output=True)
+        with tarfile.open(next(work.glob(f"llama_cpp_python-{version}.tar.gz"))) as archive:
+            archive.extractall(work, filter="data")
+    return script
+
+
 def build_ggufs(src: Path, work: Path) -> dict[str, Path]:
     """GGUF files from the same model directory, by llama.cpp's converter and quantizer;
     {} without the `bench` extra."""
+    import os
+
     try:
         import llama_cpp
     except ImportError:
         print("llama.cpp skipped: pip install -e '.[bench]' (llama-cpp-python, gguf)", file=sys.stderr)
         return {}
-    converter = next(Path(llama_cpp.__file__).parent.rglob("convert_hf_to_gguf.py"), None)
     files = {}
-    for kind in ("f32", "f16", "q8_0"):
+    # F16 is left out: on x86 without native half-precision compute it ran > 5x slower than F32.
+    for kind in ("f32", "q8_0"):
         out = work / f"model.{kind}.gguf"
         if not out.is_file():
-            if converter is None:
-                print("llama.cpp skipped: its convert_hf_to_gguf.py is not installed", file=sys.stderr)
-                return {}
-            subprocess.run([sys.executable, str(converter), str(src), "--outfile", str(out), "--outtype", kind],
-                           check=True, capture_output=True)
+            converter = llama_cpp_converter(work)
+            env = {**os.environ, "PYTHONPATH": str(converter.parent / "gguf-py")}
+            done = subprocess.run([sys.executable, str(converter), str(src), "--outfile", str(out), "--outtype", kind],
+                                  capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                raise RuntimeError(f"llama.cpp's converter failed: {done.stderr[-2000:]}")
         files[f"llama.cpp {kind.upper()}"] = out
     q4 = work / "model.q4_k_m.gguf"
     if not q4.is_file():
@@ -184,6 +205,7 @@ def build_ggufs(src: Path, work: Path) -> dict[str, Path]:
         params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
         if llama_cpp.llama_model_quantize(str(files["llama.cpp F32"]).encode(), str(q4).encode(), params) != 0:
             raise RuntimeError("llama.cpp could not quantize to Q4_K_M")
+
     files["llama.cpp Q4_K_M"] = q4
     return files
 
