@@ -63,6 +63,15 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--int4-cos-min", type=float, help="INT4 gate: minimum cosine (default 0.95)")
     ex.add_argument("--int4-cos-mean", type=float, help="INT4 gate: mean cosine (default 0.98)")
     ex.add_argument("--fp16-cos-min", type=float, help="FP16 gate: minimum cosine (default 0.999)")
+    ex.add_argument("--int8-topk-kept", type=float,
+                    help="INT8 ranking gate: share of FP32's top 10 kept on the retrieval probe corpus (default 0.95)")
+    ex.add_argument("--int8-spearman", type=float,
+                    help="INT8 ranking gate: rank correlation over FP32's top 100 (default 0.98)")
+    ex.add_argument("--mrr-ratio", type=float,
+                    help="INT8 ranking gate: MRR@10 of the labelled probe pairs against FP32's (default 0.995)")
+    ex.add_argument("--probe-languages",
+                    help="languages of the retrieval probe corpus to rank in, comma-separated (default: Qwen3 all "
+                         "of en,de,es,fr,ja,ru,zh; other models en)")
     ex.add_argument("--task", choices=("embed", "rerank"),
                     help="what the model does (default: detected; *ForSequenceClassification and Qwen3 causal LMs "
                          "without sentence-transformers pooling are rerankers)")
@@ -240,6 +249,7 @@ def _read_texts(args: argparse.Namespace) -> list[str]:
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from .export import Gates, export
+    from .parity import fidelity_summary
 
     overrides = {
         "int8_cos_min": args.int8_cos_min,
@@ -247,6 +257,9 @@ def _cmd_export(args: argparse.Namespace) -> None:
         "int4_cos_min": args.int4_cos_min,
         "int4_cos_mean": args.int4_cos_mean,
         "fp16_cos_min": args.fp16_cos_min,
+        "int8_topk_kept": args.int8_topk_kept,
+        "int8_spearman": args.int8_spearman,
+        "quantized_mrr_ratio": args.mrr_ratio,
         "int8_score_diff_max": args.int8_score_diff_max,
         "fp16_score_diff_max": args.fp16_score_diff_max,
     }
@@ -262,6 +275,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         int8_recipe=args.int8_recipe,
         task=args.task,
+        languages=args.probe_languages.split(",") if args.probe_languages else None,
     )
     for name, variant in manifest.variants.items():
         p = variant.parity
@@ -269,8 +283,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
             print(f"{name}: {variant.bytes / 1e6:.1f} MB, score diff max {p.score_diff_max:.4f}, Kendall tau mean "
                   f"{p.kendall_tau_mean:.3f}, top-1 agreement {p.top1_agreement:.3f}")
             continue
-        print(f"{name}: {variant.bytes / 1e6:.1f} MB, cos min {p.cos_min:.4f} mean {p.cos_mean:.4f}, "
-              f"top-{p.topk} agreement {p.topk_agreement:.3f}")
+        print(f"{name}: {variant.bytes / 1e6:.1f} MB, {fidelity_summary(p)}")
 
 
 def _client(args: argparse.Namespace, timeout: float = 30.0):

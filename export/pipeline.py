@@ -555,6 +555,7 @@ def export(
     progress = progress or console_progress()
     source = read_source(source_dir, model_id=model_id, revision=revision, max_length=max_length, task=task)
     draft = source.manifest
+    probe_langs = _languages(languages, draft)
     if draft.task == "rerank" and any(variant_format(p) == "mlx" for p in wanted):
         raise ExportError(f"{draft.model_id} is a reranker, and the MLX backend runs embedders only; export ONNX "
                           "variants")
@@ -575,7 +576,7 @@ def export(
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
-        manifest = _build(source, work, wanted, gates, progress, int8_recipe, _languages(languages, draft))
+        manifest = _build(source, work, wanted, gates, progress, int8_recipe, probe_langs)
         _check_target(out_dir, overwrite)  # again: the folder may have changed during the export
         _move_into_place(work, out_dir)
     finally:

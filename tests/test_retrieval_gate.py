@@ -120,6 +120,16 @@ def test_the_figures_travel_through_the_manifest_and_old_manifests_have_none(tmp
     assert Manifest.from_dict(data).variants["int8"].parity.retrieval is None
 
 
+def test_an_unknown_probe_language_is_refused_before_any_work(tmp_path):
+    from edge_embed.errors import ExportError
+    from edge_embed.export import export
+    from tests.conftest import minilm_source
+
+    with pytest.raises(ExportError, match="probe languages must be some of en, de"):
+        export(minilm_source(), tmp_path / "bundle", "int8", languages=["tlh"], progress=lambda _: None)
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.slow
 def test_an_export_refuses_an_int8_variant_that_loses_ranking_and_writes_nothing(qwen3_source, tmp_path):
     """A real export (tiny Qwen3, Qwen's tokenizer): with the bar for the kept top 10 above
