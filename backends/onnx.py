@@ -115,12 +115,13 @@ def auto_precision(variants, providers: tuple[str, ...] = ("CPUExecutionProvider
 
         int8_kernels = this_cpu()[1]
     for candidate in _CPU_PREFERENCE:
-        if candidate in variants and not ("fp32" in variants and _slower_here(variants[candidate], int8_kernels)):
+        if candidate in variants and not ("fp32" in variants and slower_here(variants[candidate], int8_kernels)):
             return candidate
     return None
 
 
-def _slower_here(variant, int8_kernels: str) -> bool:
+def slower_here(variant, int8_kernels: str) -> bool:
+    """Whether the export measured this variant slower than FP32 at every shape on a CPU of this int8 kernel class."""
     speed = (getattr(variant, "recipe", None) or {}).get("speed") or {}
     ratios = list((speed.get("vs_fp32") or {}).values())
     return speed.get("int8_kernels") == int8_kernels and bool(ratios) and max(ratios) < 1.0

@@ -63,12 +63,30 @@ def diagnose(bundle_path: Path | None, backend: str = "auto", max_batch_tokens: 
         "parity": dataclasses.asdict(run.parity) if run.parity else None,
         "parity_summary": _fidelity(run.parity) if run.parity else None,
         "parity_ok": run.parity is not None and provider.parity_passes(),
+        "passed_over": _passed_over(m.variants, run, info),
         "memory": {"estimated_bytes": needed, "figure": figure, "usable_bytes": available,
                    "fits": needed <= available,
                    "rule": f"process base + the model <= {HEADROOM:.0%} of memory (as `edge-embed check`)"},
     }
     provider.close()
     return report
+
+
+def _passed_over(variants, run, info) -> dict[str, str]:
+    """Quantized variants `auto` skipped on this CPU because the export measured them slower than FP32."""
+    from .backends.onnx import slower_here
+    from .platform import int8_kernel_class
+
+    if run.backend != "onnx" or run.execution_providers[0] != "CPUExecutionProvider" or "fp32" not in variants:
+        return {}
+    kernels = int8_kernel_class(info.cpu_flags, info.is_arm)
+    skipped = {}
+    for name, variant in variants.items():
+        if name != run.precision and slower_here(variant, kernels):
+            ratios = ", ".join(f"{shape} {ratio:.2f}x" for shape, ratio in variant.recipe["speed"]["vs_fp32"].items())
+            skipped[name] = (f"measured slower than fp32 at export on a CPU with {kernels} int8 kernels "
+                             f"({ratios}): fp32 is faster here")
+    return skipped
 
 
 def _memory_need(bundle, run, max_batch_tokens: int) -> tuple[int, str]:
@@ -136,6 +154,8 @@ def render(report: dict[str, Any]) -> str:
             lines.append(f"  {run['backend']} on {run['execution_providers'][0]}, {run['precision']}")
             if run["fallback"]:
                 lines.append(f"  fallback: {run['fallback']}")
+            for name, why in run.get("passed_over", {}).items():
+                lines.append(f"  not {name}: {why}")
             if run["parity"]:
                 verdict = "passes" if run["parity_ok"] else "FAILS its gate"
                 lines.append(f"  parity here: {run['parity_summary']} over {run['parity']['probes']} golden "
