@@ -24,7 +24,7 @@ __all__ = ["fuse_graph", "FUSED_OPS"]
 # The ops a fused graph is expected to hold, by architecture family.
 FUSED_OPS = {
     "bert": ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLayerNormalization", "BiasGelu"),
-    "qwen3": ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"),
+    "qwen3": ("GroupQueryAttention", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"),
 }
 
 

@@ -166,6 +166,7 @@ def export_onnx(model: torch.nn.Module, source: SourceModel, out_path: Path, sam
                               dynamic_axes={**axes, output: {0: "batch"}},
                               opset_version=ONNX_OPSET, dynamo=False)
             return []
+        model, translations = _fuse_attention(model, source)
         batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
         program = torch.onnx.export(
             model,
@@ -176,6 +177,29 @@ def export_onnx(model: torch.nn.Module, source: SourceModel, out_path: Path, sam
             opset_version=ONNX_OPSET,
             dynamo=True,
             verbose=False,
+            custom_translation_table=translations,
         )
     program.save(str(out_path), external_data=external)
+    if translations:
+        from .attention import finish_graph
+
+        finish_graph(out_path)
     return [out_path.name + ".data"] if external else []
+
+
+def _fuse_attention(model: torch.nn.Module, source: SourceModel) -> tuple[torch.nn.Module, dict]:
+    """A Qwen3 model with its attention written as ONNX Runtime's fused kernel (see
+    export/attention.py), and the translation the exporter needs for it; any other model,
+    or a Qwen3 the kernel cannot run, as it is."""
+    if source.manifest.architecture != "qwen3":
+        return model, {}
+    from transformers import AutoConfig
+
+    from .attention import TRANSLATIONS, cannot_fuse, with_fused_attention
+
+    config = AutoConfig.from_pretrained(source.path)
+    reason = cannot_fuse(config, source.manifest.padding_side)
+    if reason is not None:
+        logging.getLogger(__name__).warning("%s: attention stays unfused: %s", source.manifest.model_id, reason)
+        return model, {}
+    return with_fused_attention(model, config, source.manifest.max_length), TRANSLATIONS

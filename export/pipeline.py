@@ -617,7 +617,8 @@ def _fuse(source: SourceModel, raw: Path, fp32: Path, quant_base: Path | None) -
     config = json.loads((source.path / "config.json").read_text())
     family = "qwen3" if source.manifest.architecture == "qwen3" else "bert"
     shape = {"num_heads": int(config.get("num_attention_heads", 0)), "hidden_size": int(config.get("hidden_size", 0))}
-    # Qwen3's attention has no pattern the optimizer knows: only its norms fuse.
+    # Qwen3's attention has no pattern the optimizer knows: the export wrote it fused
+    # (export/attention.py); the optimizer fuses its norms.
     recipe = fuse_graph(raw, fp32, family=family, attention=family == "bert", **shape)
     if quant_base is not None and family == "bert":
         fuse_graph(raw, quant_base, family=family, for_quantization=True, **shape)

@@ -72,7 +72,9 @@ ARCHITECTURES: dict[str, ArchitectureRules] = {
         pooling="last_token",
         padding_side="right",
         needs_eos=True,
-        graph_inputs=("input_ids", "attention_mask", "position_ids"),
+        # No position_ids: with right padding every row's positions are 0..len-1, which the
+        # fused attention kernel computes itself (export/attention.py).
+        graph_inputs=("input_ids", "attention_mask"),
         matryoshka_min_dim=32,
         instruction_template=QWEN3_QUERY_TEMPLATE,
         default_instruction=QWEN3_DEFAULT_TASK,

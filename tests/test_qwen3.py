@@ -47,21 +47,24 @@ def test_manifest_rules(qwen3_bundle):
     # Right padding, though the tokenizer config says left: exact batch invariance.
     assert (m.architecture, m.pooling, m.padding_side) == ("qwen3", "last_token", "right")
     assert m.append_eos is False  # the tokenizer's post-processor appends EOS, as Qwen3-Embedding's does
-    assert m.graph_inputs == ("input_ids", "attention_mask", "position_ids")
+    assert m.graph_inputs == ("input_ids", "attention_mask")  # positions are 0..len-1 with right padding
     assert (m.dim, m.matryoshka_min_dim) == (64, 32)
     assert m.instruction_template == "Instruct: {instruction}\nQuery:{text}"
 
 
-def test_rms_norms_are_fused_in_every_variant(qwen3_bundle):
+def test_attention_and_rms_norms_are_fused_in_every_variant(qwen3_bundle):
     import onnx
 
     manifest = edge_embed.load_bundle(qwen3_bundle).manifest
-    assert manifest.variants["fp32"].recipe["fused_ops"] == {"SimplifiedLayerNormalization": 5,
+    assert manifest.variants["fp32"].recipe["fused_ops"] == {"GroupQueryAttention": 2,
+                                                            "SimplifiedLayerNormalization": 5,
                                                             "SkipSimplifiedLayerNormalization": 4}
     for precision in ("fp32", "fp16", "int8", "int4"):
         ops = [n.op_type for n in onnx.load(str(qwen3_bundle / manifest.variants[precision].file)).graph.node]
         assert ops.count("SimplifiedLayerNormalization") + ops.count("SkipSimplifiedLayerNormalization") == 9
         assert "ReduceMean" not in ops and "Pow" not in ops, precision
+        # Attention, rotary included, is one kernel per layer: no Softmax or rotary halves left.
+        assert ops.count("GroupQueryAttention") == 2 and "Softmax" not in ops and "Neg" not in ops, precision
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -117,13 +120,31 @@ def test_batch_invariance_with_right_padding(qwen3_bundle, precision):
     assert np.sum(together[:30] * alone, axis=1).min() >= 0.99999
 
 
-def test_a_left_padded_bundle_of_an_older_export_gives_the_same_vectors(qwen3_bundle, tmp_path):
-    """Bundles exported before right padding say "left" in their manifest: the graph pools the
-    last real token either way, so they keep giving the same vectors."""
+def test_a_left_padded_bundle_of_an_older_export_gives_the_same_vectors(qwen3_source, qwen3_bundle, tmp_path):
+    """Bundles exported before right padding say "left" in their manifest, feed position_ids
+    and spell attention out op by op: such a graph, exported from the same model, keeps
+    giving the vectors of the current one (fused attention, right padding)."""
+    import dataclasses
+
+    from edge_embed.bundle import file_sha256
+    from edge_embed.export.graph import export_onnx, load_pooled_encoder
+    from edge_embed.export.source import read_source
+    from edge_embed.tokenization import model_inputs
+
+    source = read_source(qwen3_source)
+    older = dataclasses.replace(source, manifest=dataclasses.replace(
+        source.manifest, padding_side="left", graph_inputs=("input_ids", "attention_mask", "position_ids")))
     old = tmp_path / "left-padded"
     shutil.copytree(qwen3_bundle, old)
+    sample = model_inputs([np.arange(1, 6, dtype=np.int64), np.arange(1, 4, dtype=np.int64)], older.manifest)
+    export_onnx(load_pooled_encoder(older), older, old / "model.fp32.onnx", sample)
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(old / "model.fp32.onnx")).graph.node}
+    assert "GroupQueryAttention" not in ops and "Softmax" in ops  # attention as the older exports spelled it
     data = json.loads((old / "manifest.json").read_text())
-    data["padding_side"] = "left"
+    data["padding_side"], data["graph_inputs"] = "left", list(older.manifest.graph_inputs)
+    data["variants"]["fp32"]["sha256"] = file_sha256(old / "model.fp32.onnx")
     (old / "manifest.json").write_text(json.dumps(data))
     texts = DOCS + ["a much longer text than the others, so that every other row is padded"]
     with edge_embed.load(qwen3_bundle, precision="fp32") as right, edge_embed.load(old, precision="fp32") as left:
