@@ -416,7 +416,10 @@ def test_openai_client_vectors_equal_grpc_and_in_process_ones_for_a_real_model(m
             over_grpc = grpc_client.embed(texts)
     single = np.array([r.data[0].embedding for r in over_http], dtype=np.float32)
     batched = np.array([d.embedding for d in batch.data], dtype=np.float32)
-    assert np.array_equal(batched, over_grpc)
+    # Two requests of the same 24 texts may be cut into batches differently (a batch takes the
+    # rows memory allows at that moment, with another batch in flight or not): per-token INT8
+    # then agrees to float rounding, not to the bit.
+    assert np.abs(batched - over_grpc).max() <= 1e-5
     assert np.sum(single * expected, axis=1).min() >= 0.99999 and np.sum(batched * expected, axis=1).min() >= 0.99999
     assert batch.usage.prompt_tokens == sum(provider.count_tokens(texts))
 
