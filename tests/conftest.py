@@ -158,14 +158,16 @@ def minilm_bundle() -> Path:
 @pytest.fixture(scope="session")
 def minilm_per_tensor_bundle() -> Path:
     """MiniLM with the old batch-dependent INT8 recipe (one activation scale per batch),
-    as bundles exported before per-token INT8 have it, under the gate of their time: the
-    ranking gate refuses this recipe today (top 10 kept 0.90), and only how the runtime
-    runs such a bundle is tested with it."""
+    as bundles exported before per-token INT8 have it, under gates its first candidate
+    passes (cos mean 0.989, min 0.95 on AVX2): the ranking gate refuses this recipe today
+    (top 10 kept 0.90), and only how the runtime runs such a bundle is tested with it.
+    (Under the default cosine gate the export would search MatMuls to keep in FP32, each
+    candidate ranked one text at a time: minutes that test nothing here.)"""
     from edge_embed.export import Gates, export
 
     def build(dest: Path) -> None:
         export(minilm_source(), dest / "bundle", "fp32,int8", model_id=MINILM_ID, int8_recipe="per-tensor",
-               gates=Gates(int8_cos_mean=0.99, int8_cos_min=0.97, int8_topk_kept=0.0, int8_spearman=0.0,
+               gates=Gates(int8_cos_mean=0.98, int8_cos_min=0.9, int8_topk_kept=0.0, int8_spearman=0.0,
                            quantized_mrr_ratio=0.0))
 
     return _cached("minilm-per-tensor", build) / "bundle"
