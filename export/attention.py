@@ -92,7 +92,7 @@ def _rotary_gqa_onnx(query, key, value, seqlens_k, cos, sin, num_heads: int, kv_
 
     _register_schema()
     gqa = Op(Opset("com.microsoft", 1), FUSED_ATTENTION_OP)
-    total = op.Reshape(op.Cast(op.Shape(query, start=1, end=2), to=6), op.Constant(value_ints=[]))  # int32 scalar
+    total = op.Squeeze(op.Cast(op.Shape(query, start=1, end=2), to=6), op.Constant(value_ints=[0]))  # int32 scalar
     output, _, _ = gqa(query, key, value, None, None, seqlens_k, total, cos, sin, num_heads=num_heads,
                        kv_num_heads=kv_heads, scale=scale, do_rotary=1, rotary_interleaved=0, _num_outputs=3)
     return output
