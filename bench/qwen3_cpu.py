@@ -67,11 +67,12 @@ elif kind.startswith("onnx"):
     for key, value in job.get("session_config", {}).items():
         options.add_session_config_entry(key, value)
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}  # older graphs also take position_ids
     def pooled(seqs):
         ids = np.stack(seqs)
         positions = np.tile(np.arange(ids.shape[1], dtype=np.int64), (len(seqs), 1))
-        return session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids),
-                                  "position_ids": positions})[0]
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": positions}
+        return session.run(None, {n: v for n, v in feeds.items() if n in names})[0]
 else:
     import llama_cpp
     llm = llama_cpp.Llama(model_path=path, embedding=True, n_threads=threads, n_threads_batch=threads,
