@@ -23,7 +23,7 @@ import types
 import torch
 from torch import Tensor
 
-__all__ = ["cannot_fuse", "with_fused_attention", "finish_graph", "FUSED_ATTENTION_OP"]
+__all__ = ["cannot_fuse", "with_fused_attention", "finish_graph", "FUSED_ATTENTION_OP", "TRANSLATIONS"]
 
 FUSED_ATTENTION_OP = "GroupQueryAttention"
 

@@ -120,6 +120,30 @@ def test_batch_invariance_with_right_padding(qwen3_bundle, precision):
     assert np.sum(together[:30] * alone, axis=1).min() >= 0.99999
 
 
+def test_the_fused_attention_op_means_what_transformers_computes(qwen3_source):
+    """The export's custom op, run eagerly (the meaning given to GroupQueryAttention), gives
+    the unchanged model's vectors with right padding: the ONNX gates then compare the
+    kernel with the same thing."""
+    import torch
+    from transformers import AutoConfig
+
+    from edge_embed.export.attention import cannot_fuse, with_fused_attention
+    from edge_embed.export.graph import load_pooled_encoder
+    from edge_embed.export.source import read_source
+    from edge_embed.tokenization import model_inputs
+
+    source = read_source(qwen3_source)
+    config = AutoConfig.from_pretrained(qwen3_source)
+    assert cannot_fuse(config, "right") is None and "right padding" in cannot_fuse(config, "left")
+    seqs = [np.arange(5, 5 + n, dtype=np.int64) * 37 for n in (9, 4, 7, 1)]
+    feeds = [torch.from_numpy(model_inputs(seqs, source.manifest)[n]) for n in source.manifest.graph_inputs]
+    with torch.no_grad():
+        reference = load_pooled_encoder(source)(*feeds)
+        fused = with_fused_attention(load_pooled_encoder(source), config, source.manifest.max_length)(*feeds)
+    cos = torch.nn.functional.cosine_similarity(reference, fused, dim=1)
+    assert cos.min().item() >= 0.999999
+
+
 def test_a_left_padded_bundle_of_an_older_export_gives_the_same_vectors(qwen3_source, qwen3_bundle, tmp_path):
     """Bundles exported before right padding say "left" in their manifest, feed position_ids
     and spell attention out op by op: such a graph, exported from the same model, keeps
