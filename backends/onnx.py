@@ -223,6 +223,16 @@ class OnnxProvider(BundleEmbedder):
                 f"{model_path.name} takes inputs {sorted(names)} but the manifest lists "
                 f"{list(self.manifest.graph_inputs)}"
             )
+        self._vision = None
+        if self.manifest.image is not None:
+            # The vision graph's input is fixed in shape but for the batch: no TensorRT shape
+            # profiles of the text graph's kind; it runs on the CUDA or CPU provider.
+            vision_path = bundle.verify_vision(precision)
+            vision_providers = [p for p in self._active if p != "TensorrtExecutionProvider"]
+            try:
+                self._vision = ort.InferenceSession(str(vision_path), options, providers=vision_providers)
+            except Exception as exc:  # ORT raises its own untyped exceptions
+                raise BundleError(f"ONNX Runtime cannot load {vision_path.name}: {exc}") from exc
 
     def _provider_options(self, name: str) -> dict[str, str]:
         if name != "TensorrtExecutionProvider":
@@ -274,5 +284,11 @@ class OnnxProvider(BundleEmbedder):
         (pooled,) = self._session.run([self.manifest.graph_output], feeds, self._run_options)
         return pooled
 
+    def _forward_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        (vectors,) = self._vision.run([self.manifest.graph_output], {"pixel_values": pixel_values},
+                                      self._run_options)
+        return vectors
+
     def close(self) -> None:
         self._session = None
+        self._vision = None

@@ -1,4 +1,4 @@
-"""edge-embed: text-embedding models on edge hardware behind one provider interface."""
+"""edge-embed: embedding models (texts and images) on edge hardware behind one provider interface."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from .errors import (
     WorkerStoppedError,
     WrongTaskError,
 )
+from .images import Image
 from .loading import load, planned_precision
 from .manifest import Manifest
 from .provider import (
@@ -43,6 +44,7 @@ __all__ = [
     "load",
     "planned_precision",
     "load_bundle",
+    "Image",
     "Bundle",
     "Manifest",
     "EmbeddingProvider",

@@ -55,11 +55,26 @@ class Bundle:
             _verify(self.path / name, self.manifest.files.get(name), f"{precision} external data")
         return path
 
+    def verify_vision(self, precision: str) -> Path:
+        """Check the variant's vision graph against the manifest; return its path."""
+        vision = self.variant(precision).vision
+        if vision is None:
+            raise BundleError(f"the {precision} variant of {self.path} has no vision graph")
+        path = self.path / vision.file
+        _verify(path, vision.sha256, f"{precision} vision graph")
+        return path
+
+    def golden_images(self) -> tuple[list[str], list[bytes], np.ndarray]:
+        """The probe images (names, encoded bytes) and their FP32 PyTorch reference vectors."""
+        with np.load(self.path / GOLDEN_FILE, allow_pickle=False) as data:
+            blob, offsets = data["image_bytes"].tobytes(), data["image_offsets"].tolist()
+            images = [blob[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+            return [str(n) for n in data["image_names"]], images, data["image_vectors"].astype(np.float32)
+
     def golden(self) -> tuple[list[str], np.ndarray]:
         """The probe texts and their FP32 PyTorch reference vectors (pooled, not normalized)."""
         with np.load(self.path / GOLDEN_FILE, allow_pickle=False) as data:
             return [str(t) for t in data["texts"]], data["vectors"].astype(np.float32)
-
 
     def golden_pairs(self) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
         """A reranker's probe pairs: queries, documents, the query group of each pair and

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BundleError, InvalidInputError
+from .images import ImageSpec
 
 __all__ = ["SCHEMA_VERSION", "PRECISIONS", "ONNX_PRECISIONS", "DEFAULT_EXPORT_PRECISIONS", "MLX_PRECISIONS", "POOLINGS",
-           "TASKS", "Parity", "RetrievalParity", "ScoreParity", "RerankSpec", "Variant", "Manifest", "variant_format"]
+           "TASKS", "MODALITIES", "Parity", "VisionGraph", "RetrievalParity", "ScoreParity", "RerankSpec", "Variant", "Manifest", "variant_format"]
 
 SCHEMA_VERSION = 1
 ONNX_PRECISIONS = ("fp32", "fp16", "int8", "int4")
@@ -45,13 +46,16 @@ def check_dimensions(dimensions: int | None, *, model_id: str, dim: int, min_dim
 def variant_format(precision: str) -> str:
     """"onnx" or "mlx": which kind of runtime a variant name is for."""
     return "mlx" if precision in MLX_PRECISIONS else "onnx"
-POOLINGS = ("mean", "cls", "last_token")
+# "head": the model pools inside its own graph (CLIP's end-of-text token, SigLIP's heads).
+POOLINGS = ("mean", "cls", "last_token", "head")
 # What a bundle's model does: texts -> vectors, or (query, document) pairs -> relevance scores.
 TASKS = ("embed", "rerank")
 # How a reranker's pair becomes tokens: the model's own prompt template (Qwen3-Reranker), or
 # the tokenizer's pair encoding with its special tokens (BERT-family cross-encoders).
 PAIR_FORMATS = ("template", "pair")
 SCORE_ACTIVATIONS = ("sigmoid", "none")
+# What a bundle's model reads: texts, and images where it has a vision graph.
+MODALITIES = ("text", "image")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -154,8 +158,24 @@ class RerankSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class VisionGraph:
+    """A variant's second graph, for bundles that read images: `pixel_values` in,
+    `sentence_embedding` out, in the same vector space as the text graph. Its precision
+    may differ from the variant's (the vision tower stays FP32 where quantizing it costs
+    more than it saves); `parity` is on the golden images."""
+
+    file: str
+    sha256: str
+    bytes: int
+    precision: str
+    parity: Parity
+    recipe: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Variant:
-    """One model file of the bundle at one precision: an ONNX graph, or MLX weights."""
+    """One model file of the bundle at one precision: an ONNX graph, or MLX weights (and,
+    for a bundle that reads images, its vision graph)."""
 
     precision: str
     file: str
@@ -167,6 +187,7 @@ class Variant:
     recipe: dict[str, Any]
     parity: Parity | ScoreParity
     external_data: tuple[str, ...] = ()
+    vision: VisionGraph | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -193,6 +214,11 @@ class Manifest:
     graph_inputs: tuple[str, ...]
     graph_output: str = "sentence_embedding"
     rerank: RerankSpec | None = None
+    modalities: tuple[str, ...] = ("text",)
+    # How an image becomes the vision graph's pixel_values; only bundles that read images.
+    image: ImageSpec | None = None
+    # Texts padded to max_length, without an attention mask (SigLIP's text tower was trained so).
+    pad_to_max_length: bool = False
     files: dict[str, str] = field(default_factory=dict)
     variants: dict[str, Variant] = field(default_factory=dict)
     exporter: dict[str, str] = field(default_factory=dict)
@@ -223,6 +249,15 @@ class Manifest:
         for name in self.variants:
             if name not in PRECISIONS:
                 raise BundleError(f"manifest variant {name!r} is not one of {PRECISIONS}")
+        if not self.modalities or any(m not in MODALITIES for m in self.modalities):
+            raise BundleError(f"manifest modalities {self.modalities!r} must be some of {MODALITIES}")
+        reads_images = "image" in self.modalities
+        if reads_images != (self.image is not None):
+            raise BundleError("manifest of a bundle that reads images needs its image spec, and only such a "
+                              "bundle has one")
+        for name, variant in self.variants.items():
+            if reads_images and variant.format == "onnx" and variant.vision is None:
+                raise BundleError(f"manifest variant {name!r} has no vision graph, and the bundle reads images")
 
     def check_dimensions(self, dimensions: int | None) -> int:
         """The output width for a requested Matryoshka dimension, or InvalidInputError."""
@@ -239,13 +274,18 @@ class Manifest:
         try:
             variants = {
                 name: Variant(
-                    **{**v, "parity": _parity(v["parity"]), "external_data": tuple(v.get("external_data", ()))}
+                    **{**v, "parity": _parity(v["parity"]), "external_data": tuple(v.get("external_data", ())),
+                       "vision": _vision(v.get("vision"))}
                 )
                 for name, v in data.get("variants", {}).items()
             }
             rerank = RerankSpec(**data["rerank"]) if data.get("rerank") is not None else None
+            image = data.get("image")
+            if image is not None:
+                image = ImageSpec(**{**image, "mean": tuple(image["mean"]), "std": tuple(image["std"])})
             return cls(**{**data, "variants": variants, "graph_inputs": tuple(data["graph_inputs"]),
-                          "rerank": rerank})
+                          "rerank": rerank, "modalities": tuple(data.get("modalities", ("text",))),
+                          "image": image})
         except (TypeError, KeyError) as exc:
             raise BundleError(f"manifest is malformed: {exc}") from exc
 
@@ -261,6 +301,10 @@ class Manifest:
         if not isinstance(data, dict):
             raise BundleError(f"{path} does not hold a JSON object")
         return cls.from_dict(data)
+
+
+def _vision(data: dict[str, Any] | None) -> VisionGraph | None:
+    return None if data is None else VisionGraph(**{**data, "parity": _parity(data["parity"])})
 
 
 def _parity(data: dict[str, Any]) -> Parity | ScoreParity:

@@ -26,6 +26,7 @@ import numpy as np
 
 from .batching import BatchLimits, plan_batches
 from .bundle import Bundle
+from .images import EncodedImage, Image
 from .errors import (
     BackendUnavailableError,
     BundleError,
@@ -80,6 +81,7 @@ class ProviderInfo:
     parity: Parity | ScoreParity | None = None  # boot-time check against the bundle's golden vectors
     parity_ok: bool | None = None  # whether that check met the variant's gate; None: not checked
     task: str = "embed"  # "embed": texts -> vectors; "rerank": (query, document) pairs -> scores
+    modalities: tuple[str, ...] = ("text",)  # what `embed` takes: texts, and images where "image" is here
     sha256: str | None = None  # the running model file's, from the manifest: which exact artifact this is
 
     def check_dimensions(self, dimensions: int | None) -> int:
@@ -129,7 +131,7 @@ class EmbeddingProvider(ModelRunner, Protocol):
 
     def embed(
         self,
-        texts: Sequence[str],
+        texts: Sequence[str | Image],
         *,
         instruction: str | None = None,
         dimensions: int | None = None,
@@ -224,6 +226,7 @@ class BundleEmbedder(abc.ABC):
         self.batch_invariant = bool(bundle.variant(precision).recipe.get("batch_invariant", True))
         self.limits = limits.for_variant(self.batch_invariant)
         self.parity: Parity | ScoreParity | None = None
+        self.image_parity: Parity | None = None  # the boot check on the golden images, for bundles that read them
         self._judged_by: Gates | None = None  # the gates the last boot check applied
         self.fallback: str | None = None
 
@@ -253,12 +256,33 @@ class BundleEmbedder(abc.ABC):
             parity=self.parity,
             parity_ok=None if self.parity is None else self.parity_passes(),
             task=m.task,
+            modalities=m.modalities,
             sha256=self.bundle.variant(self.precision).sha256,
         )
 
     @abc.abstractmethod
     def _forward(self, seqs: list[np.ndarray]) -> np.ndarray:
         """Pooled vectors [len(seqs), dim] for one batch of token id sequences."""
+
+    def _forward_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        """Vectors [n, dim] for a batch of preprocessed images [n, 3, H, W]; backends that
+        run vision graphs implement it."""
+        raise InvalidInputError(f"the {self.backend_name} backend does not run images")
+
+    def _forward_inputs(self, seqs: list[np.ndarray | EncodedImage]) -> np.ndarray:
+        """One batch of texts and images: texts through the text graph, images through the
+        vision graph, vectors back in the batch's order."""
+        images = [i for i, s in enumerate(seqs) if isinstance(s, EncodedImage)]
+        if not images:
+            return self._forward(seqs)
+        pixels = np.stack([seqs[i].pixel_values for i in images])
+        if len(images) == len(seqs):
+            return self._forward_images(pixels)
+        texts = [i for i, s in enumerate(seqs) if not isinstance(s, EncodedImage)]
+        out = np.empty((len(seqs), self.manifest.dim), dtype=np.float32)
+        out[texts] = self._forward([seqs[i] for i in texts])
+        out[images] = self._forward_images(pixels)
+        return out
 
     def embed(
         self,
@@ -275,19 +299,51 @@ class BundleEmbedder(abc.ABC):
 
     def tokenize(
         self,
-        texts: Sequence[str],
+        texts: Sequence[str | Image],
         *,
         instruction: str | None = None,
         truncate: bool = True,
         field: str = "texts",
-    ) -> list[np.ndarray]:
-        """Validated texts -> token id sequences, the instruction template applied."""
+    ) -> list[np.ndarray | EncodedImage]:
+        """Validated inputs -> what the graphs read: token id sequences for texts (the
+        instruction template applied), pixel values for images (decoded and preprocessed
+        here, one at a time, exactly as the model's processor does)."""
         if self.manifest.task != "embed":
             raise wrong_task(self.manifest.model_id, self.manifest.task, "embed")
+        if isinstance(texts, Sequence) and not isinstance(texts, (str, bytes)) and any(
+                not isinstance(x, str) for x in texts):
+            return self._encode_inputs(texts, instruction, truncate, field)
         texts = check_texts(texts, field)
         if not texts:
             return []
         return self.tokenizer.encode(texts, instruction=instruction, truncate=truncate, field=field)
+
+    def _encode_inputs(self, inputs: Sequence[object], instruction: str | None, truncate: bool,
+                       field: str) -> list[np.ndarray | EncodedImage]:
+        """A mix of texts and images: each checked for what this model reads."""
+        spec = self.manifest.image
+        for i, item in enumerate(inputs):
+            if isinstance(item, Image):
+                if spec is None:
+                    raise InvalidInputError(f"{field}[{i}] is an image, and {self.manifest.model_id} reads text only")
+            elif isinstance(item, (list, tuple)):
+                raise InvalidInputError(
+                    f"{field}[{i}] mixes parts in one input; {self.manifest.model_id} embeds a text or an image "
+                    "(a vision-language model such as Qwen3-VL-Embedding reads mixed inputs)")
+            elif not isinstance(item, str):
+                raise InvalidInputError(f"{field}[{i}] must be a string or an edge_embed.Image, got "
+                                        f"{type(item).__name__}")
+        out: list[np.ndarray | EncodedImage | None] = [None] * len(inputs)
+        texts = [i for i, item in enumerate(inputs) if isinstance(item, str)]
+        if texts:
+            check_texts([inputs[i] for i in texts], field)
+            for i, seq in zip(texts, self.tokenizer.encode([inputs[i] for i in texts], instruction=instruction,
+                                                           truncate=truncate, field=field)):
+                out[i] = seq
+        for i, item in enumerate(inputs):
+            if isinstance(item, Image):
+                out[i] = spec.encode(item, field=f"{field}[{i}]")
+        return out
 
     def finish(self, pooled: np.ndarray, width: int, normalize: bool, *, field: str = "texts") -> np.ndarray:
         return finish_vectors(pooled, width, normalize, field=field, what=f"the {self.precision} model")
@@ -332,7 +388,7 @@ class BundleEmbedder(abc.ABC):
             return np.empty((0, self.manifest.dim), dtype=np.float32)
         shape = f"{len(seqs)} x {max(len(s) for s in seqs)} tokens"
         try:
-            return self._forward(list(seqs))
+            return self._forward_inputs(list(seqs))
         except EdgeEmbedError:
             raise
         except MemoryError as exc:
@@ -366,9 +422,14 @@ class BundleEmbedder(abc.ABC):
         return Gates.recorded(self.precision, self.bundle.variant(self.precision).recipe)
 
     def parity_passes(self, gates: Gates | None = None) -> bool:
-        """Whether the last boot parity check met the variant's gate."""
-        return self.parity is not None and gate_failure(
+        """Whether the last boot parity check met the variant's gate (on images too, for a
+        bundle that reads them)."""
+        text_ok = self.parity is not None and gate_failure(
             self.precision, self.parity, gates or self._judged_by or self.shipped_gates()) is None
+        if not text_ok or self.image_parity is None:
+            return text_ok
+        vision = self.bundle.variant(self.precision).vision
+        return gate_failure(vision.precision, self.image_parity, Gates.recorded(vision.precision, vision.recipe)) is None
 
     def check_parity(self, probes: int = DEFAULT_PARITY_PROBES, *, enforce: bool = True,
                      gates: Gates | None = None) -> Parity:
@@ -405,7 +466,35 @@ class BundleEmbedder(abc.ABC):
             raise BundleError(f"the {self.precision} variant gives a non-finite vector on this device for the "
                               f"golden text {chosen[bad][:60]!r}")
         parity = dataclasses.replace(measure_parity(reference[picked], vectors, chosen), batch_cos_min=batch_cos)
-        return self._judge(parity, enforce, gates)
+        judged = self._judge(parity, enforce, gates)
+        if self.manifest.image is not None:
+            self._check_image_parity(probes, enforce)
+        return judged
+
+    def _check_image_parity(self, probes: int, enforce: bool) -> Parity:
+        """The golden images, decoded and preprocessed here, through the vision graph, against
+        the FP32 reference: the preprocessing and the vision graph are checked together."""
+        vision = self.bundle.variant(self.precision).vision
+        names, blobs, reference = self.bundle.golden_images()
+        picked = sorted(set(np.linspace(0, len(names) - 1, min(probes, len(names))).astype(int).tolist())
+                        | ({names.index(vision.parity.worst_text)} if vision.parity.worst_text in names else set()))
+        encoded = [self.manifest.image.encode(Image.open(blobs[i], field=f"golden image {names[i]}"))
+                   for i in picked]
+        vectors = self.embed_token_ids(encoded)
+        batch = encoded[:16]
+        alone = np.vstack([self.run_batch([one]) for one in batch])
+        parity = dataclasses.replace(measure_parity(reference[picked], vectors, [names[i] for i in picked]),
+                                     batch_cos_min=alone_vs_batch_cos(alone, self.run_batch(batch)))
+        self.image_parity = parity
+        gates = Gates.recorded(vision.precision, vision.recipe)
+        failure = gate_failure(vision.precision, parity, gates)
+        if failure is not None and enforce:
+            raise BundleError(
+                f"the {self.precision} variant's vision graph ({vision.precision}) fails its parity gate on this "
+                f"device: {failure.figure} {failure.value:.5f} {'>' if failure.above else '<'} {failure.gate} "
+                f"against the FP32 reference (worst: {failure.worst_text[:60]!r}); use another variant, or override "
+                "the check to accept it")
+        return parity
 
     def _judge(self, parity: Parity | ScoreParity, enforce: bool, gates: Gates) -> Parity | ScoreParity:
         self.parity, self._judged_by = parity, gates

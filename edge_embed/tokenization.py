@@ -269,10 +269,11 @@ def _cut_is_exact(encoding) -> bool:
 
 
 def pad_batch(
-    seqs: Sequence[np.ndarray], pad_id: int, side: str
+    seqs: Sequence[np.ndarray], pad_id: int, side: str, width: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Pad token id sequences to one width: (input_ids, attention_mask), both int64."""
-    width = max(len(s) for s in seqs)
+    """Pad token id sequences to one width (the longest, or `width`): (input_ids,
+    attention_mask), both int64."""
+    width = max(len(s) for s in seqs) if width is None else width
     ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(seqs), width), dtype=np.int64)
     for row, seq in enumerate(seqs):
@@ -289,7 +290,8 @@ def model_inputs(
     seqs: Sequence[np.ndarray], manifest: Manifest
 ) -> dict[str, np.ndarray]:
     """The padded arrays for exactly the graph inputs the manifest lists."""
-    ids, mask = pad_batch(seqs, manifest.pad_token_id, manifest.padding_side)
+    ids, mask = pad_batch(seqs, manifest.pad_token_id, manifest.padding_side,
+                          manifest.max_length if manifest.pad_to_max_length else None)
     arrays = {"input_ids": ids, "attention_mask": mask}
     if "position_ids" in manifest.graph_inputs:
         # Positions count real tokens only, so a left-padded text sees the same positions

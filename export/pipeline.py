@@ -556,12 +556,19 @@ def export(
     source = read_source(source_dir, model_id=model_id, revision=revision, max_length=max_length, task=task)
     draft = source.manifest
     probe_langs = _languages(languages, draft)
+    if "image" in draft.modalities and any(variant_format(p) == "mlx" for p in wanted):
+        raise ExportError(f"{draft.model_id} reads images, and the MLX backend runs text models only; export ONNX "
+                          "variants")
     if draft.task == "rerank" and any(variant_format(p) == "mlx" for p in wanted):
         raise ExportError(f"{draft.model_id} is a reranker, and the MLX backend runs embedders only; export ONNX "
                           "variants")
     if any(variant_format(p) == "mlx" for p in wanted):
         _check_mlx_can_export(draft)
-    if draft.task == "rerank":
+    if "image" in draft.modalities:
+        h, w = draft.image.output_size
+        progress(f"{draft.model_id}: {draft.architecture} dual encoder (text and images), dim {draft.dim}, text max "
+                 f"length {draft.max_length}, images {w}x{h} ({draft.image.tokens} visual tokens)")
+    elif draft.task == "rerank":
         scored = ("P(yes) against P(no) at the last token" if draft.rerank.format == "template"
                   else f"one classifier logit{', sigmoid' if draft.rerank.activation == 'sigmoid' else ''}")
         progress(f"{draft.model_id}: {draft.architecture} reranker, {scored}, {draft.padding_side} padding, "
@@ -633,6 +640,10 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
     from .graph import MIN_ONNXRUNTIME, ONNX_OPSET, exporter_name
 
     draft = source.manifest
+    if "image" in draft.modalities:
+        from .dual import build_dual
+
+        return build_dual(source, work, wanted, gates, progress)
     for name in source.copied_files:
         shutil.copyfile(source.path / name, work / name)
     tokenizer = BundleTokenizer(work / "tokenizer.json", draft)

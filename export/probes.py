@@ -20,7 +20,7 @@ import numpy as np
 
 __all__ = [
     "PROBE_CATEGORIES", "probe_texts", "RERANK_QUERIES", "RERANK_DOCUMENTS_PER_QUERY", "rerank_probe_pairs",
-    "RetrievalProbes", "retrieval_probes", "PROBE_LANGUAGES",
+    "RetrievalProbes", "retrieval_probes", "PROBE_LANGUAGES", "probe_images", "PROBE_PHOTOS",
 ]
 
 RERANK_QUERIES = 24
@@ -127,6 +127,60 @@ def retrieval_probes(languages: Sequence[str] | None = None) -> RetrievalProbes:
         passage_languages=[p["lang"] for p in passages],
         domains=[p["domain"] for p in passages],
     )
+
+
+# scikit-image's bundled photos and scans (public domain or CC0, see its data/README.txt):
+# colour photos, greyscale scans, a page of text, an RGBA logo, microscopy, astronomy.
+PROBE_PHOTOS = ("astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "clock_motion.png",
+                "coffee.png", "coins.png", "color.png", "grass.png", "gravel.png", "horse.png",
+                "hubble_deep_field.jpg", "ihc.png", "logo.png", "microaneurysms.png", "moon.png",
+                "motorcycle_left.png", "page.png", "phantom.png", "retina.jpg", "rocket.jpg", "text.png",
+                "chessboard_RGB.png")
+_PROBE_SIDE = 160
+
+
+@functools.cache
+def probe_images() -> tuple[tuple[str, bytes], ...]:
+    """(name, PNG bytes) of the image probes: real photos and scans at most 160 pixels on a
+    side in their own modes (RGB, greyscale, RGBA), mirrored and cropped copies of some, and
+    pages rendered from probe texts. Small, so the bundle carries them as golden inputs."""
+    import io
+    import os
+
+    import PIL.Image
+    import PIL.ImageDraw
+    import PIL.ImageOps
+
+    try:
+        import skimage
+    except ImportError as exc:
+        raise ImportError("the image probes are scikit-image's photos: pip install 'edge-embed[export]'") from exc
+    folder = os.path.join(os.path.dirname(skimage.__file__), "data")
+
+    def png(im: PIL.Image.Image) -> bytes:
+        out = io.BytesIO()
+        im.save(out, format="PNG", optimize=False)
+        return out.getvalue()
+
+    out: list[tuple[str, bytes]] = []
+    for index, name in enumerate(PROBE_PHOTOS):
+        with PIL.Image.open(os.path.join(folder, name)) as im:
+            im.load()
+            im.thumbnail((_PROBE_SIDE, _PROBE_SIDE), PIL.Image.Resampling.LANCZOS)
+            stem = name.rsplit(".", 1)[0]
+            out.append((stem, png(im)))
+            if index % 4 == 0:
+                out.append((f"{stem} mirrored", png(PIL.ImageOps.mirror(im))))
+                w, h = im.size
+                out.append((f"{stem} crop", png(im.crop((w // 4, h // 4, w - w // 8, h - h // 8)))))
+    texts = _categories()["sentence"][:4]
+    for i, text in enumerate(texts):
+        page = PIL.Image.new("RGB", (256, 160), "white")
+        draw = PIL.ImageDraw.Draw(page)
+        for row in range(0, len(text), 36):
+            draw.text((8, 8 + 14 * (row // 36)), text[row:row + 36], fill=(20, 20, 20))
+        out.append((f"rendered page {i}", png(page)))
+    return tuple(out)
 
 
 def __getattr__(name: str):

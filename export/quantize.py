@@ -7,7 +7,10 @@ That is the pipeline's gate, measured against the PyTorch reference.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
+import os
+import tempfile
 from pathlib import Path
 
 import onnx
@@ -98,8 +101,23 @@ def to_fp16(src: Path, dst: Path) -> dict:
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    model = OnnxModel(onnx.load(str(src)))
-    model.convert_float_to_float16(keep_io_types=True, op_block_list=[*DEFAULT_OP_BLOCK_LIST, "Softmax"])
+    # Where its symbolic shape inference gives up (SigLIP's heads) the converter prints and
+    # logs so, and converts without it: detail, not console output. Over 2 GB it writes
+    # temporary files into the working directory and leaves them: a scratch one takes them.
+    shape_logger = logging.getLogger("onnxruntime.transformers.onnx_model")
+    level = shape_logger.level
+    shape_logger.setLevel(logging.ERROR)
+    previous = os.getcwd()
+    try:
+        with tempfile.TemporaryDirectory(prefix="edge-embed-fp16-") as scratch, \
+                contextlib.redirect_stdout(io.StringIO()):
+            model = OnnxModel(onnx.load(str(Path(src).resolve())))
+            os.chdir(scratch)
+            model.convert_float_to_float16(keep_io_types=True, op_block_list=[*DEFAULT_OP_BLOCK_LIST, "Softmax"])
+            os.chdir(previous)
+    finally:
+        os.chdir(previous)
+        shape_logger.setLevel(level)
     model.save_model_to_file(str(dst))
     return {"method": "onnxruntime.transformers float16", "keep_io_types": True, "fp32_ops": ["Softmax"],
             "batch_invariant": True}

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 
 from ..errors import ExportError
 from ..manifest import Manifest, RerankSpec
+from .dual import DUAL_ARCHITECTURES, read_dual_source
 
 __all__ = ["SourceModel", "read_source", "ARCHITECTURES"]
 
@@ -171,9 +172,16 @@ def read_source(
         )
     config = _read_json(path / "config.json")
     arch = config.get("model_type")
+    if arch in DUAL_ARCHITECTURES:
+        if task not in (None, "embed"):
+            raise ExportError(f"{path}: a {arch} model embeds texts and images; it cannot be a {task} model")
+        return read_dual_source(path, config, Tokenizer.from_file(str(path / "tokenizer.json")),
+                                _optional_json(path / "tokenizer_config.json"), model_id=model_id,
+                                revision=revision, max_length=max_length, copied=_copied_files(path))
     if arch not in ARCHITECTURES:
         raise ExportError(
-            f"{path}: model_type {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}"
+            f"{path}: model_type {arch!r} is not supported; supported: "
+            f"{', '.join([*ARCHITECTURES, *DUAL_ARCHITECTURES])}"
         )
     rules = ARCHITECTURES[arch]
     tok_config = _optional_json(path / "tokenizer_config.json")
