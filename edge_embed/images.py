@@ -93,8 +93,9 @@ class Image:
         except PIL.UnidentifiedImageError:
             raise InvalidInputError(f"{field} is not an image in a format edge-embed reads "
                                     f"({', '.join(IMAGE_FORMATS)})") from None
-        except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning):
-            raise InvalidInputError(f"{field} declares more pixels than the limit of {max_pixels}") from None
+        except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as exc:
+            raise InvalidInputError(f"{field} is too big ({_reason(exc)}); the limit is {max_pixels} pixels "
+                                    "(checked before decoding)") from None
         except MemoryError:
             raise InvalidInputError(f"{field} has a header that cannot be read in bounded memory") from None
         except Exception as exc:  # noqa: BLE001 - hostile bytes: every parser failure is bad input

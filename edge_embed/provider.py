@@ -335,8 +335,10 @@ class BundleEmbedder(abc.ABC):
                                         f"{type(item).__name__}")
         out: list[np.ndarray | EncodedImage | None] = [None] * len(inputs)
         texts = [i for i, item in enumerate(inputs) if isinstance(item, str)]
+        for i in texts:
+            if not inputs[i].strip():
+                raise InvalidInputError(f"{field}[{i}] is empty or only whitespace")
         if texts:
-            check_texts([inputs[i] for i in texts], field)
             for i, seq in zip(texts, self.tokenizer.encode([inputs[i] for i in texts], instruction=instruction,
                                                            truncate=truncate, field=field)):
                 out[i] = seq

