@@ -82,8 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--overwrite", action="store_true",
                     help="replace the bundle already at OUT (any other non-empty OUT is refused)")
 
-    em = sub.add_parser("embed", help="embed texts; prints one JSON object per line")
+    em = sub.add_parser("embed", help="embed texts and images; prints one JSON object per line")
     em.add_argument("texts", nargs="*", help="texts to embed; '-' reads one text per line from stdin")
+    em.add_argument("--image", action="append", type=Path, default=[], metavar="FILE",
+                    help="an image file to embed (repeatable; PNG, JPEG, WebP, GIF, BMP, TIFF): images come "
+                         "first in the output, in the order given, then the texts")
     _bundle_options(em)
     em.add_argument("--dimensions", type=_positive_int, help="Matryoshka output width")
     group = em.add_mutually_exclusive_group()
@@ -143,6 +146,8 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-text-chars", type=_positive_int, help="characters per text at most")
     sv.add_argument("--max-instruction-chars", type=_positive_int, help="characters per instruction at most")
     sv.add_argument("--max-message-bytes", type=_positive_int, help="request size at most")
+    sv.add_argument("--max-image-pixels", type=_positive_int,
+                    help="pixels an image may declare in its header, checked before decoding (default 50000000)")
     sv.add_argument("--body-timeout-s", type=float,
                     help="an HTTP request body must arrive within this, else 408 (default 15)")
     sv.add_argument("--token", help="require this bearer token (prefer EDGE_EMBED_TOKEN)")
@@ -247,6 +252,16 @@ def _read_texts(args: argparse.Namespace) -> list[str]:
     return list(args.texts)
 
 
+def _read_inputs(args: argparse.Namespace) -> list:
+    """`embed`'s inputs: the --image files (headers checked, not decoded), then the texts."""
+    from .images import Image
+
+    images = [Image.open(path, field=f"--image {path}") for path in args.image]
+    if images and not args.texts:
+        return images
+    return [*images, *_read_texts(args)]
+
+
 def _cmd_export(args: argparse.Namespace) -> None:
     from .export import Gates, export
     from .parity import fidelity_summary
@@ -317,7 +332,7 @@ def _naming_models_for(client, task: str):
 
 
 def _cmd_embed(args: argparse.Namespace) -> None:
-    texts = _read_texts(args)
+    texts = _read_inputs(args)
     if args.server:
         model = _server_model(args)
         with _client(args) as client, _naming_models_for(client, "embed"):

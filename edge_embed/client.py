@@ -56,6 +56,7 @@ from .errors import (
     OverloadedError,
     UnauthenticatedError,
 )
+from .images import Image
 from .v1 import embed_pb2 as pb
 
 __all__ = ["EmbedClient", "AsyncEmbedClient", "SERVICE_CONFIG", "ERROR_TRAILER", "health_service_name"]
@@ -131,10 +132,32 @@ def _credentials(root_cert: Path | None, client_cert: Path | None, client_key: P
 def _request(texts, instruction, dimensions, normalize, truncate, model) -> pb.EmbedRequest:
     if isinstance(texts, str):
         raise InvalidInputError("texts must be a list of strings, not a single string")
-    return pb.EmbedRequest(
-        inputs=list(texts), instruction=instruction or "", dimensions=dimensions or 0,
-        normalize=normalize, truncate=truncate, model=model or "",
-    )
+    options = dict(instruction=instruction or "", dimensions=dimensions or 0, normalize=normalize,
+                   truncate=truncate, model=model or "")
+    texts = list(texts)
+    if all(isinstance(t, str) for t in texts):
+        return pb.EmbedRequest(inputs=texts, **options)
+    return pb.EmbedRequest(items=[_item(t, i) for i, t in enumerate(texts)], **options)
+
+
+def _item(value: object, index: int) -> pb.Input:
+    """A str, an edge_embed.Image, or a list of both (one mixed input) as a typed Input."""
+    if isinstance(value, str):
+        return pb.Input(text=value)
+    if isinstance(value, Image):
+        return pb.Input(image=value.data)
+    if isinstance(value, (list, tuple)):
+        parts = []
+        for part in value:
+            if isinstance(part, str):
+                parts.append(pb.Part(text=part))
+            elif isinstance(part, Image):
+                parts.append(pb.Part(image=part.data))
+            else:
+                raise InvalidInputError(f"texts[{index}] holds a {type(part).__name__}; parts are str or Image")
+        return pb.Input(parts=pb.Parts(parts=parts))
+    raise InvalidInputError(f"texts[{index}] must be a str, an edge_embed.Image or a list of both, got "
+                            f"{type(value).__name__}")
 
 
 def _vectors(response: pb.EmbedResponse) -> np.ndarray:

@@ -82,6 +82,7 @@ class ProviderInfo:
     parity_ok: bool | None = None  # whether that check met the variant's gate; None: not checked
     task: str = "embed"  # "embed": texts -> vectors; "rerank": (query, document) pairs -> scores
     modalities: tuple[str, ...] = ("text",)  # what `embed` takes: texts, and images where "image" is here
+    image_tokens: int | None = None  # what one image costs in the token budget; None: reads no images
     sha256: str | None = None  # the running model file's, from the manifest: which exact artifact this is
 
     def check_dimensions(self, dimensions: int | None) -> int:
@@ -257,6 +258,7 @@ class BundleEmbedder(abc.ABC):
             parity_ok=None if self.parity is None else self.parity_passes(),
             task=m.task,
             modalities=m.modalities,
+            image_tokens=m.image.tokens if m.image is not None else None,
             sha256=self.bundle.variant(self.precision).sha256,
         )
 

@@ -149,3 +149,19 @@ def test_image_models_refuse_what_they_cannot_export(clip_source, tmp_path):
     (source / "preprocessor_config.json").unlink()
     with pytest.raises(ExportError, match="no preprocessor_config.json"):
         export(source, tmp_path / "out", "fp32")
+
+
+def test_the_cli_embeds_image_files_beside_texts(clip_bundle, tmp_path):
+    from tests.test_cli import run
+
+    photo = skimage_photo("coffee.png")
+    done = run("embed", "--bundle", str(clip_bundle), "--precision", "fp32", "--image", str(photo), "a cup of coffee")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    expected = edge_embed.load(clip_bundle, precision="fp32").embed([Image.open(photo), "a cup of coffee"])
+    assert [r["index"] for r in rows] == [0, 1]
+    assert np.allclose(np.array([r["embedding"] for r in rows]), expected, atol=1e-6)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(photo.read_bytes()[:200])
+    done = run("embed", "--bundle", str(clip_bundle), "--image", str(broken))
+    assert done.returncode != 0 and "cannot be decoded" in done.stderr and "Traceback" not in done.stderr

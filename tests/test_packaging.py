@@ -49,7 +49,7 @@ def test_public_names_are_pinned():
         "ModelRunner", "BatchLimits", "ModelRunError", "InputRunError", "NonFiniteOutputError", "RequestTimeoutError",
         "WorkerStoppedError",
         "planned_precision", "CorpusError", "embed_corpus", "check_same_bundle", "WrongTaskError", "Reranker",
-        "RerankResult",
+        "RerankResult", "Image",
     ])
 
 

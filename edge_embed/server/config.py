@@ -49,6 +49,9 @@ class ServerConfig:
     max_text_chars: int = 32_768
     max_instruction_chars: int = 4096  # checked before tokenizing: an instruction is copied into every text
     max_message_bytes: int = 8 * 1024 * 1024
+    # An image's pixels, read from its header before it is decoded (one image is decoded at
+    # a time, so this bounds what decoding holds: 4 bytes a pixel at most).
+    max_image_pixels: int = 50_000_000
     body_timeout_s: float = 15.0  # an HTTP request body must arrive within this, else 408
     token: str | None = None
     tls_cert: Path | None = None
@@ -58,7 +61,7 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_batch_tokens", "max_batch_size", "max_inputs", "max_text_chars", "max_instruction_chars",
-                     "max_message_bytes",
+                     "max_message_bytes", "max_image_pixels",
                      "max_concurrent_rpcs", "max_consecutive_failures"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ..errors import EdgeEmbedError, InvalidInputError, OverloadedError
+from ..images import MAX_IMAGE_BYTES, Image
 from ..manifest import Manifest
 from ..provider import ModelRunner, RerankResult, check_top_n, ranked, wrong_task
 from .batcher import REQUEST_ID, Ticket, TokenBudgetBatcher
@@ -31,10 +32,12 @@ from .pool import ModelPool, PooledModel
 
 log = logging.getLogger("edge_embed.server")
 
-__all__ = ["EmbeddingService", "Embedded", "Reranked", "Tokenized", "ModelFacts", "RequestMemory", "Reservation",
+__all__ = ["EmbeddingService", "EmbedInput", "Embedded", "Reranked", "Tokenized", "ModelFacts", "RequestMemory", "Reservation",
            "new_request_id", "public_message", "bearer_matches", "REQUEST_ID"]
 
 T = TypeVar("T")
+# One input as the transports hand it over: a text, an image, or an ordered mix of both.
+EmbedInput = str | Image | list[str | Image]
 
 # Texts up to this many characters in all are tokenized on the event loop (tens of
 # microseconds); bigger requests go to the worker thread, one at a time.
@@ -213,13 +216,27 @@ class EmbeddingService:
         if count > self.config.max_inputs:
             raise InvalidInputError(f"{field} has {count} texts; the limit is {self.config.max_inputs}")
 
-    def _check_inputs(self, inputs: list[str], field: str = "inputs") -> None:
+    def _check_inputs(self, inputs: list[EmbedInput], field: str = "inputs") -> None:
         self._check_count(len(inputs), field)
-        for i, text in enumerate(inputs):
-            if len(text) > self.config.max_text_chars:
-                raise InvalidInputError(
-                    f"{field}[{i}] has {len(text)} characters; the limit is {self.config.max_text_chars}"
-                )
+        for i, item in enumerate(inputs):
+            for j, part in enumerate(item) if isinstance(item, list) else [(None, item)]:
+                if isinstance(part, str) and len(part) > self.config.max_text_chars:
+                    name = f"{field}[{i}]" if j is None else f"{field}[{i}].parts[{j}]"
+                    raise InvalidInputError(
+                        f"{name} has {len(part)} characters; the limit is {self.config.max_text_chars}"
+                    )
+
+    def open_image(self, data: bytes, field: str) -> Image:
+        """An image's bytes from a request, its header checked against the server's limits
+        (nothing decoded yet)."""
+        return Image.open(data, field=field, max_pixels=self.config.max_image_pixels,
+                          max_bytes=min(MAX_IMAGE_BYTES, self.config.max_message_bytes))
+
+    @staticmethod
+    def _size(inputs: list[EmbedInput]) -> int:
+        """Characters and image bytes: what decides whether the work leaves the event loop."""
+        parts = (p for item in inputs for p in (item if isinstance(item, list) else [item]))
+        return sum(len(p) if isinstance(p, str) else len(p.data) for p in parts)
 
     @staticmethod
     def _check_task(model: PooledModel, wanted: str) -> None:
@@ -280,15 +297,19 @@ class EmbeddingService:
 
     # -- the request paths --------------------------------------------------------------
 
-    async def embed_texts(self, model_name: str, count: int, nbytes: int, texts: Callable[[], list[str]], *,
-                          instruction: str = "", dimensions: int | None = None, normalize: bool = True,
-                          truncate: bool = True, deadline: float | None = None, field: str = "inputs") -> Embedded:
+    async def embed_texts(self, model_name: str, count: int, nbytes: int, texts: Callable[[], list[EmbedInput]],
+                          *, instruction: str = "", dimensions: int | None = None, normalize: bool = True,
+                          truncate: bool = True, deadline: float | None = None, field: str = "inputs",
+                          images: int = 0) -> Embedded:
         """The one embedding path of every transport: checks, admission by tokens, the model's
         batcher, then the Matryoshka cut and normalization.
 
-        `count` and `nbytes` (the request's size on the wire) bound the tokens before
-        `texts()` makes Python strings of the inputs: a token takes at least one byte of
-        UTF-8, and no text passes the model's limit. `field` is what errors call the texts.
+        `count`, `nbytes` (the request's size on the wire) and `images` (how many of its
+        inputs or parts are images) bound the tokens before `texts()` makes Python strings
+        and Images of the inputs: a text token takes at least one byte of UTF-8, an image
+        costs the model's visual tokens whatever its bytes, and no text passes the model's
+        limit. Images are decoded with the tokenizing, off the event loop, one at a time.
+        `field` is what errors call the inputs.
         """
         start = time.monotonic()
         self._check_task(self.pool.find(model_name), "embed")
@@ -300,12 +321,16 @@ class EmbeddingService:
                 width = info.check_dimensions(dimensions or None)
             except InvalidInputError as exc:
                 raise InvalidInputError(f"dimensions: {exc}") from None
-            bound = min(count * info.max_length, nbytes + count * (len(instruction) + 8))
+            if images and not info.image_tokens:
+                raise InvalidInputError(f"{field} holds images, and {model.name} reads text only")
+            per_image = info.image_tokens or 0
+            bound = min(count * max(info.max_length, per_image),
+                        nbytes + count * (len(instruction) + 8) + images * per_image)
 
             def materialize() -> tuple[int, Callable[[], list[np.ndarray]]]:
                 inputs = texts()
                 self._check_inputs(inputs, field)
-                return sum(len(t) for t in inputs), lambda: runner.tokenize(
+                return self._size(inputs), lambda: runner.tokenize(
                     inputs, instruction=instruction or None, truncate=truncate, field=field)
 
             seqs, result = await self._admitted(batcher, bound, deadline, materialize)

@@ -31,7 +31,9 @@ from ..errors import (
 )
 from ..memory import rss_bytes
 from ..v1 import embed_pb2 as pb
-from .core import REQUEST_ID, EmbeddingService, Reservation, bearer_matches, new_request_id, public_message
+from ..images import Image
+from .core import (REQUEST_ID, EmbeddingService, EmbedInput, Reservation, bearer_matches, new_request_id,
+                   public_message)
 from .pool import ModelStatus
 
 __all__ = ["SERVICE_NAME", "grpc_status", "method_handlers", "BearerTokenInterceptor", "error_trailers"]
@@ -104,6 +106,37 @@ def _deadline(context: grpc.aio.ServicerContext | None) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+def _kinds(item: Any) -> list[str | None]:
+    """The kinds of an Input's parts (one for a text or an image), without copying bytes."""
+    kind = item.WhichOneof("kind")
+    return [part.WhichOneof("kind") for part in item.parts.parts] if kind == "parts" else [kind]
+
+
+def _typed_inputs(service: EmbeddingService, items: Any) -> list[EmbedInput]:
+    """EmbedRequest.items as the core's inputs: images' headers checked, nothing decoded."""
+    out: list[EmbedInput] = []
+    for i, item in enumerate(items):
+        kind = item.WhichOneof("kind")
+        if kind == "text":
+            out.append(item.text)
+        elif kind == "image":
+            out.append(service.open_image(item.image, f"items[{i}].image"))
+        elif kind == "parts":
+            if not item.parts.parts:
+                raise InvalidInputError(f"items[{i}].parts is empty")
+            parts: list[str | Image] = []
+            for j, part in enumerate(item.parts.parts):
+                which = part.WhichOneof("kind")
+                if which is None:
+                    raise InvalidInputError(f"items[{i}].parts[{j}] is neither a text nor an image")
+                parts.append(part.text if which == "text" else
+                             service.open_image(part.image, f"items[{i}].parts[{j}].image"))
+            out.append(parts)
+        else:
+            raise InvalidInputError(f"items[{i}] is neither a text, an image nor parts")
+    return out
+
+
 class GrpcApi:
     """The EmbeddingService RPC bodies: protobuf in, a core call, protobuf out."""
 
@@ -111,12 +144,20 @@ class GrpcApi:
         self.service = service
 
     async def embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        if request.items and request.inputs:
+            raise InvalidInputError("send inputs (texts) or items (typed inputs), not both")
+        field, count, images = "inputs", len(request.inputs), 0
+        inputs: Callable[[], list[EmbedInput]] = lambda: list(request.inputs)  # noqa: E731
+        if request.items:
+            field, count = "items", len(request.items)
+            images = sum(1 for item in request.items for kind in _kinds(item) if kind == "image")
+            inputs = lambda: _typed_inputs(self.service, request.items)  # noqa: E731
         done = await self.service.embed_texts(
-            request.model, len(request.inputs), request.ByteSize(), lambda: list(request.inputs),
+            request.model, count, request.ByteSize(), inputs,
             instruction=request.instruction, dimensions=request.dimensions or None,
             normalize=request.normalize if request.HasField("normalize") else True,
             truncate=request.truncate if request.HasField("truncate") else True,
-            deadline=_deadline(context),
+            deadline=_deadline(context), field=field, images=images,
         )
         packed = request.vector_format == pb.VECTOR_FORMAT_PACKED
 

@@ -42,7 +42,8 @@ from ..errors import (
     retry_after_ms_of,
 )
 from .config import ServerConfig
-from .core import REQUEST_ID, EmbeddingService, Reservation, bearer_matches, new_request_id, public_message
+from .core import (REQUEST_ID, EmbeddingService, EmbedInput, Reservation, bearer_matches, new_request_id,
+                   public_message)
 
 __all__ = ["HttpTransport"]
 
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 
 # Every field /v1/embeddings reads. Any other field is refused: a client that sends, say,
 # `input_type: "query"` to another server's API must not get document vectors silently.
-EMBEDDINGS_FIELDS = ("input", "model", "dimensions", "encoding_format", "user", "instruction", "truncate")
+EMBEDDINGS_FIELDS = ("input", "messages", "model", "dimensions", "encoding_format", "user", "instruction", "truncate")
 RERANK_FIELDS = ("query", "documents", "model", "top_n", "return_documents", "instruction", "user")
 _OPEN_PATHS = ("/health", "/ready")
 _ROUTES = ("/v1/embeddings", "/v1/rerank", "/v1/models", "/health", "/ready")
@@ -60,6 +61,9 @@ _BUSY_RETRY_MS = 200
 _MAX_MODEL_CHARS = 256
 # Routes that run a model: each takes one of max_concurrent_rpcs, shared with gRPC.
 _MODEL_ROUTES = ("/v1/embeddings", "/v1/rerank")
+_TEXT_PARTS = ("text", "input_text")
+_IMAGE_PARTS = ("image_url", "input_image")
+_DATA_URI = re.compile(r"data:(image/[A-Za-z0-9.+-]+)?(;[^,;]*)*;base64,", re.ASCII)
 
 
 def error_body(status: int, message: str, code: str) -> dict[str, Any]:
@@ -129,6 +133,123 @@ def _texts(value: Any) -> list[str]:
                 "(LangChain: OpenAIEmbeddings(..., check_embedding_ctx_length=False))")
         raise InvalidInputError(f"input[{i}] must be a string, got {_json_type(text)}")
     return texts
+
+
+class _ImageRef:
+    """An image part's data URI, kept encoded until the request is admitted."""
+
+    __slots__ = ("uri", "field")
+
+    def __init__(self, uri: str, field: str):
+        self.uri, self.field = uri, field
+
+    def open(self, service: EmbeddingService) -> Any:
+        match = _DATA_URI.match(self.uri)
+        try:
+            data = base64.b64decode(self.uri[match.end():], validate=True)
+        except ValueError:
+            raise InvalidInputError(f"{self.field} is not valid base64 after its data: prefix") from None
+        return service.open_image(data, self.field)
+
+
+def _image_uri(part: dict, field: str) -> _ImageRef:
+    url = part.get("image_url")
+    if isinstance(url, dict):
+        url = url.get("url")
+    if not isinstance(url, str):
+        raise InvalidInputError(f'{field}.image_url must be {{"url": "data:image/...;base64,..."}} or that string')
+    if not _DATA_URI.match(url[:256]):
+        if url[:8].lower().startswith(("http://", "https://")):
+            raise InvalidInputError(f"{field}: this server does not fetch image URLs; send the image inline as "
+                                    "a data URI (data:image/png;base64,...)")
+        raise InvalidInputError(f"{field}.image_url must be a base64 data URI (data:image/png;base64,...)")
+    return _ImageRef(url, f"{field}.image_url")
+
+
+def _part(part: Any, field: str) -> str | _ImageRef:
+    """One OpenAI content part: {"type": "text", "text": ...} or {"type": "image_url", ...}."""
+    if not isinstance(part, dict):
+        raise InvalidInputError(f"{field} must be a string or a content part object, got {_json_type(part)}")
+    kind = part.get("type")
+    if kind in _TEXT_PARTS:
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise InvalidInputError(f"{field}.text must be a string, got {_json_type(text)}")
+        if _SURROGATE.search(text):
+            raise InvalidInputError(f"{field}.text holds an unpaired surrogate (\\ud800-\\udfff): not valid text")
+        return text
+    if kind in _IMAGE_PARTS:
+        return _image_uri(part, field)
+    raise InvalidInputError(f"{field}.type must be one of {', '.join((*_TEXT_PARTS, *_IMAGE_PARTS))}, got "
+                            f"{str(kind)[:40]!r}")
+
+
+def _typed_input(value: Any, field: str) -> str | _ImageRef | list[str | _ImageRef]:
+    """An `input` item that is a content part, or a list of them (one input of its parts,
+    in order; a list of one part is that part)."""
+    if isinstance(value, dict):
+        return _part(value, field)
+    if not value:
+        raise InvalidInputError(f"{field} is an empty list of content parts")
+    parts = [_part(p, f"{field}[{j}]") for j, p in enumerate(value)]
+    return parts[0] if len(parts) == 1 else parts
+
+
+def _messages(value: Any) -> list[str | _ImageRef | list[str | _ImageRef]]:
+    """vLLM's chat form: the user messages' content, in order, as one input."""
+    if not isinstance(value, list) or not value:
+        raise InvalidInputError("messages must be a non-empty array of chat messages")
+    parts: list[str | _ImageRef] = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or message.get("role") not in ("user", "system"):
+            raise InvalidInputError(f'messages[{i}] must be a {{"role": "user", "content": ...}} object')
+        if message["role"] != "user":
+            raise InvalidInputError(f"messages[{i}]: a system message is the model's instruction; send it as "
+                                    "`instruction`")
+        content = message.get("content")
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list) and content:
+            parts += [_part(p, f"messages[{i}].content[{j}]") for j, p in enumerate(content)]
+        else:
+            raise InvalidInputError(f"messages[{i}].content must be a string or an array of content parts")
+    return [parts[0] if len(parts) == 1 else parts]
+
+
+def _inputs(payload: dict) -> tuple[list[Any], int]:
+    """`input` (or `messages`) as a list of inputs, images still encoded, and how many
+    images they hold."""
+    if "messages" in payload:
+        if "input" in payload:
+            raise InvalidInputError("send input or messages, not both")
+        items = _messages(payload["messages"])
+    else:
+        value = payload.get("input")
+        if isinstance(value, list) and any(isinstance(v, (dict, list)) and not _token_ids(v) for v in value):
+            items = [_plain_text(v, f"input[{i}]") if isinstance(v, str) else _typed_input(v, f"input[{i}]")
+                     for i, v in enumerate(value)]
+        else:
+            items = _texts(value)
+    images = sum(1 for item in items for p in (item if isinstance(item, list) else [item]) if isinstance(p, _ImageRef))
+    return items, images
+
+
+def _plain_text(text: str, field: str) -> str:
+    if _SURROGATE.search(text):
+        raise InvalidInputError(f"{field} holds an unpaired surrogate (\\ud800-\\udfff): not valid text")
+    return text
+
+
+def _token_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+
+
+def _opened(items: list[Any], service: EmbeddingService) -> list[EmbedInput]:
+    """Images decoded from their data URIs and their headers checked (nothing decoded yet)."""
+    def one(p: Any) -> Any:
+        return p.open(service) if isinstance(p, _ImageRef) else p
+
+    return [[one(p) for p in item] if isinstance(item, list) else one(item) for item in items]
 
 
 def _text(value: Any, name: str) -> str:
@@ -347,7 +468,7 @@ class HttpTransport:
 
     async def _embeddings(self, request: web.Request) -> web.Response:
         async with self._body(request, "/v1/embeddings", EMBEDDINGS_FIELDS) as (payload, nbytes):
-            texts = _texts(payload.get("input"))
+            items, images = _inputs(payload)
             model = _model_name(payload)
             dimensions = _optional(payload, "dimensions", int, "a positive integer")
             if dimensions is not None and dimensions < 1:
@@ -361,10 +482,12 @@ class HttpTransport:
             if _SURROGATE.search(instruction):
                 raise InvalidInputError("instruction holds an unpaired surrogate (\\ud800-\\udfff): not valid text")
             truncate = _optional(payload, "truncate", bool, "a boolean")
+            field = "messages" if "messages" in payload else "input"
             del payload
             done = await self.service.embed_texts(
-                model, len(texts), nbytes, lambda: texts, instruction=instruction, dimensions=dimensions,
-                truncate=True if truncate is None else truncate, field="input")
+                model, len(items), nbytes, lambda: _opened(items, self.service), instruction=instruction,
+                dimensions=dimensions, truncate=True if truncate is None else truncate, field=field,
+                images=images)
         tokens = sum(done.token_counts)
 
         def build() -> bytes:

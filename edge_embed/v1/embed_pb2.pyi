@@ -15,7 +15,7 @@ VECTOR_FORMAT_FLOATS: VectorFormat
 VECTOR_FORMAT_PACKED: VectorFormat
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("inputs", "instruction", "dimensions", "normalize", "truncate", "model", "request_id", "vector_format")
+    __slots__ = ("inputs", "instruction", "dimensions", "normalize", "truncate", "model", "request_id", "vector_format", "items")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class EmbedRequest(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedScalarFieldContainer[str]
     instruction: str
     dimensions: int
@@ -32,7 +33,32 @@ class EmbedRequest(_message.Message):
     model: str
     request_id: str
     vector_format: VectorFormat
-    def __init__(self, inputs: _Optional[_Iterable[str]] = ..., instruction: _Optional[str] = ..., dimensions: _Optional[int] = ..., normalize: _Optional[bool] = ..., truncate: _Optional[bool] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ..., vector_format: _Optional[_Union[VectorFormat, str]] = ...) -> None: ...
+    items: _containers.RepeatedCompositeFieldContainer[Input]
+    def __init__(self, inputs: _Optional[_Iterable[str]] = ..., instruction: _Optional[str] = ..., dimensions: _Optional[int] = ..., normalize: _Optional[bool] = ..., truncate: _Optional[bool] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ..., vector_format: _Optional[_Union[VectorFormat, str]] = ..., items: _Optional[_Iterable[_Union[Input, _Mapping]]] = ...) -> None: ...
+
+class Input(_message.Message):
+    __slots__ = ("text", "image", "parts")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    image: bytes
+    parts: Parts
+    def __init__(self, text: _Optional[str] = ..., image: _Optional[bytes] = ..., parts: _Optional[_Union[Parts, _Mapping]] = ...) -> None: ...
+
+class Parts(_message.Message):
+    __slots__ = ("parts",)
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    parts: _containers.RepeatedCompositeFieldContainer[Part]
+    def __init__(self, parts: _Optional[_Iterable[_Union[Part, _Mapping]]] = ...) -> None: ...
+
+class Part(_message.Message):
+    __slots__ = ("text", "image")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    image: bytes
+    def __init__(self, text: _Optional[str] = ..., image: _Optional[bytes] = ...) -> None: ...
 
 class Embedding(_message.Message):
     __slots__ = ("values",)
