@@ -12,6 +12,7 @@ the vision graph's `pixel_values`.
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import numpy as np
 
 from .errors import BundleError, InvalidInputError
 
-__all__ = ["Image", "EncodedImage", "ImageSpec", "MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "MIN_IMAGE_SIDE",
+__all__ = ["Image", "EncodedImage", "ImageSpec", "smart_resize", "MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "MIN_IMAGE_SIDE",
            "MAX_ASPECT_RATIO", "IMAGE_FORMATS", "is_image_input"]
 
 # An image file bigger than this is refused before it is read (a 24-megapixel JPEG is ~10 MB).
@@ -178,24 +179,46 @@ def is_image_input(item: object) -> bool:
 
 @dataclass(frozen=True, eq=False)
 class EncodedImage:
-    """One image ready for the vision graph: `pixel_values` [3, H, W] float32. Its length is
-    the visual tokens it costs, which is what the batcher's token budget counts."""
+    """One image ready for the vision graph: `pixel_values` [3, H, W] float32 for a fixed-size
+    vision tower, or [patches, C*T*P*P] with its `grid` (t, h, w) in patches for Qwen3-VL's.
+    Its length is the visual tokens it costs, which is what the batcher's token budget counts."""
 
     pixel_values: np.ndarray
     tokens: int
+    grid: tuple[int, int, int] | None = None
 
     def __len__(self) -> int:
         return self.tokens
 
 
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen-VL's resize target: both sides multiples of `factor`, the area within
+    [min_pixels, max_pixels], the aspect ratio kept as closely as that allows."""
+    if max(height, width) > MAX_ASPECT_RATIO * min(height, width):
+        raise InvalidInputError(f"an image of {width}x{height} has an aspect ratio over {MAX_ASPECT_RATIO}")
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
 @dataclass(frozen=True, kw_only=True)
 class ImageSpec:
     """How the model's image processor turns a picture into `pixel_values`, pinned in the
-    manifest: resize (shortest edge, or to a fixed size) with PIL's filter `resample`, an
-    optional center crop, rescale, then normalize per channel.
+    manifest: resize (shortest edge, a fixed size, or Qwen-VL's `smart_resize` to a
+    multiple of patch x merge within min/max pixels) with PIL's filter `resample`, an
+    optional center crop, rescale, then normalize per channel; Qwen-VL's patches are then
+    cut in merge-block order, each repeated over `temporal_patch_size` frames.
 
-    `tokens` is what one image costs the vision tower (patches, plus a class token where
-    the model has one): the batcher's unit.
+    `tokens` is what one image costs the vision tower's output (patches, plus a class token
+    where the model has one; for Qwen-VL the most an image at `max_pixels` costs): the
+    batcher's unit.
     """
 
     processor: str
@@ -209,10 +232,22 @@ class ImageSpec:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     tokens: int = 0
+    # Qwen-VL's dynamic resolution (processor "qwen3_vl").
+    patch_size: int | None = None
+    merge_size: int | None = None
+    temporal_patch_size: int | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
 
     def __post_init__(self) -> None:
+        if self.dynamic:
+            if None in (self.patch_size, self.merge_size, self.temporal_patch_size, self.min_pixels, self.max_pixels):
+                raise BundleError("manifest image spec of a Qwen-VL model needs patch_size, merge_size, "
+                                  "temporal_patch_size, min_pixels and max_pixels")
+            if not 0 < self.min_pixels <= self.max_pixels:
+                raise BundleError("manifest image spec needs 0 < min_pixels <= max_pixels")
         fixed = self.height is not None and self.width is not None
-        if (self.shortest_edge is None) == (not fixed):
+        if not self.dynamic and (self.shortest_edge is None) == (not fixed):
             raise BundleError("manifest image spec needs either shortest_edge or height and width")
         if (self.crop_height is None) != (self.crop_width is None):
             raise BundleError("manifest image spec needs both crop_height and crop_width, or neither")
@@ -223,6 +258,11 @@ class ImageSpec:
             raise BundleError("manifest image spec needs 3 means and 3 positive standard deviations")
         if self.tokens < 1:
             raise BundleError("manifest image spec needs the visual tokens an image costs")
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether the image keeps (about) its own size: Qwen-VL's patches and grid."""
+        return self.processor == "qwen3_vl"
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -251,5 +291,24 @@ class ImageSpec:
         normal = (scaled - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
         return np.ascontiguousarray(normal.transpose(2, 0, 1))
 
-    def encode(self, image: Image, *, field: str = "image") -> EncodedImage:
-        return EncodedImage(self.pixel_values(image.rgb(field=field)), self.tokens)
+    def patches(self, rgb: Any, max_pixels: int | None = None) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """Qwen-VL: an RGB picture -> (pixel_values [grid_h * grid_w, 3 * T * P * P], grid
+        (1, grid_h, grid_w)), the same numbers as the model's processor. `max_pixels` may
+        lower the manifest's bound for one request, never raise it."""
+        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+        limit = self.max_pixels if max_pixels is None else min(max_pixels, self.max_pixels)
+        new_h, new_w = smart_resize(rgb.height, rgb.width, p * m, min(self.min_pixels, limit), limit)
+        array = np.asarray(rgb.resize((new_w, new_h), resample=self.resample))
+        scaled = (array.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        normal = (scaled - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
+        gh, gw = new_h // p, new_w // p
+        blocks = normal.transpose(2, 0, 1).reshape(3, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
+        frames = np.broadcast_to(blocks[:, :, :, :, :, None], (*blocks.shape[:5], t, p, p))
+        return np.ascontiguousarray(frames.reshape(gh * gw, 3 * t * p * p)), (1, gh, gw)
+
+    def encode(self, image: Image, *, field: str = "image", max_pixels: int | None = None) -> EncodedImage:
+        rgb = image.rgb(field=field)
+        if self.dynamic:
+            pixels, grid = self.patches(rgb, max_pixels)
+            return EncodedImage(pixels, grid[1] * grid[2] // self.merge_size ** 2, grid)
+        return EncodedImage(self.pixel_values(rgb), self.tokens)

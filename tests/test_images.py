@@ -168,3 +168,35 @@ def test_an_image_spec_that_cannot_be_reproduced_is_a_bundle_error():
         ImageSpec(processor="clip", tokens=1)
     with pytest.raises(BundleError, match="crops beyond"):
         ImageSpec(processor="clip", shortest_edge=224, crop_height=256, crop_width=256, tokens=1)
+
+
+@pytest.mark.parametrize("max_pixels", [16_777_216, 1280 * 32 * 32, 256 * 32 * 32])
+def test_qwen3_vl_patches_and_grids_equal_its_processor_on_real_photos(max_pixels):
+    """Qwen3-VL's processor (Qwen2-VL's, with 16-pixel patches, 2x2 merge, mean/std 0.5;
+    its shipped min/max pixels, and two lower bounds that shrink big photos): the same
+    pixel values in the same merge-block order, and the same grid, on 17 real files."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    processor = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
+                                         image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                                         size={"shortest_edge": 65_536, "longest_edge": max_pixels})
+    spec = ImageSpec(processor="qwen3_vl", patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=65_536,
+                     max_pixels=max_pixels, tokens=max_pixels // (32 * 32))
+    for name in PHOTOS:
+        data = skimage_photo(name).read_bytes()
+        encoded = spec.encode(Image.open(data))
+        with PIL.Image.open(io.BytesIO(data)) as raw:
+            theirs = processor(images=raw, return_tensors="np")
+        assert encoded.grid == tuple(theirs["image_grid_thw"][0].tolist()), name
+        assert encoded.pixel_values.shape == theirs["pixel_values"].shape, name
+        assert float(np.abs(encoded.pixel_values - theirs["pixel_values"]).max()) <= 1e-5, name
+        assert encoded.tokens == encoded.grid[1] * encoded.grid[2] // 4 <= spec.tokens
+
+
+def test_a_request_may_lower_qwen3_vl_max_pixels_but_never_raise_it():
+    spec = ImageSpec(processor="qwen3_vl", patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=4096,
+                     max_pixels=64 * 32 * 32, tokens=64)
+    photo = Image.open(skimage_photo("retina.jpg").read_bytes())  # 1411 x 1411
+    assert spec.encode(photo).tokens <= 64
+    assert spec.encode(photo, max_pixels=16 * 32 * 32).tokens <= 16
+    assert spec.encode(photo, max_pixels=10**9).tokens == spec.encode(photo).tokens
