@@ -48,3 +48,40 @@ def mrope_positions(token_kinds: Sequence[int] | np.ndarray, grids: Sequence[tup
             current += max(h, w) // merge_size
         index += length
     return out
+
+
+def vision_rotary_positions(grid: tuple[int, int, int], merge_size: int) -> np.ndarray:
+    """(row, column) of each patch [t * h * w, 2], in the merge-block order the patches
+    arrive in: the vision tower's 2-D rotary positions."""
+    t, h, w = grid
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    shape = (h // merge_size, merge_size, w // merge_size, merge_size)
+    rows = rows.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
+    cols = cols.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
+    return np.tile(np.stack([rows, cols], axis=1), (t, 1)).astype(np.int64)
+
+
+def _axis_taps(index: np.ndarray, size: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear taps (align_corners) into a `side`-long table for positions on an axis of
+    `size`, in float32 as the model computes them."""
+    src = index.astype(np.float32) * np.float32(side - 1) / np.float32(max(size - 1, 1))
+    floor = np.floor(src)
+    offsets = np.arange(2, dtype=np.int64)
+    taps = np.clip(floor.astype(np.int64)[:, None] + offsets, 0, side - 1)
+    distance = np.abs(src[:, None] - floor[:, None] - offsets.astype(np.float32))
+    return taps, np.maximum(np.float32(1) - distance, np.float32(0))
+
+
+def position_embedding_taps(grid: tuple[int, int, int], merge_size: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where each patch reads the vision tower's learned `side` x `side` position table,
+    resampled bilinearly to the image's grid: (indices [n, 4] int64, weights [n, 4] float32)."""
+    t, h, w = grid
+    within = np.arange(t * h * w, dtype=np.int64) % (h * w)
+    blocks_w = w // merge_size
+    row = (within // (merge_size * merge_size * blocks_w)) * merge_size + (within // merge_size) % merge_size
+    col = ((within // (merge_size * merge_size)) % blocks_w) * merge_size + within % merge_size
+    h_taps, h_weights = _axis_taps(row, h, side)
+    w_taps, w_weights = _axis_taps(col, w, side)
+    indices = (h_taps[:, :, None] * side + w_taps[:, None, :]).reshape(-1, 4)
+    weights = (h_weights[:, :, None] * w_weights[:, None, :]).reshape(-1, 4)
+    return indices, weights.astype(np.float32)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import logging
 import warnings
 from collections.abc import Callable
@@ -225,16 +226,22 @@ class _Graphs:
 
     def __init__(self, manifest: Manifest, seqs: list[np.ndarray], pixels: np.ndarray):
         self.manifest, self.seqs, self.pixels = manifest, seqs, pixels
+        self._sessions: dict[tuple[str, str], Any] = {}
 
-    @staticmethod
-    def session(path: Path, config: dict[str, str] | None = None):
-        import onnxruntime as ort
+    def session(self, path: Path, config: dict[str, str] | None = None):
+        """One ONNX Runtime session per graph (the last one only: a big graph's session is
+        large, and each graph is judged in one go)."""
+        key = (str(path), json.dumps(config or {}, sort_keys=True))
+        if key not in self._sessions:
+            import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        for key, value in (config or {}).items():
-            options.add_session_config_entry(key, str(value))
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self._sessions.clear()
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            for name, value in (config or {}).items():
+                options.add_session_config_entry(name, str(value))
+            self._sessions[key] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return self._sessions[key]
 
     def text(self, path: Path, config: dict | None = None, rows: list[int] | None = None) -> np.ndarray:
         session = self.session(path, config)
@@ -344,13 +351,13 @@ def build_dual(source: Any, work: Path, wanted: tuple[str, ...], gates: Gates,
               vision_precision: str) -> tuple[Parity, Parity]:
         ranked = precision in ("int8", "int4")
         t_config, v_config = text_recipe.get("session_config"), vision_recipe.get("session_config")
-        text_parity, image_parity = probes.parities(
-            graphs.text(text, t_config), graphs.vision(vision, v_config), graphs.text_batch_cos(text, t_config),
-            graphs.vision_batch_cos(vision, v_config), ranked)
+        text_vectors, text_batch = graphs.text(text, t_config), graphs.text_batch_cos(text, t_config)
+        image_vectors, image_batch = graphs.vision(vision, v_config), graphs.vision_batch_cos(vision, v_config)
+        text_parity, image_parity = probes.parities(text_vectors, image_vectors, text_batch, image_batch, ranked)
         progress(f"{precision} text graph {_describe('parity', text_parity)}")
         progress(f"{precision} vision graph ({vision_precision}) {_describe('parity', image_parity)}")
         check_gate(precision, text_parity, gates)
-        check_gate(vision_precision if vision_precision != precision else precision, image_parity, gates)
+        check_gate(vision_precision, image_parity, gates)
         return text_parity, image_parity
 
     fp32_recipe = {"method": "torch.onnx.export (TorchScript)", "batch_invariant": True}

@@ -44,3 +44,18 @@ def test_mrope_positions_equal_qwen3_vl_get_rope_index():
     assert np.array_equal(theirs[:, 0].numpy(), ours_a)
     assert np.array_equal(theirs[:, 1, :len(kinds_b)].numpy(), ours_b)
     assert np.array_equal(ours_b, np.tile(np.arange(9), (3, 1)))  # text alone: 1-D positions
+
+
+def test_vision_positions_and_position_table_taps_equal_transformers():
+    import torch
+    from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
+
+    from edge_embed.vl import position_embedding_taps, vision_rotary_positions
+
+    for grid in [(1, 2, 2), (1, 4, 6), (1, 16, 10), (1, 58, 36), (1, 2, 96)]:
+        for side in (8, 48):
+            indices, weights = get_vision_interpolation_indices_and_weights(
+                torch.tensor([grid]), num_grid_per_side=side, mode="bilinear", align_corners=True, spatial_merge_size=2)
+            ours_i, ours_w = position_embedding_taps(grid, 2, side)
+            assert np.array_equal(ours_i, indices.numpy()) and np.array_equal(ours_w, weights.numpy()), (grid, side)
+        assert np.array_equal(vision_rotary_positions(grid, 2), get_vision_position_ids(torch.tensor([grid]), 2).numpy())
