@@ -22,6 +22,7 @@ from ..errors import BackendUnavailableError, BundleError
 from ..manifest import variant_format
 from ..provider import BundleEmbedder
 from ..tokenization import model_inputs
+from ..vl import decoder_feeds
 
 __all__ = ["OnnxProvider", "trt_cache_dir", "auto_precision"]
 
@@ -281,6 +282,11 @@ class OnnxProvider(BundleEmbedder):
 
     def _forward(self, seqs: list[np.ndarray]) -> np.ndarray:
         feeds = model_inputs(seqs, self.manifest)
+        (pooled,) = self._session.run([self.manifest.graph_output], feeds, self._run_options)
+        return pooled
+
+    def _forward_vl(self, seqs) -> np.ndarray:
+        feeds = decoder_feeds(seqs, self.manifest, lambda f: tuple(self._vision.run(None, f, self._run_options)))
         (pooled,) = self._session.run([self.manifest.graph_output], feeds, self._run_options)
         return pooled
 

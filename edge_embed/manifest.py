@@ -16,7 +16,7 @@ from .errors import BundleError, InvalidInputError
 from .images import ImageSpec
 
 __all__ = ["SCHEMA_VERSION", "PRECISIONS", "ONNX_PRECISIONS", "DEFAULT_EXPORT_PRECISIONS", "MLX_PRECISIONS", "POOLINGS",
-           "TASKS", "MODALITIES", "Parity", "VisionGraph", "RetrievalParity", "ScoreParity", "RerankSpec", "Variant", "Manifest", "variant_format"]
+           "TASKS", "MODALITIES", "Parity", "VisionGraph", "VLSpec", "RetrievalParity", "ScoreParity", "RerankSpec", "Variant", "Manifest", "variant_format"]
 
 SCHEMA_VERSION = 1
 ONNX_PRECISIONS = ("fp32", "fp16", "int8", "int4")
@@ -158,6 +158,33 @@ class RerankSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class VLSpec:
+    """How a vision-language embedder (Qwen3-VL-Embedding) reads one input: every input,
+    text, image or a mix, is one chat turn of `template` ({instruction} in the system turn,
+    {content} the user's parts in order), an image being `vision_start`, its visual tokens
+    as `image_token` and `vision_end`. The pooled token is the template's last one, so the
+    user content is what truncation cuts, never the template.
+
+    The vision graph runs one image at a time (its merged features and one feature set per
+    DeepStack layer); the decoder graph reads them by row, with 3-row M-RoPE positions
+    (edge_embed/vl.py computes both on the host).
+    """
+
+    template: str
+    image_token: str
+    vision_start: str
+    vision_end: str
+    merge_size: int
+    position_table_side: int
+    deepstack_layers: int
+
+    def __post_init__(self) -> None:
+        t = self.template
+        if not ("{instruction}" in t and "{content}" in t and t.index("{instruction}") < t.index("{content}")):
+            raise BundleError(f"manifest vl template {t!r} must hold {{instruction}} before {{content}}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class VisionGraph:
     """A variant's second graph, for bundles that read images: `pixel_values` in,
     `sentence_embedding` out, in the same vector space as the text graph. Its precision
@@ -219,6 +246,8 @@ class Manifest:
     image: ImageSpec | None = None
     # Texts padded to max_length, without an attention mask (SigLIP's text tower was trained so).
     pad_to_max_length: bool = False
+    # A vision-language embedder's chat template and vision facts; only such bundles have one.
+    vl: VLSpec | None = None
     files: dict[str, str] = field(default_factory=dict)
     variants: dict[str, Variant] = field(default_factory=dict)
     exporter: dict[str, str] = field(default_factory=dict)
@@ -283,9 +312,10 @@ class Manifest:
             image = data.get("image")
             if image is not None:
                 image = ImageSpec(**{**image, "mean": tuple(image["mean"]), "std": tuple(image["std"])})
+            vl = VLSpec(**data["vl"]) if data.get("vl") is not None else None
             return cls(**{**data, "variants": variants, "graph_inputs": tuple(data["graph_inputs"]),
                           "rerank": rerank, "modalities": tuple(data.get("modalities", ("text",))),
-                          "image": image})
+                          "image": image, "vl": vl})
         except (TypeError, KeyError) as exc:
             raise BundleError(f"manifest is malformed: {exc}") from exc
 

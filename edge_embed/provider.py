@@ -27,6 +27,7 @@ import numpy as np
 from .batching import BatchLimits, plan_batches
 from .bundle import Bundle
 from .images import EncodedImage, Image
+from .vl import VLEncoder, VLInput
 from .errors import (
     BackendUnavailableError,
     BundleError,
@@ -224,6 +225,7 @@ class BundleEmbedder(abc.ABC):
         self.manifest = bundle.manifest
         self.precision = precision
         self.tokenizer = BundleTokenizer(bundle.tokenizer_path, bundle.manifest)
+        self._vl = VLEncoder(self.tokenizer, bundle.manifest) if bundle.manifest.vl is not None else None
         self.batch_invariant = bool(bundle.variant(precision).recipe.get("batch_invariant", True))
         self.limits = limits.for_variant(self.batch_invariant)
         self.parity: Parity | ScoreParity | None = None
@@ -249,7 +251,7 @@ class BundleEmbedder(abc.ABC):
             execution_providers=self.execution_providers,
             threads=self.threads,
             instruction_aware=(m.rerank.takes_instruction if m.rerank is not None
-                               else m.instruction_template is not None),
+                               else m.instruction_template is not None or m.vl is not None),
             default_instruction=m.rerank.default_instruction if m.rerank is not None else m.default_instruction,
             batch_invariant=self.batch_invariant,
             stepped_rows=self.limits.stepped_rows,
@@ -271,9 +273,16 @@ class BundleEmbedder(abc.ABC):
         run vision graphs implement it."""
         raise InvalidInputError(f"the {self.backend_name} backend does not run images")
 
+    def _forward_vl(self, seqs: list[VLInput]) -> np.ndarray:
+        """Vectors for one batch of a vision-language embedder's inputs; backends that run
+        its two graphs implement it."""
+        raise InvalidInputError(f"the {self.backend_name} backend does not run vision-language models")
+
     def _forward_inputs(self, seqs: list[np.ndarray | EncodedImage]) -> np.ndarray:
         """One batch of texts and images: texts through the text graph, images through the
         vision graph, vectors back in the batch's order."""
+        if self._vl is not None:
+            return self._forward_vl(seqs)
         images = [i for i, s in enumerate(seqs) if isinstance(s, EncodedImage)]
         if not images:
             return self._forward(seqs)
@@ -312,6 +321,8 @@ class BundleEmbedder(abc.ABC):
         here, one at a time, exactly as the model's processor does)."""
         if self.manifest.task != "embed":
             raise wrong_task(self.manifest.model_id, self.manifest.task, "embed")
+        if self._vl is not None:
+            return self._encode_vl(texts, instruction, truncate, field)
         if isinstance(texts, Sequence) and not isinstance(texts, (str, bytes)) and any(
                 not isinstance(x, str) for x in texts):
             return self._encode_inputs(texts, instruction, truncate, field)
@@ -319,6 +330,22 @@ class BundleEmbedder(abc.ABC):
         if not texts:
             return []
         return self.tokenizer.encode(texts, instruction=instruction, truncate=truncate, field=field)
+
+    def _encode_vl(self, inputs: Sequence[object], instruction: str | None, truncate: bool,
+                   field: str) -> list[VLInput]:
+        """A vision-language embedder: every input (a text, an image or a list of both) is one
+        chat through the manifest's template."""
+        if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence):
+            raise InvalidInputError(f"{field} must be a list of inputs (texts, images or lists of both), got "
+                                    f"{type(inputs).__name__}")
+        for i, item in enumerate(inputs):
+            parts = item if isinstance(item, (list, tuple)) else [item]
+            for part in parts:
+                if not isinstance(part, (str, Image)):
+                    raise InvalidInputError(f"{field}[{i}] must be a string, an edge_embed.Image or a list of "
+                                            f"both, got {type(part).__name__}")
+        return [self._vl.encode(item, instruction=instruction, truncate=truncate, field=f"{field}[{i}]")
+                for i, item in enumerate(inputs)]
 
     def _encode_inputs(self, inputs: Sequence[object], instruction: str | None, truncate: bool,
                        field: str) -> list[np.ndarray | EncodedImage]:
@@ -432,8 +459,17 @@ class BundleEmbedder(abc.ABC):
             self.precision, self.parity, gates or self._judged_by or self.shipped_gates()) is None
         if not text_ok or self.image_parity is None:
             return text_ok
-        vision = self.bundle.variant(self.precision).vision
-        return gate_failure(vision.precision, self.image_parity, Gates.recorded(vision.precision, vision.recipe)) is None
+        judged, image_gates = self._image_gates()
+        return gate_failure(judged, self.image_parity, image_gates) is None
+
+    def _image_gates(self) -> tuple[str, Gates]:
+        """The precision and gates images are judged by: a dual encoder's vision graph alone
+        by its own; a vision-language model's images, which run through its decoder too, by
+        the variant's."""
+        variant = self.bundle.variant(self.precision)
+        if self.manifest.vl is not None:
+            return self.precision, self.shipped_gates()
+        return variant.vision.precision, Gates.recorded(variant.vision.precision, variant.vision.recipe)
 
     def check_parity(self, probes: int = DEFAULT_PARITY_PROBES, *, enforce: bool = True,
                      gates: Gates | None = None) -> Parity:
@@ -453,7 +489,7 @@ class BundleEmbedder(abc.ABC):
         picked = sorted(set(np.linspace(0, len(texts) - 1, min(probes, len(texts))).astype(int).tolist())
                         | ({texts.index(export_worst)} if export_worst in texts else set()))
         chosen = [texts[i] for i in picked]
-        batch_cos = self._alone_vs_batch(self.tokenizer.encode(texts)) if self.batch_invariant else None
+        batch_cos = self._alone_vs_batch(self.tokenize(texts)) if self.batch_invariant else None
         if batch_cos is not None and batch_cos < gates.batch_cos_min:
             # This device's kernels make the variant's vectors depend on batch neighbours
             # (an FP32 GEMM that runs one row differently from many flips an int8 rounding
@@ -464,7 +500,7 @@ class BundleEmbedder(abc.ABC):
             self.batch_invariant = False
             self.limits = self.limits.for_variant(False)
             batch_cos = None
-        vectors = self.embed_token_ids(self.tokenizer.encode(chosen))
+        vectors = self.embed_token_ids(self.tokenize(chosen))
         if not np.isfinite(vectors).all():
             bad = int(np.flatnonzero(~np.isfinite(vectors).all(axis=1))[0])
             raise BundleError(f"the {self.precision} variant gives a non-finite vector on this device for the "
@@ -482,19 +518,18 @@ class BundleEmbedder(abc.ABC):
         names, blobs, reference = self.bundle.golden_images()
         picked = sorted(set(np.linspace(0, len(names) - 1, min(probes, len(names))).astype(int).tolist())
                         | ({names.index(vision.parity.worst_text)} if vision.parity.worst_text in names else set()))
-        encoded = [self.manifest.image.encode(Image.open(blobs[i], field=f"golden image {names[i]}"))
-                   for i in picked]
+        encoded = self.tokenize([Image.open(blobs[i], field=f"golden image {names[i]}") for i in picked])
         vectors = self.embed_token_ids(encoded)
         batch = encoded[:16]
         alone = np.vstack([self.run_batch([one]) for one in batch])
         parity = dataclasses.replace(measure_parity(reference[picked], vectors, [names[i] for i in picked]),
                                      batch_cos_min=alone_vs_batch_cos(alone, self.run_batch(batch)))
         self.image_parity = parity
-        gates = Gates.recorded(vision.precision, vision.recipe)
-        failure = gate_failure(vision.precision, parity, gates)
+        judged, gates = self._image_gates()
+        failure = gate_failure(judged, parity, gates)
         if failure is not None and enforce:
             raise BundleError(
-                f"the {self.precision} variant's vision graph ({vision.precision}) fails its parity gate on this "
+                f"the {self.precision} variant's image path (vision graph {vision.precision}) fails its parity gate on this "
                 f"device: {failure.figure} {failure.value:.5f} {'>' if failure.above else '<'} {failure.gate} "
                 f"against the FP32 reference (worst: {failure.worst_text[:60]!r}); use another variant, or override "
                 "the check to accept it")

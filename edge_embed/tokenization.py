@@ -62,6 +62,8 @@ class BundleTokenizer:
         self._tokenizer = _load(tokenizer_path)
         self._text_tokenizer = _load(tokenizer_path)
         self._text_tokenizer.encode_special_tokens = True
+        self._user_tokenizer = _load(tokenizer_path)  # never truncates: callers cut by hand
+        self._user_tokenizer.encode_special_tokens = True
         # Longest first, so that a special token that starts another one cannot split it.
         specials = sorted((t.content for t in self._tokenizer.get_added_tokens_decoder().values() if t.special),
                           key=len, reverse=True)
@@ -86,6 +88,32 @@ class BundleTokenizer:
         self.min_text_tokens = min(MIN_TEXT_TOKENS, manifest.max_length // 2)
         # Words are rarely longer than 8 characters a token; longer texts try a prefix first.
         self.prefix_chars = max(2048, 8 * manifest.max_length)
+
+    def user_text_ids(self, text: str) -> list[int]:
+        """A user's text as tokens: its special-token strings stay text; no post-processor
+        tokens, no truncation."""
+        return self._user_tokenizer.encode(text, add_special_tokens=False).ids
+
+    def template_ids(self, template: str, fill: dict[str, str]) -> list[int]:
+        """A model's template part as tokens: its special tokens are control tokens; the text
+        between them, with the user's `fill` values put in, is tokenized as user text."""
+        pieces = self._special_pattern.split(template) if self._special_pattern is not None else [template]
+        ids: list[int] = []
+        for k, piece in enumerate(pieces):
+            if k % 2:
+                ids.append(self._tokenizer.token_to_id(piece))
+                continue
+            for name, value in fill.items():
+                piece = value.join(piece.split("{" + name + "}"))
+            if piece:
+                ids += self.user_text_ids(piece)
+        return ids
+
+    def token_id(self, token: str) -> int:
+        found = self._tokenizer.token_to_id(token)
+        if found is None:
+            raise BundleError(f"the bundle's tokenizer has no token {token!r}")
+        return found
 
     def format(self, texts: list[str], instruction: str | None) -> list[str]:
         """Apply the model's instruction template (queries); documents pass unchanged.

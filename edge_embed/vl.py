@@ -10,11 +10,21 @@ decoder graph, computed per sequence from its token kinds and its images' grids.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+import unicodedata
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["mrope_positions", "TEXT_TOKEN", "IMAGE_TOKEN"]
+from .errors import InvalidInputError
+from .images import EncodedImage, Image
+from .manifest import Manifest
+
+__all__ = ["mrope_positions", "TEXT_TOKEN", "IMAGE_TOKEN", "VLInput", "VLEncoder", "decoder_feeds",
+           "vision_feeds", "DECODER_INPUTS", "vision_rotary_positions", "position_embedding_taps"]
+
+# The decoder graph's inputs, in order (see export/vl.py).
+DECODER_INPUTS = ("input_ids", "attention_mask", "position_ids", "image_rows", "image_embeds", "deepstack")
 
 TEXT_TOKEN, IMAGE_TOKEN = 0, 1
 
@@ -85,3 +95,141 @@ def position_embedding_taps(grid: tuple[int, int, int], merge_size: int, side: i
     indices = (h_taps[:, :, None] * side + w_taps[:, None, :]).reshape(-1, 4)
     weights = (h_weights[:, :, None] * w_weights[:, None, :]).reshape(-1, 4)
     return indices, weights.astype(np.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class VLInput:
+    """One input of a vision-language embedder, ready for its graphs: the chat's token ids,
+    which of them are an image's visual tokens, and the images in order. Its length is its
+    tokens (visual ones included): the batcher's unit."""
+
+    ids: np.ndarray
+    kinds: np.ndarray
+    images: tuple[EncodedImage, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _with_period(instruction: str) -> str:
+    """Qwen3-VL-Embedding's rule: an instruction that does not end in punctuation gets a period."""
+    text = instruction.strip()
+    return text if unicodedata.category(text[-1]).startswith("P") else text + "."
+
+
+class VLEncoder:
+    """Inputs (a text, an image, or an ordered list of both) -> VLInput, through the
+    manifest's chat template. Adjacent text parts are one text, as the template joins them;
+    an over-long input loses the end of its text, never the template or an image."""
+
+    def __init__(self, tokenizer, manifest: Manifest):
+        spec = manifest.vl
+        self._manifest, self._spec, self._tokenizer = manifest, spec, tokenizer
+        head, tail = spec.template.split("{content}")
+        self._head, self._tail = head, tail
+        self._image_id = tokenizer.token_id(spec.image_token)
+        self._start_id, self._end_id = tokenizer.token_id(spec.vision_start), tokenizer.token_id(spec.vision_end)
+        self._tail_ids = tokenizer.template_ids(tail, {})
+        self._heads: dict[str, list[int]] = {}
+
+    def _head_ids(self, instruction: str) -> list[int]:
+        if instruction not in self._heads:
+            if len(self._heads) > 64:
+                self._heads.clear()
+            self._heads[instruction] = self._tokenizer.template_ids(self._head, {"instruction": instruction})
+        return self._heads[instruction]
+
+    def encode(self, item: str | Image | Sequence[str | Image], *, instruction: str | None, truncate: bool,
+               field: str, max_pixels: int | None = None) -> VLInput:
+        parts = list(item) if isinstance(item, (list, tuple)) else [item]
+        if not parts:
+            raise InvalidInputError(f"{field} is an empty list of parts")
+        if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
+            raise InvalidInputError("instruction must be a non-empty string")
+        head = self._head_ids(_with_period(instruction or self._manifest.default_instruction))
+        runs: list[tuple[str, object]] = []  # ("text", str) or ("image", EncodedImage), texts joined
+        for j, part in enumerate(parts):
+            name = field if len(parts) == 1 else f"{field}[{j}]"
+            if isinstance(part, str):
+                if runs and runs[-1][0] == "text":
+                    runs[-1] = ("text", runs[-1][1] + part)
+                else:
+                    runs.append(("text", part))
+            elif isinstance(part, Image):
+                runs.append(("image", self._manifest.image.encode(part, field=name, max_pixels=max_pixels)))
+            else:
+                raise InvalidInputError(f"{name} must be a string or an edge_embed.Image, got {type(part).__name__}")
+        if all(kind == "text" and not str(value).strip() for kind, value in runs):
+            raise InvalidInputError(f"{field} is empty or only whitespace")
+        texts = {i: self._tokenizer.user_text_ids(value) for i, (kind, value) in enumerate(runs) if kind == "text"}
+        visual = sum(value.tokens + 2 for kind, value in runs if kind == "image")
+        room = self._manifest.max_length - len(head) - len(self._tail_ids) - visual
+        if room < 0:
+            raise InvalidInputError(f"{field}: its images take {visual} of {self._manifest.model_id}'s "
+                                    f"{self._manifest.max_length} tokens with the template; send smaller images "
+                                    "or fewer")
+        excess = sum(len(t) for t in texts.values()) - room
+        if excess > 0:
+            if not truncate:
+                raise InvalidInputError(f"{field} is longer than the model's {self._manifest.max_length} tokens "
+                                        "and truncate is false")
+            for i in sorted(texts, reverse=True):  # the end of the content goes first
+                cut = min(excess, len(texts[i]))
+                texts[i] = texts[i][: len(texts[i]) - cut]
+                excess -= cut
+        ids, kinds, images = list(head), [TEXT_TOKEN] * len(head), []
+        for i, (kind, value) in enumerate(runs):
+            if kind == "text":
+                ids += texts[i]
+                kinds += [TEXT_TOKEN] * len(texts[i])
+            else:
+                ids += [self._start_id] + [self._image_id] * value.tokens + [self._end_id]
+                kinds += [TEXT_TOKEN] + [IMAGE_TOKEN] * value.tokens + [TEXT_TOKEN]
+                images.append(value)
+        ids += self._tail_ids
+        kinds += [TEXT_TOKEN] * len(self._tail_ids)
+        return VLInput(np.asarray(ids, dtype=np.int64), np.asarray(kinds, dtype=np.int8), tuple(images))
+
+
+def vision_feeds(image: EncodedImage, manifest: Manifest) -> dict[str, np.ndarray]:
+    """The vision graph's inputs for one image."""
+    spec = manifest.vl
+    indices, weights = position_embedding_taps(image.grid, spec.merge_size, spec.position_table_side)
+    return {"pixel_values": image.pixel_values, "interp_indices": indices, "interp_weights": weights,
+            "rotary_positions": vision_rotary_positions(image.grid, spec.merge_size)}
+
+
+def decoder_feeds(seqs: Sequence[VLInput], manifest: Manifest,
+                  run_vision: Callable[[dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    """One batch's decoder inputs, right-padded: every image run alone through the vision
+    graph (so an image's features never depend on its neighbours), its rows gathered after
+    a zero row that text positions read."""
+    merged: list[np.ndarray] = []
+    deep: list[np.ndarray] = []
+    for seq in seqs:
+        for image in seq.images:
+            features, deepstack = run_vision(vision_feeds(image, manifest))
+            merged.append(features)
+            deep.append(deepstack)
+    width = max(len(s) for s in seqs)
+    batch = len(seqs)
+    ids = np.full((batch, width), manifest.pad_token_id, dtype=np.int64)
+    mask = np.zeros((batch, width), dtype=np.int64)
+    rows = np.zeros((batch, width), dtype=np.int64)
+    positions = np.zeros((3, batch, width), dtype=np.int64)
+    next_row = 1
+    for b, seq in enumerate(seqs):
+        n = len(seq)
+        ids[b, :n], mask[b, :n] = seq.ids, 1
+        visual = np.flatnonzero(seq.kinds == IMAGE_TOKEN)
+        rows[b, visual] = np.arange(next_row, next_row + len(visual))
+        next_row += len(visual)
+        positions[:, b, :n] = mrope_positions(seq.kinds, [img.grid for img in seq.images], manifest.vl.merge_size)
+    hidden = manifest.dim
+    layers = manifest.vl.deepstack_layers
+    image_embeds = np.concatenate([np.zeros((1, hidden), np.float32), *merged]) if merged else \
+        np.zeros((1, hidden), np.float32)
+    deepstack = np.concatenate([np.zeros((layers, 1, hidden), np.float32), *deep], axis=1) if deep else \
+        np.zeros((layers, 1, hidden), np.float32)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "image_rows": rows,
+            "image_embeds": image_embeds.astype(np.float32), "deepstack": deepstack.astype(np.float32)}

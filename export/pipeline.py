@@ -564,7 +564,11 @@ def export(
                           "variants")
     if any(variant_format(p) == "mlx" for p in wanted):
         _check_mlx_can_export(draft)
-    if "image" in draft.modalities:
+    if draft.vl is not None:
+        progress(f"{draft.model_id}: {draft.architecture} embedder (texts, images and both in one input), dim "
+                 f"{draft.dim}, max length {draft.max_length}, images {draft.image.min_pixels}..{draft.image.max_pixels} "
+                 f"pixels ({draft.image.tokens} visual tokens at most)")
+    elif "image" in draft.modalities:
         h, w = draft.image.output_size
         progress(f"{draft.model_id}: {draft.architecture} dual encoder (text and images), dim {draft.dim}, text max "
                  f"length {draft.max_length}, images {w}x{h} ({draft.image.tokens} visual tokens)")
@@ -640,6 +644,10 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
     from .graph import MIN_ONNXRUNTIME, ONNX_OPSET, exporter_name
 
     draft = source.manifest
+    if draft.vl is not None:
+        from .vl import build_vl
+
+        return build_vl(source, work, wanted, gates, progress)
     if "image" in draft.modalities:
         from .dual import build_dual
 

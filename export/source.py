@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 from ..errors import ExportError
 from ..manifest import Manifest, RerankSpec
 from .dual import DUAL_ARCHITECTURES, read_dual_source
+from .vl import VL_ARCHITECTURES, read_vl_source
 
 __all__ = ["SourceModel", "read_source", "ARCHITECTURES"]
 
@@ -178,10 +179,17 @@ def read_source(
         return read_dual_source(path, config, Tokenizer.from_file(str(path / "tokenizer.json")),
                                 _optional_json(path / "tokenizer_config.json"), model_id=model_id,
                                 revision=revision, max_length=max_length, copied=_copied_files(path))
+    if arch in VL_ARCHITECTURES:
+        if task not in (None, "embed"):
+            raise ExportError(f"{path}: edge-embed exports {arch} models as embedders (Qwen3-VL-Embedding), not as "
+                              f"{task} models")
+        return read_vl_source(path, config, Tokenizer.from_file(str(path / "tokenizer.json")),
+                              _optional_json(path / "tokenizer_config.json"), model_id=model_id,
+                              revision=revision, max_length=max_length, copied=_copied_files(path))
     if arch not in ARCHITECTURES:
         raise ExportError(
             f"{path}: model_type {arch!r} is not supported; supported: "
-            f"{', '.join([*ARCHITECTURES, *DUAL_ARCHITECTURES])}"
+            f"{', '.join([*ARCHITECTURES, *DUAL_ARCHITECTURES, *VL_ARCHITECTURES])}"
         )
     rules = ARCHITECTURES[arch]
     tok_config = _optional_json(path / "tokenizer_config.json")

@@ -186,6 +186,19 @@ def clip_bundle(clip_source: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen3_vl_source() -> Path:
+    return _cached("qwen3-vl-source", build_tiny_qwen3_vl)
+
+
+@pytest.fixture(scope="session")
+def qwen3_vl_bundle(qwen3_vl_source: Path) -> Path:
+    from edge_embed.export import export
+
+    return _cached("qwen3-vl", lambda dest: export(qwen3_vl_source, dest / "bundle", "fp32,fp16,int8",
+                                                   model_id="tiny-qwen3-vl-embedding")) / "bundle"
+
+
+@pytest.fixture(scope="session")
 def siglip_source() -> Path:
     return _cached("siglip-source", lambda dest: build_tiny_dual_encoder(dest, "siglip"))
 
@@ -196,6 +209,32 @@ def siglip_bundle(siglip_source: Path) -> Path:
 
     return _cached("siglip", lambda dest: export(siglip_source, dest / "bundle", "fp32,fp16,int8",
                                                  model_id="tiny-siglip")) / "bundle"
+
+
+def build_tiny_qwen3_vl(dest: Path) -> None:
+    """A Qwen3VLModel with 3 decoder and 3 vision layers (DeepStack after each of the first
+    three), random weights, Qwen's real tokenizer (<|image_pad|> and <|vision_start|> included)
+    and Qwen3-VL's image processor at 64x64 to 256x256 pixels."""
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLModel
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    shutil.copyfile(qwen_tokenizer_dir() / "tokenizer.json", dest / "tokenizer.json")
+    (dest / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "model_max_length": 262144}))
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=151_936, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
+                                          "mrope_section": [4, 2, 2], "mrope_interleaved": True}),
+        vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=16, spatial_merge_size=2, deepstack_visual_indexes=[0, 1, 2],
+                           num_position_embeddings=64))
+    torch.manual_seed(0)
+    Qwen3VLModel(config).save_pretrained(dest)
+    Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,
+                             image_std=[0.5] * 3,
+                             size={"shortest_edge": 64 * 64, "longest_edge": 256 * 256}).save_pretrained(dest)
 
 
 def skimage_photo(name: str) -> Path:

@@ -171,3 +171,28 @@ def test_a_fuzz_of_malformed_images_gets_only_clear_refusals_over_both_transport
     assert codes.get("INVALID_ARGUMENT", 0) >= 400, codes  # most of them are refused, not silently embedded
     assert np.array_equal(after, before)
     assert grown < 300 * 1024 * 1024, f"the server grew by {grown / 2**20:.0f} MiB over the fuzz"
+
+
+def test_qwen3_vl_mixed_inputs_over_grpc_and_http_equal_in_process(qwen3_vl_bundle):
+    """The seed smoke test over both transports: the dimension, cos(text, text) = 1.0000 and
+    cos(mixed, mixed) = 1.0000, and the vectors in-process gives, bit for bit."""
+    provider = edge_embed.load(qwen3_vl_bundle, precision="fp32")
+    photo = skimage_photo("chelsea.png").read_bytes()
+    inputs = [CAPTION, Image.open(photo), [Image.open(photo), "a cat"], CAPTION, [Image.open(photo), "a cat"]]
+    local = provider.embed(inputs)
+    assert local.shape == (5, provider.info.dim)
+    assert round(float(local[0] @ local[3]), 4) == 1.0 and round(float(local[2] @ local[4]), 4) == 1.0
+    with running_server(provider, http_port=0) as (edge, target):
+        with EmbedClient(target) as client:
+            assert np.array_equal(client.embed(inputs), local)
+            info = client.info()
+            assert info.instruction_aware and info.default_instruction == "Represent the user's input."
+            assert list(info.modalities) == ["text", "image"]
+        image_part = {"type": "image_url", "image_url": {"url": _data_uri(photo)}}
+        status, body = _http_embed(edge.http_port, {"input": [
+            CAPTION, image_part, [image_part, {"type": "text", "text": "a cat"}]]})
+        assert status == 200, body
+        assert np.array_equal(np.array([r["embedding"] for r in body["data"]], dtype=np.float32), local[:3])
+        status, body = _http_embed(edge.http_port, {"messages": [{"role": "user", "content": [
+            image_part, {"type": "text", "text": "a cat"}]}]})
+        assert status == 200 and np.array_equal(np.array(body["data"][0]["embedding"], dtype=np.float32), local[2])

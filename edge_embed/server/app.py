@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ..errors import BackendUnavailableError
 from ..provider import ModelRunner
+from ..vl import VLInput
 from ..v1 import embed_pb2
 from .batcher import TokenBudgetBatcher
 from .config import ServerConfig
@@ -92,8 +93,17 @@ def warmup_token_ids(runner: ModelRunner) -> list:
 def _calibration_batches(seqs: list, max_length: int) -> list[list]:
     """Batches of 8, 64 and 256 tokens made of the warm-up's ids: the batch cost model
     (fixed + per token) is fitted from the first request on, not after big batches ran."""
-    ids = np.concatenate(seqs)
-    return [[np.resize(ids, min(width, max_length))] * rows for rows, width in ((1, 8), (2, 32), (4, 64))]
+    if isinstance(seqs[0], VLInput):  # a vision-language model's chats: their ids, read as text
+        ids = np.concatenate([s.ids for s in seqs])
+
+        def make(row: np.ndarray) -> VLInput:
+            return VLInput(row, np.zeros(len(row), dtype=np.int8))
+    else:
+        ids = np.concatenate(seqs)
+
+        def make(row: np.ndarray) -> np.ndarray:
+            return row
+    return [[make(np.resize(ids, min(width, max_length)))] * rows for rows, width in ((1, 8), (2, 32), (4, 64))]
 
 
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:

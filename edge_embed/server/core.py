@@ -163,6 +163,7 @@ class ModelFacts:
     precision: str = ""
     backend: str = ""
     execution_providers: tuple[str, ...] = ()
+    modalities: tuple[str, ...] = ("text",)
 
 
 class EmbeddingService:
@@ -394,11 +395,11 @@ class EmbeddingService:
             i = model.info
             return ModelFacts(model.name, i.task, i.dim, i.matryoshka_min_dim or i.dim, i.max_length,
                               i.instruction_aware, i.default_instruction or "", i.precision, i.backend,
-                              tuple(i.execution_providers))
+                              tuple(i.execution_providers), tuple(i.modalities))
         m: Manifest = model.source_manifest()
         if m.rerank is not None:
             aware, default = m.rerank.takes_instruction, m.rerank.default_instruction
         else:
-            aware, default = m.instruction_template is not None, m.default_instruction
+            aware, default = m.instruction_template is not None or m.vl is not None, m.default_instruction
         return ModelFacts(model.name, m.task, m.dim, m.matryoshka_min_dim or m.dim, m.max_length, aware,
-                          default or "")
+                          default or "", modalities=tuple(m.modalities))

@@ -209,6 +209,7 @@ class GrpcApi:
             version=__version__,
             models=[_model_status(s) for s in pool.status()],
             task=facts.task,
+            modalities=list(facts.modalities),
             memory=pb.MemoryBudget(budget_bytes=pool.budget_bytes, committed_bytes=pool.committed_bytes,
                                    base_bytes=pool.base_bytes, rss_bytes=rss_bytes() or 0,
                                    requests_bytes=service.memory.held),

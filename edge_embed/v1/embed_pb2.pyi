@@ -197,7 +197,7 @@ class BatchingLimits(_message.Message):
     def __init__(self, max_batch_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_wait_ms: _Optional[float] = ..., max_inputs_per_request: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., max_queue_tokens: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ..., run_timeout_s: _Optional[float] = ..., max_instruction_chars: _Optional[int] = ..., max_batch_ms: _Optional[float] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "dim", "min_dim", "max_length", "precision", "backend", "execution_providers", "instruction_aware", "default_instruction", "batching", "version", "models", "memory", "task")
+    __slots__ = ("model", "dim", "min_dim", "max_length", "precision", "backend", "execution_providers", "instruction_aware", "default_instruction", "batching", "version", "models", "memory", "task", "modalities")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     MIN_DIM_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +212,7 @@ class InfoResponse(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
+    MODALITIES_FIELD_NUMBER: _ClassVar[int]
     model: str
     dim: int
     min_dim: int
@@ -226,7 +227,8 @@ class InfoResponse(_message.Message):
     models: _containers.RepeatedCompositeFieldContainer[ModelStatus]
     memory: MemoryBudget
     task: str
-    def __init__(self, model: _Optional[str] = ..., dim: _Optional[int] = ..., min_dim: _Optional[int] = ..., max_length: _Optional[int] = ..., precision: _Optional[str] = ..., backend: _Optional[str] = ..., execution_providers: _Optional[_Iterable[str]] = ..., instruction_aware: _Optional[bool] = ..., default_instruction: _Optional[str] = ..., batching: _Optional[_Union[BatchingLimits, _Mapping]] = ..., version: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., memory: _Optional[_Union[MemoryBudget, _Mapping]] = ..., task: _Optional[str] = ...) -> None: ...
+    modalities: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., dim: _Optional[int] = ..., min_dim: _Optional[int] = ..., max_length: _Optional[int] = ..., precision: _Optional[str] = ..., backend: _Optional[str] = ..., execution_providers: _Optional[_Iterable[str]] = ..., instruction_aware: _Optional[bool] = ..., default_instruction: _Optional[str] = ..., batching: _Optional[_Union[BatchingLimits, _Mapping]] = ..., version: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., memory: _Optional[_Union[MemoryBudget, _Mapping]] = ..., task: _Optional[str] = ..., modalities: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
     __slots__ = ("name", "model_id", "state", "pinned", "precision", "charged_bytes", "charged_from", "resident_measured_bytes", "loads", "evictions", "requests", "parity_cos_min", "parity_ok", "error", "task")

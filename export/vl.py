@@ -1,0 +1,403 @@
+"""Qwen3-VL-Embedding: texts, images and mixed inputs in one vector space, exported as two
+graphs, checked against the transformers model on text, image and mixed probes.
+
+No exporter handles Qwen3-VL's DeepStack decoder, so the split is made here:
+- the vision graph runs one image: its patches, where each patch reads the learned position
+  table (4 bilinear taps) and its 2-D rotary positions (both computed on the host, see
+  edge_embed/vl.py) -> the merged features and one feature set per DeepStack layer;
+- the decoder graph reads the chat's token ids, the images' rows (gathered after a zero
+  row: text positions add nothing), 3-row M-RoPE positions and the mask -> the last real
+  token's hidden state after the final norm.
+Two of the model's methods are swapped while tracing: the vision attention over the whole
+image (one image per run, where the model splits a packed batch by image), and DeepStack's
+masked add as a gather of those rows (the same sums, with shapes the trace can keep).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import logging
+import shutil
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .. import __version__
+from ..bundle import GOLDEN_FILE, MANIFEST_FILE, file_sha256
+from ..errors import ExportError
+from ..images import Image, ImageSpec
+from ..manifest import Manifest, Parity, Variant, VisionGraph, VLSpec
+from ..parity import Gates, alone_vs_batch_cos, check_gate, measure_parity, measure_retrieval
+from ..tokenization import BundleTokenizer
+from ..vl import DECODER_INPUTS, VLEncoder, VLInput, decoder_feeds, vision_feeds
+from .dual import _quiet_transformers, pack_images
+from .probes import probe_images, probe_texts
+
+__all__ = ["VL_ARCHITECTURES", "read_vl_source", "build_vl", "VL_TEMPLATE", "VL_DEFAULT_INSTRUCTION", "exportable_qwen3_vl"]
+
+VL_ARCHITECTURES = ("qwen3_vl",)
+# Qwen3-VL-Embedding's chat (QwenLM/Qwen3-VL-Embedding, src/models/qwen3_vl_embedding.py):
+# the instruction as the system turn, the input as the user turn, pooled at the end of the
+# assistant's opening.
+VL_TEMPLATE = ("<|im_start|>system\n{instruction}<|im_end|>\n<|im_start|>user\n{content}<|im_end|>\n"
+               "<|im_start|>assistant\n")
+VL_DEFAULT_INSTRUCTION = "Represent the user's input."
+VISION_OUTPUTS = ("image_embeds", "deepstack")
+_TEXT_PROBES = 48
+_MIXED_PROBES = 12
+_BATCH = 8
+
+
+def read_vl_source(path: Path, config: dict[str, Any], tokenizer: Tokenizer, tok_config: dict[str, Any], *,
+                   model_id: str | None, revision: str | None, max_length: int | None,
+                   copied: tuple[str, ...]) -> Any:
+    """The draft manifest of a Qwen3-VL embedding model directory."""
+    from .source import SourceModel, _read_json, _token_id
+
+    text, vision = config.get("text_config") or {}, config.get("vision_config") or {}
+    hidden = int(text.get("hidden_size", 0))
+    if int(vision.get("out_hidden_size", hidden)) != hidden:
+        raise ExportError(f"{path}: the vision tower's output ({vision.get('out_hidden_size')}) is not the "
+                          f"decoder's width ({hidden})")
+    tokens = {"image_token": "<|image_pad|>", "vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>"}
+    for name, token in tokens.items():
+        if tokenizer.token_to_id(token) is None:
+            raise ExportError(f"{path}: the tokenizer has no {token}, which Qwen3-VL's inputs need")
+    if config.get("image_token_id") not in (None, tokenizer.token_to_id(tokens["image_token"])):
+        raise ExportError(f"{path}: config image_token_id {config['image_token_id']} is not the tokenizer's "
+                          f"{tokens['image_token']}")
+    if not (path / "preprocessor_config.json").is_file():
+        raise ExportError(f"{path} has no preprocessor_config.json: the image processor must travel with the model")
+    pre = _read_json(path / "preprocessor_config.json")
+    size = pre.get("size") or {}
+    merge = int(vision.get("spatial_merge_size", pre.get("merge_size", 2)))
+    patch = int(vision.get("patch_size", pre.get("patch_size", 16)))
+    min_pixels = int(pre.get("min_pixels") or size.get("shortest_edge") or 4096)
+    max_pixels = int(pre.get("max_pixels") or size.get("longest_edge") or 1280 * 32 * 32)
+    spec = ImageSpec(processor="qwen3_vl", resample=int(pre.get("resample", 3)),
+                     rescale_factor=float(pre.get("rescale_factor", 1 / 255)),
+                     mean=tuple(float(x) for x in pre.get("image_mean", (0.5, 0.5, 0.5))),
+                     std=tuple(float(x) for x in pre.get("image_std", (0.5, 0.5, 0.5))),
+                     patch_size=patch, merge_size=merge, temporal_patch_size=int(pre.get("temporal_patch_size", 2)),
+                     min_pixels=min_pixels, max_pixels=max_pixels, tokens=max_pixels // (patch * merge) ** 2)
+    natural = min(8192, int(text.get("max_position_embeddings") or 8192))
+    if max_length is not None and not 16 <= max_length <= int(text.get("max_position_embeddings") or max_length):
+        raise ExportError(f"max_length {max_length} is outside what the model supports")
+    pad_id = _token_id(tokenizer, tok_config.get("pad_token"))
+    if pad_id is None:
+        pad_id = tokenizer.token_to_id("<|endoftext|>") or 0
+    side = int(round(int(vision.get("num_position_embeddings", 2304)) ** 0.5))
+    manifest = Manifest(
+        model_id=model_id or path.name,
+        revision=revision,
+        architecture="qwen3_vl",
+        pooling="last_token",
+        padding_side="right",
+        append_eos=False,
+        eos_token_id=tokenizer.token_to_id("<|im_end|>"),
+        pad_token_id=int(pad_id),
+        max_length=max_length or natural,
+        dim=hidden,
+        matryoshka_min_dim=64 if hidden > 64 else None,
+        instruction_template=None,
+        default_instruction=VL_DEFAULT_INSTRUCTION,
+        graph_inputs=DECODER_INPUTS,
+        modalities=("text", "image"),
+        image=spec,
+        vl=VLSpec(template=VL_TEMPLATE, merge_size=merge, position_table_side=side,
+                  deepstack_layers=len(vision.get("deepstack_visual_indexes") or (8, 16, 24)), **tokens),
+    )
+    return SourceModel(path=path, copied_files=(*copied, "preprocessor_config.json"), manifest=manifest)
+
+
+# -- tracing ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def exportable_qwen3_vl():
+    """Swap the two methods whose shapes a trace cannot keep (see the module docstring)."""
+    from transformers.models.qwen3_vl import modeling_qwen3_vl as mq
+
+    def whole_image_attention(self, hidden_states, cu_seqlens=None, position_embeddings=None, max_seqlen=None,
+                              **kwargs):
+        length = hidden_states.shape[0]
+        q, k, v = self.qkv(hidden_states).reshape(length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        cos, sin = position_embeddings
+        q, k = mq.apply_rotary_pos_emb_vision(q, k, cos, sin)
+        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        attend = mq.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, mq.eager_attention_forward)
+        out = attend(self, q, k, v, attention_mask=None, scaling=self.scaling, dropout=0.0, is_causal=False)[0]
+        return self.proj(out.reshape(length, -1).contiguous())
+
+    def gathered_deepstack(self, hidden_states, visual_pos_masks, visual_embeds):
+        # `visual_pos_masks` carries each position's row (0: the zero row, a text position).
+        return hidden_states + visual_embeds[visual_pos_masks]
+
+    saved = mq.Qwen3VLVisionAttention.forward, mq.Qwen3VLTextModel._deepstack_process
+    mq.Qwen3VLVisionAttention.forward = whole_image_attention
+    mq.Qwen3VLTextModel._deepstack_process = gathered_deepstack
+    try:
+        yield
+    finally:
+        mq.Qwen3VLVisionAttention.forward, mq.Qwen3VLTextModel._deepstack_process = saved
+
+
+def _graph_modules(model: Any) -> tuple[Any, Any]:
+    import torch
+
+    class VisionGraphModule(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.visual = model.visual
+
+        def forward(self, pixel_values, interp_indices, interp_weights, rotary_positions):
+            out = self.visual(pixel_values, grid_thw=torch.zeros(1, 3, dtype=torch.long), interp_indices=interp_indices,
+                              interp_weights=interp_weights, position_ids=rotary_positions,
+                              cu_seqlens=torch.zeros(2, dtype=torch.int32), max_seqlen=0)
+            return out.pooler_output, torch.stack(list(out.deepstack_features))
+
+    class DecoderGraphModule(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.language_model = model.language_model
+
+        def forward(self, input_ids, attention_mask, position_ids, image_rows, image_embeds, deepstack):
+            embeds = self.language_model.embed_tokens(input_ids)
+            embeds = torch.where((image_rows > 0).unsqueeze(-1), image_embeds[image_rows], embeds)
+            hidden = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                         position_ids=position_ids, visual_pos_masks=image_rows,
+                                         deepstack_visual_embeds=list(deepstack.unbind(0))).last_hidden_state
+            last = attention_mask.sum(1) - 1
+            return hidden[torch.arange(hidden.shape[0]), last]
+
+    return VisionGraphModule().eval(), DecoderGraphModule().eval()
+
+
+def _export(module: Any, feeds: dict[str, np.ndarray], outputs: tuple[str, ...], out: Path,
+            axes: dict[str, dict[int, str]]) -> None:
+    import torch
+
+    from .graph import ONNX_OPSET
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), exportable_qwen3_vl():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, tuple(torch.from_numpy(a) for a in feeds.values()), str(out),
+                          input_names=list(feeds), output_names=list(outputs), dynamic_axes=axes,
+                          opset_version=ONNX_OPSET, dynamo=False)
+
+
+# -- the reference and the graphs on the probes ------------------------------------------------
+
+
+def _reference(model: Any, processor: Any, inputs: list[VLInput], originals: list[list[Image]],
+               progress: Callable[[str], None]) -> np.ndarray:
+    """The transformers model's pooled vectors: its own forward (vision tower, DeepStack,
+    M-RoPE from its get_rope_index) on each input alone, pixels from its own processor."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for n, (seq, images) in enumerate(zip(inputs, originals)):
+            extra: dict[str, Any] = {}
+            if images:
+                processed = processor(images=[img.rgb() for img in images], return_tensors="pt")
+                ours = np.concatenate([img.pixel_values for img in seq.images])
+                theirs = processed["pixel_values"].numpy()
+                grids = [tuple(g) for g in processed["image_grid_thw"].tolist()]
+                if grids != [img.grid for img in seq.images] or float(np.abs(ours - theirs).max()) > 1e-5:
+                    raise ExportError("edge-embed's image preprocessing differs from the model's processor on a "
+                                      "probe image; the bundle would not reproduce the model")
+                extra = {"pixel_values": processed["pixel_values"], "image_grid_thw": processed["image_grid_thw"]}
+            ids = torch.from_numpy(seq.ids)[None]
+            hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                           mm_token_type_ids=torch.from_numpy(seq.kinds.astype(np.int32))[None], **extra)
+            out.append(hidden.last_hidden_state[0, -1].numpy())
+            if (n + 1) % 25 == 0:
+                progress(f"reference vectors: {n + 1}/{len(inputs)} probes")
+    return np.stack(out).astype(np.float32)
+
+
+class _Graphs:
+    def __init__(self, manifest: Manifest):
+        self.manifest = manifest
+
+    @staticmethod
+    def _session(path: Path, config: dict | None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        for key, value in (config or {}).items():
+            options.add_session_config_entry(key, str(value))
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def runner(self, decoder: Path, vision: Path, config: dict | None) -> Callable[[list[VLInput]], np.ndarray]:
+        dec, vis = self._session(decoder, config), self._session(vision, config)
+
+        def run(seqs: list[VLInput]) -> np.ndarray:
+            feeds = decoder_feeds(seqs, self.manifest, lambda f: tuple(vis.run(None, f)))
+            return dec.run(["sentence_embedding"], feeds)[0]
+
+        return run
+
+    @staticmethod
+    def vectors(run: Callable[[list[VLInput]], np.ndarray], seqs: list[VLInput]) -> np.ndarray:
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        out = np.empty((len(seqs), 0), dtype=np.float32)
+        for k in range(0, len(order), _BATCH):
+            rows = order[k:k + _BATCH]
+            vectors = run([seqs[i] for i in rows])
+            if out.shape[1] == 0:
+                out = np.empty((len(seqs), vectors.shape[1]), dtype=np.float32)
+            out[rows] = vectors
+        return out
+
+    @staticmethod
+    def batch_cos(run: Callable[[list[VLInput]], np.ndarray], seqs: list[VLInput]) -> float:
+        """Inputs alone against the same inputs in one batch of mixed lengths and kinds."""
+        picked = [seqs[i] for i in np.linspace(0, len(seqs) - 1, min(_BATCH, len(seqs))).astype(int)]
+        alone = np.vstack([run([s]) for s in picked])
+        return alone_vs_batch_cos(alone, run(picked))
+
+
+def build_vl(source: Any, work: Path, wanted: tuple[str, ...], gates: Gates,
+             progress: Callable[[str], None]) -> Manifest:
+    """Export both graphs, gate every variant on text, image and mixed probes, write the bundle."""
+    import onnxruntime
+    import torch
+    from transformers import AutoImageProcessor, AutoModel
+
+    from .graph import MIN_ONNXRUNTIME, ONNX_OPSET
+    from .quantize import quantize_per_token_int8, to_fp16
+
+    unsupported = [p for p in wanted if p not in ("fp32", "fp16", "int8")]
+    if unsupported:
+        raise ExportError(f"{source.manifest.model_id} is a Qwen3-VL model; it exports fp32, fp16 and int8 here, "
+                          f"not {', '.join(unsupported)}")
+    draft = source.manifest
+    for name in source.copied_files:
+        shutil.copyfile(source.path / name, work / name)
+    encoder = VLEncoder(BundleTokenizer(work / "tokenizer.json", draft), draft)
+    every = probe_texts()
+    texts = every[:: max(1, len(every) // _TEXT_PROBES)][:_TEXT_PROBES]
+    named = probe_images()
+    images = [Image.open(data, field=f"probe image {name}") for name, data in named]
+    captions = [t for t in every if len(t) < 120][:_MIXED_PROBES]
+    mixed = [[images[i * 3 % len(images)], captions[i]] for i in range(min(_MIXED_PROBES, len(captions)))]
+    inputs: list[Any] = [*texts, *images, *mixed]
+    names = [*texts, *(f"image:{n}" for n, _ in named), *(f"image:{named[i * 3 % len(named)][0]} + {captions[i]}"
+                                                           for i in range(len(mixed)))]
+    seqs = [encoder.encode(item, instruction=None, truncate=True, field="probe") for item in inputs]
+    originals = [[] if isinstance(item, str) else [item] if isinstance(item, Image) else [item[0]] for item in inputs]
+    progress(f"{len(texts)} probe texts, {len(images)} probe images, {len(mixed)} image+text probes")
+
+    progress("running the PyTorch reference (the model's own forward and image processor)")
+    with _quiet_transformers():
+        model = AutoModel.from_pretrained(str(source.path), dtype=torch.float32).eval()
+        processor = AutoImageProcessor.from_pretrained(str(source.path), use_fast=False)
+    reference = _reference(model, processor, seqs, originals, progress)
+
+    progress("exporting the vision and decoder graphs (TorchScript)")
+    vision_module, decoder_module = _graph_modules(model)
+    first_image = next(s for s in seqs if s.images)
+    vision_sample = vision_feeds(first_image.images[0], draft)
+    vision_path, decoder_path = work / "vision.fp32.onnx", work / "model.fp32.onnx"
+    _export(vision_module, vision_sample, VISION_OUTPUTS, vision_path,
+            {**{n: {0: "patches"} for n in vision_sample}, "image_embeds": {0: "tokens"}, "deepstack": {1: "tokens"}})
+    with torch.no_grad(), exportable_qwen3_vl():
+        sample_vision = tuple(t.numpy() for t in vision_module(*(torch.from_numpy(a) for a in vision_sample.values())))
+    sample = decoder_feeds([first_image, seqs[0]], draft, lambda f: sample_vision)
+    _export(decoder_module, sample, ("sentence_embedding",), decoder_path,
+            {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+             "position_ids": {1: "batch", 2: "sequence"}, "image_rows": {0: "batch", 1: "sequence"},
+             "image_embeds": {0: "rows"}, "deepstack": {1: "rows"}, "sentence_embedding": {0: "batch"}})
+    del model, vision_module, decoder_module
+
+    graphs = _Graphs(draft)
+    text_rows = list(range(len(texts)))
+    image_rows = list(range(len(texts), len(seqs)))
+    query_rows = text_rows[: min(len(text_rows), 32)]
+    just_images = list(range(len(texts), len(texts) + len(images)))
+
+    def judge(precision: str, decoder: Path, vision: Path, recipe: dict, vision_precision: str) -> tuple[Parity, Parity]:
+        run = graphs.runner(decoder, vision, recipe.get("session_config"))
+        vectors = graphs.vectors(run, seqs)
+        batch = graphs.batch_cos(run, [seqs[i] for i in sorted(set(text_rows[::6] + image_rows[::6]))])
+        retrieval = None
+        if precision == "int8":
+            retrieval = measure_retrieval((reference[query_rows], reference[just_images]),
+                                          (vectors[query_rows], vectors[just_images]),
+                                          np.zeros(len(query_rows), dtype=np.int64), [names[i] for i in query_rows],
+                                          ("text->image",), topk=5)
+        text_parity = dataclasses.replace(measure_parity(reference[text_rows], vectors[text_rows],
+                                                         [names[i] for i in text_rows]),
+                                          batch_cos_min=batch, retrieval=retrieval)
+        image_parity = dataclasses.replace(measure_parity(reference[image_rows], vectors[image_rows],
+                                                          [names[i] for i in image_rows]),
+                                           batch_cos_min=batch, retrieval=retrieval)
+        for what, parity in (("texts", text_parity), ("images and image+text", image_parity)):
+            line = (f"{precision} parity on {what}: cos min {parity.cos_min:.6f} mean {parity.cos_mean:.6f}, "
+                    f"alone vs batch {parity.batch_cos_min}")
+            if retrieval is not None:
+                line += f", text->image top-{retrieval.topk} kept {retrieval.topk_kept:.3f}"
+            progress(line)
+        check_gate(precision, text_parity, gates)
+        check_gate(precision, image_parity, gates)
+        return text_parity, image_parity
+
+    fp32_recipe = {"method": "torch.onnx.export (TorchScript), edge-embed's Qwen3-VL split", "batch_invariant": True}
+    built: dict[str, tuple[Path, dict, Parity, Path, dict, Parity, str]] = {}
+    tp, ip = judge("fp32", decoder_path, vision_path, fp32_recipe, "fp32")
+    built["fp32"] = (decoder_path, fp32_recipe, tp, vision_path, fp32_recipe, ip, "fp32")
+    if "fp16" in wanted:
+        progress("converting both graphs to FP16")
+        d16, v16 = work / "model.fp16.onnx", work / "vision.fp16.onnx"
+        recipe = to_fp16(decoder_path, d16)
+        to_fp16(vision_path, v16)
+        tp, ip = judge("fp16", d16, v16, recipe, "fp16")
+        built["fp16"] = (d16, recipe, tp, v16, recipe, ip, "fp16")
+    if "int8" in wanted:
+        progress("quantizing the decoder to INT8 (per token); the vision tower stays FP32")
+        d8 = work / "model.int8.onnx"
+        recipe = {**quantize_per_token_int8(decoder_path, d8), "batch_invariant": True}
+        tp, ip = judge("int8", d8, vision_path, recipe, "fp32")
+        built["int8"] = (d8, recipe, tp, vision_path, fp32_recipe, ip, "fp32")
+    if "fp32" not in wanted:
+        decoder_path.unlink()
+        if "int8" not in built:
+            vision_path.unlink()
+        del built["fp32"]
+
+    offsets = np.cumsum([0] + [len(d) for _, d in named]).astype(np.int64)
+    np.savez(work / GOLDEN_FILE, texts=np.array(texts), vectors=reference[text_rows],
+             image_names=np.array([n for n, _ in named]), image_bytes=pack_images([d for _, d in named]),
+             image_offsets=offsets, image_vectors=reference[just_images])
+    variants = {}
+    for precision, (d_path, d_recipe, d_parity, v_path, v_recipe, v_parity, v_precision) in built.items():
+        variants[precision] = Variant(
+            precision=precision, file=d_path.name, sha256=file_sha256(d_path), bytes=d_path.stat().st_size,
+            format="onnx", opset=d_recipe.get("opset", ONNX_OPSET), min_onnxruntime=MIN_ONNXRUNTIME,
+            recipe={**d_recipe, "gate": gates.record(precision)}, parity=d_parity,
+            vision=VisionGraph(file=v_path.name, sha256=file_sha256(v_path), bytes=v_path.stat().st_size,
+                               precision=v_precision, parity=v_parity,
+                               recipe={**v_recipe, "gate": gates.record(precision)}),
+        )
+    manifest = dataclasses.replace(
+        draft,
+        files={name: file_sha256(work / name) for name in [*source.copied_files, GOLDEN_FILE]},
+        variants=variants,
+        exporter={"edge_embed": __version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+    )
+    manifest.write(work / MANIFEST_FILE)
+    for path in work.iterdir():
+        path.chmod(0o644)
+    work.chmod(0o755)
+    return manifest
+

@@ -1,0 +1,118 @@
+"""Qwen3-VL-Embedding: a tiny random-weight Qwen3VLModel with Qwen's real tokenizer, exported
+by the real pipeline, run by ONNX Runtime, compared with the transformers model reading the
+whole chat prompt as Qwen's tokenizer tokenizes it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import edge_embed
+from edge_embed.errors import InvalidInputError
+from edge_embed.images import Image
+from edge_embed.manifest import Manifest
+from tests.conftest import skimage_photo
+
+pytestmark = pytest.mark.slow
+
+SYSTEM = "<|im_start|>system\n{instruction}<|im_end|>\n<|im_start|>user\n"
+TAIL = "<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _prompt(parts: list, tokens: list[int], instruction: str = "Represent the user's input.") -> str:
+    """The chat as Qwen3-VL-Embedding's processor writes it, images expanded to their tokens."""
+    body, k = "", 0
+    for part in parts:
+        if isinstance(part, str):
+            body += part
+        else:
+            body += "<|vision_start|>" + "<|image_pad|>" * tokens[k] + "<|vision_end|>"
+            k += 1
+    return SYSTEM.format(instruction=instruction) + body + TAIL
+
+
+def _torch_vector(source, prompt: str, images: list[Image]) -> tuple[list[int], np.ndarray]:
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import AutoImageProcessor, AutoModel
+
+    tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    model = AutoModel.from_pretrained(str(source)).eval()
+    extra = {}
+    if images:
+        processor = AutoImageProcessor.from_pretrained(str(source), use_fast=False)
+        extra = dict(processor(images=[im.rgb() for im in images], return_tensors="pt"))
+        extra["image_grid_thw"] = extra["image_grid_thw"]
+    image_id = tokenizer.token_to_id("<|image_pad|>")
+    t = torch.tensor([ids])
+    with torch.no_grad():
+        hidden = model(input_ids=t, attention_mask=torch.ones_like(t), mm_token_type_ids=(t == image_id).int(),
+                       **extra).last_hidden_state
+    return ids, hidden[0, -1].numpy()
+
+
+@pytest.mark.parametrize("kind", ["text", "image", "mixed", "text and two images"])
+def test_fp32_equals_transformers_on_the_whole_prompt(qwen3_vl_source, qwen3_vl_bundle, kind):
+    """Inputs the export never saw, at their own sizes: the token ids equal Qwen's tokenizer
+    on the whole prompt, and the vector the model's own forward (vision tower, DeepStack,
+    M-RoPE) at cos >= 0.99999."""
+    moon, coffee = Image.open(skimage_photo("moon.png")), Image.open(skimage_photo("coffee.png"))
+    parts = {"text": ["What is the capital of France? Paris."], "image": [moon],
+             "mixed": [coffee, "a cup of coffee on a saucer"],
+             "text and two images": ["compare ", moon, " with ", coffee]}[kind]
+    provider = edge_embed.load(qwen3_vl_bundle, precision="fp32")
+    (encoded,) = provider.tokenize([parts if len(parts) > 1 else parts[0]])
+    prompt = _prompt(parts, [im.tokens for im in encoded.images])
+    images = [p for p in parts if isinstance(p, Image)]
+    ids, reference = _torch_vector(qwen3_vl_source, prompt, images)
+    assert encoded.ids.tolist() == ids
+    ours = provider.embed([parts if len(parts) > 1 else parts[0]])[0]
+    assert float(ours @ (reference / np.linalg.norm(reference))) >= 0.99999
+
+
+def test_the_smoke_test_users_run_after_install(qwen3_vl_bundle):
+    """Dimension, cos(text, text) = 1.0000, cos(mixed, mixed) = 1.0000, in any batch."""
+    provider = edge_embed.load(qwen3_vl_bundle)
+    photo = Image.open(skimage_photo("astronaut.png"))
+    text, mixed = "A woman playing with her dog on a beach at sunset.", [photo, "an astronaut"]
+    v = provider.embed([text, mixed, photo, text, mixed])
+    assert v.shape == (5, provider.info.dim) and provider.info.modalities == ("text", "image")
+    assert round(float(v[0] @ v[3]), 4) == 1.0 and round(float(v[1] @ v[4]), 4) == 1.0
+    alone = np.vstack([provider.embed([x]) for x in (text, mixed, photo)])
+    assert np.sum(alone * v[:3], axis=1).min() >= 0.99999
+
+
+def test_instructions_truncation_and_limits(qwen3_vl_bundle):
+    provider = edge_embed.load(qwen3_vl_bundle, precision="fp32")
+    tokenizer = provider.tokenizer
+    (plain,) = provider.tokenize(["hello"], instruction="Find the photo")
+    (dotted,) = provider.tokenize(["hello"], instruction="Find the photo.")
+    assert plain.ids.tolist() == dotted.ids.tolist()  # a period is added where punctuation is missing
+    (long,) = provider.tokenize(["word " * 10_000])
+    tail = tokenizer.template_ids(TAIL, {})
+    assert len(long) == provider.info.max_length and long.ids[-len(tail):].tolist() == tail
+    with pytest.raises(InvalidInputError, match="longer than the model's .* truncate is false"):
+        provider.tokenize(["word " * 10_000], truncate=False)
+    with pytest.raises(InvalidInputError, match=r"texts\[0\] is empty"):
+        provider.tokenize(["   "])
+    with pytest.raises(InvalidInputError, match=r"texts\[0\] is an empty list"):
+        provider.tokenize([[]])
+    with pytest.raises(InvalidInputError, match=r"texts\[1\] must be a string, an edge_embed.Image"):
+        provider.tokenize(["a", [b"bytes"]])
+
+
+def test_the_manifest_pins_the_template_and_the_pixel_bounds(qwen3_vl_bundle):
+    manifest = Manifest.read(qwen3_vl_bundle / "manifest.json")
+    assert manifest.vl.template == SYSTEM.replace("{instruction}", "{instruction}") + "{content}" + TAIL
+    assert manifest.default_instruction == "Represent the user's input."
+    assert (manifest.image.min_pixels, manifest.image.max_pixels) == (64 * 64, 256 * 256)
+    int8 = manifest.variants["int8"]
+    assert int8.vision.file == "vision.fp32.onnx" and int8.vision.precision == "fp32"
+    for variant in manifest.variants.values():
+        assert variant.parity.batch_cos_min >= 0.99999 and variant.vision.parity.probes >= 50
+    raw = json.loads((qwen3_vl_bundle / "manifest.json").read_text())
+    assert raw["graph_inputs"] == ["input_ids", "attention_mask", "position_ids", "image_rows", "image_embeds",
+                                   "deepstack"]
