@@ -65,6 +65,7 @@ class ModelNeed:
     on_disk: int = 0  # bytes a local bundle already occupies
     kind: str = "embedding"
     fidelity: str = ""  # a local bundle's variant: what its export measured against FP32
+    image_note: str = ""  # what one image at the model's largest size costs, beside the text figures
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,19 @@ def _resources(needs: list[ModelNeed], info: PlatformInfo, export_here: bool) ->
 def _need_from_spec(spec: ModelSpec, precision: str, limits: Limits, export_here: bool) -> ModelNeed:
     e: Estimate = estimate(spec, precision, limits)
     return ModelNeed(spec.name, precision, "registry estimate", e.memory, e.export_disk if export_here else e.disk,
-                     e.gpu_memory, kind=spec.kind)
+                     e.gpu_memory, kind=spec.kind, image_note=image_note(spec))
+
+
+def image_note(spec: ModelSpec) -> str:
+    """One image's vision activations at the model's largest size and at 448 x 448: not in
+    the figures above (those are for text), and what decides the image size to pin."""
+    tower = spec.vision
+    if tower is None:
+        return ""
+    full, small = tower.activation_bytes(), tower.activation_bytes(448 * 448)
+    return (f"one image at {tower.max_pixels:,} pixels ({tower.patches():,} patches) adds ~{full / 1e9:.1f} GB of "
+            f"vision activations on ONNX Runtime's CPU graph (~{small / 1e6:,.0f} MB at 448x448): export with "
+            f"--max-pixels to bound it")
 
 
 def check_specs(specs: list[ModelSpec], precision: str, info: PlatformInfo, limits: Limits = Limits(),
@@ -312,6 +325,9 @@ def render_check(report: CheckReport) -> str:
     for r in report.resources:
         required, available = _size(r.resource, r.required, "-"), _size(r.resource, r.available, "unknown")
         lines.append(f"  {r.resource:<11} {required:>10} {available:>10}  {r.verdict:<12} {r.detail}")
+    for n in report.models:
+        if n.image_note:
+            lines.append(f"  {n.name}: {n.image_note}")
     lines.append(f"  rule: {report.rule}")
     lines.append("")
     lines.append(f"Verdict: {report.verdict}")

@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--model-id", help="model id to record (default: the directory name)")
     ex.add_argument("--revision", help="source revision to record")
     ex.add_argument("--max-length", type=_positive_int, help="token limit to export for")
+    ex.add_argument("--max-pixels", type=_positive_int,
+                    help="Qwen3-VL: the most pixels an image is resized to, pinned in the bundle (default the "
+                         "model's, 1800 x 32 x 32); a request may lower it, never raise it")
     ex.add_argument("--int8-cos-min", type=float, help="INT8 gate: minimum cosine (default 0.98)")
     ex.add_argument("--int8-cos-mean", type=float, help="INT8 gate: mean cosine (default 0.995)")
     ex.add_argument("--int8-recipe", choices=("per-token", "per-tensor"), default="per-token",
@@ -291,6 +294,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
         int8_recipe=args.int8_recipe,
         task=args.task,
         languages=args.probe_languages.split(",") if args.probe_languages else None,
+        max_pixels=args.max_pixels,
     )
     for name, variant in manifest.variants.items():
         p = variant.parity

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,34 @@ class Limits:
 
 
 @dataclass(frozen=True, kw_only=True)
+class VisionTower:
+    """A vision-language model's image tower and the largest image it reads."""
+
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    patch: int
+    max_pixels: int
+
+    def patches(self, max_pixels: int | None = None) -> int:
+        return (max_pixels or self.max_pixels) // (self.patch * self.patch)
+
+    def activation_bytes(self, max_pixels: int | None = None) -> int:
+        """One image through the tower, with attention scores materialized per head (ONNX
+        Runtime's CPU graph): 2 x (4·N·H + 2·N·I + 2·heads·N²) x 4 bytes, N its patches. The
+        N² term is why `--max-pixels` matters on a device."""
+        n = self.patches(max_pixels)
+        return 2 * (4 * n * self.hidden + 2 * n * self.intermediate + 2 * self.heads * n * n) * 4
+
+
+# Qwen3-VL's towers (vision_config of the 2B and 8B checkpoints) at Qwen3-VL-Embedding's
+# 1800 x 32 x 32 pixels and Qwen3-VL-Reranker's 1280 x 32 x 32.
+_QWEN3_VL_2B_VISION = VisionTower(hidden=1024, layers=24, heads=16, intermediate=4096, patch=16, max_pixels=1800 * 1024)
+_QWEN3_VL_8B_VISION = VisionTower(hidden=1152, layers=27, heads=16, intermediate=4304, patch=16, max_pixels=1800 * 1024)
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelSpec:
     """One model users bring to edge devices, as its model card describes it."""
 
@@ -92,6 +121,7 @@ class ModelSpec:
     planning_mb: int | None = None  # the product's earlier planning figure, for comparison
     planning_precision: str | None = None
     note: str = ""
+    vision: VisionTower | None = None  # for text+image models whose images change the activations
 
     @property
     def embedding_params(self) -> int:
@@ -189,15 +219,17 @@ REGISTRY: dict[str, ModelSpec] = {
         _qwen3("qwen3-vl-embedding-2b", "embedding", 2_127_532_032, 2048, 28, 16, 6144,
                hf_id="Qwen/Qwen3-VL-Embedding-2B", modality="text+image", dim=2048, vocab=_QWEN_VL_VOCAB,
                matryoshka_dims=(256, 512, 768, 1024, 1536, 2048), family="qwen3-vl-embedding",
+               vision=_QWEN3_VL_2B_VISION,
                note="includes the vision tower; activations here are for text inputs"),
         _qwen3("qwen3-vl-embedding-8b", "embedding", 8_767_123_696, 4096, 36, 32, 12288,
                hf_id="Qwen/Qwen3-VL-Embedding-8B", modality="text+image", dim=4096, vocab=_QWEN_VL_VOCAB,
                matryoshka_dims=(256, 512, 768, 1024, 1536, 2048, 3072, 4096), family="qwen3-vl-embedding",
-               planning_mb=16_000, planning_precision="fp16",
+               planning_mb=16_000, planning_precision="fp16", vision=_QWEN3_VL_8B_VISION,
                note="includes the vision tower; activations here are for text inputs"),
         _qwen3("qwen3-vl-reranker-8b", "reranker", 8_767_123_696, 4096, 36, 32, 12288,
                hf_id="Qwen/Qwen3-VL-Reranker-8B", modality="text+image", vocab=_QWEN_VL_VOCAB, family="qwen3-vl-reranker",
                planning_mb=16_000, planning_precision="fp16",
+               vision=dataclasses.replace(_QWEN3_VL_8B_VISION, max_pixels=1280 * 1024),
                note="scores (query, document) pairs; includes the vision tower"),
         ModelSpec(name="all-minilm-l6-v2", hf_id="sentence-transformers/all-MiniLM-L6-v2", kind="embedding",
                   modality="text", params=22_713_216, dim=384, max_context=256, pooling="mean",

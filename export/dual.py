@@ -403,7 +403,8 @@ def build_dual(source: Any, work: Path, wanted: tuple[str, ...], gates: Gates,
     for precision, (t_path, t_recipe, t_parity, v_path, v_recipe, v_parity) in built.items():
         vision_precision = "fp32" if v_path.name == "vision.fp32.onnx" else precision
         variants[precision] = Variant(
-            precision=precision, file=t_path.name, sha256=file_sha256(t_path), bytes=t_path.stat().st_size,
+            precision=precision, file=t_path.name, sha256=file_sha256(t_path),
+            bytes=t_path.stat().st_size + v_path.stat().st_size,  # what loading the variant reads: both graphs
             format="onnx", opset=t_recipe.get("opset", ONNX_OPSET), min_onnxruntime=MIN_ONNXRUNTIME,
             recipe={**t_recipe, "gate": gates.record(precision)}, parity=t_parity,
             vision=VisionGraph(file=v_path.name, sha256=file_sha256(v_path), bytes=v_path.stat().st_size,

@@ -539,12 +539,15 @@ def export(
     int8_recipe: str = "per-token",
     task: str | None = None,
     languages: Sequence[str] | None = None,
+    max_pixels: int | None = None,
 ) -> Manifest:
     """Export, validate every variant against the PyTorch FP32 reference, write the bundle.
 
     `task` None detects from the model whether it embeds or reranks (see read_source).
     `languages` picks the languages of the retrieval probe corpus an embedder's variants
-    are ranked in (None: by the model's family, see probe_languages).
+    are ranked in (None: by the model's family, see probe_languages). `max_pixels` pins a
+    lower image size bound than the model's for a Qwen3-VL bundle (its vision attention grows
+    with the square of an image's patches).
     The bundle is assembled in a sibling temporary directory and moved into place only
     when every requested variant has passed its gate. An existing `out_dir` must be empty,
     or hold a bundle that `overwrite` replaces; anything else is refused before any work.
@@ -553,7 +556,8 @@ def export(
     out_dir = Path(out_dir).expanduser().resolve()
     _check_target(out_dir, overwrite)
     progress = progress or console_progress()
-    source = read_source(source_dir, model_id=model_id, revision=revision, max_length=max_length, task=task)
+    source = read_source(source_dir, model_id=model_id, revision=revision, max_length=max_length, task=task,
+                         max_pixels=max_pixels)
     draft = source.manifest
     probe_langs = _languages(languages, draft)
     if "image" in draft.modalities and any(variant_format(p) == "mlx" for p in wanted):

@@ -157,6 +157,7 @@ def read_source(
     revision: str | None = None,
     max_length: int | None = None,
     task: str | None = None,
+    max_pixels: int | None = None,
 ) -> SourceModel:
     """Decide the task, pooling, padding, EOS, limits and prompts for a local model directory.
 
@@ -185,7 +186,11 @@ def read_source(
                               f"{task} models")
         return read_vl_source(path, config, Tokenizer.from_file(str(path / "tokenizer.json")),
                               _optional_json(path / "tokenizer_config.json"), model_id=model_id,
-                              revision=revision, max_length=max_length, copied=_copied_files(path))
+                              revision=revision, max_length=max_length, copied=_copied_files(path),
+                              max_pixels=max_pixels)
+    if max_pixels is not None:
+        raise ExportError(f"{path}: max_pixels is for models with dynamic image sizes (Qwen3-VL); a {arch} model "
+                          "reads images at one fixed size")
     if arch not in ARCHITECTURES:
         raise ExportError(
             f"{path}: model_type {arch!r} is not supported; supported: "

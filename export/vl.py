@@ -56,8 +56,13 @@ _BATCH = 8
 
 def read_vl_source(path: Path, config: dict[str, Any], tokenizer: Tokenizer, tok_config: dict[str, Any], *,
                    model_id: str | None, revision: str | None, max_length: int | None,
-                   copied: tuple[str, ...]) -> Any:
-    """The draft manifest of a Qwen3-VL embedding model directory."""
+                   copied: tuple[str, ...], max_pixels: int | None = None) -> Any:
+    """The draft manifest of a Qwen3-VL embedding model directory.
+
+    Image bounds: Qwen3-VL-Embedding's own (4 to 1800 blocks of 32 x 32 pixels, which its code
+    passes to the processor over the directory's generic Qwen3-VL ones), unless the
+    directory's preprocessor config names min_pixels/max_pixels, or `max_pixels` lowers them.
+    """
     from .source import SourceModel, _read_json, _token_id
 
     text, vision = config.get("text_config") or {}, config.get("vision_config") or {}
@@ -75,11 +80,14 @@ def read_vl_source(path: Path, config: dict[str, Any], tokenizer: Tokenizer, tok
     if not (path / "preprocessor_config.json").is_file():
         raise ExportError(f"{path} has no preprocessor_config.json: the image processor must travel with the model")
     pre = _read_json(path / "preprocessor_config.json")
-    size = pre.get("size") or {}
     merge = int(vision.get("spatial_merge_size", pre.get("merge_size", 2)))
     patch = int(vision.get("patch_size", pre.get("patch_size", 16)))
-    min_pixels = int(pre.get("min_pixels") or size.get("shortest_edge") or 4096)
-    max_pixels = int(pre.get("max_pixels") or size.get("longest_edge") or 1280 * 32 * 32)
+    block = (patch * merge) ** 2
+    min_pixels = int(pre.get("min_pixels") or 4 * block)
+    model_max = int(pre.get("max_pixels") or 1800 * block)
+    if max_pixels is not None and not min_pixels <= max_pixels <= model_max:
+        raise ExportError(f"max_pixels {max_pixels} is outside {min_pixels}..{model_max}, the model's bounds")
+    max_pixels = max_pixels or model_max
     spec = ImageSpec(processor="qwen3_vl", resample=int(pre.get("resample", 3)),
                      rescale_factor=float(pre.get("rescale_factor", 1 / 255)),
                      mean=tuple(float(x) for x in pre.get("image_mean", (0.5, 0.5, 0.5))),
@@ -197,7 +205,7 @@ def _export(module: Any, feeds: dict[str, np.ndarray], outputs: tuple[str, ...],
 
 
 def _reference(model: Any, processor: Any, inputs: list[VLInput], originals: list[list[Image]],
-               progress: Callable[[str], None]) -> np.ndarray:
+               progress: Callable[[str], None], bounds: dict[str, int]) -> np.ndarray:
     """The transformers model's pooled vectors: its own forward (vision tower, DeepStack,
     M-RoPE from its get_rope_index) on each input alone, pixels from its own processor."""
     import torch
@@ -207,7 +215,7 @@ def _reference(model: Any, processor: Any, inputs: list[VLInput], originals: lis
         for n, (seq, images) in enumerate(zip(inputs, originals)):
             extra: dict[str, Any] = {}
             if images:
-                processed = processor(images=[img.rgb() for img in images], return_tensors="pt")
+                processed = processor(images=[img.rgb() for img in images], return_tensors="pt", size=bounds)
                 ours = np.concatenate([img.pixel_values for img in seq.images])
                 theirs = processed["pixel_values"].numpy()
                 grids = [tuple(g) for g in processed["image_grid_thw"].tolist()]
@@ -302,7 +310,8 @@ def build_vl(source: Any, work: Path, wanted: tuple[str, ...], gates: Gates,
     with _quiet_transformers():
         model = AutoModel.from_pretrained(str(source.path), dtype=torch.float32).eval()
         processor = AutoImageProcessor.from_pretrained(str(source.path), use_fast=False)
-    reference = _reference(model, processor, seqs, originals, progress)
+    bounds = {"shortest_edge": draft.image.min_pixels, "longest_edge": draft.image.max_pixels}
+    reference = _reference(model, processor, seqs, originals, progress, bounds)
 
     progress("exporting the vision and decoder graphs (TorchScript)")
     vision_module, decoder_module = _graph_modules(model)
@@ -382,7 +391,8 @@ def build_vl(source: Any, work: Path, wanted: tuple[str, ...], gates: Gates,
     variants = {}
     for precision, (d_path, d_recipe, d_parity, v_path, v_recipe, v_parity, v_precision) in built.items():
         variants[precision] = Variant(
-            precision=precision, file=d_path.name, sha256=file_sha256(d_path), bytes=d_path.stat().st_size,
+            precision=precision, file=d_path.name, sha256=file_sha256(d_path),
+            bytes=d_path.stat().st_size + v_path.stat().st_size,  # what loading the variant reads: both graphs
             format="onnx", opset=d_recipe.get("opset", ONNX_OPSET), min_onnxruntime=MIN_ONNXRUNTIME,
             recipe={**d_recipe, "gate": gates.record(precision)}, parity=d_parity,
             vision=VisionGraph(file=v_path.name, sha256=file_sha256(v_path), bytes=v_path.stat().st_size,

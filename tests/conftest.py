@@ -233,8 +233,10 @@ def build_tiny_qwen3_vl(dest: Path) -> None:
     torch.manual_seed(0)
     Qwen3VLModel(config).save_pretrained(dest)
     Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,
-                             image_std=[0.5] * 3,
-                             size={"shortest_edge": 64 * 64, "longest_edge": 256 * 256}).save_pretrained(dest)
+                             image_std=[0.5] * 3).save_pretrained(dest)
+    # The embedding model's own bounds (its code passes them to the processor), small here.
+    pre = json.loads((dest / "preprocessor_config.json").read_text())
+    (dest / "preprocessor_config.json").write_text(json.dumps({**pre, "min_pixels": 64 * 64, "max_pixels": 256 * 256}))
 
 
 def skimage_photo(name: str) -> Path:

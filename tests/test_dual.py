@@ -144,6 +144,8 @@ def test_image_models_refuse_what_they_cannot_export(clip_source, tmp_path):
         export(clip_source, tmp_path / "mlx", "fp32,mlx-fp32")
     with pytest.raises(ExportError, match="exports fp32, fp16 and int8, not int4"):
         export(clip_source, tmp_path / "int4", "fp32,int4")
+    with pytest.raises(ExportError, match="reads images at one fixed size"):
+        export(clip_source, tmp_path / "pixels", "fp32", max_pixels=100_000)
     source = tmp_path / "no-processor"
     shutil.copytree(clip_source, source)
     (source / "preprocessor_config.json").unlink()

@@ -33,7 +33,7 @@ def _prompt(parts: list, tokens: list[int], instruction: str = "Represent the us
     return SYSTEM.format(instruction=instruction) + body + TAIL
 
 
-def _torch_vector(source, prompt: str, images: list[Image]) -> tuple[list[int], np.ndarray]:
+def _torch_vector(source, prompt: str, images: list[Image], bounds: dict) -> tuple[list[int], np.ndarray]:
     import torch
     from tokenizers import Tokenizer
     from transformers import AutoImageProcessor, AutoModel
@@ -44,8 +44,7 @@ def _torch_vector(source, prompt: str, images: list[Image]) -> tuple[list[int], 
     extra = {}
     if images:
         processor = AutoImageProcessor.from_pretrained(str(source), use_fast=False)
-        extra = dict(processor(images=[im.rgb() for im in images], return_tensors="pt"))
-        extra["image_grid_thw"] = extra["image_grid_thw"]
+        extra = dict(processor(images=[im.rgb() for im in images], return_tensors="pt", size=bounds))
     image_id = tokenizer.token_to_id("<|image_pad|>")
     t = torch.tensor([ids])
     with torch.no_grad():
@@ -67,7 +66,9 @@ def test_fp32_equals_transformers_on_the_whole_prompt(qwen3_vl_source, qwen3_vl_
     (encoded,) = provider.tokenize([parts if len(parts) > 1 else parts[0]])
     prompt = _prompt(parts, [im.tokens for im in encoded.images])
     images = [p for p in parts if isinstance(p, Image)]
-    ids, reference = _torch_vector(qwen3_vl_source, prompt, images)
+    spec = provider.manifest.image
+    ids, reference = _torch_vector(qwen3_vl_source, prompt, images,
+                                   {"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels})
     assert encoded.ids.tolist() == ids
     ours = provider.embed([parts if len(parts) > 1 else parts[0]])[0]
     assert float(ours @ (reference / np.linalg.norm(reference))) >= 0.99999
@@ -116,3 +117,16 @@ def test_the_manifest_pins_the_template_and_the_pixel_bounds(qwen3_vl_bundle):
     raw = json.loads((qwen3_vl_bundle / "manifest.json").read_text())
     assert raw["graph_inputs"] == ["input_ids", "attention_mask", "position_ids", "image_rows", "image_embeds",
                                    "deepstack"]
+
+
+def test_an_export_may_pin_fewer_pixels_and_images_keep_to_them(qwen3_vl_source, tmp_path):
+    from edge_embed.errors import ExportError
+    from edge_embed.export import export
+
+    with pytest.raises(ExportError, match="max_pixels 10 is outside 4096..65536"):
+        export(qwen3_vl_source, tmp_path / "small", "fp32", max_pixels=10)
+    manifest = export(qwen3_vl_source, tmp_path / "small", "fp32", max_pixels=128 * 128, model_id="small")
+    assert manifest.image.max_pixels == 128 * 128 and manifest.image.tokens == 16
+    provider = edge_embed.load(tmp_path / "small", precision="fp32")
+    (encoded,) = provider.tokenize([Image.open(skimage_photo("retina.jpg"))])
+    assert encoded.images[0].tokens <= 16
