@@ -186,6 +186,14 @@ class OnnxProvider(BundleEmbedder):
                 f"ONNX Runtime {ort.__version__} here offers {ort.get_available_providers()}, not {missing}"
             )
         wanted = [p for p in providers if p not in missing] or ["CPUExecutionProvider"]
+        if self.manifest.vl is not None and "TensorrtExecutionProvider" in wanted:
+            # Its decoder reads 3-row positions and image rows: shape profiles of another kind
+            # than a text graph's, not built yet. CUDA (or the CPU) runs it.
+            why = "TensorRT shape profiles for a Qwen3-VL decoder are not built yet"
+            if strict and providers[0] == "TensorrtExecutionProvider":
+                raise BackendUnavailableError(f"{why}; use the cuda backend")
+            wanted = [p for p in wanted if p != "TensorrtExecutionProvider"] or ["CPUExecutionProvider"]
+            self.fallback = why
         if "TensorrtExecutionProvider" in wanted:
             self.limits = dataclasses.replace(self.limits, stepped_rows=True)
         options = ort.SessionOptions()
@@ -213,7 +221,8 @@ class OnnxProvider(BundleEmbedder):
         if "TensorrtExecutionProvider" not in self._active:
             self.limits = dataclasses.replace(self.limits, stepped_rows=False)  # no profiles to keep to
         if providers[0] not in self._active:
-            why = f"asked for {providers[0]} but ONNX Runtime activated {list(self._active)}: {_reason(output)}"
+            why = (f"asked for {providers[0]} but ONNX Runtime activated {list(self._active)}: "
+                   f"{self.fallback or _reason(output)}")
             if strict:
                 raise BackendUnavailableError(why)
             self.fallback = why

@@ -13,7 +13,11 @@ end-to-end latency of one image (decode, preprocess, vision graph; P50 over the 
 images/s in batches of 8, the cosine of its vectors to torch's, peak RSS. Prints a table,
 writes JSON; names the CPU and its int8 kernels.
 
-    python bench/image_embed.py [--models siglip2-base,clip-b32] [--threads 2] [--rounds 3]
+Qwen3-VL-2B's shape (the whole vision tower, 3 of the decoder's 28 layers at full width): one
+image of 448x448 and one of 1024x768, end to end (decoding, preprocessing, vision tower,
+decoder), edge-embed FP32 and INT8 (decoder per token) against the transformers model.
+
+    python bench/image_embed.py [--models siglip2-base,clip-b32] [--threads 2] [--rounds 3] [--no-vl]
 """
 
 from __future__ import annotations
@@ -77,6 +81,125 @@ json.dump({"p50_ms": float(np.median(single) * 1000), "images_per_s_batch8": flo
            "vectors": vectors.tolist(), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
           sys.stdout)
 """
+
+
+_VL_CHILD = r"""
+import json, resource, sys, time
+import numpy as np
+kind, path, threads, rounds, bundle = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+images = json.loads(sys.stdin.read())
+import edge_embed
+provider = edge_embed.load(bundle, precision="fp32" if kind == "torch" else kind, threads=threads)
+if kind == "torch":
+    import torch
+    from transformers import AutoImageProcessor, AutoModel
+    torch.set_num_threads(threads)
+    model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+    processor = AutoImageProcessor.from_pretrained(path, use_fast=False)
+    spec = provider.manifest.image
+    bounds = {"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels}
+    def embed(file):
+        image = edge_embed.Image.open(file)
+        (seq,) = provider.tokenize([image])  # the same chat token ids; pixels from the model's processor
+        with torch.inference_mode():
+            extra = processor(images=[image.rgb()], return_tensors="pt", size=bounds)
+            ids = torch.from_numpy(seq.ids)[None]
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                        mm_token_type_ids=torch.from_numpy(seq.kinds.astype(np.int32))[None], **extra)
+            return out.last_hidden_state[0, -1].numpy()
+else:
+    def embed(file):
+        return provider.embed([edge_embed.Image.open(file)], normalize=False)[0]
+result = {}
+for name, file in images.items():
+    vector = embed(file)  # warm-up, and the vector compared
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter(); embed(file); times.append(time.perf_counter() - t)
+    result[name] = {"p50_ms": float(np.median(times) * 1000), "vector": vector.tolist()}
+result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+json.dump(result, sys.stdout)
+"""
+
+# Qwen3-VL-2B's shape: the whole vision tower (24 layers of 1024, DeepStack after 5, 11 and 17)
+# and `--vl-layers` of the decoder's 28 layers at full width (2048, 16 / 8 heads, MLP 6144):
+# an image's time is the tower's, and 3 layers keep the decoder graph under ONNX's 2 GB.
+VL_IMAGES = {"448x448": (448, 448), "1024x768": (1024, 768)}
+
+
+def build_vl_source(dest: Path, layers: int) -> Path:
+    import shutil
+
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLModel
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import qwen_tokenizer_dir
+
+    if (dest / "config.json").is_file():
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(qwen_tokenizer_dir() / "tokenizer.json", dest / "tokenizer.json")
+    (dest / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=151_936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=layers,
+                         num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=262_144,
+                         tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
+                                          "mrope_section": [24, 20, 20], "mrope_interleaved": True}),
+        vision_config=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2048,
+                           patch_size=16, spatial_merge_size=2, deepstack_visual_indexes=[5, 11, 17],
+                           num_position_embeddings=2304))
+    torch.manual_seed(0)
+    Qwen3VLModel(config).save_pretrained(dest)
+    Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,
+                             image_std=[0.5] * 3).save_pretrained(dest)
+    return dest
+
+
+def bench_vl(args, cpu: str, kernels: str) -> dict:
+    import PIL.Image
+    import skimage
+
+    source = build_vl_source(args.work / f"qwen3-vl-2b-{args.vl_layers}l-source", args.vl_layers)
+    bundle = args.work / f"qwen3-vl-2b-{args.vl_layers}l-bundle"
+    if not (bundle / "manifest.json").is_file():
+        from edge_embed.export import Gates, export
+
+        export(source, bundle, "fp32,int8", model_id="qwen3-vl-2b-shape",
+               gates=Gates(int8_topk_kept=0.85, int8_spearman=0.95))
+    files = {}
+    with PIL.Image.open(Path(skimage.__file__).parent / "data" / "astronaut.png") as photo:
+        for name, size in VL_IMAGES.items():
+            files[name] = str(args.work / f"astronaut-{name}.png")
+            photo.convert("RGB").resize(size, PIL.Image.Resampling.BICUBIC).save(files[name])
+    rows = {}
+    for kind in ("torch", "fp32", "int8"):
+        done = subprocess.run([sys.executable, "-c", _VL_CHILD, kind, str(source), str(args.threads),
+                               str(args.vl_rounds), str(bundle)],
+                              input=json.dumps(files), capture_output=True, text=True, timeout=3600)
+        if done.returncode != 0:
+            rows[kind] = {"error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]}
+            continue
+        rows[kind] = json.loads(done.stdout)
+    print(f"\nqwen3-vl-2b shape (full vision tower, {args.vl_layers} of 28 decoder layers, random weights); {cpu}, "
+          f"{kernels} int8 kernels, {args.threads} threads; int8 = decoder per token, vision tower fp32")
+    print(f"{'contender':<18}" + "".join(f"{'P50 ' + n:>16}{'x torch':>9}{'cos':>10}" for n in VL_IMAGES)
+          + f"{'peak RSS':>11}")
+    for kind, row in rows.items():
+        if "error" in row:
+            print(f"{kind:<18} failed: {row['error'][:100]}")
+            continue
+        line = f"{'torch eager' if kind == 'torch' else 'edge-embed ' + kind:<18}"
+        for name in VL_IMAGES:
+            ref = np.asarray(rows["torch"][name]["vector"])
+            v = np.asarray(row[name].pop("vector"))
+            row[name]["cos_vs_torch"] = round(float(v @ ref / np.linalg.norm(v) / np.linalg.norm(ref)), 6)
+            line += (f"{row[name]['p50_ms'] / 1000:>14.2f} s{rows['torch'][name]['p50_ms'] / row[name]['p50_ms']:>8.2f}x"
+                     f"{row[name]['cos_vs_torch']:>10.6f}")
+        print(line + f"{row['peak_rss_mb']:>8.0f} MB")
+    return {"decoder_layers": args.vl_layers, "rows": rows}
 
 
 def _cpu() -> tuple[str, str]:
@@ -150,6 +273,10 @@ def main() -> None:
     parser.add_argument("--models", default="siglip2-base,clip-b32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--vl", action=argparse.BooleanOptionalAction, default=True,
+                        help="also the 2B-shaped Qwen3-VL at 448x448 and 1024x768")
+    parser.add_argument("--vl-layers", type=int, default=3, help="decoder layers of the 2B-shaped Qwen3-VL")
+    parser.add_argument("--vl-rounds", type=int, default=3)
     parser.add_argument("--work", type=Path, default=REPO / ".cache" / "bench-images")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "image_embed.json")
     args = parser.parse_args()
@@ -197,6 +324,8 @@ def main() -> None:
             print(f"{name:<24}{row['p50_ms']:>11.1f} ms{torch_p50 / row['p50_ms']:>8.2f}x"
                   f"{row['images_per_s_batch8']:>13.1f}{row['images_per_s_batch8'] / torch_rate:>8.2f}x"
                   f"{row['cos_min_vs_torch']:>14.6f}{row['peak_rss_mb']:>8.0f} MB")
+    if args.vl:
+        results["qwen3-vl-2b"] = bench_vl(args, cpu, kernels)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"\nwritten to {args.out}")

@@ -23,16 +23,16 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from .. import __version__
-from ..bundle import GOLDEN_FILE, MANIFEST_FILE, file_sha256
+from ..bundle import GOLDEN_FILE
 from ..errors import ExportError, GateError
 from ..images import Image, ImageSpec
-from ..manifest import Manifest, Parity, Variant, VisionGraph
+from ..manifest import Manifest, Parity
 from ..parity import Gates, alone_vs_batch_cos, batch_probe_indices, check_gate, measure_parity, measure_retrieval
 from ..tokenization import BundleTokenizer, model_inputs
 from .probes import probe_images, probe_texts
+from .writing import finish_bundle, image_variant, save_golden_with_images
 
-__all__ = ["DUAL_ARCHITECTURES", "read_dual_source", "build_dual", "pack_images"]
+__all__ = ["DUAL_ARCHITECTURES", "read_dual_source", "build_dual"]
 
 DUAL_ARCHITECTURES = ("clip", "siglip")
 VISION_INPUT = "pixel_values"
@@ -307,10 +307,6 @@ def build_dual(source: Any, work: Path, wanted: tuple[str, ...], gates: Gates,
     """Export both towers, gate every variant on texts and images, write the bundle into `work`."""
     import shutil
 
-    import onnxruntime
-    import torch
-
-    from .graph import MIN_ONNXRUNTIME, ONNX_OPSET
     from .quantize import quantize_per_token_int8, to_fp16
 
     unsupported = [p for p in wanted if p not in ("fp32", "fp16", "int8")]
@@ -394,36 +390,10 @@ def build_dual(source: Any, work: Path, wanted: tuple[str, ...], gates: Gates,
         text_path.unlink()
         del built["fp32"]
 
-    text_names = [str(t) for t in texts]
-    offsets = np.cumsum([0] + [len(d) for _, d in named]).astype(np.int64)
-    np.savez(work / GOLDEN_FILE, texts=np.array(text_names), vectors=text_ref,
-             image_names=np.array([n for n, _ in named]), image_bytes=pack_images([d for _, d in named]),
-             image_offsets=offsets, image_vectors=image_ref)
+    save_golden_with_images(work, texts, text_ref, named, image_ref)
     variants = {}
     for precision, (t_path, t_recipe, t_parity, v_path, v_recipe, v_parity) in built.items():
         vision_precision = "fp32" if v_path.name == "vision.fp32.onnx" else precision
-        variants[precision] = Variant(
-            precision=precision, file=t_path.name, sha256=file_sha256(t_path),
-            bytes=t_path.stat().st_size + v_path.stat().st_size,  # what loading the variant reads: both graphs
-            format="onnx", opset=t_recipe.get("opset", ONNX_OPSET), min_onnxruntime=MIN_ONNXRUNTIME,
-            recipe={**t_recipe, "gate": gates.record(precision)}, parity=t_parity,
-            vision=VisionGraph(file=v_path.name, sha256=file_sha256(v_path), bytes=v_path.stat().st_size,
-                               precision=vision_precision, parity=v_parity,
-                               recipe={**v_recipe, "gate": gates.record(vision_precision)}),
-        )
-    manifest = dataclasses.replace(
-        draft,
-        files={name: file_sha256(work / name) for name in [*source.copied_files, GOLDEN_FILE]},
-        variants=variants,
-        exporter={"edge_embed": __version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
-    )
-    manifest.write(work / MANIFEST_FILE)
-    for path in work.iterdir():
-        path.chmod(0o644)
-    work.chmod(0o755)
-    return manifest
-
-
-def pack_images(blobs: list[bytes]) -> np.ndarray:
-    """Encoded images as one uint8 array (npz holds no list of bytes without pickle)."""
-    return np.frombuffer(b"".join(blobs), dtype=np.uint8).copy()
+        variants[precision] = image_variant(precision, t_path, t_recipe, t_parity, v_path, v_recipe, v_parity,
+                                            vision_precision, gates, vision_gate=vision_precision)
+    return finish_bundle(work, draft, [*source.copied_files, GOLDEN_FILE], variants)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
 from ..batching import plan_batches
 from ..bundle import GOLDEN_FILE, MANIFEST_FILE, file_sha256
 from ..errors import BundleError, ExportError, GateError
@@ -32,6 +31,7 @@ from ..tokenization import BundleTokenizer, model_inputs
 from .probes import PROBE_CATEGORIES, PROBE_LANGUAGES, probe_texts, rerank_probe_pairs, retrieval_probes
 from .source import SourceModel, read_source
 from .torch_stage import RETRIEVAL_REFERENCE_FILE, run_torch_stage
+from .writing import finish_bundle
 from ..parity import (
     Gates,
     alone_vs_batch_cos,
@@ -642,9 +642,6 @@ def _fuse(source: SourceModel, raw: Path, fp32: Path, quant_base: Path | None) -
 
 def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gates, progress: Progress,
            int8_recipe: str, languages: tuple[str, ...]) -> Manifest:
-    import onnxruntime
-    import torch
-
     from .graph import MIN_ONNXRUNTIME, ONNX_OPSET, exporter_name
 
     draft = source.manifest
@@ -767,14 +764,4 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
             external_data=extra,
         )
     shared = [*source.copied_files, GOLDEN_FILE, *(external if "fp32" in wanted else [])]
-    manifest = dataclasses.replace(
-        draft,
-        files={name: file_sha256(work / name) for name in shared},
-        variants=variants,
-        exporter={"edge_embed": __version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
-    )
-    manifest.write(work / MANIFEST_FILE)
-    for path in work.iterdir():
-        path.chmod(0o644)
-    work.chmod(0o755)
-    return manifest
+    return finish_bundle(work, draft, shared, variants)

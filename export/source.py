@@ -174,6 +174,9 @@ def read_source(
         )
     config = _read_json(path / "config.json")
     arch = config.get("model_type")
+    if max_pixels is not None and arch not in VL_ARCHITECTURES:
+        raise ExportError(f"{path}: max_pixels is for models with dynamic image sizes (Qwen3-VL); a {arch} model "
+                          "reads images at one fixed size, or none")
     if arch in DUAL_ARCHITECTURES:
         if task not in (None, "embed"):
             raise ExportError(f"{path}: a {arch} model embeds texts and images; it cannot be a {task} model")
@@ -188,9 +191,6 @@ def read_source(
                               _optional_json(path / "tokenizer_config.json"), model_id=model_id,
                               revision=revision, max_length=max_length, copied=_copied_files(path),
                               max_pixels=max_pixels)
-    if max_pixels is not None:
-        raise ExportError(f"{path}: max_pixels is for models with dynamic image sizes (Qwen3-VL); a {arch} model "
-                          "reads images at one fixed size")
     if arch not in ARCHITECTURES:
         raise ExportError(
             f"{path}: model_type {arch!r} is not supported; supported: "

@@ -28,16 +28,16 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from .. import __version__
-from ..bundle import GOLDEN_FILE, MANIFEST_FILE, file_sha256
+from ..bundle import GOLDEN_FILE
 from ..errors import ExportError
 from ..images import Image, ImageSpec
-from ..manifest import Manifest, Parity, Variant, VisionGraph, VLSpec
+from ..manifest import Manifest, Parity, VLSpec
 from ..parity import Gates, alone_vs_batch_cos, check_gate, measure_parity, measure_retrieval
 from ..tokenization import BundleTokenizer
 from ..vl import DECODER_INPUTS, VLEncoder, VLInput, decoder_feeds, vision_feeds
-from .dual import _quiet_transformers, pack_images
+from .dual import _quiet_transformers
 from .probes import probe_images, probe_texts
+from .writing import finish_bundle, image_variant, save_golden_with_images
 
 __all__ = ["VL_ARCHITECTURES", "read_vl_source", "build_vl", "VL_TEMPLATE", "VL_DEFAULT_INSTRUCTION", "exportable_qwen3_vl"]
 
@@ -278,11 +278,9 @@ class _Graphs:
 def build_vl(source: Any, work: Path, wanted: tuple[str, ...], gates: Gates,
              progress: Callable[[str], None]) -> Manifest:
     """Export both graphs, gate every variant on text, image and mixed probes, write the bundle."""
-    import onnxruntime
     import torch
     from transformers import AutoImageProcessor, AutoModel
 
-    from .graph import MIN_ONNXRUNTIME, ONNX_OPSET
     from .quantize import quantize_per_token_int8, to_fp16
 
     unsupported = [p for p in wanted if p not in ("fp32", "fp16", "int8")]
@@ -384,30 +382,11 @@ def build_vl(source: Any, work: Path, wanted: tuple[str, ...], gates: Gates,
             vision_path.unlink()
         del built["fp32"]
 
-    offsets = np.cumsum([0] + [len(d) for _, d in named]).astype(np.int64)
-    np.savez(work / GOLDEN_FILE, texts=np.array(texts), vectors=reference[text_rows],
-             image_names=np.array([n for n, _ in named]), image_bytes=pack_images([d for _, d in named]),
-             image_offsets=offsets, image_vectors=reference[just_images])
-    variants = {}
-    for precision, (d_path, d_recipe, d_parity, v_path, v_recipe, v_parity, v_precision) in built.items():
-        variants[precision] = Variant(
-            precision=precision, file=d_path.name, sha256=file_sha256(d_path),
-            bytes=d_path.stat().st_size + v_path.stat().st_size,  # what loading the variant reads: both graphs
-            format="onnx", opset=d_recipe.get("opset", ONNX_OPSET), min_onnxruntime=MIN_ONNXRUNTIME,
-            recipe={**d_recipe, "gate": gates.record(precision)}, parity=d_parity,
-            vision=VisionGraph(file=v_path.name, sha256=file_sha256(v_path), bytes=v_path.stat().st_size,
-                               precision=v_precision, parity=v_parity,
-                               recipe={**v_recipe, "gate": gates.record(precision)}),
-        )
-    manifest = dataclasses.replace(
-        draft,
-        files={name: file_sha256(work / name) for name in [*source.copied_files, GOLDEN_FILE]},
-        variants=variants,
-        exporter={"edge_embed": __version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
-    )
-    manifest.write(work / MANIFEST_FILE)
-    for path in work.iterdir():
-        path.chmod(0o644)
-    work.chmod(0o755)
-    return manifest
+    save_golden_with_images(work, texts, reference[text_rows], named, reference[just_images])
+    variants = {
+        precision: image_variant(precision, d_path, d_recipe, d_parity, v_path, v_recipe, v_parity, v_precision,
+                                 gates, vision_gate=precision)  # images run through the decoder too
+        for precision, (d_path, d_recipe, d_parity, v_path, v_recipe, v_parity, v_precision) in built.items()
+    }
+    return finish_bundle(work, draft, [*source.copied_files, GOLDEN_FILE], variants)
 
