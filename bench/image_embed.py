@@ -39,9 +39,13 @@ PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycl
 BATCH = 8
 
 _CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 kind, path, threads, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+
+def _peak_mb():
+    # VmHWM starts again at exec; getrusage's ru_maxrss keeps the forked parent's peak.
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
 photos = json.loads(sys.stdin.read())
 blobs = [open(p, "rb").read() for p in photos]
 
@@ -78,13 +82,13 @@ for _ in range(rounds):
         embed(blobs[i:i + 8])
     batched.append(len(blobs) / (time.perf_counter() - t))
 json.dump({"p50_ms": float(np.median(single) * 1000), "images_per_s_batch8": float(max(batched)),
-           "vectors": vectors.tolist(), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
+           "vectors": vectors.tolist(), "peak_rss_mb": _peak_mb()},
           sys.stdout)
 """
 
 
 _VL_CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 kind, path, threads, rounds, bundle = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 images = json.loads(sys.stdin.read())
@@ -117,7 +121,7 @@ for name, file in images.items():
     for _ in range(rounds):
         t = time.perf_counter(); embed(file); times.append(time.perf_counter() - t)
     result[name] = {"p50_ms": float(np.median(times) * 1000), "vector": vector.tolist()}
-result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+result["peak_rss_mb"] = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
 json.dump(result, sys.stdout)
 """
 
@@ -194,11 +198,14 @@ def bench_vl(args, cpu: str, kernels: str) -> dict:
         line = f"{'torch eager' if kind == 'torch' else 'edge-embed ' + kind:<18}"
         for name in VL_IMAGES:
             ref = np.asarray(rows["torch"][name]["vector"])
-            v = np.asarray(row[name].pop("vector"))
+            v = np.asarray(row[name]["vector"])
             row[name]["cos_vs_torch"] = round(float(v @ ref / np.linalg.norm(v) / np.linalg.norm(ref)), 6)
             line += (f"{row[name]['p50_ms'] / 1000:>14.2f} s{rows['torch'][name]['p50_ms'] / row[name]['p50_ms']:>8.2f}x"
                      f"{row[name]['cos_vs_torch']:>10.6f}")
         print(line + f"{row['peak_rss_mb']:>8.0f} MB")
+    for row in rows.values():
+        for name in VL_IMAGES:
+            row.get(name, {}).pop("vector", None)
     return {"decoder_layers": args.vl_layers, "rows": rows}
 
 
@@ -270,7 +277,7 @@ def run_child(kind: str, path: Path, threads: int, rounds: int, photos: list[str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="siglip2-base,clip-b32")
+    parser.add_argument("--models", default="siglip2-base,clip-b32", help="dual encoders to run ('' for none)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--vl", action=argparse.BooleanOptionalAction, default=True,
@@ -287,7 +294,7 @@ def main() -> None:
     photos = [str(Path(skimage.__file__).parent / "data" / n) for n in PHOTOS]
     cpu, kernels = _cpu()
     results = {"cpu": cpu, "int8_kernels": kernels, "threads": args.threads, "photos": len(photos), "models": {}}
-    for kind in args.models.split(","):
+    for kind in [m for m in args.models.split(",") if m]:
         source = build_source(kind, args.work / f"{kind}-source")
         bundle = args.work / f"{kind}-bundle"
         if not (bundle / "manifest.json").is_file():
