@@ -24,7 +24,7 @@ import numpy as np
 from .errors import BundleError, InvalidInputError
 
 __all__ = ["Image", "EncodedImage", "ImageSpec", "smart_resize", "MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "MIN_IMAGE_SIDE",
-           "MAX_ASPECT_RATIO", "IMAGE_FORMATS", "is_image_input"]
+           "MAX_ASPECT_RATIO", "IMAGE_FORMATS"]
 
 # An image file bigger than this is refused before it is read (a 24-megapixel JPEG is ~10 MB).
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
@@ -171,10 +171,6 @@ def to_rgb(im: Any) -> Any:
         white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return PIL.Image.alpha_composite(white, rgba).convert("RGB")
     return im.convert("RGB")
-
-
-def is_image_input(item: object) -> bool:
-    return isinstance(item, Image)
 
 
 @dataclass(frozen=True, eq=False)
