@@ -306,6 +306,33 @@ def test_request_memory_is_admitted_against_the_budget_left():
     assert memory.held == 0
 
 
+def test_calls_still_arriving_count_against_request_memory(monkeypatch):
+    """The transport holds every open call's message before it is parsed: arrivals are
+    charged, a call that would not fit is refused at the door, a parse must fit beside the
+    arrivals, and an arrival that never completes stops counting."""
+    memory = RequestMemory(lambda: 1_000_000, arrival_bytes=300_000)
+    first, second, third = memory.arrival(), memory.arrival(), memory.arrival()
+    assert memory.arriving_bytes() == 900_000 and memory.door_refusal() is None  # room left: let in
+    fourth = memory.arrival()
+    refusal = memory.door_refusal()
+    assert refusal is not None and "4 calls still arriving" in str(refusal) and refusal.retry_after_ms > 0
+    fourth.done()
+    first.done(100_000)
+    first.done(100_000)  # a second done counts nothing twice
+    assert memory.arriving_bytes() == 600_000
+    held = memory.reserve(10_000)  # alone: let in
+    with pytest.raises(OverloadedError, match="memory budget"):
+        memory.reserve(50_000)  # 0.37 MB held + 0.6 MB arriving + 0.3 MB > 1 MB
+    second.done(1_000)
+    memory.reserve(50_000).release()  # fits beside the one arrival left
+    import edge_embed.server.core as core
+    monkeypatch.setattr(core, "_ARRIVAL_TTL_S", 0.0)
+    assert memory.arriving_bytes() == 0 and memory.door_refusal() is None  # a client gone mid-message
+    third.done(1_000)
+    held.release()
+    assert memory.held == 0
+
+
 def test_requests_beyond_the_memory_left_get_resource_exhausted():
     fake = FakeProvider(delay_s=0.3)
     with running_server(fake, max_inputs=256) as (edge, target):

@@ -24,7 +24,7 @@ from ..v1 import embed_pb2
 from .batcher import TokenBudgetBatcher
 from .config import ServerConfig
 from .core import EmbeddingService
-from .grpc_transport import SERVICE_NAME, BearerTokenInterceptor, method_handlers
+from .grpc_transport import SERVICE_NAME, ArrivalInterceptor, BearerTokenInterceptor, method_handlers
 from .metrics import ServerMetrics
 from .pool import ModelPool, ModelSource, PooledModel
 from .systemd import Notifier
@@ -162,7 +162,7 @@ async def create_server(config: ServerConfig, models: ModelRunner | ModelPool, *
     pool = model_pool
     metrics.observe_pool(pool)
     service = EmbeddingService(pool, config, metrics)
-    interceptors = [BearerTokenInterceptor(config.token)] if config.token else []
+    interceptors = [ArrivalInterceptor(service)] + ([BearerTokenInterceptor(config.token)] if config.token else [])
     transport_limit = config.max_message_bytes + 1024 * 1024  # our own check answers first, clearly
     # No server-wide maximum_concurrent_rpcs: it would refuse health checks when busy (and
     # the pod would be restarted when busiest); the service limits model requests itself.

@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import EdgeEmbedError, InvalidInputError, OverloadedError
 from ..images import MAX_IMAGE_BYTES, Image
 from ..manifest import Manifest
+from ..memory import release_free_memory
 from ..provider import ModelRunner, RerankResult, check_top_n, ranked, wrong_task
 from .batcher import REQUEST_ID, Ticket, TokenBudgetBatcher
 from .config import ServerConfig
@@ -32,7 +33,7 @@ from .pool import ModelPool, PooledModel
 
 log = logging.getLogger("edge_embed.server")
 
-__all__ = ["EmbeddingService", "EmbedInput", "Embedded", "Reranked", "Tokenized", "ModelFacts", "RequestMemory", "Reservation",
+__all__ = ["EmbeddingService", "EmbedInput", "Embedded", "Reranked", "Tokenized", "ModelFacts", "RequestMemory", "Reservation", "Arrival",
            "new_request_id", "public_message", "bearer_matches", "REQUEST_ID"]
 
 T = TypeVar("T")
@@ -52,6 +53,12 @@ _REQUEST_OVERHEAD_BYTES = 64 * 1024
 # Tokens a reranker's prompt template adds to each pair at most (Qwen3-Reranker's: about 60).
 _TEMPLATE_TOKENS = 256
 _MEMORY_RETRY_MS = 200
+# A call whose message has not arrived in this long stops counting as arriving.
+_ARRIVAL_TTL_S = 60.0
+# A message being received lives in the transport's frames, then its assembled buffer, then
+# Python bytes (measured: about 1.5 times its size on average over a flood).
+_ARRIVAL_COPIES = 1.5
+_TRIM_AFTER_BYTES = 64 * 1024 * 1024
 _BUSY_RETRY_MS = 200
 
 
@@ -92,13 +99,75 @@ class Reservation:
         self._memory.give_back(self)
 
 
+class Arrival:
+    """A call whose message the transport is still receiving: it may hold up to the
+    message limit in the transport's buffers before any request memory is reserved."""
+
+    def __init__(self, memory: RequestMemory):
+        self._memory = memory
+        self.since = time.monotonic()
+
+    def done(self, nbytes: int = 0) -> None:
+        """Its `nbytes` are in (or it ended): idempotent."""
+        if self._memory._arriving.pop(self, False) is None:
+            self._memory._arrived(nbytes)
+
+
 class RequestMemory:
     """Admission by memory: the bytes of requests being handled stay within what the
-    memory budget leaves beside the process and its resident models."""
+    memory budget leaves beside the process and its resident models.
 
-    def __init__(self, available: Callable[[], int]):
+    Calls still arriving count too: gRPC receives every open call's message side by side
+    before any is parsed (a flood of big messages holds hundreds of MB in the transport),
+    so each arriving call is charged `arrival_bytes` (a message at the limit, as the
+    transport holds it), a call is refused at the door without its message being read
+    once arrivals and requests fill what is left, and a request being parsed must fit
+    beside the arrivals. An
+    arrival that never completes (a client gone mid-message) stops counting after
+    `_ARRIVAL_TTL_S`. With nothing held the first request is always let in, so nothing can
+    lock the server out."""
+
+    def __init__(self, available: Callable[[], int], arrival_bytes: int = 0):
         self._available = available
+        self._arrival_bytes = arrival_bytes
+        self._arriving: dict[Arrival, None] = {}
+        self._received = 0  # bytes of messages received since the freed heap was last handed back
         self.held = 0
+
+    def _arrived(self, nbytes: int) -> None:
+        """After a burst of big messages, once none is arriving, hand the freed heap back to
+        the OS: glibc keeps it (in the receiving threads' arenas), where it would stay
+        resident beside the inference that follows."""
+        self._received += nbytes
+        if not self._arriving and self._received > _TRIM_AFTER_BYTES:
+            self._received = 0
+            release_free_memory()
+
+    def arrival(self) -> Arrival:
+        """Count a call whose message is on its way (end it with `done()`)."""
+        arrival = Arrival(self)
+        self._arriving[arrival] = None
+        return arrival
+
+    def arriving_bytes(self) -> int:
+        """What the calls still arriving may hold in the transport, at most."""
+        stale = time.monotonic() - _ARRIVAL_TTL_S
+        while self._arriving and (oldest := next(iter(self._arriving))).since < stale:
+            oldest.done()
+        return len(self._arriving) * self._arrival_bytes
+
+    def door_refusal(self) -> OverloadedError | None:
+        """Why a new call is refused before its message is read (None: let it arrive): the
+        requests being handled and the calls still arriving already fill the request
+        memory left. A call is never refused for what it might bring, so small calls keep
+        coming in while memory is tight."""
+        arriving = self.arriving_bytes()
+        if self.held + arriving <= self._available():
+            return None
+        return OverloadedError(
+            f"requests being handled hold {self.held / 1e6:,.0f} MB and {len(self._arriving)} calls still "
+            f"arriving may hold {arriving / 1e6:,.0f} MB: the memory budget has no room for more; retry "
+            f"after {_MEMORY_RETRY_MS} ms", retry_after_ms=_MEMORY_RETRY_MS, cause="memory")
 
     def reserve(self, wire_bytes: int) -> Reservation:
         """A reservation for a request of `wire_bytes`, or OverloadedError (retry)."""
@@ -107,11 +176,12 @@ class RequestMemory:
         return reservation
 
     def take(self, reservation: Reservation, nbytes: int) -> None:
-        if self.held and self.held + nbytes > self._available():
+        if self.held and self.held + self.arriving_bytes() + nbytes > self._available():
+            arriving = f" ({len(self._arriving)} calls still arriving may hold {self.arriving_bytes() / 1e6:,.0f} MB)"
             raise OverloadedError(
-                f"requests being handled hold {self.held / 1e6:,.0f} MB and this one needs {nbytes / 1e6:,.1f} MB "
-                f"more than the memory budget leaves: retry after {_MEMORY_RETRY_MS} ms",
-                retry_after_ms=_MEMORY_RETRY_MS, cause="memory")
+                f"requests being handled hold {self.held / 1e6:,.0f} MB{arriving if self._arriving else ''} and "
+                f"this one needs {nbytes / 1e6:,.1f} MB more than the memory budget leaves: retry after "
+                f"{_MEMORY_RETRY_MS} ms", retry_after_ms=_MEMORY_RETRY_MS, cause="memory")
         self.held += nbytes
         reservation.nbytes += nbytes
 
@@ -174,7 +244,8 @@ class EmbeddingService:
         self.pool = pool
         self.config = config
         self.metrics = metrics
-        self.memory = RequestMemory(lambda: pool.budget_bytes - pool.committed_bytes)
+        self.memory = RequestMemory(lambda: pool.budget_bytes - pool.committed_bytes,
+                                    arrival_bytes=int(_ARRIVAL_COPIES * config.max_message_bytes))
         self.inflight = 0  # model requests being handled, over both transports
         self._precounting: object | None = None  # the request tokenized to learn its real size
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-embed-requests")

@@ -32,11 +32,12 @@ from ..errors import (
 from ..memory import rss_bytes
 from ..v1 import embed_pb2 as pb
 from ..images import Image
-from .core import (REQUEST_ID, EmbeddingService, EmbedInput, Reservation, bearer_matches, new_request_id,
+from .core import (REQUEST_ID, Arrival, EmbeddingService, EmbedInput, Reservation, bearer_matches, new_request_id,
                    public_message)
 from .pool import ModelStatus
 
-__all__ = ["SERVICE_NAME", "grpc_status", "method_handlers", "BearerTokenInterceptor", "error_trailers"]
+__all__ = ["SERVICE_NAME", "grpc_status", "method_handlers", "ArrivalInterceptor", "BearerTokenInterceptor",
+           "error_trailers"]
 
 SERVICE_NAME = "edge_embed.v1.EmbeddingService"
 _STREAM_WINDOW = 64  # stream messages in flight at once; beyond this the reader waits
@@ -336,7 +337,9 @@ class _ServiceHandler(grpc.GenericRpcHandler):
 
 
 def refusing_handler(handler: grpc.RpcMethodHandler, error: EdgeEmbedError) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler` that answers `error` without reading the request."""
+    """A handler answering `error` without reading the request: it takes the request as a
+    stream it never reads (the wire is the same for a unary client), so a refused call's
+    message is never received, let alone parsed."""
 
     async def deny(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
         REQUEST_ID.set(new_request_id())
@@ -347,14 +350,9 @@ def refusing_handler(handler: grpc.RpcMethodHandler, error: EdgeEmbedError) -> g
         await _abort(context, error)
         yield  # pragma: no cover - makes this an async generator
 
-    make = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[(handler.request_streaming, handler.response_streaming)]
-    behaviour = deny_stream if handler.response_streaming else deny
-    return make(behaviour, _unparsed, handler.response_serializer)
+    if handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(deny_stream, _unparsed, handler.response_serializer)
+    return grpc.stream_unary_rpc_method_handler(deny, _unparsed, handler.response_serializer)
 
 
 def method_handlers(service: EmbeddingService, max_message_bytes: int) -> grpc.GenericRpcHandler:
@@ -376,6 +374,39 @@ def method_handlers(service: EmbeddingService, max_message_bytes: int) -> grpc.G
         "Tokenize": unary("Tokenize", api.tokenize, pb.TokenizeRequest, pb.TokenizeResponse),
         "Info": unary("Info", api.info, pb.InfoRequest, pb.InfoResponse),
     })
+
+
+class ArrivalInterceptor(grpc.aio.ServerInterceptor):
+    """The outermost interceptor: a model call is refused at the door when a message at the
+    limit would not fit the request memory left, else counted as arriving until its
+    message is in, so request memory leaves room for what the transport holds. Calls
+    already refused (auth, load) are never read, so they neither count nor change answer."""
+
+    def __init__(self, service: EmbeddingService):
+        self._service = service
+        self._methods = {f"/{SERVICE_NAME}/{name}": name for name in _MODEL_METHODS}
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        name = self._methods.get(details.method)
+        if handler is None or name is None or handler.request_deserializer is _unparsed:
+            return handler
+        if (error := self._service.memory.door_refusal()) is not None:
+            self._service.refused(error)
+            self._service.metrics.requests.labels(name, grpc_status(error).name).inc()
+            return refusing_handler(handler, error)
+        return _counting_arrival(handler, self._service.memory.arrival())
+
+
+def _counting_arrival(handler: grpc.RpcMethodHandler, arrival: Arrival) -> grpc.RpcMethodHandler:
+    """`handler` with its deserializer ending `arrival` once the (first) message is in."""
+    parse = handler.request_deserializer
+
+    def deserialize(data: bytes) -> Any:
+        arrival.done(len(data))
+        return parse(data) if parse is not None else data
+
+    return handler._replace(request_deserializer=deserialize)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
