@@ -168,8 +168,7 @@ def image_note(spec: ModelSpec) -> str:
         return ""
     full, small = tower.activation_bytes(), tower.activation_bytes(448 * 448)
     return (f"one image at {tower.max_pixels:,} pixels ({tower.patches():,} patches) adds ~{full / 1e9:.1f} GB of "
-            f"vision activations on ONNX Runtime's CPU graph (~{small / 1e6:,.0f} MB at 448x448): export with "
-            f"--max-pixels to bound it")
+            f"vision activations (~{small / 1e6:,.0f} MB at 448x448): export with --max-pixels to bound it")
 
 
 def check_specs(specs: list[ModelSpec], precision: str, info: PlatformInfo, limits: Limits = Limits(),

@@ -83,11 +83,11 @@ class VisionTower:
         return (max_pixels or self.max_pixels) // (self.patch * self.patch)
 
     def activation_bytes(self, max_pixels: int | None = None) -> int:
-        """One image through the tower, with attention scores materialized per head (ONNX
-        Runtime's CPU graph): 2 x (4·N·H + 2·N·I + 2·heads·N²) x 4 bytes, N its patches. The
-        N² term is why `--max-pixels` matters on a device."""
+        """One image through the tower, its attention run as flash attention (ONNX Runtime's
+        MultiHeadAttention on the CPU holds no [heads, N, N] scores): 2 x (4·N·H + 2·N·I) x 4
+        bytes, N its patches: linear in the pixels."""
         n = self.patches(max_pixels)
-        return 2 * (4 * n * self.hidden + 2 * n * self.intermediate + 2 * self.heads * n * n) * 4
+        return 2 * (4 * n * self.hidden + 2 * n * self.intermediate) * 4
 
 
 # Qwen3-VL's towers (vision_config of the 2B and 8B checkpoints) at Qwen3-VL-Embedding's

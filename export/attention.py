@@ -18,12 +18,14 @@ tokens never attend to the padding after them, and pooling reads the last real t
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
 from torch import Tensor
 
-__all__ = ["cannot_fuse", "with_fused_attention", "finish_graph", "FUSED_ATTENTION_OP", "TRANSLATIONS"]
+__all__ = ["cannot_fuse", "with_fused_attention", "finish_graph", "FUSED_ATTENTION_OP", "TRANSLATIONS",
+           "whole_sequence_attention", "traced_whole_sequence_attention", "WHOLE_SEQUENCE_ATTENTION_OP"]
 
 FUSED_ATTENTION_OP = "GroupQueryAttention"
 
@@ -99,6 +101,54 @@ def _rotary_gqa_onnx(query, key, value, seqlens_k, cos, sin, num_heads: int, kv_
 
 
 TRANSLATIONS = {torch.ops.edge_embed.rotary_gqa.default: _rotary_gqa_onnx}
+
+
+# -- attention over a whole sequence (an image's patches) ---------------------------------------
+
+WHOLE_SEQUENCE_ATTENTION_OP = "MultiHeadAttention"
+
+
+@torch.library.custom_op("edge_embed::whole_sequence_attention", mutates_args=())
+def whole_sequence_attention(query: Tensor, key: Tensor, value: Tensor, num_heads: int, scale: float) -> Tensor:
+    """What MultiHeadAttention computes with no mask, bias or past: every position attends to
+    every position. query/key/value [B, S, heads*D] -> [B, S, heads*D].
+
+    A vision tower's attention over one image's patches is this. Spelled op by op, ONNX
+    Runtime materializes each layer's [heads, S, S] scores (7,200 patches: 3.3 GB per layer
+    of a 2B model); its CPU MultiHeadAttention kernel runs MLAS's flash attention instead
+    when, as here, there is no mask, bias or past (read in `multihead_attention.cc`)."""
+    batch, seq, _ = query.shape
+    dim = query.shape[-1] // num_heads
+    q, k, v = (t.reshape(batch, seq, num_heads, dim).transpose(1, 2) for t in (query, key, value))
+    out = torch.softmax(q @ k.transpose(-1, -2) * scale, -1) @ v
+    return out.transpose(1, 2).reshape(batch, seq, num_heads * dim)
+
+
+@whole_sequence_attention.register_fake
+def _(query, key, value, num_heads, scale):
+    return torch.empty_like(query)
+
+
+def _whole_sequence_symbolic(g, query, key, value, num_heads, scale):
+    """TorchScript's translation of the custom op: one com.microsoft MultiHeadAttention node."""
+    from torch.onnx import symbolic_helper
+
+    out = g.op(f"com.microsoft::{WHOLE_SEQUENCE_ATTENTION_OP}", query, key, value,
+               num_heads_i=symbolic_helper._get_const(num_heads, "i", "num_heads"),
+               scale_f=symbolic_helper._get_const(scale, "f", "scale"))
+    out.setType(query.type())
+    return out
+
+
+@contextlib.contextmanager
+def traced_whole_sequence_attention(opset: int):
+    """While exporting with TorchScript, the custom op becomes one MultiHeadAttention node."""
+    name = "edge_embed::whole_sequence_attention"
+    torch.onnx.register_custom_op_symbolic(name, _whole_sequence_symbolic, opset)
+    try:
+        yield
+    finally:
+        torch.onnx.unregister_custom_op_symbolic(name, opset)
 
 
 def _rope_theta(config) -> float | None:

@@ -9,8 +9,10 @@ No exporter handles Qwen3-VL's DeepStack decoder, so the split is made here:
   row: text positions add nothing), 3-row M-RoPE positions and the mask -> the last real
   token's hidden state after the final norm.
 Two of the model's methods are swapped while tracing: the vision attention over the whole
-image (one image per run, where the model splits a packed batch by image), and DeepStack's
-masked add as a gather of those rows (the same sums, with shapes the trace can keep).
+image (one image per run, where the model splits a packed batch by image), written as ONNX
+Runtime's MultiHeadAttention (flash attention on the CPU: no [heads, N, N] scores held),
+and DeepStack's masked add as a gather of those rows (the same sums, with shapes the trace
+can keep).
 """
 
 from __future__ import annotations
@@ -130,7 +132,10 @@ def read_vl_source(path: Path, config: dict[str, Any], tokenizer: Tokenizer, tok
 @contextlib.contextmanager
 def exportable_qwen3_vl():
     """Swap the two methods whose shapes a trace cannot keep (see the module docstring)."""
+    import torch
     from transformers.models.qwen3_vl import modeling_qwen3_vl as mq
+
+    from . import attention  # noqa: F401 - registers edge_embed::whole_sequence_attention
 
     def whole_image_attention(self, hidden_states, cu_seqlens=None, position_embeddings=None, max_seqlen=None,
                               **kwargs):
@@ -138,10 +143,9 @@ def exportable_qwen3_vl():
         q, k, v = self.qkv(hidden_states).reshape(length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         cos, sin = position_embeddings
         q, k = mq.apply_rotary_pos_emb_vision(q, k, cos, sin)
-        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        attend = mq.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, mq.eager_attention_forward)
-        out = attend(self, q, k, v, attention_mask=None, scaling=self.scaling, dropout=0.0, is_causal=False)[0]
-        return self.proj(out.reshape(length, -1).contiguous())
+        q, k, v = (t.reshape(1, length, -1) for t in (q, k, v))
+        out = torch.ops.edge_embed.whole_sequence_attention(q, k, v, self.num_heads, float(self.scaling))
+        return self.proj(out.reshape(length, -1))
 
     def gathered_deepstack(self, hidden_states, visual_pos_masks, visual_embeds):
         # `visual_pos_masks` carries each position's row (0: the zero row, a text position).
@@ -191,10 +195,12 @@ def _export(module: Any, feeds: dict[str, np.ndarray], outputs: tuple[str, ...],
             axes: dict[str, dict[int, str]]) -> None:
     import torch
 
+    from .attention import traced_whole_sequence_attention
     from .graph import ONNX_OPSET
 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), exportable_qwen3_vl():
+    with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), \
+            exportable_qwen3_vl(), traced_whole_sequence_attention(ONNX_OPSET):
         warnings.simplefilter("ignore")
         torch.onnx.export(module, tuple(torch.from_numpy(a) for a in feeds.values()), str(out),
                           input_names=list(feeds), output_names=list(outputs), dynamic_axes=axes,

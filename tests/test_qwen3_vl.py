@@ -74,6 +74,31 @@ def test_fp32_equals_transformers_on_the_whole_prompt(qwen3_vl_source, qwen3_vl_
     assert float(ours @ (reference / np.linalg.norm(reference))) >= 0.99999
 
 
+def test_the_whole_image_attention_op_means_what_transformers_computes(qwen3_vl_source, qwen3_vl_bundle):
+    """The vision graph's attention op, run eagerly (the meaning given to MultiHeadAttention),
+    gives the unchanged vision tower's features; the exported graph uses the fused node."""
+    import onnx
+    import torch
+    from transformers import AutoModel
+
+    from edge_embed.export.vl import _graph_modules, exportable_qwen3_vl
+    from edge_embed.vl import vision_feeds
+
+    provider = edge_embed.load(qwen3_vl_bundle, precision="fp32")
+    (encoded,) = provider.tokenize([Image.open(skimage_photo("coffee.png"))])
+    (image,) = encoded.images
+    model = AutoModel.from_pretrained(str(qwen3_vl_source)).eval()
+    feeds = {k: torch.from_numpy(v) for k, v in vision_feeds(image, provider.manifest).items()}
+    with torch.no_grad():
+        reference = model.visual(feeds["pixel_values"], grid_thw=torch.tensor([image.grid])).pooler_output
+        with exportable_qwen3_vl():
+            fused, _ = _graph_modules(model)[0](*feeds.values())
+    assert torch.nn.functional.cosine_similarity(reference, fused, dim=1).min().item() >= 0.999999
+    vision = onnx.load(str(qwen3_vl_bundle / provider.manifest.variants["fp32"].vision.file), load_external_data=False)
+    ops = [n.op_type for n in vision.graph.node]
+    assert ops.count("MultiHeadAttention") == 3 and "Softmax" not in ops
+
+
 def test_the_smoke_test_users_run_after_install(qwen3_vl_bundle):
     """Dimension, cos(text, text) = 1.0000, cos(mixed, mixed) = 1.0000, in any batch."""
     provider = edge_embed.load(qwen3_vl_bundle)
