@@ -26,7 +26,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -167,7 +166,7 @@ def bench_vl(args, cpu: str, kernels: str) -> dict:
     import skimage
 
     source = build_vl_source(args.work / f"qwen3-vl-2b-{args.vl_layers}l-source", args.vl_layers)
-    bundle = args.work / f"qwen3-vl-2b-{args.vl_layers}l-bundle"
+    bundle = current_bundle(args.work, f"qwen3-vl-2b-{args.vl_layers}l-bundle")
     if not (bundle / "manifest.json").is_file():
         from edge_embed.export import Gates, export
 
@@ -207,6 +206,24 @@ def bench_vl(args, cpu: str, kernels: str) -> dict:
         for name in VL_IMAGES:
             row.get(name, {}).pop("vector", None)
     return {"decoder_layers": args.vl_layers, "rows": rows}
+
+
+def current_bundle(work: Path, name: str) -> Path:
+    """Where the bundle `name` exported by the current code lives (keyed on a hash of the code
+    an export runs, so a bundle of older code is never measured as the current one); bundles
+    of other code versions are removed."""
+    import hashlib
+    import shutil
+
+    digest = hashlib.sha256()
+    for folder in ("export", "edge_embed", "backends"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            digest.update(path.read_bytes())
+    bundle = work / f"{name}-{digest.hexdigest()[:12]}"
+    for stale in work.glob(f"{name}*"):
+        if stale != bundle and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+    return bundle
 
 
 def _cpu() -> tuple[str, str]:
@@ -296,7 +313,7 @@ def main() -> None:
     results = {"cpu": cpu, "int8_kernels": kernels, "threads": args.threads, "photos": len(photos), "models": {}}
     for kind in [m for m in args.models.split(",") if m]:
         source = build_source(kind, args.work / f"{kind}-source")
-        bundle = args.work / f"{kind}-bundle"
+        bundle = current_bundle(args.work, f"{kind}-bundle")
         if not (bundle / "manifest.json").is_file():
             # Random weights put every image at nearly the same distance from every text, so
             # quantization reorders near-ties a trained model does not have: the INT8 ranking
