@@ -333,6 +333,25 @@ def test_calls_still_arriving_count_against_request_memory(monkeypatch):
     assert memory.held == 0
 
 
+def test_a_refused_call_is_answered_without_its_message_being_read(monkeypatch):
+    """A call refused at the door (here for a wrong token) is answered from its headers: the
+    refusing handler's deserializer never sees the 2 MB message, and nothing counts as
+    arriving or held."""
+    import edge_embed.server.grpc_transport as transport
+
+    read = []
+    monkeypatch.setattr(transport, "_unparsed", lambda data: read.append(len(data)))
+    with running_server(FakeProvider(), token="s3cret") as (edge, target):
+        with grpc.insecure_channel(target) as ch:
+            call = ch.unary_unary(METHOD + "Embed", pb.EmbedRequest.SerializeToString, pb.EmbedResponse.FromString)
+            with pytest.raises(grpc.RpcError) as refused:
+                call(pb.EmbedRequest(inputs=["word " * 400_000]), metadata=[("authorization", "Bearer wrong")],
+                     timeout=30)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert read == []
+        assert edge.service.memory.arriving_bytes() == 0 and edge.service.memory.held == 0
+
+
 def test_requests_beyond_the_memory_left_get_resource_exhausted():
     fake = FakeProvider(delay_s=0.3)
     with running_server(fake, max_inputs=256) as (edge, target):

@@ -58,6 +58,7 @@ _ARRIVAL_TTL_S = 60.0
 # A message being received lives in the transport's frames, then its assembled buffer, then
 # Python bytes (measured: about 1.5 times its size on average over a flood).
 _ARRIVAL_COPIES = 1.5
+# Received message bytes after which the freed heap is handed back once nothing is arriving.
 _TRIM_AFTER_BYTES = 64 * 1024 * 1024
 _BUSY_RETRY_MS = 200
 
@@ -109,8 +110,7 @@ class Arrival:
 
     def done(self, nbytes: int = 0) -> None:
         """Its `nbytes` are in (or it ended): idempotent."""
-        if self._memory._arriving.pop(self, False) is None:
-            self._memory._arrived(nbytes)
+        self._memory.arrived(self, nbytes)
 
 
 class RequestMemory:
@@ -122,10 +122,9 @@ class RequestMemory:
     so each arriving call is charged `arrival_bytes` (a message at the limit, as the
     transport holds it), a call is refused at the door without its message being read
     once arrivals and requests fill what is left, and a request being parsed must fit
-    beside the arrivals. An
-    arrival that never completes (a client gone mid-message) stops counting after
-    `_ARRIVAL_TTL_S`. With nothing held the first request is always let in, so nothing can
-    lock the server out."""
+    beside the arrivals. An arrival that never completes (a client gone mid-message)
+    stops counting after `_ARRIVAL_TTL_S`. With nothing held the first request is always
+    let in, so nothing can lock the server out."""
 
     def __init__(self, available: Callable[[], int], arrival_bytes: int = 0):
         self._available = available
@@ -134,10 +133,14 @@ class RequestMemory:
         self._received = 0  # bytes of messages received since the freed heap was last handed back
         self.held = 0
 
-    def _arrived(self, nbytes: int) -> None:
-        """After a burst of big messages, once none is arriving, hand the freed heap back to
-        the OS: glibc keeps it (in the receiving threads' arenas), where it would stay
-        resident beside the inference that follows."""
+    def arrived(self, arrival: Arrival, nbytes: int) -> None:
+        """`arrival` ended with `nbytes` received (a second call for it counts nothing). After
+        a burst of big messages, once none is arriving, the freed heap goes back to the OS:
+        glibc keeps it in the receiving threads' arenas, where it would stay resident beside
+        the inference that follows."""
+        if arrival not in self._arriving:
+            return
+        del self._arriving[arrival]
         self._received += nbytes
         if not self._arriving and self._received > _TRIM_AFTER_BYTES:
             self._received = 0
@@ -176,10 +179,11 @@ class RequestMemory:
         return reservation
 
     def take(self, reservation: Reservation, nbytes: int) -> None:
-        if self.held and self.held + self.arriving_bytes() + nbytes > self._available():
-            arriving = f" ({len(self._arriving)} calls still arriving may hold {self.arriving_bytes() / 1e6:,.0f} MB)"
+        arriving = self.arriving_bytes() if self.held else 0
+        if self.held and self.held + arriving + nbytes > self._available():
+            also = f" ({len(self._arriving)} calls still arriving may hold {arriving / 1e6:,.0f} MB)" if arriving else ""
             raise OverloadedError(
-                f"requests being handled hold {self.held / 1e6:,.0f} MB{arriving if self._arriving else ''} and "
+                f"requests being handled hold {self.held / 1e6:,.0f} MB{also} and "
                 f"this one needs {nbytes / 1e6:,.1f} MB more than the memory budget leaves: retry after "
                 f"{_MEMORY_RETRY_MS} ms", retry_after_ms=_MEMORY_RETRY_MS, cause="memory")
         self.held += nbytes

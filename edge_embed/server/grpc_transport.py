@@ -377,10 +377,11 @@ def method_handlers(service: EmbeddingService, max_message_bytes: int) -> grpc.G
 
 
 class ArrivalInterceptor(grpc.aio.ServerInterceptor):
-    """The outermost interceptor: a model call is refused at the door when a message at the
-    limit would not fit the request memory left, else counted as arriving until its
-    message is in, so request memory leaves room for what the transport holds. Calls
-    already refused (auth, load) are never read, so they neither count nor change answer."""
+    """The outermost interceptor: a model call is refused at the door (never read) when the
+    requests being handled and the calls still arriving fill the request memory left, else
+    counted as arriving until its message is in, so request memory leaves room for what
+    the transport holds. Calls already refused (auth, load) are never read, so they
+    neither count nor change answer."""
 
     def __init__(self, service: EmbeddingService):
         self._service = service
