@@ -29,6 +29,7 @@ from ..manifest import (
 from ..platform import usable_cpu_count
 from ..tokenization import BundleTokenizer, model_inputs
 from .probes import PROBE_CATEGORIES, PROBE_LANGUAGES, probe_texts, rerank_probe_pairs, retrieval_probes
+from .reference_cache import reference_path
 from .source import SourceModel, read_source
 from .torch_stage import RETRIEVAL_REFERENCE_FILE, run_torch_stage
 from .writing import finish_bundle
@@ -675,7 +676,9 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
     raw_path = work / "model.export.onnx"
     job = {"source": source, "work": work, "texts": texts, "seqs": seqs, "mlx_wanted": mlx_wanted,
            "raw_path": raw_path, "pairs": pairs, "batch_tokens": _REFERENCE_BATCH_TOKENS,
-           "retrieval_seqs": retrieval.seqs if retrieval else []}
+           "retrieval_seqs": retrieval.seqs if retrieval else [],
+           "reference_path": reference_path(source, seqs, retrieval.seqs if retrieval else [],
+                                            _REFERENCE_BATCH_TOKENS)}
     raw_external, mlx_recipes = run_torch_stage(job, work, progress)
     if retrieval is not None:
         retrieval.reference = retrieval.split(np.load(work / RETRIEVAL_REFERENCE_FILE))

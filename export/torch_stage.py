@@ -153,10 +153,11 @@ RETRIEVAL_REFERENCE_FILE = "retrieval-reference.npy"
 
 def _run(source: SourceModel, work: Path, texts: list[str], seqs: list[np.ndarray], mlx_wanted: tuple[str, ...],
          raw_path: Path, pairs: tuple | None, batch_tokens: int, progress: Callable[[str], None],
-         retrieval_seqs: list[np.ndarray] = ()) -> tuple[list[str], dict]:
+         retrieval_seqs: list[np.ndarray] = (), reference_path: Path | None = None) -> tuple[list[str], dict]:
     """Everything that needs the PyTorch model: golden.npz, the reference vectors of the
     retrieval probe corpus (`retrieval_seqs`, kept in the work folder, never shipped), MLX
-    weights, the raw ONNX graph."""
+    weights, the raw ONNX graph. The reference outputs are read from `reference_path` when
+    an earlier export of the same source and probes kept them there, and kept there when not."""
     import torch
 
     from ..batching import plan_batches
@@ -165,6 +166,7 @@ def _run(source: SourceModel, work: Path, texts: list[str], seqs: list[np.ndarra
     from ..platform import usable_cpu_count
     from ..tokenization import model_inputs
     from .graph import export_onnx, exporter_name, load_reference_model
+    from .reference_cache import load_references, store_references
 
     torch.set_num_threads(usable_cpu_count())
     draft = source.manifest
@@ -179,11 +181,22 @@ def _run(source: SourceModel, work: Path, texts: list[str], seqs: list[np.ndarra
                 out[batch] = model(*(torch.from_numpy(feeds[n]) for n in draft.graph_inputs)).numpy()
         return out
 
-    reference = forward(seqs)
-    progress(f"reference vectors: {len(seqs)}/{len(seqs)} probe texts")
+    kept = load_references(reference_path, len(seqs), len(retrieval_seqs)) if reference_path else None
+    if kept is not None:
+        reference, retrieval_reference = kept
+        counted = f" and {len(retrieval_seqs)} retrieval probes" if len(retrieval_seqs) else ""
+        progress(f"reference vectors: {len(seqs)} probe texts{counted}, kept by an earlier export of the same "
+                 "model and probes")
+    else:
+        reference = forward(seqs)
+        progress(f"reference vectors: {len(seqs)}/{len(seqs)} probe texts")
+        retrieval_reference = forward(list(retrieval_seqs))
+        if len(retrieval_seqs):
+            progress(f"reference vectors: {len(retrieval_seqs)} retrieval probe queries and passages")
+        if reference_path:
+            store_references(reference_path, reference, retrieval_reference)
     if len(retrieval_seqs):
-        np.save(work / RETRIEVAL_REFERENCE_FILE, forward(list(retrieval_seqs)))
-        progress(f"reference vectors: {len(retrieval_seqs)} retrieval probe queries and passages")
+        np.save(work / RETRIEVAL_REFERENCE_FILE, retrieval_reference)
     if pairs is not None:
         queries, documents, groups = pairs
         np.savez(work / GOLDEN_FILE, queries=np.array(queries), documents=np.array(documents), groups=groups,
