@@ -86,6 +86,11 @@ class Gates:
             values["batch_cos_min"] = kept["batch_cos_min"]
         return cls(**values)
 
+    def ranks(self, precisions) -> bool:
+        """Whether a ranking figure can refuse one of `precisions` (a floor above zero)."""
+        return any(limit > 0 for precision in precisions
+                   for figure, limit in self.limits(precision).items() if figure in RETRIEVAL_FIGURES)
+
     def limits(self, precision: str, task: str = "embed") -> dict[str, float]:
         """The figures a precision is judged by: {"cos_min": x, ...}. Figures named
         `*_max` are ceilings, the others floors."""
@@ -134,7 +139,7 @@ def measure_parity(reference: np.ndarray, candidate: np.ndarray, texts: list[str
 
 
 RETRIEVAL_TOPK = 10
-_RETRIEVAL_FIGURES = ("topk_kept", "spearman", "mrr_ratio")
+RETRIEVAL_FIGURES = ("topk_kept", "spearman", "mrr_ratio")
 _SPEARMAN_DEPTH = 100
 
 
@@ -266,7 +271,7 @@ def gate_failure(precision: str, parity: Parity | ScoreParity, gates: Gates) -> 
     task = "rerank" if isinstance(parity, ScoreParity) else "embed"
     for figure, limit in gates.limits(precision, task).items():
         worst = parity.worst_text
-        if figure in _RETRIEVAL_FIGURES:
+        if figure in RETRIEVAL_FIGURES:
             retrieval = parity.retrieval
             if retrieval is None:  # measured at export only, on the retrieval probe corpus
                 continue

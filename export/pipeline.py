@@ -665,9 +665,10 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
     else:
         texts = _probe_set(tokenizer, draft)
         seqs = tokenizer.encode(texts)
-    if draft.task == "embed" and {"int8", "int4"} & set(wanted):
+    if draft.task == "embed" and gates.ranks({"int8", "int4"} & set(wanted)):
         # The quantized variants are judged by how they rank too (FP16 and FP32 keep cosine
-        # >= 0.999, where the ranking does not move).
+        # >= 0.999, where the ranking does not move), unless every ranking floor is set to 0:
+        # then the corpus (a PyTorch pass and one per candidate) is not run at all.
         retrieval = _RetrievalSet.build(tokenizer, draft, languages)
         progress(f"retrieval probes ({', '.join(languages)}): {len(retrieval.query_seqs)} queries against "
                  f"{len(retrieval.passage_seqs)} passages")

@@ -261,9 +261,10 @@ def minilm_per_tensor_bundle() -> Path:
     """MiniLM with the old batch-dependent INT8 recipe (one activation scale per batch),
     as bundles exported before per-token INT8 have it, under gates its first candidate
     passes (cos mean 0.989, min 0.95 on AVX2): the ranking gate refuses this recipe today
-    (top 10 kept 0.90), and only how the runtime runs such a bundle is tested with it.
-    (Under the default cosine gate the export would search MatMuls to keep in FP32, each
-    candidate ranked one text at a time: minutes that test nothing here.)"""
+    (top 10 kept 0.90), and only how the runtime runs such a bundle is tested with it: its
+    ranking floors are 0, so the export runs no retrieval corpus. (Under the default gates
+    the export would search MatMuls to keep in FP32, each candidate ranked one text at a
+    time: minutes that test nothing here.)"""
     from edge_embed.export import Gates, export
 
     def build(dest: Path) -> None:

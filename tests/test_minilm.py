@@ -153,6 +153,7 @@ def test_per_tensor_int8_runs_one_text_per_batch_so_neighbours_do_not_matter(min
     texts = probe_texts()[::4]
     variant = edge_embed.load_bundle(minilm_per_tensor_bundle).manifest.variants["int8"]
     assert variant.recipe["batch_invariant"] is False and variant.parity.batch_cos_min is None
+    assert variant.parity.retrieval is None  # its ranking floors are 0: no corpus was run
     with edge_embed.load(minilm_per_tensor_bundle, precision="int8") as provider:
         assert provider.limits.max_batch_size == 1 and provider.info.batch_invariant is False
         together = provider.embed(texts)

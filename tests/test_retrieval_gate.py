@@ -120,6 +120,14 @@ def test_the_figures_travel_through_the_manifest_and_old_manifests_have_none(tmp
     assert Manifest.from_dict(data).variants["int8"].parity.retrieval is None
 
 
+def test_the_corpus_runs_only_when_a_ranking_floor_can_refuse_a_wanted_variant():
+    assert Gates().ranks({"int8"}) and Gates().ranks({"int4"})
+    assert not Gates().ranks(set()) and not Gates().ranks({"fp32", "fp16"})
+    unranked = Gates(int8_topk_kept=0.0, int8_spearman=0.0, quantized_mrr_ratio=0.0)
+    assert not unranked.ranks({"int8"}) and unranked.ranks({"int8", "int4"})
+    assert Gates(int8_topk_kept=0.0, int8_spearman=0.0).ranks({"int8"})  # MRR still gates
+
+
 def test_an_unknown_probe_language_is_refused_before_any_work(tmp_path):
     from edge_embed.errors import ExportError
     from edge_embed.export import export
