@@ -13,7 +13,10 @@
 #
 # On a Jetson (/etc/nv_tegra_release) ONNX Runtime comes from NVIDIA's Jetson wheel index
 # (onnxruntime-gpu; PyPI has no aarch64 GPU build): --onnxruntime and --ort-index-url change it.
-# --venv-only builds the virtual environment alone (the Dockerfiles use it).
+# --venv-only builds the virtual environment alone (the Dockerfiles use it). With --arch
+# (amd64 or arm64) naming another architecture than this machine's, it is built for that
+# one from its binary wheels, without running them (an arm64 image built on an x86 host
+# installs natively instead of under emulation); the Python of both must be the same version.
 # pip honours its usual environment (PIP_INDEX_URL, PIP_CERT, ...).
 set -euo pipefail
 
@@ -25,6 +28,7 @@ bundle=""
 enable=0
 now=0
 venv_only=0
+arch=""
 onnxruntime=""
 ort_index_url="https://pypi.jetson-ai-lab.io/jp6/cu126"
 user=edge-embed
@@ -35,7 +39,7 @@ units=/etc/systemd/system
 usage() {
     sed -n '2,20s/^# \{0,1\}//p' "$0"
     echo "options: --prefix DIR --wheel FILE --source DIR --bundle DIR --enable --now --venv-only"
-    echo "         --onnxruntime PACKAGE --ort-index-url URL"
+    echo "         --arch amd64|arm64 --onnxruntime PACKAGE --ort-index-url URL"
 }
 
 die() {
@@ -52,6 +56,7 @@ while [ "$#" -gt 0 ]; do
         --enable) enable=1; shift ;;
         --now) enable=1; now=1; shift ;;
         --venv-only) venv_only=1; shift ;;
+        --arch) arch="${2:?}"; shift 2 ;;
         --onnxruntime) onnxruntime="${2:?}"; shift 2 ;;
         --ort-index-url) ort_index_url="${2:?}"; shift 2 ;;
         -h|--help) usage; exit 0 ;;
@@ -63,6 +68,25 @@ jetson=0
 [ -e /etc/nv_tegra_release ] && jetson=1
 if [ -z "$onnxruntime" ]; then
     if [ "$jetson" = 1 ]; then onnxruntime="onnxruntime-gpu"; else onnxruntime="onnxruntime"; fi
+fi
+
+machine_arch() {
+    case "$(uname -m)" in
+        x86_64|amd64) echo amd64 ;;
+        aarch64|arm64) echo arm64 ;;
+        *) uname -m ;;
+    esac
+}
+
+# The target architecture's wheel platform tags when it is not this machine's, else empty.
+cross_platform=""
+if [ -n "$arch" ] && [ "$arch" != "$(machine_arch)" ]; then
+    case "$arch" in
+        amd64) cross_platform=x86_64 ;;
+        arm64) cross_platform=aarch64 ;;
+        *) die "--arch must be amd64 or arm64, got '$arch'" ;;
+    esac
+    [ "$venv_only" = 1 ] || die "--arch $arch on a $(machine_arch) machine builds a virtual environment only (add --venv-only)"
 fi
 
 if [ -n "$wheel" ]; then
@@ -107,8 +131,42 @@ PY
     if [ -f "$here/constraints.txt" ]; then
         constraints=(--constraint "$here/constraints.txt")  # the tested ONNX Runtime
     fi
-    "${pip[@]}" install --quiet "${extra[@]}" "${constraints[@]}" "${requirements[@]}" "$onnxruntime"
-    "$venv/bin/edge-embed" --help >/dev/null
+    if [ -z "$cross_platform" ]; then
+        "${pip[@]}" install --quiet "${extra[@]}" "${constraints[@]}" "${requirements[@]}" "$onnxruntime"
+        "$venv/bin/edge-embed" --help >/dev/null
+        return
+    fi
+    # Another architecture: its binary wheels straight into site-packages (pip installs
+    # foreign wheels only with --target), for every manylinux glibc level up to this one's.
+    local site python_version glibc platforms=()
+    site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    python_version="$("$venv/bin/python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+    glibc="$("$venv/bin/python" -c 'import platform; print(platform.libc_ver()[1].split(".")[1])')"
+    for ((minor = 17; minor <= glibc; minor++)); do
+        platforms+=(--platform "manylinux_2_${minor}_${cross_platform}")
+    done
+    "${pip[@]}" install --quiet --only-binary=:all: --implementation cp --python-version "$python_version" \
+        "${platforms[@]}" --platform "manylinux2014_${cross_platform}" --target "$site" \
+        "${extra[@]}" "${constraints[@]}" "${requirements[@]}" "$onnxruntime"
+    rm -rf "${site:?}/bin"  # their console scripts, written for this machine's interpreter
+    "$venv/bin/python" - "$site" "$cross_platform" <<'PY'
+import sys
+from pathlib import Path
+
+site, machine = Path(sys.argv[1]), sys.argv[2]
+wanted = {"x86_64": b"\x3e\x00", "aarch64": b"\xb7\x00"}[machine]  # ELF e_machine
+
+
+def header(path: Path) -> bytes:
+    with path.open("rb") as handle:
+        return handle.read(20)
+
+
+built = [h for h in map(header, (p for p in site.rglob("*.so*") if p.is_file())) if h[:4] == b"\x7fELF"]
+wrong = [h for h in built if h[18:20] != wanted]
+if not built or wrong:
+    sys.exit(f"install.sh: error: {len(wrong)} of {len(built)} shared libraries are not built for {machine}")
+PY
 }
 
 install_system() {

@@ -83,7 +83,10 @@ def arm64_image(containers, context) -> str:
     base = containers.base_image("arm64")
     tag = _tag("arm64", context, base)
     containers.drop_stale(f"{IMAGE}:arm64", keep={tag})
-    return containers.build("docker/Dockerfile", context, tag, "arm64", base, bundle=True, timeout=1800)
+    # As a multi-arch build on an x86 host: the build stage runs natively on the amd64
+    # base and installs the arm64 wheels without emulation (deploy/install.sh --arch).
+    return containers.build("docker/Dockerfile", context, tag, "arm64", base, bundle=True, timeout=1800,
+                            build_base=containers.base_image("amd64"))
 
 
 def _serve_options(port: int, metrics_port: int) -> list[str]:

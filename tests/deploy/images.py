@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import platform
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,7 @@ BASE_PACKAGES = ["python3", "python3-venv", "ca-certificates", "passwd"]
 # ONNX Runtime's INT8 kernels run ~8x faster under qemu as a Neoverse N1 (Graviton2,
 # Ampere Altra: dot-product, no SVE) than as qemu's default "max" CPU, whose SVE is slow.
 QEMU_CPU = "neoverse-n1"
+HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
 
 
 def _source_files() -> list[Path]:
@@ -150,12 +152,15 @@ class Containers:
         return tag
 
     def build(self, dockerfile: str, context: Path, tag: str, arch: str, base: str, *, bundle: bool,
-              timeout: float) -> str:
-        """Build `dockerfile` of the staged context for `arch` on `base`, unless `tag` exists."""
+              timeout: float, build_base: str | None = None) -> str:
+        """Build `dockerfile` of the staged context for `arch` on `base`, unless `tag` exists;
+        `build_base`: the base of the build stage, which runs on this host's architecture."""
         if self.exists(tag):
             return tag
         args = ["build", "--isolation", "chroot", "--network", "host", "--pull=never", "--layers",
                 "--format", "docker", "--platform", f"linux/{arch}", "--build-arg", f"BASE_IMAGE={base}",
+                "--build-arg", f"BUILD_BASE_IMAGE={build_base or base}",
+                "--build-arg", f"BUILDPLATFORM=linux/{HOST_ARCH}",  # BuildKit sets it, buildah 1.28 does not
                 "--ignorefile", str(context / "docker" / "Dockerfile.dockerignore"),
                 "-f", str(context / dockerfile), "-t", tag]
         if bundle:
