@@ -31,7 +31,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from ..bundle import GOLDEN_FILE
-from ..errors import ExportError
+from ..errors import ExportError, GateError
 from ..images import Image, ImageSpec
 from ..manifest import Manifest, Parity, VLSpec
 from ..parity import Gates, alone_vs_batch_cos, check_gate, measure_parity, measure_retrieval
@@ -287,12 +287,12 @@ def build_vl(source: Any, work: Path, wanted: tuple[str, ...], gates: Gates,
     import torch
     from transformers import AutoImageProcessor, AutoModel
 
-    from .quantize import quantize_per_token_int8, to_fp16
+    from .quantize import INT4_BLOCK_SIZES, quantize_int4, quantize_per_token_int8, to_fp16
 
-    unsupported = [p for p in wanted if p not in ("fp32", "fp16", "int8")]
+    unsupported = [p for p in wanted if p not in ("fp32", "fp16", "int8", "int4")]
     if unsupported:
-        raise ExportError(f"{source.manifest.model_id} is a Qwen3-VL model; it exports fp32, fp16 and int8 here, "
-                          f"not {', '.join(unsupported)}")
+        raise ExportError(f"{source.manifest.model_id} is a Qwen3-VL model; it exports fp32, fp16, int8 and int4 "
+                          f"here, not {', '.join(unsupported)}")
     draft = source.manifest
     for name in source.copied_files:
         shutil.copyfile(source.path / name, work / name)
@@ -344,7 +344,7 @@ def build_vl(source: Any, work: Path, wanted: tuple[str, ...], gates: Gates,
         vectors = graphs.vectors(run, seqs)
         batch = graphs.batch_cos(run, [seqs[i] for i in sorted(set(text_rows[::6] + image_rows[::6]))])
         retrieval = None
-        if precision == "int8":
+        if precision in ("int8", "int4"):
             retrieval = measure_retrieval((reference[query_rows], reference[just_images]),
                                           (vectors[query_rows], vectors[just_images]),
                                           np.zeros(len(query_rows), dtype=np.int64), [names[i] for i in query_rows],
@@ -382,9 +382,27 @@ def build_vl(source: Any, work: Path, wanted: tuple[str, ...], gates: Gates,
         recipe = {**quantize_per_token_int8(decoder_path, d8), "batch_invariant": True}
         tp, ip = judge("int8", d8, vision_path, recipe, "fp32")
         built["int8"] = (d8, recipe, tp, vision_path, fp32_recipe, ip, "fp32")
+    if "int4" in wanted:
+        # Weight-only: what makes an 8B decoder fit a small device. The block sizes in
+        # order, the first that passes; the vision tower stays FP32.
+        d4, misses = work / "model.int4.onnx", []
+        for block in INT4_BLOCK_SIZES:
+            progress(f"quantizing the decoder to 4 bits (weight-only, blocks of {block}); the vision tower "
+                     "stays FP32")
+            recipe = quantize_int4(decoder_path, d4, block_size=block)
+            try:
+                tp, ip = judge("int4", d4, vision_path, recipe, "fp32")
+            except GateError as miss:
+                misses.append(miss)
+                continue
+            built["int4"] = (d4, recipe, tp, vision_path, fp32_recipe, ip, "fp32")
+            break
+        else:
+            d4.unlink()
+            raise misses[-1]  # the finest blocks' miss
     if "fp32" not in wanted:
         decoder_path.unlink()
-        if "int8" not in built:
+        if not {"int8", "int4"} & set(built):
             vision_path.unlink()
         del built["fp32"]
 

@@ -194,8 +194,11 @@ def qwen3_vl_source() -> Path:
 def qwen3_vl_bundle(qwen3_vl_source: Path) -> Path:
     from edge_embed.export import export
 
-    return _cached("qwen3-vl", lambda dest: export(qwen3_vl_source, dest / "bundle", "fp32,fp16,int8",
-                                                   model_id="tiny-qwen3-vl-embedding")) / "bundle"
+    from edge_embed.export import Gates
+
+    return _cached("qwen3-vl", lambda dest: export(qwen3_vl_source, dest / "bundle", "fp32,fp16,int8,int4",
+                                                   model_id="tiny-qwen3-vl-embedding",
+                                                   gates=Gates(**RANDOM_MODEL_GATES))) / "bundle"
 
 
 @pytest.fixture(scope="session")

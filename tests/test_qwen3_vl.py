@@ -144,6 +144,30 @@ def test_the_manifest_pins_the_template_and_the_pixel_bounds(qwen3_vl_bundle):
                                    "deepstack"]
 
 
+def test_int4_is_a_4bit_decoder_beside_the_fp32_vision_tower_gated_on_texts_and_images(qwen3_vl_bundle):
+    """Weight-only INT4 of the decoder (what fits an 8B model on a small device): MatMulNBits
+    4-bit blocks, the FP32 vision graph, gated on text, image and mixed probes and on the
+    text->image ranking; it runs images and is never what auto picks."""
+    import onnx
+
+    manifest = Manifest.read(qwen3_vl_bundle / "manifest.json")
+    int4 = manifest.variants["int4"]
+    assert int4.vision.file == "vision.fp32.onnx" and int4.vision.precision == "fp32"
+    assert int4.recipe["weights"].startswith("int4") and int4.parity.retrieval is not None
+    ops = {n.op_type for n in onnx.load(str(qwen3_vl_bundle / int4.file), load_external_data=False).graph.node}
+    assert "MatMulNBits" in ops
+    assert int4.parity.cos_min >= 0.95 and int4.vision.parity.cos_min >= 0.95
+    inputs = ["a red bicycle", Image.open(skimage_photo("coffee.png")),
+              ["a cup of coffee", Image.open(skimage_photo("coffee.png"))]]
+    with edge_embed.load(qwen3_vl_bundle, precision="fp32") as fp32, \
+            edge_embed.load(qwen3_vl_bundle, precision="int4") as four:
+        assert four.info.precision == "int4"
+        cos = np.sum(fp32.embed(inputs) * four.embed(inputs), axis=1)
+    assert cos.min() >= 0.95, cos
+    with edge_embed.load(qwen3_vl_bundle) as auto:
+        assert auto.info.precision != "int4"
+
+
 def test_an_export_may_pin_fewer_pixels_and_images_keep_to_them(qwen3_vl_source, tmp_path):
     from edge_embed.errors import ExportError
     from edge_embed.export import export
