@@ -171,10 +171,14 @@ def bench_vl(args, cpu: str, kernels: str) -> dict:
     if not (bundle / "manifest.json").is_file():
         from edge_embed.export import Gates, export
 
-        # Random weights put the probes at nearly equal distances: the ranking floors are
-        # lowered as for the tiny test models (INT8 0.85 / 0.95, INT4 0.6 / 0.6).
+        # Random weights put the probes at nearly equal distances, and 4-bit blocks of
+        # random weights lose more than a trained model's (INT4 cos mean 0.945 here against
+        # the 0.98 gate): the floors are lowered so that speed and memory, which do not
+        # depend on the weights, can be measured (INT8 ranking 0.85 / 0.95; INT4 cosine
+        # 0.9 / 0.85, ranking 0.6 / 0.6).
         export(source, bundle, "fp32,int8,int4", model_id="qwen3-vl-2b-shape",
-               gates=Gates(int8_topk_kept=0.85, int8_spearman=0.95, int4_topk_kept=0.6, int4_spearman=0.6))
+               gates=Gates(int8_topk_kept=0.85, int8_spearman=0.95, int4_cos_mean=0.9, int4_cos_min=0.85,
+                           int4_topk_kept=0.6, int4_spearman=0.6))
     files = {}
     with PIL.Image.open(Path(skimage.__file__).parent / "data" / "astronaut.png") as photo:
         for name, size in VL_IMAGES.items():
