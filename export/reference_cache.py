@@ -7,8 +7,8 @@ retried with other gates) reuses it instead of running PyTorch over ~2,000 texts
 
 Reuse must never be silently wrong, so the key is a digest of everything the outputs
 depend on: every file of the source model (content, not dates), the draft manifest, the
-token ids fed, the batch plan, the code that loads and runs the reference, and the torch
-and transformers versions. A file that does not load, or whose shapes do not match what
+token ids fed, the batch plan, the code that loads and runs the reference, and the torch,
+transformers and NumPy versions. A file that does not load, or whose shapes do not match what
 is asked, is recomputed. The newest `KEEP` entries stay under $EDGE_EMBED_CACHE/references.
 """
 
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bundle import file_sha256
 from ..default_model import cache_dir
 from .source import SourceModel
 
@@ -52,10 +53,7 @@ def reference_path(source: SourceModel, seqs: list[np.ndarray], retrieval_seqs: 
         digest.update(data)
 
     for path in sorted(p for p in source.path.rglob("*") if p.is_file()):
-        add(f"source:{path.relative_to(source.path)}", b"")
-        with path.open("rb") as handle:
-            while chunk := handle.read(1 << 22):
-                digest.update(chunk)
+        add(f"source:{path.relative_to(source.path)}", file_sha256(path).encode())
     add("manifest", source.manifest.to_json().encode())
     for label, group in (("probe", seqs), ("retrieval", retrieval_seqs)):
         add(label, str(len(group)).encode())
