@@ -2,8 +2,11 @@
 
 The bundle's `model.mlx-*.safetensors` holds the Hugging Face state dict of the encoder
 and `config.json` its Hugging Face config; this module rebuilds the BERT-family and Qwen3
-forward passes from them, with the pooling the manifest names. On Apple Silicon MLX runs
-on the GPU; the Linux CPU build (`mlx[cpu]`) runs the same code for tests and export gates.
+forward passes from them, with the pooling the manifest names. For a Qwen3-VL embedder the
+weights are its language model's and the backend runs the text path (texts through the chat
+template; images need the ONNX variants, whose vision graph this backend does not have).
+On Apple Silicon MLX runs on the GPU; the Linux CPU build (`mlx[cpu]`) runs the same code
+for tests and export gates.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ import numpy as np
 
 from ..batching import BatchLimits
 from ..bundle import Bundle
-from ..errors import BackendUnavailableError, BundleError
+from ..errors import BackendUnavailableError, BundleError, InvalidInputError
 from ..manifest import ONNX_PRECISIONS, Manifest
 from ..provider import BundleEmbedder
 from ..tokenization import model_inputs
+from ..vl import VLInput, text_feeds
 
 __all__ = ["MlxEncoder", "MlxProvider", "SUPPORTED_ARCHITECTURES"]
 
@@ -326,8 +330,11 @@ class _Qwen3:
 
 
 _ARCHITECTURES: dict[str, type] = {"bert": _Bert, "roberta": _Bert, "xlm-roberta": _Bert, "qwen3": _Qwen3}
+# Vision-language models whose language model the encoder runs (their text path), and as
+# which architecture: without images Qwen3-VL's M-RoPE is 1-D RoPE, so its decoder is Qwen3.
+_TEXT_PATHS = {"qwen3_vl": "qwen3"}
 # config.json model_type values the encoder can run (the export can refuse others early).
-SUPPORTED_ARCHITECTURES = tuple(_ARCHITECTURES)
+SUPPORTED_ARCHITECTURES = (*_ARCHITECTURES, *_TEXT_PATHS)
 
 
 def _pool(hidden: Any, mask: np.ndarray, pooling: str) -> Any:
@@ -363,9 +370,11 @@ class MlxEncoder:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise BundleError(f"{config_path} cannot be read as JSON: {exc}") from exc
         arch = config.get("model_type")
+        if arch in _TEXT_PATHS:
+            config, arch = config.get("text_config") or {}, _TEXT_PATHS[arch]
         if arch not in _ARCHITECTURES:
             raise BundleError(
-                f"the MLX backend runs {', '.join(_ARCHITECTURES)} encoders, not {arch!r}; "
+                f"the MLX backend runs {', '.join(SUPPORTED_ARCHITECTURES)} models, not {arch!r}; "
                 "use backend='onnx' for this model"
             )
         hidden = config.get("hidden_size")
@@ -451,6 +460,13 @@ class MlxProvider(BundleEmbedder):
 
     def _forward(self, seqs: list[np.ndarray]) -> np.ndarray:
         return self._encoder(model_inputs(seqs, self.manifest))
+
+    def _forward_vl(self, seqs: list[VLInput]) -> np.ndarray:
+        """A vision-language embedder's texts (tokenize refuses its images here, before any
+        batch forms: one request's image never fails its batch neighbours)."""
+        if any(seq.images for seq in seqs):
+            raise InvalidInputError(f"the {self.precision} variant runs texts only; images need an ONNX variant")
+        return self._encoder(text_feeds(seqs, self.manifest))
 
     def close(self) -> None:
         self._encoder = None

@@ -226,6 +226,8 @@ class BundleEmbedder(abc.ABC):
         self.precision = precision
         self.tokenizer = BundleTokenizer(bundle.tokenizer_path, bundle.manifest)
         self._vl = VLEncoder(self.tokenizer, bundle.manifest) if bundle.manifest.vl is not None else None
+        # A variant without a vision graph (a vision-language model's MLX weights) runs texts only.
+        self.reads_images = bundle.variant(precision).vision is not None
         self.batch_invariant = bool(bundle.variant(precision).recipe.get("batch_invariant", True))
         self.limits = limits.for_variant(self.batch_invariant)
         self.parity: Parity | ScoreParity | None = None
@@ -259,8 +261,8 @@ class BundleEmbedder(abc.ABC):
             parity=self.parity,
             parity_ok=None if self.parity is None else self.parity_passes(),
             task=m.task,
-            modalities=m.modalities,
-            image_tokens=m.image.tokens if m.image is not None else None,
+            modalities=m.modalities if self.reads_images else ("text",),
+            image_tokens=m.image.tokens if self.reads_images else None,
             sha256=self.bundle.variant(self.precision).sha256,
         )
 
@@ -344,6 +346,10 @@ class BundleEmbedder(abc.ABC):
                 if not isinstance(part, (str, Image)):
                     raise InvalidInputError(f"{field}[{i}] must be a string, an edge_embed.Image or a list of "
                                             f"both, got {type(part).__name__}")
+                if isinstance(part, Image) and not self.reads_images:
+                    raise InvalidInputError(
+                        f"{field}[{i}] holds an image, and the {self.precision} variant of {self.manifest.model_id} "
+                        "runs its texts only; load one of its ONNX variants (backend='onnx') to embed images")
         return [self._vl.encode(item, instruction=instruction, truncate=truncate, field=f"{field}[{i}]")
                 for i, item in enumerate(inputs)]
 
@@ -353,7 +359,7 @@ class BundleEmbedder(abc.ABC):
         spec = self.manifest.image
         for i, item in enumerate(inputs):
             if isinstance(item, Image):
-                if spec is None:
+                if not self.reads_images:
                     raise InvalidInputError(f"{field}[{i}] is an image, and {self.manifest.model_id} reads text only")
             elif isinstance(item, (list, tuple)):
                 raise InvalidInputError(
@@ -507,7 +513,7 @@ class BundleEmbedder(abc.ABC):
                               f"golden text {chosen[bad][:60]!r}")
         parity = dataclasses.replace(measure_parity(reference[picked], vectors, chosen), batch_cos_min=batch_cos)
         judged = self._judge(parity, enforce, gates)
-        if self.manifest.image is not None:
+        if self.reads_images:
             self._check_image_parity(probes, enforce)
         return judged
 

@@ -20,7 +20,7 @@ from .errors import InvalidInputError
 from .images import EncodedImage, Image
 from .manifest import Manifest
 
-__all__ = ["mrope_positions", "TEXT_TOKEN", "IMAGE_TOKEN", "VLInput", "VLEncoder", "decoder_feeds",
+__all__ = ["mrope_positions", "TEXT_TOKEN", "IMAGE_TOKEN", "VLInput", "VLEncoder", "decoder_feeds", "text_feeds",
            "vision_feeds", "DECODER_INPUTS", "vision_rotary_positions", "position_embedding_taps"]
 
 # The decoder graph's inputs, in order (see export/vl.py).
@@ -233,3 +233,17 @@ def decoder_feeds(seqs: Sequence[VLInput], manifest: Manifest,
         np.zeros((layers, 1, hidden), np.float32)
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "image_rows": rows,
             "image_embeds": image_embeds.astype(np.float32), "deepstack": deepstack.astype(np.float32)}
+
+
+def text_feeds(seqs: Sequence[VLInput], manifest: Manifest) -> dict[str, np.ndarray]:
+    """A batch of texts (no images) as a plain decoder reads them, right-padded: token ids and
+    the mask. Without images M-RoPE is 1-D RoPE over positions 0..n-1, which a runner of the
+    language model alone (the MLX text path) derives from the mask."""
+    if any(seq.images for seq in seqs):
+        raise ValueError("text_feeds takes texts only")
+    width = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), width), manifest.pad_token_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for b, seq in enumerate(seqs):
+        ids[b, :len(seq)], mask[b, :len(seq)] = seq.ids, 1
+    return {"input_ids": ids, "attention_mask": mask}

@@ -6,7 +6,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["save_mlx_weights"]
+from ..errors import BundleError, ExportError
+from ..manifest import Manifest
+
+__all__ = ["save_mlx_weights", "mlx_encoder"]
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -23,3 +26,14 @@ def save_mlx_weights(encoder: torch.nn.Module, path: Path, precision: str) -> di
     save_file(tensors, str(path), metadata={"format": "edge-embed-mlx"})
     return {"method": "safetensors of the source weights", "dtype": precision, "names": "huggingface",
             "batch_invariant": True}
+
+
+def mlx_encoder(work: Path, weights: Path, manifest: Manifest):
+    """The MLX backend's encoder over candidate weights (feeds -> pooled vectors): what the
+    export gates an MLX variant with."""
+    from ..backends.mlx import MlxEncoder
+
+    try:
+        return MlxEncoder(work / "config.json", weights, manifest)
+    except BundleError as exc:
+        raise ExportError(f"MLX cannot run the exported weights: {exc}") from exc

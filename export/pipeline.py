@@ -474,16 +474,6 @@ def _check_mlx_can_export(manifest: Manifest) -> None:
         raise ExportError(f"the MLX variants are checked with MLX at export time, and {reason}")
 
 
-def _mlx_forward(work: Path, weights: Path, manifest: Manifest) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
-    """The MLX backend's encoder over candidate weights, as a feeds -> pooled function."""
-    from ..backends.mlx import MlxEncoder
-
-    try:
-        return MlxEncoder(work / "config.json", weights, manifest)
-    except BundleError as exc:
-        raise ExportError(f"MLX cannot run the exported weights: {exc}") from exc
-
-
 def _check_target(out_dir: Path, overwrite: bool) -> None:
     """Refuse an output that is not a directory, or that holds anything but a bundle: overwrite
     replaces a bundle, never a folder of other files pointed at by mistake."""
@@ -561,9 +551,9 @@ def export(
                          max_pixels=max_pixels)
     draft = source.manifest
     probe_langs = _languages(languages, draft)
-    if "image" in draft.modalities and any(variant_format(p) == "mlx" for p in wanted):
-        raise ExportError(f"{draft.model_id} reads images, and the MLX backend runs text models only; export ONNX "
-                          "variants")
+    if "image" in draft.modalities and draft.vl is None and any(variant_format(p) == "mlx" for p in wanted):
+        raise ExportError(f"{draft.model_id} is a dual encoder, and the MLX backend runs text models and the text "
+                          "path of vision-language models only; export ONNX variants")
     if draft.task == "rerank" and any(variant_format(p) == "mlx" for p in wanted):
         raise ExportError(f"{draft.model_id} is a reranker, and the MLX backend runs embedders only; export ONNX "
                           "variants")
@@ -738,8 +728,10 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
             path.unlink(missing_ok=True)
 
     for precision, (path, recipe) in mlx_weights.items():
+        from .mlx_weights import mlx_encoder
+
         progress(f"checking the {precision} variant with MLX")
-        parity = measure_parity(reference, run.vectors(_mlx_forward(work, path, draft)), texts)
+        parity = measure_parity(reference, run.vectors(mlx_encoder(work, path, draft)), texts)
         progress(f"{precision} parity: {describe(parity)}")
         check_gate(precision, parity, gates)
         built[precision] = (path, recipe, parity)

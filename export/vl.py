@@ -30,13 +30,13 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from ..bundle import GOLDEN_FILE
+from ..bundle import GOLDEN_FILE, file_sha256
 from ..errors import ExportError, GateError
 from ..images import Image, ImageSpec
-from ..manifest import Manifest, Parity, VLSpec
+from ..manifest import MLX_PRECISIONS, Manifest, Parity, Variant, VLSpec
 from ..parity import Gates, alone_vs_batch_cos, check_gate, measure_parity, measure_retrieval
 from ..tokenization import BundleTokenizer
-from ..vl import DECODER_INPUTS, VLEncoder, VLInput, decoder_feeds, vision_feeds
+from ..vl import DECODER_INPUTS, VLEncoder, VLInput, decoder_feeds, text_feeds, vision_feeds
 from .dual import _quiet_transformers
 from .probes import probe_images, probe_texts
 from .writing import finish_bundle, image_variant, save_golden_with_images
@@ -281,18 +281,42 @@ class _Graphs:
         return alone_vs_batch_cos(alone, run(picked))
 
 
+def _judge_mlx(precision: str, weights: Path, recipe: dict, manifest: Manifest, seqs: list[VLInput],
+               reference: np.ndarray, names: list[str], gates: Gates, progress: Callable[[str], None]) -> Variant:
+    """The MLX text path: the language model's weights through the MLX backend's encoder,
+    gated on the text probes (alone and in batches) like any variant."""
+    from .mlx_weights import mlx_encoder
+
+    progress(f"checking the {precision} variant (the text path) with MLX")
+    encoder = mlx_encoder(weights.parent, weights, manifest)
+
+    def run(batch: list[VLInput]) -> np.ndarray:
+        return encoder(text_feeds(batch, manifest))
+
+    parity = dataclasses.replace(measure_parity(reference, _Graphs.vectors(run, seqs), names),
+                                 batch_cos_min=_Graphs.batch_cos(run, seqs))
+    progress(f"{precision} parity on texts: cos min {parity.cos_min:.6f} mean {parity.cos_mean:.6f}, alone vs "
+             f"batch {parity.batch_cos_min}")
+    check_gate(precision, parity, gates)
+    return Variant(precision=precision, file=weights.name, sha256=file_sha256(weights), bytes=weights.stat().st_size,
+                   format="mlx", opset=None, min_onnxruntime=None,
+                   recipe={**recipe, "runs": "texts (the language model)", "gate": gates.record(precision)},
+                   parity=parity)
+
+
 def build_vl(source: Any, work: Path, wanted: tuple[str, ...], gates: Gates,
              progress: Callable[[str], None]) -> Manifest:
-    """Export both graphs, gate every variant on text, image and mixed probes, write the bundle."""
+    """Export both graphs, gate every variant on text, image and mixed probes (an MLX variant,
+    the text path, on the text probes), write the bundle."""
     import torch
     from transformers import AutoImageProcessor, AutoModel
 
     from .quantize import INT4_BLOCK_SIZES, quantize_int4, quantize_per_token_int8, to_fp16
 
-    unsupported = [p for p in wanted if p not in ("fp32", "fp16", "int8", "int4")]
+    unsupported = [p for p in wanted if p not in ("fp32", "fp16", "int8", "int4", *MLX_PRECISIONS)]
     if unsupported:
-        raise ExportError(f"{source.manifest.model_id} is a Qwen3-VL model; it exports fp32, fp16, int8 and int4 "
-                          f"here, not {', '.join(unsupported)}")
+        raise ExportError(f"{source.manifest.model_id} is a Qwen3-VL model; it exports fp32, fp16, int8, int4 and "
+                          f"the MLX text path ({', '.join(MLX_PRECISIONS)}) here, not {', '.join(unsupported)}")
     draft = source.manifest
     for name in source.copied_files:
         shutil.copyfile(source.path / name, work / name)
@@ -316,6 +340,14 @@ def build_vl(source: Any, work: Path, wanted: tuple[str, ...], gates: Gates,
         processor = AutoImageProcessor.from_pretrained(str(source.path), use_fast=False)
     bounds = {"shortest_edge": draft.image.min_pixels, "longest_edge": draft.image.max_pixels}
     reference = _reference(model, processor, seqs, originals, progress, bounds)
+    mlx_wanted = [p for p in wanted if p in MLX_PRECISIONS]
+    mlx_recipes: dict[str, dict] = {}
+    if mlx_wanted:
+        from .mlx_weights import save_mlx_weights
+
+        # The language model's own tensors: the MLX backend runs the text path.
+        mlx_recipes = {p: save_mlx_weights(model.language_model, work / f"model.{p}.safetensors",
+                                           p.removeprefix("mlx-")) for p in mlx_wanted}
 
     progress("exporting the vision and decoder graphs (TorchScript)")
     vision_module, decoder_module = _graph_modules(model)
@@ -400,6 +432,10 @@ def build_vl(source: Any, work: Path, wanted: tuple[str, ...], gates: Gates,
         else:
             d4.unlink()
             raise misses[-1]  # the finest blocks' miss
+    mlx_built = {p: _judge_mlx(p, work / f"model.{p}.safetensors", mlx_recipes[p], draft,
+                               [seqs[i] for i in text_rows], reference[text_rows], [names[i] for i in text_rows],
+                               gates, progress)
+                 for p in mlx_wanted}
     if "fp32" not in wanted:
         decoder_path.unlink()
         if not {"int8", "int4"} & set(built):
@@ -412,5 +448,6 @@ def build_vl(source: Any, work: Path, wanted: tuple[str, ...], gates: Gates,
                                  gates, vision_gate=precision)  # images run through the decoder too
         for precision, (d_path, d_recipe, d_parity, v_path, v_recipe, v_parity, v_precision) in built.items()
     }
+    variants.update(mlx_built)
     return finish_bundle(work, draft, [*source.copied_files, GOLDEN_FILE], variants)
 

@@ -376,6 +376,21 @@ def qwen3_mlx_bundle(qwen3_source: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen3_vl_mlx_bundle(qwen3_vl_source: Path) -> Path:
+    """Tiny Qwen3-VL with its ONNX FP32 graphs beside the MLX text path (FP32 and FP16)."""
+    from edge_embed.export import Gates, export
+
+    if reason := mlx_unavailable_reason():
+        pytest.skip(f"MLX cannot run here: {reason}")
+
+    def build(dest: Path) -> None:
+        export(qwen3_vl_source, dest / "bundle", "fp32,mlx-fp32,mlx-fp16", model_id="tiny-qwen3-vl-embedding",
+               gates=Gates(**RANDOM_MODEL_GATES))
+
+    return _cached("qwen3-vl-mlx", build) / "bundle"
+
+
+@pytest.fixture(scope="session")
 def certs(tmp_path_factory):
     """A CA, a server certificate for localhost/127.0.0.1 and a client certificate (openssl)."""
     d = tmp_path_factory.mktemp("certs")

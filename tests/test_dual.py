@@ -140,7 +140,7 @@ def test_an_altered_vision_graph_is_refused(clip_bundle, tampered):
 def test_image_models_refuse_what_they_cannot_export(clip_source, tmp_path):
     from edge_embed.export import export
 
-    with pytest.raises(ExportError, match="MLX backend runs text models only"):
+    with pytest.raises(ExportError, match="dual encoder, and the MLX backend runs text models"):
         export(clip_source, tmp_path / "mlx", "fp32,mlx-fp32")
     with pytest.raises(ExportError, match="exports fp32, fp16 and int8, not int4"):
         export(clip_source, tmp_path / "int4", "fp32,int4")

@@ -261,3 +261,64 @@ def test_unsupported_or_incomplete_models_are_refused(qwen3_mlx_bundle, tmp_path
     (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "mpnet"}))
     with pytest.raises(BundleError, match="not 'mpnet'; use backend='onnx'"):
         MlxEncoder(tmp_path / "config.json", tmp_path / "w.safetensors", manifest)
+
+
+@pytest.mark.slow
+def test_qwen3_vl_text_path_equals_pytorch_and_onnx(qwen3_vl_source, qwen3_vl_mlx_bundle):
+    """A Qwen3-VL bundle's MLX variant: the chat template, the language model, last-token
+    pooling, as the transformers model computes them on the whole prompt; and as the ONNX
+    decoder does, unnormalized, for texts with and without an instruction."""
+    from .test_qwen3_vl import _prompt, _torch_vector
+
+    texts = ["What is the capital of France? Paris.", "a cup of coffee on a saucer"]
+    with _mlx(qwen3_vl_mlx_bundle, "mlx-fp32") as provider:
+        mlx = provider.embed(texts, normalize=False)
+        mlx_task = provider.embed(texts, instruction=TASK, normalize=False)
+        (encoded,) = provider.tokenize(texts[:1])
+    ids, reference = _torch_vector(qwen3_vl_source, _prompt(texts[:1], []), [], {})
+    assert encoded.ids.tolist() == ids
+    assert _cos(mlx[:1], reference[None])[0] >= 0.99999
+    with edge_embed.load(qwen3_vl_mlx_bundle, precision="fp32") as provider:
+        onnx = provider.embed(texts, normalize=False)
+        onnx_task = provider.embed(texts, instruction=TASK, normalize=False)
+    for ours, theirs in ((mlx, onnx), (mlx_task, onnx_task)):
+        assert _cos(ours, theirs).min() >= 0.99999
+        assert np.allclose(ours, theirs, rtol=1e-3, atol=1e-3 * np.abs(theirs).max())
+    assert _cos(mlx, mlx_task).max() < 0.9999  # the instruction is in the template
+
+
+@pytest.mark.slow
+def test_qwen3_vl_text_path_refuses_images_and_auto_keeps_them(qwen3_vl_mlx_bundle):
+    """The MLX variant says it reads texts only and refuses images before any batch forms;
+    on a Mac `auto` runs the ONNX variants, which read images, and says why; a named
+    backend='mlx' runs the text path, checked at boot on the golden texts."""
+    from edge_embed.client import EmbedClient
+    from edge_embed.images import Image
+    from edge_embed.loading import planned_precision
+
+    from .conftest import skimage_photo
+    from .servers import running_server
+
+    photo = Image.open(skimage_photo("coffee.png"))
+    mac = _apple_silicon_mac()
+    with edge_embed.load(qwen3_vl_mlx_bundle, backend="mlx", platform=mac) as provider:
+        info = provider.info
+        assert (info.backend, info.precision, info.modalities, info.image_tokens) == (
+            "mlx", "mlx-fp16", ("text",), None)
+        assert info.parity_ok and provider.image_parity is None
+        for item in (photo, ["a caption", photo]):
+            with pytest.raises(edge_embed.InvalidInputError, match=r"texts\[1\] holds an image, and the mlx-fp16 "
+                                                                   r"variant .* runs its texts only; .*backend='onnx'"):
+                provider.embed(["a text", item])
+        with running_server(provider) as (_, target), EmbedClient(target) as client:
+            with pytest.raises(edge_embed.InvalidInputError, match=r"holds images, and .*mlx-fp16 on mlx.* reads "
+                                                                   "text only"):
+                client.embed([photo])
+            served = client.embed(["a text"])
+        assert np.array_equal(served, provider.embed(["a text"]))
+    with edge_embed.load(qwen3_vl_mlx_bundle, platform=mac) as provider:
+        assert (provider.info.backend, provider.info.precision) == ("onnx", "fp32")
+        assert "mlx: its variants run this bundle's texts only (backend='mlx' runs them)" in provider.info.fallback
+        assert provider.info.modalities == ("text", "image")
+        assert provider.embed([photo]).shape == (1, 64)
+    assert planned_precision(edge_embed.load_bundle(qwen3_vl_mlx_bundle).manifest, platform=mac) == "fp32"

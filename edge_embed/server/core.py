@@ -398,7 +398,8 @@ class EmbeddingService:
             except InvalidInputError as exc:
                 raise InvalidInputError(f"dimensions: {exc}") from None
             if images and not info.image_tokens:
-                raise InvalidInputError(f"{field} holds images, and {model.name} reads text only")
+                raise InvalidInputError(f"{field} holds images, and {model.name} ({info.precision} on {info.backend}) "
+                                        "reads text only")
             per_image = info.image_tokens or 0
             bound = min(count * max(info.max_length, per_image),
                         nbytes + count * (len(instruction) + 8) + images * per_image)
