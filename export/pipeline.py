@@ -15,7 +15,7 @@ import numpy as np
 
 from ..batching import plan_batches
 from ..bundle import GOLDEN_FILE, MANIFEST_FILE, file_sha256
-from ..errors import BundleError, ExportError, GateError
+from ..errors import ExportError, GateError
 from ..manifest import (
     DEFAULT_EXPORT_PRECISIONS,
     PRECISIONS,
