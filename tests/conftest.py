@@ -29,9 +29,11 @@ _NOT_EXPORT_CODE = ("edge_embed/server/", "edge_embed/v1/", "edge_embed/cli.py",
 
 
 # The suite runs as two groups side by side (`-n 2` in pyproject): the files whose tests
-# mostly wait on qemu, containers, systemd-nspawn and MLX's reference BLAS, beside the rest,
-# whose exports and servers keep both cores busy only part of the time.
-_SIDE_FILES = ("test_deploy_image.py", "test_deploy_systemd.py", "test_deploy_files.py", "test_mlx.py")
+# mostly wait on qemu, containers, systemd-nspawn and MLX's reference BLAS, with the CLI's
+# (the README's main job: a whole export in a child), beside the rest, whose exports and
+# servers keep both cores busy only part of the time. The groups take about as long.
+_SIDE_FILES = ("test_deploy_image.py", "test_deploy_systemd.py", "test_deploy_files.py", "test_mlx.py",
+               "test_cli.py")
 
 
 def pytest_xdist_make_scheduler(config, log):
