@@ -34,6 +34,16 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _count(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return number
+
+
 def _size(value: str) -> int:
     from .server.config import parse_bytes
 
@@ -203,6 +213,21 @@ def _parser() -> argparse.ArgumentParser:
     bc.add_argument("--cpus-per-actor", type=_positive_int, default=1, help="with --ray: CPUs and threads per actor")
     bc.add_argument("--ship-bundle", action="store_true",
                     help="with --ray: send the bundle through the object store instead of by path")
+
+    bn = sub.add_parser("bench", help="measure a bundle's variants here: items/s, latency per batch, peak memory")
+    bn.add_argument("--bundle", type=Path, default=_env("BUNDLE"), help="bundle directory (default: the default model)")
+    bn.add_argument("--precision", help="variants to measure, comma-separated (default: every variant of the bundle)")
+    bn.add_argument("--backend", default=_env("BACKEND") or "auto",
+                    help="auto (default), onnx, cpu, cuda, tensorrt or acl; MLX variants run on mlx")
+    bn.add_argument("--threads", type=_positive_int, default=_env("THREADS"), help="CPU threads (default: affinity mask)")
+    bn.add_argument("--warmup", type=_count, default=3, help="batches run before measuring (default 3)")
+    bn.add_argument("--steps", type=_positive_int, default=10, help="batches measured (default 10)")
+    bn.add_argument("--text-samples", type=_positive_int, default=32,
+                    help="texts (or a reranker's pairs) taken from the bundle's golden probes (default 32)")
+    bn.add_argument("--batch-size", type=_positive_int, default=8, help="inputs per batch (default 8)")
+    bn.add_argument("--images", type=_count, default=0,
+                    help="also measure this many of the bundle's golden images (bundles that read images)")
+    bn.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON too")
 
     hc = sub.add_parser("health", help="exit 0 when the server at --server reports SERVING")
     hc.add_argument("--server", default=_env("SERVER", "127.0.0.1:50051"), help="HOST:PORT")
@@ -540,6 +565,26 @@ def _cmd_embed_corpus(args: argparse.Namespace) -> None:
           f"in {report.seconds:.1f} s")
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchSettings, bench_bundle, format_table
+    from .default_model import ensure_default_bundle
+
+    settings = BenchSettings(warmup=args.warmup, steps=args.steps, text_samples=args.text_samples,
+                             batch_size=args.batch_size, images=args.images, backend=args.backend,
+                             threads=int(args.threads) if args.threads else None)
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()] if args.precision else None
+    if args.json and not args.json.resolve().parent.is_dir():  # before minutes of measuring, not after
+        raise InvalidInputError(f"--json {args.json}: its folder does not exist")
+    report = bench_bundle(args.bundle or ensure_default_bundle(), precisions, settings,
+                          progress=lambda line: print(f"edge-embed: bench: {line}", file=sys.stderr, flush=True))
+    print(format_table(report))
+    if args.json:
+        partial = args.json.with_name(f".{args.json.name}.partial")
+        partial.write_text(json.dumps(report, indent=2) + "\n")
+        partial.replace(args.json)
+    return 1 if any("error" in row for row in report["rows"]) else 0  # a variant that cannot run here
+
+
 def _cmd_models(args: argparse.Namespace) -> None:
     from .check import registry_rows
     from .registry import PRECISIONS
@@ -593,7 +638,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"export": _cmd_export, "embed": _cmd_embed, "rerank": _cmd_rerank, "info": _cmd_info, "serve": _cmd_serve,
                 "health": _cmd_health, "doctor": _cmd_doctor, "warm": _cmd_warm, "check": _cmd_check,
-                "models": _cmd_models, "embed-corpus": _cmd_embed_corpus}
+                "models": _cmd_models, "embed-corpus": _cmd_embed_corpus, "bench": _cmd_bench}
     command = commands[args.command]
     try:
         _configure_logging()

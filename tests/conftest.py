@@ -25,7 +25,7 @@ MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 # a bundle to run it, bulk embedding.
 _NOT_EXPORT_CODE = ("edge_embed/server/", "edge_embed/v1/", "edge_embed/cli.py", "edge_embed/client.py",
                     "edge_embed/check.py", "edge_embed/registry.py", "edge_embed/memory.py", "edge_embed/doctor.py",
-                    "edge_embed/corpus.py", "edge_embed/loading.py")
+                    "edge_embed/corpus.py", "edge_embed/loading.py", "edge_embed/bench.py")
 
 
 # The suite runs as two groups side by side (`-n 2` in pyproject): the files whose tests
