@@ -24,24 +24,24 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"EDGE_EMBED_{name}", default)
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return number
+def _int_at_least(minimum: int):
+    """An argparse type: a positive integer (`minimum` 1) or a count that may be none (0)."""
+    kind = {1: "positive", 0: "non-negative"}[minimum]
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is not a {kind} integer")
+        return number
+
+    return parse
 
 
-def _count(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
-    return number
+_positive_int = _int_at_least(1)
+_count = _int_at_least(0)
 
 
 def _size(value: str) -> int:
