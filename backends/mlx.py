@@ -24,7 +24,7 @@ import numpy as np
 
 from ..batching import BatchLimits
 from ..bundle import Bundle
-from ..errors import BackendUnavailableError, BundleError, InvalidInputError
+from ..errors import BackendUnavailableError, BundleError
 from ..manifest import ONNX_PRECISIONS, Manifest
 from ..provider import BundleEmbedder
 from ..tokenization import model_inputs
@@ -462,10 +462,8 @@ class MlxProvider(BundleEmbedder):
         return self._encoder(model_inputs(seqs, self.manifest))
 
     def _forward_vl(self, seqs: list[VLInput]) -> np.ndarray:
-        """A vision-language embedder's texts (tokenize refuses its images here, before any
-        batch forms: one request's image never fails its batch neighbours)."""
-        if any(seq.images for seq in seqs):
-            raise InvalidInputError(f"the {self.precision} variant runs texts only; images need an ONNX variant")
+        """A vision-language embedder's texts: tokenize refuses its images, before any batch
+        forms, so one request's image never fails its batch neighbours."""
         return self._encoder(text_feeds(seqs, self.manifest))
 
     def close(self) -> None:

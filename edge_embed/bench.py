@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 from .bundle import Bundle, load_bundle
@@ -176,7 +177,7 @@ def bench_bundle(path: str | Path, precisions: Sequence[str] | None, settings: B
         while row is None and (child.is_alive() or not queue.empty()):
             try:
                 row = queue.get(timeout=1)
-            except Exception:  # noqa: BLE001 - queue.Empty: keep waiting while the child lives
+            except Empty:  # keep waiting while the child lives
                 continue
         child.join()
         if row is None:

@@ -67,8 +67,8 @@ def load(
 
     `backend="auto"` tries the platform detector's candidates in order (MLX on Apple
     Silicon, TensorRT/CUDA on NVIDIA, ACL, then the CPU; for a bundle that reads images,
-    the backends that run its images first) and records every fallback in `info.fallback`. A named backend ("onnx", "mlx", "cpu", "cuda", "tensorrt", "acl")
-    that cannot run raises BackendUnavailableError; it never falls back. The provider
+    the backends that run its images first) and records every fallback in `info.fallback`.
+    A named backend ("onnx", "mlx", "cpu", "cuda", "tensorrt", "acl") that cannot run raises BackendUnavailableError; it never falls back. The provider
     then embeds `parity_probes` golden texts and refuses the variant if it misses its
     gate here (`enforce_parity=False` accepts it; `parity_probes=0` skips the check); a
     refused provider is closed before the error reaches the caller.

@@ -19,6 +19,7 @@ import numpy as np
 from .errors import InvalidInputError
 from .images import EncodedImage, Image
 from .manifest import Manifest
+from .tokenization import pad_batch
 
 __all__ = ["mrope_positions", "TEXT_TOKEN", "IMAGE_TOKEN", "VLInput", "VLEncoder", "decoder_feeds", "text_feeds",
            "vision_feeds", "DECODER_INPUTS", "vision_rotary_positions", "position_embedding_taps"]
@@ -241,9 +242,5 @@ def text_feeds(seqs: Sequence[VLInput], manifest: Manifest) -> dict[str, np.ndar
     language model alone (the MLX text path) derives from the mask."""
     if any(seq.images for seq in seqs):
         raise ValueError("text_feeds takes texts only")
-    width = max(len(s) for s in seqs)
-    ids = np.full((len(seqs), width), manifest.pad_token_id, dtype=np.int64)
-    mask = np.zeros((len(seqs), width), dtype=np.int64)
-    for b, seq in enumerate(seqs):
-        ids[b, :len(seq)], mask[b, :len(seq)] = seq.ids, 1
+    ids, mask = pad_batch([seq.ids for seq in seqs], manifest.pad_token_id, "right")
     return {"input_ids": ids, "attention_mask": mask}
