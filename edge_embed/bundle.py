@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 from .errors import BundleError
 from .manifest import Manifest, Variant
 
-__all__ = ["Bundle", "load_bundle", "file_sha256", "MANIFEST_FILE", "TOKENIZER_FILE", "GOLDEN_FILE"]
+__all__ = ["Bundle", "GoldenImage", "load_bundle", "file_sha256", "MANIFEST_FILE", "TOKENIZER_FILE", "GOLDEN_FILE"]
 
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -76,12 +77,36 @@ class Bundle:
         with np.load(self.path / GOLDEN_FILE, allow_pickle=False) as data:
             return [str(t) for t in data["texts"]], data["vectors"].astype(np.float32)
 
-    def golden_pairs(self) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    def golden_pairs(self) -> tuple[list, list, np.ndarray, np.ndarray]:
         """A reranker's probe pairs: queries, documents, the query group of each pair and
-        the FP32 PyTorch reference logits."""
+        the FP32 PyTorch reference logits. A query or document is a text, or, for a
+        vision-language reranker, a list of parts: texts and GoldenImage."""
         with np.load(self.path / GOLDEN_FILE, allow_pickle=False) as data:
-            return ([str(t) for t in data["queries"]], [str(t) for t in data["documents"]],
-                    data["groups"].astype(np.int64), data["logits"].astype(np.float32).reshape(-1))
+            queries, documents = [str(t) for t in data["queries"]], [str(t) for t in data["documents"]]
+            if "image_names" in data:
+                names = [str(n) for n in data["image_names"]]
+                blob, offsets = data["image_bytes"].tobytes(), data["image_offsets"].tolist()
+                images = {n: GoldenImage(n, blob[a:b]) for n, a, b in zip(names, offsets[:-1], offsets[1:])}
+                queries, documents = ([_golden_parts(x, images) for x in xs] for xs in (queries, documents))
+            return (queries, documents, data["groups"].astype(np.int64),
+                    data["logits"].astype(np.float32).reshape(-1))
+
+
+@dataclass(frozen=True)
+class GoldenImage:
+    """One image of the golden pairs: its probe name and encoded bytes."""
+
+    name: str
+    data: bytes
+
+
+def _golden_parts(encoded: str, images: dict[str, GoldenImage]) -> list:
+    """A golden input stored as JSON parts ({"text": ...} or {"image": name}) -> texts and images."""
+    try:
+        parts = json.loads(encoded)
+        return [p["text"] if "text" in p else images[p["image"]] for p in parts]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise BundleError(f"golden pair input {encoded[:60]!r} is malformed: {exc}") from exc
 
 
 def _verify(path: Path, expected: str | None, what: str) -> None:

@@ -163,7 +163,9 @@ class VLSpec:
     text, image or a mix, is one chat turn of `template` ({instruction} in the system turn,
     {content} the user's parts in order), an image being `vision_start`, its visual tokens
     as `image_token` and `vision_end`. The pooled token is the template's last one, so the
-    user content is what truncation cuts, never the template.
+    user content is what truncation cuts, never the template. A vision-language reranker
+    (Qwen3-VL-Reranker) fills {content} with its rerank template: the instruction, the
+    query's parts and the document's parts, of which only the document's text is cut.
 
     The vision graph runs one image at a time (its merged features and one feature set per
     DeepStack layer); the decoder graph reads them by row, with 3-row M-RoPE positions
@@ -177,11 +179,13 @@ class VLSpec:
     merge_size: int
     position_table_side: int
     deepstack_layers: int
+    # The decoder's width (an image row's); None: the manifest's dim, which an embedder's is.
+    hidden_size: int | None = None
 
     def __post_init__(self) -> None:
         t = self.template
-        if not ("{instruction}" in t and "{content}" in t and t.index("{instruction}") < t.index("{content}")):
-            raise BundleError(f"manifest vl template {t!r} must hold {{instruction}} before {{content}}")
+        if "{content}" not in t or ("{instruction}" in t and t.index("{instruction}") > t.index("{content}")):
+            raise BundleError(f"manifest vl template {t!r} must hold {{content}} (and any {{instruction}} before it)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -284,6 +288,11 @@ class Manifest:
         if reads_images != (self.image is not None):
             raise BundleError("manifest of a bundle that reads images needs its image spec, and only such a "
                               "bundle has one")
+        if self.vl is not None and self.rerank is not None and not (
+                self.rerank.format == "template" and (self.rerank.template or "").endswith("{document}")):
+            # The document is the user turn's last content: truncation cuts its end only.
+            raise BundleError("manifest of a vision-language reranker needs a rerank template (the user turn's "
+                              "content) that ends with {document}")
         for name, variant in self.variants.items():
             if reads_images and variant.format == "onnx" and variant.vision is None:
                 raise BundleError(f"manifest variant {name!r} has no vision graph, and the bundle reads images")

@@ -27,7 +27,7 @@ import numpy as np
 from .batching import BatchLimits, plan_batches
 from .bundle import Bundle
 from .images import EncodedImage, Image
-from .vl import VLEncoder, VLInput
+from .vl import VLEncoder, VLInput, describe_parts
 from .errors import (
     BackendUnavailableError,
     BundleError,
@@ -155,7 +155,7 @@ class RerankResult:
 
     index: int
     score: float
-    document: str | None = None
+    document: object | None = None  # a text, or a vision-language reranker's image or parts
 
 
 @runtime_checkable
@@ -163,9 +163,13 @@ class Reranker(ModelRunner, Protocol):
     """(query, documents) in, relevance scores out, in process; what a reranker bundle's
     provider adds to the runner."""
 
-    def rerank(self, query: str, documents: Sequence[str], *, instruction: str | None = None,
-               top_n: int | None = None, return_documents: bool = False,
+    def rerank(self, query: str | Image | Sequence[str | Image], documents: Sequence[object], *,
+               instruction: str | None = None, top_n: int | None = None, return_documents: bool = False,
                truncate: bool = True) -> list[RerankResult]: ...
+
+
+def _image_name(image: object) -> str:
+    return getattr(image, "name", "image")
 
 
 def wrong_task(model_id: str, task: str, wanted: str) -> WrongTaskError:
@@ -340,18 +344,24 @@ class BundleEmbedder(abc.ABC):
         if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence):
             raise InvalidInputError(f"{field} must be a list of inputs (texts, images or lists of both), got "
                                     f"{type(inputs).__name__}")
+        self._check_parts(inputs, field)
+        return [self._vl.encode(item, instruction=instruction, truncate=truncate, field=f"{field}[{i}]")
+                for i, item in enumerate(inputs)]
+
+    def _check_parts(self, inputs: Sequence[object], field: str) -> None:
+        """Every input a text, an image or a list of both, and images only where this variant
+        runs them: checked before any image is decoded."""
         for i, item in enumerate(inputs):
+            name = field if field == "query" else f"{field}[{i}]"
             parts = item if isinstance(item, (list, tuple)) else [item]
             for part in parts:
                 if not isinstance(part, (str, Image)):
-                    raise InvalidInputError(f"{field}[{i}] must be a string, an edge_embed.Image or a list of "
-                                            f"both, got {type(part).__name__}")
+                    raise InvalidInputError(f"{name} must be a string, an edge_embed.Image or a list of both, got "
+                                            f"{type(part).__name__}")
                 if isinstance(part, Image) and not self.reads_images:
                     raise InvalidInputError(
-                        f"{field}[{i}] holds an image, and the {self.precision} variant of {self.manifest.model_id} "
-                        "runs its texts only; load one of its ONNX variants (backend='onnx') to embed images")
-        return [self._vl.encode(item, instruction=instruction, truncate=truncate, field=f"{field}[{i}]")
-                for i, item in enumerate(inputs)]
+                        f"{name} holds an image, and the {self.precision} variant of {self.manifest.model_id} "
+                        "runs its texts only; load one of its ONNX variants (backend='onnx') to read images")
 
     def _encode_inputs(self, inputs: Sequence[object], instruction: str | None, truncate: bool,
                        field: str) -> list[np.ndarray | EncodedImage]:
@@ -387,12 +397,21 @@ class BundleEmbedder(abc.ABC):
 
     # -- rerankers ----------------------------------------------------------------------
 
-    def tokenize_pairs(self, query: str, documents: Sequence[str], *, instruction: str | None = None,
-                       truncate: bool = True, field: str = "documents") -> list[np.ndarray]:
+    def tokenize_pairs(self, query: str | Image | Sequence[str | Image], documents: Sequence[object], *,
+                       instruction: str | None = None, truncate: bool = True,
+                       field: str = "documents") -> list[np.ndarray | VLInput]:
         """A validated query and documents -> one token id sequence per pair; a long pair
-        loses the end of its document, never the query or the template."""
+        loses the end of its document, never the query or the template. A vision-language
+        reranker's query and documents may each be a text, an image or a list of both."""
         if self.manifest.task != "rerank":
             raise wrong_task(self.manifest.model_id, self.manifest.task, "rerank")
+        if self._vl is not None:
+            if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
+                raise InvalidInputError(f"{field} must be a list of documents (texts, images or lists of both), "
+                                        f"got {type(documents).__name__}")
+            self._check_parts([query], "query")
+            self._check_parts(documents, field)
+            return self._vl.encode_pairs(query, documents, instruction=instruction, truncate=truncate, field=field)
         query = check_query(query)
         documents = check_texts(documents, field)
         if not documents:
@@ -409,8 +428,8 @@ class BundleEmbedder(abc.ABC):
             raise NonFiniteOutputError(f"the {self.precision} model produced a non-finite score for {field}[{bad}]")
         return scores_from_logits(logits, self.manifest.rerank.activation).astype(np.float32)
 
-    def rerank(self, query: str, documents: Sequence[str], *, instruction: str | None = None,
-               top_n: int | None = None, return_documents: bool = False,
+    def rerank(self, query: str | Image | Sequence[str | Image], documents: Sequence[object], *,
+               instruction: str | None = None, top_n: int | None = None, return_documents: bool = False,
                truncate: bool = True) -> list[RerankResult]:
         """The documents' indices and scores, best first (`top_n` of them)."""
         top_n = check_top_n(top_n)
@@ -556,7 +575,13 @@ class BundleEmbedder(abc.ABC):
         """The reranker's boot check: whole query groups of the golden pairs (about `probes`
         pairs, plus the export's worst pair's group) scored here against the FP32 scores."""
         queries, documents, groups, reference = self.bundle.golden_pairs()
-        names = [pair_name(q, d) for q, d in zip(queries, documents)]
+        names = [pair_name(describe_parts(q, _image_name), describe_parts(d, _image_name))
+                 for q, d in zip(queries, documents)]
+        if self._vl is not None:
+            opened: dict[str, Image] = {}  # one decode per golden image, as a query's images are shared
+            queries, documents = ([[p if isinstance(p, str) else opened.setdefault(
+                p.name, Image.open(p.data, field=f"golden image {p.name}")) for p in x] for x in xs]
+                for xs in (queries, documents))
         ids = sorted(set(groups.tolist()))
         per_group = max(1, len(queries) // len(ids))
         chosen_groups = {ids[i] for i in np.linspace(0, len(ids) - 1, min(len(ids), max(2, probes // per_group)))
@@ -593,7 +618,7 @@ class BundleEmbedder(abc.ABC):
             gates = dataclasses.replace(gates, rank_kendall_tau_mean=-1.0, rank_top1_agreement=0.0)
         return self._judge(dataclasses.replace(parity, batch_diff_max=batch_diff), enforce, gates)
 
-    def _alone_vs_batch_scores(self, seqs: list[np.ndarray], activation: str) -> float:
+    def _alone_vs_batch_scores(self, seqs: list[np.ndarray | VLInput], activation: str) -> float:
         picked = [seqs[i] for i in batch_probe_indices([len(s) for s in seqs],
                                                         max_tokens=self.limits.max_batch_tokens)]
         alone = np.vstack([self.run_batch([seq]) for seq in picked])

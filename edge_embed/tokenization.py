@@ -94,6 +94,15 @@ class BundleTokenizer:
         tokens, no truncation."""
         return self._user_tokenizer.encode(text, add_special_tokens=False).ids
 
+    def user_text_split(self, text: str, fixed_chars: int) -> tuple[list[int], int]:
+        """A run of text as tokens, tokenized whole, and how many of its first tokens start
+        within its first `fixed_chars` characters: a template's text and a user's text that
+        follows it get the tokens the whole prompt gives them, and a cut of the user's text
+        knows where it must stop."""
+        encoding = self._user_tokenizer.encode(text, add_special_tokens=False)
+        fixed = sum(1 for start, _ in encoding.offsets if start < fixed_chars)
+        return encoding.ids, fixed
+
     def template_ids(self, template: str, fill: dict[str, str]) -> list[int]:
         """A model's template part as tokens: its special tokens are control tokens; the text
         between them, with the user's `fill` values put in, is tokenized as user text."""

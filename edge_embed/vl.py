@@ -22,7 +22,7 @@ from .manifest import Manifest
 from .tokenization import pad_batch
 
 __all__ = ["mrope_positions", "TEXT_TOKEN", "IMAGE_TOKEN", "VLInput", "VLEncoder", "decoder_feeds", "text_feeds",
-           "vision_feeds", "DECODER_INPUTS", "vision_rotary_positions", "position_embedding_taps"]
+           "vision_feeds", "DECODER_INPUTS", "describe_parts", "vision_rotary_positions", "position_embedding_taps"]
 
 # The decoder graph's inputs, in order (see export/vl.py).
 DECODER_INPUTS = ("input_ids", "attention_mask", "position_ids", "image_rows", "image_embeds", "deepstack")
@@ -118,10 +118,23 @@ def _with_period(instruction: str) -> str:
     return text if unicodedata.category(text[-1]).startswith("P") else text + "."
 
 
+@dataclass
+class _Run:
+    """A stretch of one chat's content: an image, or text joined from adjacent parts, whose
+    first `fixed` characters (template text, a query) truncation never cuts."""
+
+    text: str = ""
+    image: EncodedImage | None = None
+    fixed: int = 0
+
+
 class VLEncoder:
     """Inputs (a text, an image, or an ordered list of both) -> VLInput, through the
     manifest's chat template. Adjacent text parts are one text, as the template joins them;
-    an over-long input loses the end of its text, never the template or an image."""
+    an over-long input loses the end of its text, never the template or an image.
+
+    A reranker's (query, document) pair is one chat too: its rerank template (instruction,
+    query, document) is the content, and only the document's text is ever cut."""
 
     def __init__(self, tokenizer, manifest: Manifest):
         spec = manifest.vl
@@ -140,56 +153,110 @@ class VLEncoder:
             self._heads[instruction] = self._tokenizer.template_ids(self._head, {"instruction": instruction})
         return self._heads[instruction]
 
-    def encode(self, item: str | Image | Sequence[str | Image], *, instruction: str | None, truncate: bool,
-               field: str, max_pixels: int | None = None) -> VLInput:
+    def _parts(self, item: object, field: str, max_pixels: int | None) -> list[str | EncodedImage]:
+        """One input's parts, checked, its images decoded and preprocessed."""
         parts = list(item) if isinstance(item, (list, tuple)) else [item]
         if not parts:
             raise InvalidInputError(f"{field} is an empty list of parts")
+        out: list[str | EncodedImage] = []
+        for j, part in enumerate(parts):
+            name = field if len(parts) == 1 else f"{field}[{j}]"
+            if isinstance(part, (str, EncodedImage)):
+                out.append(part)
+            elif isinstance(part, Image):
+                out.append(self._manifest.image.encode(part, field=name, max_pixels=max_pixels))
+            else:
+                raise InvalidInputError(f"{name} must be a string or an edge_embed.Image, got {type(part).__name__}")
+        if all(isinstance(p, str) and not p.strip() for p in out):
+            raise InvalidInputError(f"{field} is empty or only whitespace")
+        return out
+
+    def encode(self, item: str | Image | Sequence[str | Image], *, instruction: str | None, truncate: bool,
+               field: str, max_pixels: int | None = None) -> VLInput:
         if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
             raise InvalidInputError("instruction must be a non-empty string")
         head = self._head_ids(_with_period(instruction or self._manifest.default_instruction))
-        runs: list[tuple[str, object]] = []  # ("text", str) or ("image", EncodedImage), texts joined
-        for j, part in enumerate(parts):
-            name = field if len(parts) == 1 else f"{field}[{j}]"
-            if isinstance(part, str):
-                if runs and runs[-1][0] == "text":
-                    runs[-1] = ("text", runs[-1][1] + part)
-                else:
-                    runs.append(("text", part))
-            elif isinstance(part, Image):
-                runs.append(("image", self._manifest.image.encode(part, field=name, max_pixels=max_pixels)))
+        return self._assemble(head, [(p, False) for p in self._parts(item, field, max_pixels)], truncate, field)
+
+    def encode_pairs(self, query: str | Image | Sequence[str | Image],
+                     documents: Sequence[str | Image | Sequence[str | Image]], *, instruction: str | None,
+                     truncate: bool, field: str = "documents") -> list[VLInput]:
+        """A reranker's (query, document) pairs, each through the rerank template inside the
+        chat; the query's images are decoded once for all its pairs."""
+        spec = self._manifest.rerank
+        if instruction is None:
+            instruction = spec.default_instruction or ""
+        elif not isinstance(instruction, str) or not instruction.strip():
+            raise InvalidInputError("instruction must be a non-empty string")
+        before_query, rest = spec.template.split("{query}", 1)
+        between = rest.removesuffix("{document}")
+        # Plain replacement, not str.format: braces in an instruction stay literal.
+        lead = instruction.join(before_query.split("{instruction}"))
+        query_parts = [(p, True) for p in self._parts(query, "query", None)]
+        head = self._head_ids("")
+        fixed = [(lead, True), *query_parts, (between, True)]
+        return [self._assemble(head, fixed + [(p, False) for p in self._parts(doc, f"{field}[{i}]", None)],
+                               truncate, f"{field}[{i}]")
+                for i, doc in enumerate(documents)]
+
+    def _assemble(self, head: list[int], parts: list[tuple[str | EncodedImage, bool]], truncate: bool,
+                  field: str) -> VLInput:
+        """Head, content parts (each marked fixed or cuttable; fixed ones come first) and the
+        template's tail as one chat's tokens, cut to the model's limit from the end of the
+        cuttable text."""
+        runs: list[_Run] = []
+        for part, fixed in parts:
+            if isinstance(part, EncodedImage):
+                runs.append(_Run(image=part))
+            elif runs and runs[-1].image is None:
+                run = runs[-1]
+                if fixed and run.fixed < len(run.text):
+                    raise ValueError("fixed content after cuttable content in one run")
+                run.text += part
+                run.fixed += len(part) if fixed else 0
             else:
-                raise InvalidInputError(f"{name} must be a string or an edge_embed.Image, got {type(part).__name__}")
-        if all(kind == "text" and not str(value).strip() for kind, value in runs):
-            raise InvalidInputError(f"{field} is empty or only whitespace")
-        texts = {i: self._tokenizer.user_text_ids(value) for i, (kind, value) in enumerate(runs) if kind == "text"}
-        visual = sum(value.tokens + 2 for kind, value in runs if kind == "image")
-        room = self._manifest.max_length - len(head) - len(self._tail_ids) - visual
+                runs.append(_Run(text=part, fixed=len(part) if fixed else 0))
+        texts = {i: self._tokenizer.user_text_split(run.text, run.fixed) for i, run in enumerate(runs)
+                 if run.image is None}
+        visual = sum(run.image.tokens + 2 for run in runs if run.image is not None)
+        limit = self._manifest.max_length
+        room = limit - len(head) - len(self._tail_ids) - visual
         if room < 0:
-            raise InvalidInputError(f"{field}: its images take {visual} of {self._manifest.model_id}'s "
-                                    f"{self._manifest.max_length} tokens with the template; send smaller images "
-                                    "or fewer")
-        excess = sum(len(t) for t in texts.values()) - room
+            raise InvalidInputError(f"{field}: its images take {visual} of {self._manifest.model_id}'s {limit} tokens "
+                                    "with the template; send smaller images or fewer")
+        excess = sum(len(ids) for ids, _ in texts.values()) - room
+        cut: dict[int, int] = {}
         if excess > 0:
             if not truncate:
-                raise InvalidInputError(f"{field} is longer than the model's {self._manifest.max_length} tokens "
-                                        "and truncate is false")
+                raise InvalidInputError(f"{field} is longer than the model's {limit} tokens and truncate is false")
             for i in sorted(texts, reverse=True):  # the end of the content goes first
-                cut = min(excess, len(texts[i]))
-                texts[i] = texts[i][: len(texts[i]) - cut]
-                excess -= cut
+                ids, fixed = texts[i]
+                cut[i] = min(excess, len(ids) - fixed)
+                excess -= cut[i]
+            if excess > 0:
+                raise InvalidInputError(f"{field}: the query and the template take more than the model's {limit} "
+                                        "tokens; send a shorter query or smaller images")
         ids, kinds, images = list(head), [TEXT_TOKEN] * len(head), []
-        for i, (kind, value) in enumerate(runs):
-            if kind == "text":
-                ids += texts[i]
-                kinds += [TEXT_TOKEN] * len(texts[i])
+        for i, run in enumerate(runs):
+            if run.image is None:
+                kept = texts[i][0][: len(texts[i][0]) - cut.get(i, 0)]
+                ids += kept
+                kinds += [TEXT_TOKEN] * len(kept)
             else:
-                ids += [self._start_id] + [self._image_id] * value.tokens + [self._end_id]
-                kinds += [TEXT_TOKEN] + [IMAGE_TOKEN] * value.tokens + [TEXT_TOKEN]
-                images.append(value)
+                ids += [self._start_id] + [self._image_id] * run.image.tokens + [self._end_id]
+                kinds += [TEXT_TOKEN] + [IMAGE_TOKEN] * run.image.tokens + [TEXT_TOKEN]
+                images.append(run.image)
         ids += self._tail_ids
         kinds += [TEXT_TOKEN] * len(self._tail_ids)
         return VLInput(np.asarray(ids, dtype=np.int64), np.asarray(kinds, dtype=np.int8), tuple(images))
+
+
+def describe_parts(parts: str | Sequence[object], image_name: Callable[[object], str]) -> str:
+    """A readable name of one input (its texts, and `image_name` of each image), for gates'
+    worst-probe reports and the golden pairs' names."""
+    if isinstance(parts, str):
+        return parts
+    return " + ".join(p if isinstance(p, str) else f"image:{image_name(p)}" for p in parts)
 
 
 def vision_feeds(image: EncodedImage, manifest: Manifest) -> dict[str, np.ndarray]:
@@ -203,13 +270,17 @@ def vision_feeds(image: EncodedImage, manifest: Manifest) -> dict[str, np.ndarra
 def decoder_feeds(seqs: Sequence[VLInput], manifest: Manifest,
                   run_vision: Callable[[dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
     """One batch's decoder inputs, right-padded: every image run alone through the vision
-    graph (so an image's features never depend on its neighbours), its rows gathered after
-    a zero row that text positions read."""
+    graph (so an image's features never depend on its neighbours; an image that several
+    inputs share, a reranker's query image, runs once), its rows gathered after a zero row
+    that text positions read."""
     merged: list[np.ndarray] = []
     deep: list[np.ndarray] = []
+    seen: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for seq in seqs:
         for image in seq.images:
-            features, deepstack = run_vision(vision_feeds(image, manifest))
+            if id(image) not in seen:
+                seen[id(image)] = run_vision(vision_feeds(image, manifest))
+            features, deepstack = seen[id(image)]
             merged.append(features)
             deep.append(deepstack)
     width = max(len(s) for s in seqs)
@@ -226,7 +297,7 @@ def decoder_feeds(seqs: Sequence[VLInput], manifest: Manifest,
         rows[b, visual] = np.arange(next_row, next_row + len(visual))
         next_row += len(visual)
         positions[:, b, :n] = mrope_positions(seq.kinds, [img.grid for img in seq.images], manifest.vl.merge_size)
-    hidden = manifest.dim
+    hidden = manifest.vl.hidden_size or manifest.dim
     layers = manifest.vl.deepstack_layers
     image_embeds = np.concatenate([np.zeros((1, hidden), np.float32), *merged]) if merged else \
         np.zeros((1, hidden), np.float32)

@@ -560,9 +560,14 @@ def export(
     if any(variant_format(p) == "mlx" for p in wanted):
         _check_mlx_can_export(draft)
     if draft.vl is not None:
-        progress(f"{draft.model_id}: {draft.architecture} embedder (texts, images and both in one input), dim "
-                 f"{draft.dim}, max length {draft.max_length}, images {draft.image.min_pixels}..{draft.image.max_pixels} "
-                 f"pixels ({draft.image.tokens} visual tokens at most)")
+        what = ("reranker (queries and documents of texts, images or both; P(yes) against P(no) at the last "
+                "token)" if draft.task == "rerank" else f"embedder (texts, images and both in one input), dim {draft.dim}")
+        progress(f"{draft.model_id}: {draft.architecture} {what}, max length {draft.max_length}, images "
+                 f"{draft.image.min_pixels}..{draft.image.max_pixels} pixels ({draft.image.tokens} visual tokens at "
+                 "most)")
+        if task is None:
+            progress(f"exported as {'a reranker' if draft.task == 'rerank' else 'an embedder'}, as its name says; "
+                     "--task embed or --task rerank decides it")
     elif "image" in draft.modalities:
         h, w = draft.image.output_size
         progress(f"{draft.model_id}: {draft.architecture} dual encoder (text and images), dim {draft.dim}, text max "

@@ -163,7 +163,8 @@ def read_source(
 
     `task` None detects it: a `*ForSequenceClassification` model (or a sentence-transformers
     CrossEncoder) is a reranker, and so is a Qwen3 causal LM that is no sentence-transformers
-    embedder (Qwen3-Reranker); everything else embeds.
+    embedder (Qwen3-Reranker); a Qwen3-VL model is a reranker when its name (`model_id`, else
+    the folder's) says "reranker" (Qwen3-VL-Reranker); everything else embeds.
     """
     path = Path(source_dir).expanduser().resolve()
     if not (path / "config.json").is_file():
@@ -184,13 +185,16 @@ def read_source(
                                 _optional_json(path / "tokenizer_config.json"), model_id=model_id,
                                 revision=revision, max_length=max_length, copied=_copied_files(path))
     if arch in VL_ARCHITECTURES:
-        if task not in (None, "embed"):
-            raise ExportError(f"{path}: edge-embed exports {arch} models as embedders (Qwen3-VL-Embedding), not as "
-                              f"{task} models")
+        if task is not None and task not in TASKS:
+            raise ExportError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+        if task is None:
+            # Qwen3-VL-Embedding and Qwen3-VL-Reranker share one architecture and one
+            # checkpoint layout: only the name tells them apart (--task says it outright).
+            task = "rerank" if "reranker" in (model_id or path.name).lower() else "embed"
         return read_vl_source(path, config, Tokenizer.from_file(str(path / "tokenizer.json")),
                               _optional_json(path / "tokenizer_config.json"), model_id=model_id,
                               revision=revision, max_length=max_length, copied=_copied_files(path),
-                              max_pixels=max_pixels)
+                              max_pixels=max_pixels, task=task)
     if arch not in ARCHITECTURES:
         raise ExportError(
             f"{path}: model_type {arch!r} is not supported; supported: "

@@ -33,13 +33,14 @@ from tokenizers import Tokenizer
 from ..bundle import GOLDEN_FILE, file_sha256
 from ..errors import ExportError, GateError
 from ..images import Image, ImageSpec
-from ..manifest import MLX_PRECISIONS, Manifest, Parity, Variant, VLSpec
-from ..parity import Gates, alone_vs_batch_cos, check_gate, measure_parity, measure_retrieval
+from ..manifest import MLX_PRECISIONS, Manifest, Parity, RerankSpec, ScoreParity, Variant, VLSpec
+from ..parity import (Gates, alone_vs_batch_cos, alone_vs_batch_diff, check_gate, measure_parity,
+                      measure_retrieval, measure_score_parity, pair_name)
 from ..tokenization import BundleTokenizer
 from ..vl import DECODER_INPUTS, VLEncoder, VLInput, decoder_feeds, text_feeds, vision_feeds
 from .dual import _quiet_transformers
 from .probes import probe_images, probe_texts
-from .writing import finish_bundle, image_variant, save_golden_with_images
+from .writing import finish_bundle, image_variant, save_golden_pairs_with_images, save_golden_with_images
 
 __all__ = ["VL_ARCHITECTURES", "read_vl_source", "build_vl", "VL_TEMPLATE", "VL_DEFAULT_INSTRUCTION", "exportable_qwen3_vl"]
 
@@ -50,16 +51,27 @@ VL_ARCHITECTURES = ("qwen3_vl",)
 VL_TEMPLATE = ("<|im_start|>system\n{instruction}<|im_end|>\n<|im_start|>user\n{content}<|im_end|>\n"
                "<|im_start|>assistant\n")
 VL_DEFAULT_INSTRUCTION = "Represent the user's input."
+# Qwen3-VL-Reranker's chat (src/models/qwen3_vl_reranker.py and examples/reranker_template.jinja):
+# the judge prompt as the system turn; the user turn's content is the rerank template, whose
+# parts the processor's chat template joins with nothing between them; the score is read at
+# the end of the assistant's opening.
+VL_RERANK_CHAT = ("<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
+                  "Instruct provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n"
+                  "<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n")
+VL_RERANK_TEMPLATE = "<Instruct>: {instruction}<Query>:{query}\n<Document>:{document}"
+VL_RERANK_DEFAULT_INSTRUCTION = "Given a search query, retrieve relevant candidates that answer the query."
 VISION_OUTPUTS = ("image_embeds", "deepstack")
 _TEXT_PROBES = 48
 _MIXED_PROBES = 12
 _BATCH = 8
+_DOCUMENTS_PER_QUERY = 6
 
 
 def read_vl_source(path: Path, config: dict[str, Any], tokenizer: Tokenizer, tok_config: dict[str, Any], *,
                    model_id: str | None, revision: str | None, max_length: int | None,
-                   copied: tuple[str, ...], max_pixels: int | None = None) -> Any:
-    """The draft manifest of a Qwen3-VL embedding model directory.
+                   copied: tuple[str, ...], max_pixels: int | None = None, task: str = "embed") -> Any:
+    """The draft manifest of a Qwen3-VL embedding model directory, or of a Qwen3-VL-Reranker
+    (`task` "rerank": the judge chat, and one logit, h_last . (W[yes] - W[no])).
 
     Image bounds: Qwen3-VL-Embedding's own (4 to 1800 blocks of 32 x 32 pixels, which its code
     passes to the processor over the directory's generic Qwen3-VL ones), unless the
@@ -103,6 +115,28 @@ def read_vl_source(path: Path, config: dict[str, Any], tokenizer: Tokenizer, tok
     if pad_id is None:
         pad_id = tokenizer.token_to_id("<|endoftext|>") or 0
     side = int(round(int(vision.get("num_position_embeddings", 2304)) ** 0.5))
+    vl = VLSpec(template=VL_TEMPLATE, merge_size=merge, position_table_side=side,
+                deepstack_layers=len(vision.get("deepstack_visual_indexes") or (8, 16, 24)), **tokens)
+    if task == "rerank":
+        from .source import RERANK_OUTPUT
+
+        yes, no = tokenizer.token_to_id("yes"), tokenizer.token_to_id("no")
+        if yes is None or no is None:
+            raise ExportError(f"{path}: a Qwen3-VL reranker scores the tokens 'yes' and 'no', and this tokenizer "
+                              "has no single token for one of them")
+        manifest = Manifest(
+            task="rerank", model_id=model_id or path.name, revision=revision, architecture="qwen3_vl",
+            pooling="last_token",
+            # Right padding, where the reference pads left: alone and in a batch a pair's
+            # attention runs over the same positions, so its score never moves with its neighbours.
+            padding_side="right", append_eos=False, eos_token_id=tokenizer.token_to_id("<|im_end|>"),
+            pad_token_id=int(pad_id), max_length=max_length or natural, dim=1, matryoshka_min_dim=None,
+            instruction_template=None, default_instruction=None, graph_inputs=DECODER_INPUTS,
+            graph_output=RERANK_OUTPUT, modalities=("text", "image"), image=spec,
+            rerank=RerankSpec(format="template", template=VL_RERANK_TEMPLATE,
+                              default_instruction=VL_RERANK_DEFAULT_INSTRUCTION, yes_token_id=yes, no_token_id=no),
+            vl=dataclasses.replace(vl, template=VL_RERANK_CHAT, hidden_size=hidden))
+        return SourceModel(path=path, copied_files=(*copied, "preprocessor_config.json"), manifest=manifest)
     manifest = Manifest(
         model_id=model_id or path.name,
         revision=revision,
@@ -120,8 +154,7 @@ def read_vl_source(path: Path, config: dict[str, Any], tokenizer: Tokenizer, tok
         graph_inputs=DECODER_INPUTS,
         modalities=("text", "image"),
         image=spec,
-        vl=VLSpec(template=VL_TEMPLATE, merge_size=merge, position_table_side=side,
-                  deepstack_layers=len(vision.get("deepstack_visual_indexes") or (8, 16, 24)), **tokens),
+        vl=vl,
     )
     return SourceModel(path=path, copied_files=(*copied, "preprocessor_config.json"), manifest=manifest)
 
@@ -160,7 +193,9 @@ def exportable_qwen3_vl():
         mq.Qwen3VLVisionAttention.forward, mq.Qwen3VLTextModel._deepstack_process = saved
 
 
-def _graph_modules(model: Any) -> tuple[Any, Any]:
+def _graph_modules(model: Any, direction: Any = None) -> tuple[Any, Any]:
+    """The vision and decoder graphs' modules; with `direction` (a reranker's W[yes] - W[no])
+    the decoder's one output is the pair's logit, h_last . direction."""
     import torch
 
     class VisionGraphModule(torch.nn.Module):
@@ -185,8 +220,8 @@ def _graph_modules(model: Any) -> tuple[Any, Any]:
             hidden = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
                                          position_ids=position_ids, visual_pos_masks=image_rows,
                                          deepstack_visual_embeds=list(deepstack.unbind(0))).last_hidden_state
-            last = attention_mask.sum(1) - 1
-            return hidden[torch.arange(hidden.shape[0]), last]
+            last = hidden[torch.arange(hidden.shape[0]), attention_mask.sum(1) - 1]
+            return last if direction is None else (last @ direction).unsqueeze(-1)
 
     return VisionGraphModule().eval(), DecoderGraphModule().eval()
 
@@ -257,7 +292,7 @@ class _Graphs:
 
         def run(seqs: list[VLInput]) -> np.ndarray:
             feeds = decoder_feeds(seqs, self.manifest, lambda f: tuple(vis.run(None, f)))
-            return dec.run(["sentence_embedding"], feeds)[0]
+            return dec.run([self.manifest.graph_output], feeds)[0]
 
         return run
 
@@ -304,23 +339,21 @@ def _judge_mlx(precision: str, weights: Path, recipe: dict, manifest: Manifest, 
                    parity=parity)
 
 
-def build_vl(source: Any, work: Path, wanted: tuple[str, ...], gates: Gates,
-             progress: Callable[[str], None]) -> Manifest:
-    """Export both graphs, gate every variant on text, image and mixed probes (an MLX variant,
-    the text path, on the text probes), write the bundle."""
-    import torch
-    from transformers import AutoImageProcessor, AutoModel
+@dataclasses.dataclass
+class _Probes:
+    """The probe inputs as the graphs read them, the images each holds in order (for the
+    model's own processor), their names, and which rows the gates read."""
 
-    from .quantize import INT4_BLOCK_SIZES, quantize_int4, quantize_per_token_int8, to_fp16
+    seqs: list[VLInput]
+    originals: list[list[Image]]
+    names: list[str]
+    text_rows: list[int]
+    image_rows: list[int]
 
-    unsupported = [p for p in wanted if p not in ("fp32", "fp16", "int8", "int4", *MLX_PRECISIONS)]
-    if unsupported:
-        raise ExportError(f"{source.manifest.model_id} is a Qwen3-VL model; it exports fp32, fp16, int8, int4 and "
-                          f"the MLX text path ({', '.join(MLX_PRECISIONS)}) here, not {', '.join(unsupported)}")
-    draft = source.manifest
-    for name in source.copied_files:
-        shutil.copyfile(source.path / name, work / name)
-    encoder = VLEncoder(BundleTokenizer(work / "tokenizer.json", draft), draft)
+
+def _embed_probes(encoder: VLEncoder) -> tuple[_Probes, list[str], tuple[tuple[str, bytes], ...], list[int]]:
+    """Texts, images and image+text inputs; also the texts, the named images and the rows of
+    the images alone, which golden.npz and the retrieval gate read."""
     every = probe_texts()
     texts = every[:: max(1, len(every) // _TEXT_PROBES)][:_TEXT_PROBES]
     named = probe_images()
@@ -332,14 +365,112 @@ def build_vl(source: Any, work: Path, wanted: tuple[str, ...], gates: Gates,
                                                            for i in range(len(mixed)))]
     seqs = [encoder.encode(item, instruction=None, truncate=True, field="probe") for item in inputs]
     originals = [[] if isinstance(item, str) else [item] if isinstance(item, Image) else [item[0]] for item in inputs]
-    progress(f"{len(texts)} probe texts, {len(images)} probe images, {len(mixed)} image+text probes")
+    probes = _Probes(seqs, originals, names, list(range(len(texts))), list(range(len(texts), len(seqs))))
+    return probes, texts, named, list(range(len(texts), len(texts) + len(images)))
+
+
+def _pair_probes(encoder: VLEncoder) -> tuple[_Probes, np.ndarray, tuple[list[str], list[str]], dict[str, bytes]]:
+    """A reranker's probe pairs: 8 queries (texts, images, an image with a text) with 6
+    documents each (texts of every length, images, an image and a text in either order), so
+    every group's order is decided among all kinds. Also the query groups, the queries and
+    documents as golden.npz stores them (JSON parts) and the images they name."""
+    import json
+
+    from .probes import PROBE_CATEGORIES as categories
+    named = dict(probe_images())
+    names = list(named)
+    opened = {n: Image.open(named[n], field=f"probe image {n}") for n in names}
+    captions = [t for t in probe_texts() if len(t) < 120]
+    pool = [*categories["sentence"], *categories["passage"], *categories["multilingual"][::4], *categories["tiny"][::4]]
+    queries: list[list[tuple[str, str]]] = [[("text", q)] for q in categories["query"][:4]]
+    queries += [[("image", names[3])], [("image", names[11])], [("image", names[7]), ("text", captions[0])],
+                [("text", captions[1]), ("image", names[17])]]
+    documents, groups = [], []
+    for g in range(len(queries)):
+        for j in range(_DOCUMENTS_PER_QUERY):
+            image = ("image", names[(g * 5 + j * 7) % len(names)])
+            text = ("text", pool[(g * 11 + j * 13) % len(pool)])
+            caption = ("text", captions[(g * 3 + j + 2) % len(captions)])
+            documents.append([[text], [image], [image, caption] if g % 2 else [caption, image]][j % 3])
+            groups.append(g)
+
+    def parts(spec: list[tuple[str, str]]) -> list[Any]:
+        return [value if kind == "text" else opened[value] for kind, value in spec]
+
+    def describe(spec: list[tuple[str, str]]) -> str:
+        return " + ".join(value if kind == "text" else f"image:{value}" for kind, value in spec)
+
+    seqs, originals, pair_names, pair_queries = [], [], [], []
+    for g, query in enumerate(queries):
+        rows = [i for i, x in enumerate(groups) if x == g]
+        seqs += encoder.encode_pairs(parts(query), [parts(documents[i]) for i in rows], instruction=None,
+                                     truncate=True, field="probe documents")
+        for i in rows:
+            originals.append([opened[v] for k, v in query + documents[i] if k == "image"])
+            pair_names.append(pair_name(describe(query), describe(documents[i])))
+            pair_queries.append(query)
+    with_images = [i for i, o in enumerate(originals) if o]
+    probes = _Probes(seqs, originals, pair_names, [i for i, o in enumerate(originals) if not o], with_images)
+
+    def encoded(specs: list[list[tuple[str, str]]]) -> list[str]:
+        return [json.dumps([{kind: value} for kind, value in spec], ensure_ascii=False) for spec in specs]
+
+    used = sorted({v for spec in [*queries, *documents] for k, v in spec if k == "image"}, key=names.index)
+    return (probes, np.asarray(groups, dtype=np.int64), (encoded(pair_queries), encoded(documents)),
+            {n: named[n] for n in used})
+
+
+def build_vl(source: Any, work: Path, wanted: tuple[str, ...], gates: Gates,
+             progress: Callable[[str], None]) -> Manifest:
+    """Export both graphs, gate every variant on text, image and mixed probes (an MLX variant,
+    the text path, on the text probes), write the bundle. A reranker's variants are gated on
+    the scores and order of text, image and mixed (query, document) pairs."""
+    import torch
+    from transformers import AutoImageProcessor, AutoModel
+
+    from .quantize import INT4_BLOCK_SIZES, quantize_int4, quantize_per_token_int8, to_fp16
+
+    draft = source.manifest
+    reranker = draft.task == "rerank"
+    unsupported = [p for p in wanted if p not in ("fp32", "fp16", "int8", "int4", *(() if reranker else MLX_PRECISIONS))]
+    if unsupported:
+        what = ("a Qwen3-VL reranker; it exports fp32, fp16, int8 and int4" if reranker else
+                f"a Qwen3-VL model; it exports fp32, fp16, int8, int4 and the MLX text path ({', '.join(MLX_PRECISIONS)})")
+        raise ExportError(f"{draft.model_id} is {what} here, not {', '.join(unsupported)}")
+    for name in source.copied_files:
+        shutil.copyfile(source.path / name, work / name)
+    encoder = VLEncoder(BundleTokenizer(work / "tokenizer.json", draft), draft)
+    if reranker:
+        probes, groups, golden_pairs, golden_images = _pair_probes(encoder)
+        progress(f"{len(probes.seqs)} probe pairs: {len(set(groups.tolist()))} queries x "
+                 f"{_DOCUMENTS_PER_QUERY} documents ({len(probes.image_rows)} with images)")
+    else:
+        probes, texts, named, just_images = _embed_probes(encoder)
+        progress(f"{len(texts)} probe texts, {len(named)} probe images, {len(probes.image_rows) - len(named)} "
+                 "image+text probes")
+    seqs, names, text_rows, image_rows = probes.seqs, probes.names, probes.text_rows, probes.image_rows
 
     progress("running the PyTorch reference (the model's own forward and image processor)")
+    direction = None
     with _quiet_transformers():
-        model = AutoModel.from_pretrained(str(source.path), dtype=torch.float32).eval()
+        if reranker:
+            from transformers import Qwen3VLForConditionalGeneration
+
+            full = Qwen3VLForConditionalGeneration.from_pretrained(str(source.path), dtype=torch.float32).eval()
+            weight = full.get_output_embeddings().weight.detach()
+            # Qwen3-VL-Reranker's score head: one row, logit(yes) - logit(no); the vocabulary-wide
+            # head never ships.
+            direction = (weight[draft.rerank.yes_token_id] - weight[draft.rerank.no_token_id]).clone()
+            model = full.model
+            del full, weight
+        else:
+            model = AutoModel.from_pretrained(str(source.path), dtype=torch.float32).eval()
         processor = AutoImageProcessor.from_pretrained(str(source.path), use_fast=False)
     bounds = {"shortest_edge": draft.image.min_pixels, "longest_edge": draft.image.max_pixels}
-    reference = _reference(model, processor, seqs, originals, progress, bounds)
+    reference = _reference(model, processor, seqs, probes.originals, progress, bounds)
+    if direction is not None:
+        with torch.no_grad():
+            reference = (torch.from_numpy(reference) @ direction).unsqueeze(-1).numpy()
     mlx_wanted = [p for p in wanted if p in MLX_PRECISIONS]
     mlx_recipes: dict[str, dict] = {}
     if mlx_wanted:
@@ -350,7 +481,7 @@ def build_vl(source: Any, work: Path, wanted: tuple[str, ...], gates: Gates,
                                            p.removeprefix("mlx-")) for p in mlx_wanted}
 
     progress("exporting the vision and decoder graphs (TorchScript)")
-    vision_module, decoder_module = _graph_modules(model)
+    vision_module, decoder_module = _graph_modules(model, direction)
     first_image = next(s for s in seqs if s.images)
     vision_sample = vision_feeds(first_image.images[0], draft)
     vision_path, decoder_path = work / "vision.fp32.onnx", work / "model.fp32.onnx"
@@ -359,24 +490,21 @@ def build_vl(source: Any, work: Path, wanted: tuple[str, ...], gates: Gates,
     with torch.no_grad(), exportable_qwen3_vl():
         sample_vision = tuple(t.numpy() for t in vision_module(*(torch.from_numpy(a) for a in vision_sample.values())))
     sample = decoder_feeds([first_image, seqs[0]], draft, lambda f: sample_vision)
-    _export(decoder_module, sample, ("sentence_embedding",), decoder_path,
+    _export(decoder_module, sample, (draft.graph_output,), decoder_path,
             {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
              "position_ids": {1: "batch", 2: "sequence"}, "image_rows": {0: "batch", 1: "sequence"},
-             "image_embeds": {0: "rows"}, "deepstack": {1: "rows"}, "sentence_embedding": {0: "batch"}})
+             "image_embeds": {0: "rows"}, "deepstack": {1: "rows"}, draft.graph_output: {0: "batch"}})
     del model, vision_module, decoder_module
 
     graphs = _Graphs(draft)
-    text_rows = list(range(len(texts)))
-    image_rows = list(range(len(texts), len(seqs)))
-    query_rows = text_rows[: min(len(text_rows), 32)]
-    just_images = list(range(len(texts), len(texts) + len(images)))
+    batch_rows = sorted(set(text_rows[::6] + image_rows[::6]))
 
-    def judge(precision: str, decoder: Path, vision: Path, recipe: dict, vision_precision: str) -> tuple[Parity, Parity]:
-        run = graphs.runner(decoder, vision, recipe.get("session_config"))
+    def judge_vectors(precision: str, run: Callable[[list[VLInput]], np.ndarray]) -> tuple[Parity, Parity]:
         vectors = graphs.vectors(run, seqs)
-        batch = graphs.batch_cos(run, [seqs[i] for i in sorted(set(text_rows[::6] + image_rows[::6]))])
+        batch = graphs.batch_cos(run, [seqs[i] for i in batch_rows])
         retrieval = None
         if precision in ("int8", "int4"):
+            query_rows = text_rows[: min(len(text_rows), 32)]
             retrieval = measure_retrieval((reference[query_rows], reference[just_images]),
                                           (vectors[query_rows], vectors[just_images]),
                                           np.zeros(len(query_rows), dtype=np.int64), [names[i] for i in query_rows],
@@ -393,26 +521,46 @@ def build_vl(source: Any, work: Path, wanted: tuple[str, ...], gates: Gates,
             if retrieval is not None:
                 line += f", text->image top-{retrieval.topk} kept {retrieval.topk_kept:.3f}"
             progress(line)
-        check_gate(precision, text_parity, gates)
-        check_gate(precision, image_parity, gates)
         return text_parity, image_parity
 
+    def judge_scores(precision: str, run: Callable[[list[VLInput]], np.ndarray]) -> tuple[ScoreParity, ScoreParity]:
+        logits = graphs.vectors(run, seqs)
+        picked = [seqs[i] for i in batch_rows]
+        batch = alone_vs_batch_diff(np.vstack([run([s]) for s in picked]), run(picked), draft.rerank.activation)
+        every = dataclasses.replace(measure_score_parity(reference, logits, groups, names, draft.rerank.activation),
+                                    batch_diff_max=batch)
+        with_images = dataclasses.replace(
+            measure_score_parity(reference[image_rows], logits[image_rows], groups[image_rows],
+                                 [names[i] for i in image_rows], draft.rerank.activation), batch_diff_max=batch)
+        progress(f"{precision} parity on {len(seqs)} pairs: score diff max {every.score_diff_max:.2e} mean "
+                 f"{every.score_diff_mean:.2e}, Kendall tau min {every.kendall_tau_min:.3f} mean "
+                 f"{every.kendall_tau_mean:.3f}, top-1 kept {every.top1_agreement:.3f}, alone vs batch "
+                 f"{every.batch_diff_max:.2e}; pairs with images: score diff max {with_images.score_diff_max:.2e}")
+        return every, with_images
+
+    def judge(precision: str, decoder: Path, vision: Path, recipe: dict) -> tuple[Any, Any]:
+        run = graphs.runner(decoder, vision, recipe.get("session_config"))
+        whole, with_images = (judge_scores if reranker else judge_vectors)(precision, run)
+        check_gate(precision, whole, gates)
+        check_gate(precision, with_images, gates)
+        return whole, with_images
+
     fp32_recipe = {"method": "torch.onnx.export (TorchScript), edge-embed's Qwen3-VL split", "batch_invariant": True}
-    built: dict[str, tuple[Path, dict, Parity, Path, dict, Parity, str]] = {}
-    tp, ip = judge("fp32", decoder_path, vision_path, fp32_recipe, "fp32")
+    built: dict[str, tuple[Path, dict, Any, Path, dict, Any, str]] = {}
+    tp, ip = judge("fp32", decoder_path, vision_path, fp32_recipe)
     built["fp32"] = (decoder_path, fp32_recipe, tp, vision_path, fp32_recipe, ip, "fp32")
     if "fp16" in wanted:
         progress("converting both graphs to FP16")
         d16, v16 = work / "model.fp16.onnx", work / "vision.fp16.onnx"
         recipe = to_fp16(decoder_path, d16)
         to_fp16(vision_path, v16)
-        tp, ip = judge("fp16", d16, v16, recipe, "fp16")
+        tp, ip = judge("fp16", d16, v16, recipe)
         built["fp16"] = (d16, recipe, tp, v16, recipe, ip, "fp16")
     if "int8" in wanted:
         progress("quantizing the decoder to INT8 (per token); the vision tower stays FP32")
         d8 = work / "model.int8.onnx"
         recipe = {**quantize_per_token_int8(decoder_path, d8), "batch_invariant": True}
-        tp, ip = judge("int8", d8, vision_path, recipe, "fp32")
+        tp, ip = judge("int8", d8, vision_path, recipe)
         built["int8"] = (d8, recipe, tp, vision_path, fp32_recipe, ip, "fp32")
     if "int4" in wanted:
         # Weight-only: what makes an 8B decoder fit a small device. The block sizes in
@@ -423,7 +571,7 @@ def build_vl(source: Any, work: Path, wanted: tuple[str, ...], gates: Gates,
                      "stays FP32")
             recipe = quantize_int4(decoder_path, d4, block_size=block)
             try:
-                tp, ip = judge("int4", d4, vision_path, recipe, "fp32")
+                tp, ip = judge("int4", d4, vision_path, recipe)
             except GateError as miss:
                 misses.append(miss)
                 continue
@@ -442,12 +590,14 @@ def build_vl(source: Any, work: Path, wanted: tuple[str, ...], gates: Gates,
             vision_path.unlink()
         del built["fp32"]
 
-    save_golden_with_images(work, texts, reference[text_rows], named, reference[just_images])
+    if reranker:
+        save_golden_pairs_with_images(work, *golden_pairs, groups, reference, golden_images)
+    else:
+        save_golden_with_images(work, texts, reference[text_rows], named, reference[just_images])
     variants = {
         precision: image_variant(precision, d_path, d_recipe, d_parity, v_path, v_recipe, v_parity, v_precision,
-                                 gates, vision_gate=precision)  # images run through the decoder too
+                                 gates, vision_gate=precision, task=draft.task)  # images run through the decoder too
         for precision, (d_path, d_recipe, d_parity, v_path, v_recipe, v_parity, v_precision) in built.items()
     }
     variants.update(mlx_built)
     return finish_bundle(work, draft, [*source.copied_files, GOLDEN_FILE], variants)
-

@@ -11,10 +11,10 @@ import numpy as np
 
 from .. import __version__
 from ..bundle import GOLDEN_FILE, MANIFEST_FILE, file_sha256
-from ..manifest import Manifest, Parity, Variant, VisionGraph
+from ..manifest import Manifest, Parity, ScoreParity, Variant, VisionGraph
 from ..parity import Gates
 
-__all__ = ["finish_bundle", "image_variant", "save_golden_with_images"]
+__all__ = ["finish_bundle", "image_variant", "save_golden_with_images", "save_golden_pairs_with_images"]
 
 
 def finish_bundle(work: Path, draft: Manifest, shared: list[str], variants: dict[str, Variant]) -> Manifest:
@@ -36,22 +36,23 @@ def finish_bundle(work: Path, draft: Manifest, shared: list[str], variants: dict
     return manifest
 
 
-def image_variant(precision: str, graph: Path, recipe: dict[str, Any], parity: Parity, vision: Path,
-                  vision_recipe: dict[str, Any], vision_parity: Parity, vision_precision: str, gates: Gates,
-                  *, vision_gate: str) -> Variant:
+def image_variant(precision: str, graph: Path, recipe: dict[str, Any], parity: Parity | ScoreParity, vision: Path,
+                  vision_recipe: dict[str, Any], vision_parity: Parity | ScoreParity, vision_precision: str,
+                  gates: Gates, *, vision_gate: str, task: str = "embed") -> Variant:
     """A variant of a bundle that reads images: its text or decoder graph, and its vision graph
     with the precision it runs at and the gate (`vision_gate`: a precision) its images are
-    judged by. Its bytes are both graphs': what loading it reads."""
+    judged by. Its bytes are both graphs': what loading it reads. A reranker's parities are
+    on scores (the vision graph's: the pairs that hold images)."""
     from .graph import MIN_ONNXRUNTIME, ONNX_OPSET
 
     return Variant(
         precision=precision, file=graph.name, sha256=file_sha256(graph),
         bytes=graph.stat().st_size + vision.stat().st_size, format="onnx",
         opset=recipe.get("opset", ONNX_OPSET), min_onnxruntime=MIN_ONNXRUNTIME,
-        recipe={**recipe, "gate": gates.record(precision)}, parity=parity,
+        recipe={**recipe, "gate": gates.record(precision, task)}, parity=parity,
         vision=VisionGraph(file=vision.name, sha256=file_sha256(vision), bytes=vision.stat().st_size,
                            precision=vision_precision, parity=vision_parity,
-                           recipe={**vision_recipe, "gate": gates.record(vision_gate)}),
+                           recipe={**vision_recipe, "gate": gates.record(vision_gate, task)}),
     )
 
 
@@ -64,3 +65,15 @@ def save_golden_with_images(work: Path, texts: list[str], text_vectors: np.ndarr
              image_names=np.array([n for n, _ in images]),
              image_bytes=np.frombuffer(b"".join(d for _, d in images), dtype=np.uint8).copy(),
              image_offsets=offsets, image_vectors=image_vectors)
+
+
+def save_golden_pairs_with_images(work: Path, queries: list[str], documents: list[str], groups: np.ndarray,
+                                  logits: np.ndarray, images: dict[str, bytes]) -> None:
+    """golden.npz of a vision-language reranker: each query and document as JSON parts
+    ({"text": ...} or {"image": name}), the images they name (encoded bytes, as
+    save_golden_with_images stores them), the query groups and the FP32 reference logits."""
+    offsets = np.cumsum([0] + [len(d) for d in images.values()]).astype(np.int64)
+    np.savez(work / GOLDEN_FILE, queries=np.array(queries), documents=np.array(documents),
+             groups=np.asarray(groups, dtype=np.int64), logits=np.asarray(logits, dtype=np.float32).reshape(-1),
+             image_names=np.array(list(images)),
+             image_bytes=np.frombuffer(b"".join(images.values()), dtype=np.uint8).copy(), image_offsets=offsets)

@@ -234,6 +234,24 @@ def qwen3_vl_bundle(qwen3_vl_source: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen3_vl_reranker_source() -> Path:
+    return _cached("qwen3-vl-reranker-source", lambda dest: build_tiny_qwen3_vl(dest, reranker=True))
+
+
+@pytest.fixture(scope="session")
+def qwen3_vl_reranker_bundle(qwen3_vl_reranker_source: Path) -> Path:
+    from edge_embed.export import export
+
+    from edge_embed.export import Gates
+
+    # Random weights leave near-ties among a query's documents, which a quantized variant
+    # may swap (a trained judge separates them); the score gates stay the defaults.
+    return _cached("qwen3-vl-reranker", lambda dest: export(
+        qwen3_vl_reranker_source, dest / "bundle", "fp32,fp16,int8", model_id="tiny-qwen3-vl-reranker",
+        gates=Gates(**RANDOM_RERANKER_GATES))) / "bundle"
+
+
+@pytest.fixture(scope="session")
 def siglip_source() -> Path:
     return _cached("siglip-source", lambda dest: build_tiny_dual_encoder(dest, "siglip"))
 
@@ -246,12 +264,18 @@ def siglip_bundle(siglip_source: Path) -> Path:
                                                  model_id="tiny-siglip")) / "bundle"
 
 
-def build_tiny_qwen3_vl(dest: Path) -> None:
+def build_tiny_qwen3_vl(dest: Path, *, reranker: bool = False) -> None:
     """A Qwen3VLModel with 3 decoder and 3 vision layers (DeepStack after each of the first
     three), random weights, Qwen's real tokenizer (<|image_pad|> and <|vision_start|> included)
-    and Qwen3-VL's image processor at 64x64 to 256x256 pixels."""
+    and Qwen3-VL's image processor at 64x64 to 256x256 pixels.
+
+    `reranker`: Qwen3-VL-Reranker's layout, the same model as a Qwen3VLForConditionalGeneration
+    with its own LM head, whose "yes" and "no" rows are drawn wide, their difference without
+    the component along the hidden states' common mean, so that the probe pairs' scores
+    spread around 0.5 (as a trained judge's do) instead of sitting all near 0 or 1."""
     import torch
-    from transformers import Qwen3VLConfig, Qwen3VLModel
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLModel
+    from tokenizers import Tokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     shutil.copyfile(qwen_tokenizer_dir() / "tokenizer.json", dest / "tokenizer.json")
@@ -266,7 +290,25 @@ def build_tiny_qwen3_vl(dest: Path) -> None:
                            patch_size=16, spatial_merge_size=2, deepstack_visual_indexes=[0, 1, 2],
                            num_position_embeddings=64))
     torch.manual_seed(0)
-    Qwen3VLModel(config).save_pretrained(dest)
+    if reranker:
+        config.tie_word_embeddings = False
+        model = Qwen3VLForConditionalGeneration(config)
+        tokenizer = Tokenizer.from_file(str(dest / "tokenizer.json"))
+        yes, no = tokenizer.token_to_id("yes"), tokenizer.token_to_id("no")
+        prompts = [f"<|im_start|>user\n<Query>:{q}\n<Document>:{d}<|im_end|>\n<|im_start|>assistant\n"
+                   for q in ("where is the moon tonight", "a dog") for d in ("a cat", "the lunar surface", "42")]
+        with torch.no_grad():
+            # The state the score reads: the last token's, the same template token in every pair.
+            hidden = torch.stack([model.model(input_ids=torch.tensor([tokenizer.encode(p).ids]))
+                                  .last_hidden_state[0, -1] for p in prompts])
+            mean = hidden.mean(0)
+            direction = torch.randn(64) * 0.3
+            direction -= (direction @ mean) / (mean @ mean) * mean
+            model.lm_head.weight[no] = torch.randn(64) * 0.2
+            model.lm_head.weight[yes] = model.lm_head.weight[no] + direction
+        model.save_pretrained(dest)
+    else:
+        Qwen3VLModel(config).save_pretrained(dest)
     Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,
                              image_std=[0.5] * 3).save_pretrained(dest)
     # The embedding model's own bounds (its code passes them to the processor), small here.
@@ -319,6 +361,7 @@ def qwen3_source() -> Path:
 # query, so INT4's rounding reorders them far more than it does a trained model's (kept
 # top 10: 0.67-0.84 here); the INT4 ranking bar is lowered for them. INT8 meets the defaults.
 RANDOM_MODEL_GATES = {"int4_topk_kept": 0.6, "int4_spearman": 0.6}
+RANDOM_RERANKER_GATES = {"rank_kendall_tau_mean": 0.8, "rank_top1_agreement": 0.75}
 
 
 @pytest.fixture(scope="session")
