@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import InvalidInputError
 from .memory import Footprint
-from .platform import PlatformInfo
+from .platform import GpuInfo, PlatformInfo
 from .registry import (
     PRECISIONS,
     PROCESS_BASE_BYTES,
@@ -41,8 +41,24 @@ __all__ = [
     "check",
     "check_specs",
     "default_precision",
+    "DEVICE_PROFILES",
     "render_check",
 ]
+
+_GiB = 1024**3
+# Devices a user plans for from a workstation (`check --device NAME`): what each offers, as
+# its vendor sells it; free disk is a typical figure, stated.
+DEVICE_PROFILES: dict[str, PlatformInfo] = {
+    # One A100 40 GB with a cloud instance's host (GCP a2-highgpu-1g: 12 vCPUs, 85 GB).
+    "a100-40gb": PlatformInfo(os="linux", arch="x86_64", cpu_model="profile: A100 40 GB host", cpus=12,
+                              memory_bytes=85 * 10**9, disk_free_bytes=200 * 10**9,
+                              gpus=(GpuInfo("NVIDIA A100-SXM4-40GB", 40 * _GiB),)),
+    "mac-16gb": PlatformInfo(os="darwin", arch="arm64", apple_chip="profile: Apple Silicon Mac, 16 GB", cpus=8,
+                             memory_bytes=16 * _GiB, disk_free_bytes=100 * 10**9, runtimes={"mlx": "profile"}),
+    "jetson-orin-8gb": PlatformInfo(os="linux", arch="aarch64", jetson_model="profile: Jetson Orin Nano 8 GB",
+                                    cpus=6, memory_bytes=8 * _GiB, disk_free_bytes=40 * 10**9,
+                                    gpus=(GpuInfo("Orin"),)),
+}
 
 FEASIBLE, TIGHT, NOT_FEASIBLE, UNKNOWN = "FEASIBLE", "TIGHT", "NOT FEASIBLE", "UNKNOWN"
 _ORDER = {FEASIBLE: 0, UNKNOWN: 1, TIGHT: 2, NOT_FEASIBLE: 3}
@@ -264,13 +280,19 @@ def check(
     export_here: bool = False,
     measure: bool = True,
     backend: str = "auto",
+    device: str | None = None,
 ) -> CheckReport:
-    """Verdicts for registry names, Hugging Face ids or bundle directories on this device."""
+    """Verdicts for registry names, Hugging Face ids or bundle directories on this device, or
+    on one of DEVICE_PROFILES (`device`), where bundles are estimated, not measured."""
     from .default_model import cache_dir
     from .platform import snapshot_platform
 
     if not targets:
         raise InvalidInputError("name at least one model or bundle to check")
+    if device is not None:
+        if device not in DEVICE_PROFILES:
+            raise InvalidInputError(f"device {device!r} is not one of {', '.join(DEVICE_PROFILES)}")
+        info, measure = DEVICE_PROFILES[device], False
     if info is None:
         disk = cache_dir()
         while not disk.exists() and disk != disk.parent:
@@ -312,9 +334,9 @@ def render_check(report: CheckReport) -> str:
     """The report as a table a newcomer can read top to bottom."""
     names = " + ".join(n.name for n in report.models)
     lines = [f"{names} on {report.device}", ""]
-    lines.append(f"  {'model':<40} {'kind':<9} {'precision':<9} {'memory MB':>10} {'disk MB':>9}  figures")
+    lines.append(f"  {'model':<40} {'kind':<16} {'precision':<9} {'memory MB':>10} {'disk MB':>9}  figures")
     for n in report.models:
-        lines.append(f"  {n.name[:40]:<40} {n.kind:<9} {n.precision:<9} {n.memory / 1e6:>10,.0f} "
+        lines.append(f"  {n.name[:40]:<40} {n.kind:<16} {n.precision:<9} {n.memory / 1e6:>10,.0f} "
                      f"{n.disk / 1e6:>9,.0f}  {n.source}")
     for n in report.models:
         if n.fidelity:

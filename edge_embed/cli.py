@@ -186,6 +186,8 @@ def _parser() -> argparse.ArgumentParser:
     ck.add_argument("--export-here", action="store_true",
                     help="count disk to download the source and export on this device too")
     ck.add_argument("--no-measure", action="store_true", help="estimate bundles instead of measuring them")
+    ck.add_argument("--device", choices=("a100-40gb", "mac-16gb", "jetson-orin-8gb"),
+                    help="judge for this device instead of this machine (bundles are then estimated)")
     ck.add_argument("--backend", default=_env("BACKEND", "auto"), help="backend to measure bundles on")
     ck.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -542,7 +544,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from .registry import Limits
 
     report = check(args.targets, args.precision, limits=Limits(args.max_batch_tokens, args.max_text_tokens),
-                   export_here=args.export_here, measure=not args.no_measure, backend=args.backend)
+                   export_here=args.export_here, measure=not args.no_measure, backend=args.backend,
+                   device=args.device)
     print(json.dumps(report.as_dict(), indent=2) if args.json else render_check(report))
     return _NOT_FEASIBLE_EXIT if report.verdict == NOT_FEASIBLE else 0
 

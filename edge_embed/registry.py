@@ -52,6 +52,9 @@ PRECISIONS = ("fp32", "fp16", "int8", "int4")
 _LINEAR_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5 + 4 / 32}
 # Vocabulary tables: int8 rows (one FP32 scale per row) in both quantized recipes.
 _EMBEDDING_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 1.0}
+# A vision-language model's vision tower: its INT8 and INT4 variants quantize the decoder
+# only and run the tower in FP32 (an image's features cost more to lose than to keep).
+_VISION_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 4.0, "int4": 4.0}
 # Python, numpy, tokenizers, ONNX Runtime and gRPC before any model (measured ~60 MB
 # on x86 Linux with ONNX Runtime imported; rounded up for the server's threads).
 PROCESS_BASE_BYTES = 100 * _MB
@@ -78,6 +81,14 @@ class VisionTower:
     intermediate: int
     patch: int
     max_pixels: int
+    mergers: int = 4  # the merger to the decoder's width, and one per DeepStack layer (Qwen3-VL: 3)
+
+    def params(self, out_hidden: int) -> int:
+        """Its linear weights: per block Q/K/V/O (4·h²) and the FFN pair (2·h·I); per merger
+        the 2 x 2 patch concatenation's two layers (4h x 4h, 4h x the decoder's width)."""
+        block = 4 * self.hidden**2 + 2 * self.hidden * self.intermediate
+        merger = (4 * self.hidden) ** 2 + 4 * self.hidden * out_hidden
+        return self.layers * block + self.mergers * merger
 
     def patches(self, max_pixels: int | None = None) -> int:
         return (max_pixels or self.max_pixels) // (self.patch * self.patch)
@@ -129,8 +140,10 @@ class ModelSpec:
 
     def weight_bytes(self, precision: str) -> int:
         _check_precision(precision)
-        linear = max(self.params - self.embedding_params, 0)
-        return int(linear * _LINEAR_BYTES[precision] + self.embedding_params * _EMBEDDING_BYTES[precision])
+        vision = self.vision.params(self.hidden) if self.vision is not None else 0
+        linear = max(self.params - self.embedding_params - vision, 0)
+        return int(linear * _LINEAR_BYTES[precision] + self.embedding_params * _EMBEDDING_BYTES[precision]
+                   + vision * _VISION_BYTES[precision])
 
     def activation_bytes(self, limits: Limits = Limits()) -> int:
         t = limits.max_batch_tokens
@@ -226,6 +239,10 @@ REGISTRY: dict[str, ModelSpec] = {
                matryoshka_dims=(256, 512, 768, 1024, 1536, 2048, 3072, 4096), family="qwen3-vl-embedding",
                planning_mb=16_000, planning_precision="fp16", vision=_QWEN3_VL_8B_VISION,
                note="includes the vision tower; activations here are for text inputs"),
+        _qwen3("qwen3-vl-reranker-2b", "reranker", 2_127_532_032, 2048, 28, 16, 6144,
+               hf_id="Qwen/Qwen3-VL-Reranker-2B", modality="text+image", vocab=_QWEN_VL_VOCAB, family="qwen3-vl-reranker",
+               vision=dataclasses.replace(_QWEN3_VL_2B_VISION, max_pixels=1280 * 1024),
+               note="scores (query, document) pairs; includes the vision tower"),
         _qwen3("qwen3-vl-reranker-8b", "reranker", 8_767_123_696, 4096, 36, 32, 12288,
                hf_id="Qwen/Qwen3-VL-Reranker-8B", modality="text+image", vocab=_QWEN_VL_VOCAB, family="qwen3-vl-reranker",
                planning_mb=16_000, planning_precision="fp16",
@@ -269,11 +286,21 @@ REGISTRY: dict[str, ModelSpec] = {
                   license="MIT", hidden=512, layers=12, heads=8, intermediate=2048, vocab=49_408,
                   source_bytes_per_weight=4.0, family="clip", planning_mb=700, planning_precision="fp32",
                   note="text tower figures; the ViT-B/32 image tower is in the parameter count"),
+        # ColQwen3: the Qwen3-VL backbone (its parameters) plus the 320-wide projection of
+        # every token (hidden x 320 + 320).
+        ModelSpec(name="colqwen3-4b", hf_id="TomoroAI/tomoro-colqwen3-embed-4b", kind="late-interaction",
+                  modality="text+image", params=4_437_815_808 + 2560 * 320 + 320, dim=320, max_context=32_768,
+                  pooling="none: one 320-d vector per token (MaxSim)", license="Apache-2.0", hidden=2560, layers=36,
+                  heads=32, intermediate=9728, vocab=_QWEN_VL_VOCAB, family="colqwen3", vision=_QWEN3_VL_2B_VISION,
+                  note=f"multi-vector: a page of ~1,300 token vectors is ~{1300 * 320 * 2 / 1e3:.0f} kB in an "
+                       "FP16 index"),
         ModelSpec(name="colqwen3-8b", hf_id="TomoroAI/tomoro-colqwen3-embed-8b", kind="late-interaction",
-                  modality="text+image", params=8_000_000_000, dim=320, max_context=32_768,
+                  modality="text+image", params=8_767_123_696 + 4096 * 320 + 320, dim=320, max_context=32_768,
                   pooling="none: one 320-d vector per token (MaxSim)", license="Apache-2.0", hidden=4096, layers=36,
-                  heads=32, intermediate=12288, vocab=_QWEN_VL_VOCAB, family="colqwen3",
-                  note="multi-vector: index size grows with tokens per page"),
+                  heads=32, intermediate=12288, vocab=_QWEN_VL_VOCAB, family="colqwen3", vision=_QWEN3_VL_8B_VISION,
+                  planning_mb=16_800, planning_precision="fp16",
+                  note=f"multi-vector: a page of ~1,300 token vectors is ~{1300 * 320 * 2 / 1e3:.0f} kB in an "
+                       "FP16 index; its report measures W4A16 (INT4 text tower) at 7.0 GB peak"),
     )
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -31,7 +32,7 @@ def test_the_registry_covers_the_models_users_bring():
         "qwen3-vl-embedding-8b", "qwen3-reranker-0.6b", "qwen3-reranker-4b", "qwen3-reranker-8b",
         "qwen3-vl-reranker-8b", "all-minilm-l6-v2", "bge-small-en-v1.5", "bge-base-en-v1.5", "bge-m3",
         "gte-qwen2-1.5b-instruct", "stella-en-1.5b-v5", "jina-embeddings-v2-base-en", "nv-embed-v2",
-        "clip-vit-b-32", "colqwen3-8b",
+        "clip-vit-b-32", "colqwen3-8b", "colqwen3-4b", "qwen3-vl-reranker-2b",
     }
     assert set(REGISTRY) == expected
     for spec in REGISTRY.values():
@@ -187,3 +188,42 @@ def test_check_says_what_one_image_costs_a_vision_language_model():
     text = render_check(check_specs([spec], "int8", MAC_16GB))
     assert "one image at 1,843,200 pixels (7,200 patches)" in text and "--max-pixels" in text
     assert "one image" not in render_check(check_specs([find_model("qwen3-embedding-0.6b")], "int8", MAC_16GB))
+
+
+@pytest.mark.parametrize("device, model, verdicts", [
+    # fp16, int8, int4
+    ("a100-40gb", "colqwen3-8b", (FEASIBLE, FEASIBLE, FEASIBLE)),
+    ("a100-40gb", "qwen3-vl-reranker-8b", (FEASIBLE, FEASIBLE, FEASIBLE)),
+    ("mac-16gb", "colqwen3-8b", (NOT_FEASIBLE, NOT_FEASIBLE, TIGHT)),
+    ("mac-16gb", "colqwen3-4b", (NOT_FEASIBLE, FEASIBLE, FEASIBLE)),
+    ("mac-16gb", "qwen3-vl-reranker-2b", (FEASIBLE, FEASIBLE, FEASIBLE)),
+    ("jetson-orin-8gb", "colqwen3-8b", (NOT_FEASIBLE, NOT_FEASIBLE, NOT_FEASIBLE)),
+    ("jetson-orin-8gb", "colqwen3-4b", (NOT_FEASIBLE, TIGHT, FEASIBLE)),
+    ("jetson-orin-8gb", "qwen3-vl-reranker-2b", (FEASIBLE, FEASIBLE, FEASIBLE)),
+])
+def test_check_answers_for_the_devices_users_plan_for(device, model, verdicts):
+    """The visual-document stack on an A100 40 GB, a 16 GB Mac and an 8 GB Jetson: the 8B
+    models fit the A100 at 16 bits, a 16 GB Mac only at INT4 (TIGHT: Metal wires two thirds
+    of unified memory) and no 8 GB Jetson; the 4B ColQwen3 fits both at INT4."""
+    assert tuple(check([model], p, device=device).verdict for p in ("fp16", "int8", "int4")) == verdicts
+
+
+def test_a_vision_language_models_tower_stays_fp32_in_its_quantized_variants():
+    """INT8/INT4 quantize the decoder only (as the export does): the tower's weights count at
+    4 bytes there, 2 at FP16."""
+    spec = find_model("colqwen3-8b")
+    tower = spec.vision.params(spec.hidden)
+    assert 0.5e9 < tower < 0.65e9  # Qwen3-VL-8B's vision tower and its four mergers
+    text_only = dataclasses.replace(spec, vision=None)
+    assert spec.weight_bytes("fp16") == pytest.approx(text_only.weight_bytes("fp16"), rel=1e-9)
+    assert spec.weight_bytes("int4") - text_only.weight_bytes("int4") == pytest.approx(tower * (4 - 0.625), rel=1e-6)
+
+
+def test_check_cli_takes_a_device_profile():
+    done = subprocess.run([sys.executable, "-m", "edge_embed.cli", "check", "colqwen3-4b", "--device", "jetson-orin-8gb",
+                           "--precision", "int4", "--json"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["verdict"] == FEASIBLE and "Jetson Orin Nano 8 GB" in report["device"]
+    with pytest.raises(Exception, match="is not one of"):
+        check(["colqwen3-4b"], device="raspberry-pi")
