@@ -54,7 +54,7 @@ def _workloads(bundle: Bundle, settings: BenchSettings) -> list[tuple[str, list[
     manifest = bundle.manifest
     if manifest.task == "rerank":
         queries, documents, groups, _ = bundle.golden_pairs()
-        pairs = [(queries[i], documents[i]) for i in range(len(queries))]
+        pairs = [(int(groups[i]), queries[i], documents[i]) for i in range(len(queries))]
         return [("pairs", [pairs[i % len(pairs)] for i in range(settings.text_samples)])]
     texts, _ = bundle.golden()
     out: list[tuple[str, list[Any]]] = [("texts", [texts[i % len(texts)] for i in range(settings.text_samples)])]
@@ -74,9 +74,16 @@ def _runner(provider: Any, kind: str) -> Callable[[list[Any]], None]:
     if kind == "images":
         return lambda batch: provider.embed([Image.open(blob, field="image") for blob in batch])
     if kind == "pairs":
-        def rerank(batch: list[tuple[str, str]]) -> None:
-            for query in dict.fromkeys(q for q, _ in batch):
-                provider.rerank(query, [d for q, d in batch if q == query])
+        def opened(item: Any) -> Any:
+            """A golden text as it is; a vision-language reranker's parts with their images read."""
+            if isinstance(item, str):
+                return item
+            return [p if isinstance(p, str) else Image.open(p.data, field="image") for p in item]
+
+        def rerank(batch: list[tuple[int, Any, Any]]) -> None:
+            for group in dict.fromkeys(g for g, _, _ in batch):
+                rows = [(q, d) for g, q, d in batch if g == group]
+                provider.rerank(opened(rows[0][0]), [opened(d) for _, d in rows])
         return rerank
     return lambda batch: provider.embed(batch)
 

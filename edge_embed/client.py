@@ -140,7 +140,7 @@ def _request(texts, instruction, dimensions, normalize, truncate, model) -> pb.E
     return pb.EmbedRequest(items=[_item(t, i) for i, t in enumerate(texts)], **options)
 
 
-def _item(value: object, index: int) -> pb.Input:
+def _item(value: object, index: int, field: str = "texts") -> pb.Input:
     """A str, an edge_embed.Image, or a list of both (one mixed input) as a typed Input."""
     if isinstance(value, str):
         return pb.Input(text=value)
@@ -154,9 +154,9 @@ def _item(value: object, index: int) -> pb.Input:
             elif isinstance(part, Image):
                 parts.append(pb.Part(image=part.data))
             else:
-                raise InvalidInputError(f"texts[{index}] holds a {type(part).__name__}; parts are str or Image")
+                raise InvalidInputError(f"{field}[{index}] holds a {type(part).__name__}; parts are str or Image")
         return pb.Input(parts=pb.Parts(parts=parts))
-    raise InvalidInputError(f"texts[{index}] must be a str, an edge_embed.Image or a list of both, got "
+    raise InvalidInputError(f"{field}[{index}] must be a str, an edge_embed.Image or a list of both, got "
                             f"{type(value).__name__}")
 
 
@@ -231,10 +231,21 @@ def _stubs(channel) -> tuple:
             stub("Rerank", pb.RerankRequest, pb.RerankResponse))
 
 
-def _rerank_request(query: str, documents: Sequence[str], instruction: str | None, top_n: int | None,
+def _rerank_request(query: object, documents: Sequence[object], instruction: str | None, top_n: int | None,
                     return_documents: bool, model: str | None) -> pb.RerankRequest:
-    return pb.RerankRequest(query=query, documents=list(documents), instruction=instruction or "",
-                            top_n=top_n or 0, return_documents=return_documents, model=model or "")
+    """Texts go as texts; a query or documents holding images (for a reranker that reads
+    them) go as typed inputs."""
+    if isinstance(documents, str):
+        raise InvalidInputError("documents must be a list, not a single string")
+    documents = list(documents)
+    options = dict(instruction=instruction or "", top_n=top_n or 0, return_documents=return_documents,
+                   model=model or "")
+    typed = {} if isinstance(query, str) else {"query_item": _item(query, 0, "query")}
+    if all(isinstance(d, str) for d in documents):
+        return pb.RerankRequest(query=query if not typed else "", documents=documents, **typed, **options)
+    return pb.RerankRequest(query=query if not typed else "",
+                            document_items=[_item(d, i, "documents") for i, d in enumerate(documents)], **typed,
+                            **options)
 
 
 def _tokenize_request(texts: Sequence[str], instruction: str | None, model: str | None) -> pb.TokenizeRequest:
@@ -280,10 +291,11 @@ class EmbedClient:
         o = {"instruction": None, "dimensions": None, "normalize": True, "truncate": True, "model": None, **options}
         return self._call(self._embed, _request(texts, **o))
 
-    def rerank(self, query: str, documents: Sequence[str], *, instruction: str | None = None,
-               top_n: int | None = None, return_documents: bool = False,
+    def rerank(self, query: str | Image | Sequence[str | Image], documents: Sequence[object], *,
+               instruction: str | None = None, top_n: int | None = None, return_documents: bool = False,
                model: str | None = None) -> pb.RerankResponse:
-        """Scores of `documents` for `query` from a reranker, best first (`top_n` of them)."""
+        """Scores of `documents` for `query` from a reranker, best first (`top_n` of them); a
+        reranker that reads images takes images and mixes (lists of str and Image) too."""
         return self._call(self._rerank, _rerank_request(query, documents, instruction, top_n, return_documents, model))
 
     def tokenize(self, texts: Sequence[str], *, instruction: str | None = None,
@@ -336,8 +348,8 @@ class AsyncEmbedClient:
         o = {"instruction": None, "dimensions": None, "normalize": True, "truncate": True, "model": None, **options}
         return await self._call(self._embed, _request(texts, **o))
 
-    async def rerank(self, query: str, documents: Sequence[str], *, instruction: str | None = None,
-                     top_n: int | None = None, return_documents: bool = False,
+    async def rerank(self, query: str | Image | Sequence[str | Image], documents: Sequence[object], *,
+                     instruction: str | None = None, top_n: int | None = None, return_documents: bool = False,
                      model: str | None = None) -> pb.RerankResponse:
         return await self._call(self._rerank,
                                 _rerank_request(query, documents, instruction, top_n, return_documents, model))

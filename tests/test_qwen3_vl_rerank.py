@@ -5,15 +5,27 @@ hidden state times W[yes] - W[no], a sigmoid) on the whole prompt as Qwen's toke
 
 from __future__ import annotations
 
-import numpy as np
+import base64
+import json
+import random
+import re
+
+import grpc
 import onnx
 import pytest
 
 import edge_embed
+from edge_embed.client import EmbedClient
 from edge_embed.errors import InvalidInputError
 from edge_embed.images import Image
 from edge_embed.manifest import Manifest
-from tests.conftest import skimage_photo
+from edge_embed.v1 import embed_pb2 as pb
+from edge_embed.v1 import embed_pb2_grpc
+
+from .conftest import skimage_photo
+from .servers import running_server
+from .test_http import post
+from .test_image_serving import _malformed, _seed_images
 
 pytestmark = pytest.mark.slow
 
@@ -181,3 +193,136 @@ def test_long_documents_lose_their_end_and_bad_pairs_are_refused(qwen3_vl_rerank
         provider.rerank("q", ["a"], instruction="  ")
     with pytest.raises(Exception, match="cannot embed"):
         provider.embed(["a"])
+
+
+# -- over the wire ------------------------------------------------------------------------------
+
+
+def _data_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _http_rerank(port: int, payload: dict) -> tuple[int, dict]:
+    status, _, body = post(port, "/v1/rerank", json.dumps(payload).encode())
+    return status, body
+
+
+def test_image_pairs_over_grpc_and_http_equal_in_process_bit_for_bit(qwen3_vl_reranker_bundle, qwen3_reranker_bundle):
+    provider = edge_embed.load(qwen3_vl_reranker_bundle, precision="fp32")
+    moon, coffee = skimage_photo("moon.png").read_bytes(), skimage_photo("coffee.png").read_bytes()
+    query = [Image.open(moon), "which photo shows this?"]
+    documents = ["a photo of the full moon", Image.open(coffee), ["the moon: ", Image.open(moon)]]
+    local = provider.rerank(query, documents)
+    with running_server(provider, http_port=0) as (edge, target):
+        with EmbedClient(target) as client:
+            response = client.rerank(query, documents, return_documents=True)
+            assert [(r.index, r.score) for r in response.results] == [(r.index, r.score) for r in local]
+            assert response.results[[r.index for r in response.results].index(1)].document_item.image == coffee
+            text = client.rerank("the moon", ["a photo of the full moon", "coffee"])
+            assert [r.score for r in text.results] == [r.score for r in provider.rerank("the moon", [
+                "a photo of the full moon", "coffee"])]
+            assert list(client.info().modalities) == ["text", "image"]
+        moon_part = {"type": "image_url", "image_url": {"url": _data_uri(moon)}}
+        coffee_part = {"type": "image_url", "image_url": {"url": _data_uri(coffee)}}
+        sent = ["a photo of the full moon", coffee_part, {"content": [{"type": "text", "text": "the moon: "}, moon_part]}]
+        status, body = _http_rerank(edge.http_port, {"query": [moon_part, {"type": "text", "text": "which photo shows this?"}],
+                                                     "documents": sent, "return_documents": True})
+        assert status == 200, body
+        assert [(r["index"], r["relevance_score"]) for r in body["results"]] == [(r.index, r.score) for r in local]
+        assert {r["index"]: r["document"] for r in body["results"]} == {
+            0: {"text": sent[0]}, 1: coffee_part, 2: sent[2]}
+        for payload, why in [
+            ({"query": {"content": []}, "documents": ["a"]}, "empty list of content parts"),
+            ({"query": "q", "documents": [{"text": "a", "x": 1}]}, r"documents\[0\] must be"),
+            ({"query": "q", "documents": [7]}, r"documents\[0\] must be a string"),
+            ({"query": "q", "documents": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]},
+             "does not fetch image URLs"),
+            ({"query": "q", "documents": [[]]}, "empty list of content parts"),
+        ]:
+            status, body = _http_rerank(edge.http_port, payload)
+            assert status == 400 and re.search(why, body["error"]["message"]), body
+    text_reranker = edge_embed.load(qwen3_reranker_bundle, precision="fp32")
+    with running_server(text_reranker) as (edge, target), EmbedClient(target) as client:
+        with pytest.raises(edge_embed.InvalidInputError, match="holds images, and .* reads text only"):
+            client.rerank("q", ["a", Image.open(coffee)])
+        with pytest.raises(edge_embed.InvalidInputError, match="query holds images"):
+            client.rerank(Image.open(coffee), ["a"])
+
+
+def _hostile_rerank(rng: random.Random, seeds: list[bytes]) -> tuple[pb.RerankRequest, dict]:
+    """One hostile rerank request for each transport: malformed images in the query or the
+    documents, empty or mistyped parts, both forms of a field at once, over-long texts."""
+    bad = _malformed(rng, seeds)
+    kind = rng.randrange(8)
+    good_image = seeds[0]
+    if kind == 0:
+        request = pb.RerankRequest(query_item=pb.Input(image=bad), documents=["a"])
+        payload = {"query": {"type": "image_url", "image_url": {"url": _data_uri(bad)}}, "documents": ["a"]}
+    elif kind == 1:
+        request = pb.RerankRequest(query="q", document_items=[pb.Input(text="a"), pb.Input(image=bad)])
+        payload = {"query": "q", "documents": ["a", {"type": "image_url", "image_url": {"url": _data_uri(bad)}}]}
+    elif kind == 2:
+        request = pb.RerankRequest(query="q", document_items=[pb.Input(parts=pb.Parts(parts=[pb.Part()]))])
+        payload = {"query": "q", "documents": [{"content": [{"type": "nope"}]}]}
+    elif kind == 3:
+        request = pb.RerankRequest(query="q", query_item=pb.Input(text="q"), documents=["a"])
+        payload = {"query": {"content": "not a list"}, "documents": ["a"]}
+    elif kind == 4:
+        request = pb.RerankRequest(query="q", documents=["a"], document_items=[pb.Input(image=good_image)])
+        payload = {"query": [], "documents": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,!!"}}]}
+    elif kind == 5:
+        request = pb.RerankRequest(query_item=pb.Input(parts=pb.Parts()), documents=["a"])
+        payload = {"query": "q", "documents": [[{"type": "text", "text": 5}]]}
+    elif kind == 6:
+        request = pb.RerankRequest(query_item=pb.Input(), documents=["x" * rng.choice([1, 300_000])])
+        payload = {"query": "q" * 300_000, "documents": [{"content": [{"type": "image_url", "image_url": {}}]}]}
+    else:
+        request = pb.RerankRequest(query="q", document_items=[pb.Input(image=bad)] * rng.randrange(1, 4),
+                                   top_n=rng.choice([0, 1, 5]))
+        payload = {"query": "q", "documents": [{"type": "image_url", "image_url": {"url": _data_uri(bad)}}] * 2,
+                   "top_n": rng.choice([0, -1, 2, "x"])}
+    return request, payload
+
+
+def test_a_fuzz_of_hostile_rerank_fields_gets_only_clear_refusals_over_both_transports(qwen3_vl_reranker_bundle):
+    provider = edge_embed.load(qwen3_vl_reranker_bundle, precision="fp32")
+    rng = random.Random(26)
+    seeds = _seed_images()
+    known = ([Image.open(skimage_photo("moon.png")), "which?"], ["a moon", Image.open(skimage_photo("coffee.png"))])
+    before = [(r.index, r.score) for r in provider.rerank(*known)]
+    codes: dict[str, int] = {}
+    with running_server(provider, http_port=0, max_image_pixels=4_000_000) as (edge, target):
+        stub = embed_pb2_grpc.EmbeddingServiceStub(grpc.insecure_channel(target))
+        for case in range(400):
+            request, payload = _hostile_rerank(rng, seeds)
+            if case % 2:
+                try:
+                    stub.Rerank(request, timeout=30)
+                    code = "OK"
+                except grpc.RpcError as exc:
+                    code = exc.code().name
+            else:
+                status, body = _http_rerank(edge.http_port, payload)
+                code = {200: "OK", 400: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 413: "RESOURCE_EXHAUSTED"}.get(
+                    status, f"HTTP {status}: {body}")
+            codes[code] = codes.get(code, 0) + 1
+        with EmbedClient(target) as client:
+            after = [(r.index, r.score) for r in client.rerank(*known).results]
+    assert set(codes) <= {"OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}, codes
+    assert codes.get("INVALID_ARGUMENT", 0) >= 300, codes
+    assert after == before
+
+
+def test_bench_measures_the_image_pairs(qwen3_vl_reranker_bundle, tmp_path):
+    """`edge-embed bench` on the golden pairs, their images read and preprocessed per batch."""
+    from .test_cli import run
+
+    out = tmp_path / "report.json"
+    done = run("bench", "--bundle", str(qwen3_vl_reranker_bundle), "--precision", "fp32,int8", "--warmup", "0",
+               "--steps", "2", "--text-samples", "12", "--batch-size", "6", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["fp32", "int8"]
+    for row in rows:
+        (pairs,) = row["workloads"]
+        assert (pairs["kind"], pairs["items"]) == ("pairs", 12) and pairs["items_per_s"] > 0

@@ -416,32 +416,45 @@ class EmbeddingService:
         self.metrics.total_seconds.observe(time.monotonic() - start)
         return Embedded(vectors, [len(s) for s in seqs], model.name, width, result.queue_s, result.inference_s)
 
-    async def rerank_documents(self, model_name: str, query: str, count: int, nbytes: int,
-                               documents: Callable[[], list[str]], *, instruction: str = "",
+    async def rerank_documents(self, model_name: str, query: EmbedInput, count: int, nbytes: int,
+                               documents: Callable[[], list[EmbedInput]], *, instruction: str = "",
                                top_n: int | None = None, return_documents: bool = False,
-                               deadline: float | None = None, field: str = "documents") -> Reranked:
+                               deadline: float | None = None, field: str = "documents",
+                               images: int = 0) -> Reranked:
         """The one rerank path of every transport: the same checks, admission by tokens and
         batcher as embedding (pairs share batches with each other), then scores, best first.
 
-        Every pair repeats the query and the template, so the token bound counts them per pair.
+        Every pair repeats the query and the template, so the token bound counts them per
+        pair (a query's images too); `images` is how many images the documents hold. A query
+        or document is a text, or, for a reranker that reads images, an image or a mix.
         """
         start = time.monotonic()
         self._check_task(self.pool.find(model_name), "rerank")
         self._check_count(count, field)
         self._check_instruction(instruction)
         check_top_n(top_n)
-        if len(query) > self.config.max_text_chars:
-            raise InvalidInputError(f"query has {len(query)} characters; the limit is {self.config.max_text_chars}")
+        query_parts = query if isinstance(query, list) else [query]
+        for j, part in enumerate(query_parts):
+            if isinstance(part, str) and len(part) > self.config.max_text_chars:
+                name = "query" if len(query_parts) == 1 else f"query.parts[{j}]"
+                raise InvalidInputError(f"{name} has {len(part)} characters; the limit is {self.config.max_text_chars}")
+        query_images = sum(1 for p in query_parts if isinstance(p, Image))
+        query_chars = sum(len(p) if isinstance(p, str) else len(p.data) for p in query_parts)
         async with self.pool.use(model_name, deadline) as model:
             runner, batcher, info = model.runner, model.batcher, model.info
-            per_pair = len(query.encode()) + len(instruction.encode()) + _TEMPLATE_TOKENS
-            bound = min(count * info.max_length, nbytes + count * per_pair)
-            docs: list[str] = []
+            if (images or query_images) and not info.image_tokens:
+                raise InvalidInputError(f"{'query' if query_images else field} holds images, and {model.name} "
+                                        f"({info.precision} on {info.backend}) reads text only")
+            per_image = info.image_tokens or 0
+            per_pair = (sum(len(p.encode()) for p in query_parts if isinstance(p, str)) + query_images * per_image
+                        + len(instruction.encode()) + _TEMPLATE_TOKENS)
+            bound = min(count * info.max_length, nbytes + count * per_pair + images * per_image)
+            docs: list[EmbedInput] = []
 
             def materialize() -> tuple[int, Callable[[], list[np.ndarray]]]:
                 docs.extend(documents())
                 self._check_inputs(docs, field)
-                return len(query) * len(docs) + sum(len(d) for d in docs), lambda: runner.tokenize_pairs(
+                return query_chars * len(docs) + self._size(docs), lambda: runner.tokenize_pairs(
                     query, docs, instruction=instruction or None, field=field)
 
             seqs, result = await self._admitted(batcher, bound, deadline, materialize)

@@ -113,29 +113,29 @@ def _kinds(item: Any) -> list[str | None]:
     return [part.WhichOneof("kind") for part in item.parts.parts] if kind == "parts" else [kind]
 
 
-def _typed_inputs(service: EmbeddingService, items: Any) -> list[EmbedInput]:
-    """EmbedRequest.items as the core's inputs: images' headers checked, nothing decoded."""
-    out: list[EmbedInput] = []
-    for i, item in enumerate(items):
-        kind = item.WhichOneof("kind")
-        if kind == "text":
-            out.append(item.text)
-        elif kind == "image":
-            out.append(service.open_image(item.image, f"items[{i}].image"))
-        elif kind == "parts":
-            if not item.parts.parts:
-                raise InvalidInputError(f"items[{i}].parts is empty")
-            parts: list[str | Image] = []
-            for j, part in enumerate(item.parts.parts):
-                which = part.WhichOneof("kind")
-                if which is None:
-                    raise InvalidInputError(f"items[{i}].parts[{j}] is neither a text nor an image")
-                parts.append(part.text if which == "text" else
-                             service.open_image(part.image, f"items[{i}].parts[{j}].image"))
-            out.append(parts)
-        else:
-            raise InvalidInputError(f"items[{i}] is neither a text, an image nor parts")
-    return out
+def _typed_input(service: EmbeddingService, item: Any, name: str) -> EmbedInput:
+    """One Input as the core's input: an image's header checked, nothing decoded."""
+    kind = item.WhichOneof("kind")
+    if kind == "text":
+        return item.text
+    if kind == "image":
+        return service.open_image(item.image, f"{name}.image")
+    if kind == "parts":
+        if not item.parts.parts:
+            raise InvalidInputError(f"{name}.parts is empty")
+        parts: list[str | Image] = []
+        for j, part in enumerate(item.parts.parts):
+            which = part.WhichOneof("kind")
+            if which is None:
+                raise InvalidInputError(f"{name}.parts[{j}] is neither a text nor an image")
+            parts.append(part.text if which == "text" else service.open_image(part.image, f"{name}.parts[{j}].image"))
+        return parts
+    raise InvalidInputError(f"{name} is neither a text, an image nor parts")
+
+
+def _typed_inputs(service: EmbeddingService, items: Any, field: str = "items") -> list[EmbedInput]:
+    """Repeated Inputs as the core's inputs: images' headers checked, nothing decoded."""
+    return [_typed_input(service, item, f"{field}[{i}]") for i, item in enumerate(items)]
 
 
 class GrpcApi:
@@ -177,14 +177,32 @@ class GrpcApi:
         return await self.service.shape(0 if packed else done.vectors.size, build)
 
     async def rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
+        if request.HasField("query_item") and request.query:
+            raise InvalidInputError("send query (a text) or query_item (a typed input), not both")
+        if request.document_items and request.documents:
+            raise InvalidInputError("send documents (texts) or document_items (typed inputs), not both")
+        query: EmbedInput = request.query
+        if request.HasField("query_item"):
+            query = _typed_input(self.service, request.query_item, "query_item")
+        field, count, images = "documents", len(request.documents), 0
+        documents: Callable[[], list[EmbedInput]] = lambda: list(request.documents)  # noqa: E731
+        typed = bool(request.document_items)
+        if typed:
+            field, count = "document_items", len(request.document_items)
+            images = sum(1 for item in request.document_items for kind in _kinds(item) if kind == "image")
+            documents = lambda: _typed_inputs(self.service, request.document_items, field)  # noqa: E731
         done = await self.service.rerank_documents(
-            request.model, request.query, len(request.documents), request.ByteSize(), lambda: list(request.documents),
+            request.model, query, count, request.ByteSize(), documents,
             instruction=request.instruction, top_n=request.top_n or None,
-            return_documents=request.return_documents, deadline=_deadline(context))
-        return pb.RerankResponse(
-            results=[pb.RerankResult(index=r.index, score=r.score, document=r.document or "") for r in done.results],
-            token_counts=done.token_counts, model=done.model, queue_ms=done.queue_s * 1000,
-            inference_ms=done.inference_s * 1000)
+            return_documents=request.return_documents, deadline=_deadline(context), field=field, images=images)
+
+        def result(r) -> pb.RerankResult:
+            if typed and request.return_documents:
+                return pb.RerankResult(index=r.index, score=r.score, document_item=request.document_items[r.index])
+            return pb.RerankResult(index=r.index, score=r.score, document=r.document or "")
+
+        return pb.RerankResponse(results=[result(r) for r in done.results], token_counts=done.token_counts,
+                                 model=done.model, queue_ms=done.queue_s * 1000, inference_ms=done.inference_s * 1000)
 
     async def tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         done = await self.service.tokenize_texts(request.model, list(request.inputs), instruction=request.instruction,

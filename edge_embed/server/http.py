@@ -260,19 +260,35 @@ def _text(value: Any, name: str) -> str:
     return value
 
 
-def _documents(value: Any) -> list[str]:
-    """`documents` as texts: strings, or objects with a `text` field (Cohere's shape)."""
+def _rerank_input(value: Any, field: str) -> str | _ImageRef | list[str | _ImageRef]:
+    """A rerank query or document: a string, {"text": string} (Cohere's shape), or, for a
+    reranker that reads images, a content part, a list of them, or {"content": [parts]}
+    (vLLM's multimodal score shape)."""
+    if isinstance(value, str):
+        return _plain_text(value, field)
+    if isinstance(value, dict) and "type" not in value:
+        if set(value) == {"text"}:
+            return _text(value["text"], f"{field}.text")
+        if set(value) == {"content"} and isinstance(value["content"], list):
+            return _typed_input(value["content"], f"{field}.content")
+        raise InvalidInputError(f'{field} must be a string, {{"text": string}}, a content part, an array of content '
+                                f'parts or {{"content": [parts]}}')
+    if isinstance(value, (dict, list)):
+        return _typed_input(value, field)
+    raise InvalidInputError(f"{field} must be a string, a content part or an array of them, got {_json_type(value)}")
+
+
+def _documents(value: Any) -> list[str | _ImageRef | list[str | _ImageRef]]:
+    """`documents`: texts (strings, or objects with a `text` field: Cohere's shape), and for a
+    reranker that reads images, content parts or lists of them."""
     if not isinstance(value, list):
-        raise InvalidInputError(f"documents must be an array of strings, got {_json_type(value)}"
+        raise InvalidInputError(f"documents must be an array, got {_json_type(value)}"
                                 if value is not None else "documents is required: an array of strings")
-    texts = []
-    for i, item in enumerate(value):
-        if isinstance(item, dict):
-            if set(item) != {"text"}:
-                raise InvalidInputError(f"documents[{i}] must be a string or {{\"text\": string}}")
-            item = item["text"]
-        texts.append(_text(item, f"documents[{i}]"))
-    return texts
+    return [_rerank_input(item, f"documents[{i}]") for i, item in enumerate(value)]
+
+
+def _images_in(items: list[Any]) -> int:
+    return sum(1 for item in items for p in (item if isinstance(item, list) else [item]) if isinstance(p, _ImageRef))
 
 
 def _check_fields(payload: Any, route: str, fields: tuple[str, ...]) -> dict:
@@ -510,22 +526,26 @@ class HttpTransport:
         async with self._body(request, "/v1/rerank", RERANK_FIELDS) as (payload, nbytes):
             if "query" not in payload:
                 raise InvalidInputError("query is required: a string")
-            query = _text(payload["query"], "query")
+            query = _rerank_input(payload["query"], "query")
             documents = _documents(payload.get("documents"))
             model = _model_name(payload)
             top_n = _optional(payload, "top_n", int, "a positive integer")
             return_documents = bool(_optional(payload, "return_documents", bool, "a boolean"))
             instruction = _text(payload.get("instruction") or "", "instruction")
             _optional(payload, "user", str, "a string")
+            # A document that is not a text comes back as it was sent.
+            sent = payload["documents"] if return_documents else None
             del payload
             done = await self.service.rerank_documents(
-                model, query, len(documents), nbytes, lambda: documents, instruction=instruction, top_n=top_n,
-                return_documents=return_documents)
+                model, _opened([query], self.service)[0], len(documents), nbytes,
+                lambda: _opened(documents, self.service), instruction=instruction, top_n=top_n,
+                return_documents=return_documents, images=_images_in(documents))
         results = []
         for r in done.results:
             row: dict[str, Any] = {"index": r.index, "relevance_score": r.score}
             if return_documents:
-                row["document"] = {"text": r.document}
+                document = documents[r.index]
+                row["document"] = {"text": document} if isinstance(document, str) else sent[r.index]
             results.append(row)
         tokens = sum(done.token_counts)
         return _json_response({"model": done.model, "results": results,

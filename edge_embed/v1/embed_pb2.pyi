@@ -103,30 +103,36 @@ class EmbedStreamResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., response: _Optional[_Union[EmbedResponse, _Mapping]] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ...) -> None: ...
 
 class RerankRequest(_message.Message):
-    __slots__ = ("query", "documents", "instruction", "top_n", "model", "return_documents")
+    __slots__ = ("query", "documents", "instruction", "top_n", "model", "return_documents", "query_item", "document_items")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     TOP_N_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RETURN_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    QUERY_ITEM_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_ITEMS_FIELD_NUMBER: _ClassVar[int]
     query: str
     documents: _containers.RepeatedScalarFieldContainer[str]
     instruction: str
     top_n: int
     model: str
     return_documents: bool
-    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ..., instruction: _Optional[str] = ..., top_n: _Optional[int] = ..., model: _Optional[str] = ..., return_documents: _Optional[bool] = ...) -> None: ...
+    query_item: Input
+    document_items: _containers.RepeatedCompositeFieldContainer[Input]
+    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ..., instruction: _Optional[str] = ..., top_n: _Optional[int] = ..., model: _Optional[str] = ..., return_documents: _Optional[bool] = ..., query_item: _Optional[_Union[Input, _Mapping]] = ..., document_items: _Optional[_Iterable[_Union[Input, _Mapping]]] = ...) -> None: ...
 
 class RerankResult(_message.Message):
-    __slots__ = ("index", "score", "document")
+    __slots__ = ("index", "score", "document", "document_item")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_ITEM_FIELD_NUMBER: _ClassVar[int]
     index: int
     score: float
     document: str
-    def __init__(self, index: _Optional[int] = ..., score: _Optional[float] = ..., document: _Optional[str] = ...) -> None: ...
+    document_item: Input
+    def __init__(self, index: _Optional[int] = ..., score: _Optional[float] = ..., document: _Optional[str] = ..., document_item: _Optional[_Union[Input, _Mapping]] = ...) -> None: ...
 
 class RerankResponse(_message.Message):
     __slots__ = ("results", "token_counts", "model", "queue_ms", "inference_ms")
