@@ -92,6 +92,25 @@ class Bundle:
                     data["logits"].astype(np.float32).reshape(-1))
 
 
+    def golden_multivector(self) -> tuple[list[str], list[list], list[np.ndarray]]:
+        """A multi-vector model's probes: each input's kind ("query" or "document"), its
+        parts (texts and GoldenImage), and its FP32 reference token vectors."""
+        with np.load(self.path / GOLDEN_FILE, allow_pickle=False) as data:
+            names = [str(n) for n in data["image_names"]]
+            blob, offsets = data["image_bytes"].tobytes(), data["image_offsets"].tolist()
+            images = {n: GoldenImage(n, blob[a:b]) for n, a, b in zip(names, offsets[:-1], offsets[1:])}
+            kinds, parts = [], []
+            for encoded in data["inputs"]:
+                try:
+                    item = json.loads(str(encoded))
+                    kinds.append(item["kind"])
+                    parts.append([p["text"] if "text" in p else images[p["image"]] for p in item["parts"]])
+                except (ValueError, TypeError, KeyError) as exc:
+                    raise BundleError(f"golden input {str(encoded)[:60]!r} is malformed: {exc}") from exc
+            vectors, bounds = data["token_vectors"].astype(np.float32), data["token_offsets"].tolist()
+            return kinds, parts, [vectors[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 @dataclass(frozen=True)
 class GoldenImage:
     """One image of the golden pairs: its probe name and encoded bytes."""

@@ -85,9 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--probe-languages",
                     help="languages of the retrieval probe corpus to rank in, comma-separated (default: Qwen3 all "
                          "of en,de,es,fr,ja,ru,zh; other models en)")
-    ex.add_argument("--task", choices=("embed", "rerank"),
+    ex.add_argument("--task", choices=("embed", "rerank", "multivector"),
                     help="what the model does (default: detected; *ForSequenceClassification and Qwen3 causal LMs "
-                         "without sentence-transformers pooling are rerankers)")
+                         "without sentence-transformers pooling are rerankers, Qwen3-VL models named *reranker* too; "
+                         "a Qwen3-VL checkpoint with a ColQwen projection head is multi-vector)")
     ex.add_argument("--int8-score-diff-max", type=float,
                     help="reranker INT8 gate: largest |score diff| to FP32 (default 0.05)")
     ex.add_argument("--fp16-score-diff-max", type=float,

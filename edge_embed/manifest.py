@@ -16,7 +16,7 @@ from .errors import BundleError, InvalidInputError
 from .images import ImageSpec
 
 __all__ = ["SCHEMA_VERSION", "PRECISIONS", "ONNX_PRECISIONS", "DEFAULT_EXPORT_PRECISIONS", "MLX_PRECISIONS", "POOLINGS",
-           "TASKS", "MODALITIES", "Parity", "VisionGraph", "VLSpec", "RetrievalParity", "ScoreParity", "RerankSpec", "Variant", "Manifest", "variant_format"]
+           "TASKS", "MODALITIES", "Parity", "VisionGraph", "VLSpec", "MultiVectorSpec", "MultiVectorParity", "RetrievalParity", "ScoreParity", "RerankSpec", "Variant", "Manifest", "variant_format"]
 
 SCHEMA_VERSION = 1
 ONNX_PRECISIONS = ("fp32", "fp16", "int8", "int4")
@@ -47,9 +47,11 @@ def variant_format(precision: str) -> str:
     """"onnx" or "mlx": which kind of runtime a variant name is for."""
     return "mlx" if precision in MLX_PRECISIONS else "onnx"
 # "head": the model pools inside its own graph (CLIP's end-of-text token, SigLIP's heads).
-POOLINGS = ("mean", "cls", "last_token", "head")
+# "tokens": no pooling, every token's vector (a multi-vector model).
+POOLINGS = ("mean", "cls", "last_token", "head", "tokens")
 # What a bundle's model does: texts -> vectors, or (query, document) pairs -> relevance scores.
-TASKS = ("embed", "rerank")
+# "multivector": inputs -> one vector per token (ColQwen3), scored by MaxSim.
+TASKS = ("embed", "rerank", "multivector")
 # How a reranker's pair becomes tokens: the model's own prompt template (Qwen3-Reranker), or
 # the tokenizer's pair encoding with its special tokens (BERT-family cross-encoders).
 PAIR_FORMATS = ("template", "pair")
@@ -158,6 +160,45 @@ class RerankSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MultiVectorParity:
+    """How close a multi-vector variant is to the PyTorch FP32 reference on the probe set:
+    each token's vector (cosine, over every token of every probe), and what users consume,
+    the MaxSim scores of the probe queries against the probe pages and the order they give
+    each query's pages."""
+
+    probes: int
+    tokens: int
+    cos_min: float
+    cos_mean: float
+    queries: int
+    pages: int
+    maxsim_rel_diff_max: float
+    kendall_tau_min: float
+    kendall_tau_mean: float
+    top1_agreement: float
+    worst_text: str
+    # An input alone against the same input in a batch, worst token cosine.
+    batch_cos_min: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class MultiVectorSpec:
+    """A late-interaction model (ColQwen3): every token of an input becomes a `dim`-wide unit
+    vector (the backbone's last hidden states through the projection `head`, L2-normalized),
+    and a query scores a page by MaxSim. Queries and documents (pages) each have their
+    template around {content}."""
+
+    query_template: str
+    document_template: str
+    head: str  # the projection's weight name in the source checkpoint
+
+    def __post_init__(self) -> None:
+        for name in ("query_template", "document_template"):
+            if getattr(self, name).count("{content}") != 1:
+                raise BundleError(f"manifest multivector {name} must hold {{content}} once")
+
+
+@dataclass(frozen=True, kw_only=True)
 class VLSpec:
     """How a vision-language embedder (Qwen3-VL-Embedding) reads one input: every input,
     text, image or a mix, is one chat turn of `template` ({instruction} in the system turn,
@@ -216,7 +257,7 @@ class Variant:
     opset: int | None
     min_onnxruntime: str | None
     recipe: dict[str, Any]
-    parity: Parity | ScoreParity
+    parity: Parity | ScoreParity | MultiVectorParity
     external_data: tuple[str, ...] = ()
     vision: VisionGraph | None = None
 
@@ -252,6 +293,8 @@ class Manifest:
     pad_to_max_length: bool = False
     # A vision-language embedder's chat template and vision facts; only such bundles have one.
     vl: VLSpec | None = None
+    # A multi-vector model's templates; only such bundles have one.
+    multivector: MultiVectorSpec | None = None
     files: dict[str, str] = field(default_factory=dict)
     variants: dict[str, Variant] = field(default_factory=dict)
     exporter: dict[str, str] = field(default_factory=dict)
@@ -266,6 +309,10 @@ class Manifest:
             raise BundleError(f"manifest task {self.task!r} is not one of {TASKS}")
         if (self.task == "rerank") != (self.rerank is not None):
             raise BundleError("manifest of a reranker needs its rerank section, and only a reranker has one")
+        if (self.task == "multivector") != (self.multivector is not None) or (
+                self.multivector is not None and self.vl is None):
+            raise BundleError("manifest of a multi-vector model needs its multivector and vl sections, and only such "
+                              "a model has a multivector section")
         if self.pooling not in POOLINGS:
             raise BundleError(f"manifest pooling {self.pooling!r} is not one of {POOLINGS}")
         if self.padding_side not in ("left", "right"):
@@ -322,9 +369,10 @@ class Manifest:
             if image is not None:
                 image = ImageSpec(**{**image, "mean": tuple(image["mean"]), "std": tuple(image["std"])})
             vl = VLSpec(**data["vl"]) if data.get("vl") is not None else None
+            multivector = MultiVectorSpec(**data["multivector"]) if data.get("multivector") is not None else None
             return cls(**{**data, "variants": variants, "graph_inputs": tuple(data["graph_inputs"]),
                           "rerank": rerank, "modalities": tuple(data.get("modalities", ("text",))),
-                          "image": image, "vl": vl})
+                          "image": image, "vl": vl, "multivector": multivector})
         except (TypeError, KeyError) as exc:
             raise BundleError(f"manifest is malformed: {exc}") from exc
 
@@ -346,9 +394,11 @@ def _vision(data: dict[str, Any] | None) -> VisionGraph | None:
     return None if data is None else VisionGraph(**{**data, "parity": _parity(data["parity"])})
 
 
-def _parity(data: dict[str, Any]) -> Parity | ScoreParity:
+def _parity(data: dict[str, Any]) -> Parity | ScoreParity | MultiVectorParity:
     if "score_diff_max" in data:
         return ScoreParity(**data)
+    if "maxsim_rel_diff_max" in data:
+        return MultiVectorParity(**data)
     retrieval = data.get("retrieval")
     if retrieval is not None:
         retrieval = RetrievalParity(**{**retrieval, "languages": tuple(retrieval["languages"])})

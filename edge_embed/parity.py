@@ -11,10 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import GateError
-from .manifest import Parity, RetrievalParity, ScoreParity
+from .manifest import MultiVectorParity, Parity, RetrievalParity, ScoreParity
 
 __all__ = ["Gates", "measure_parity", "measure_score_parity", "scores_from_logits", "gate_failure", "check_gate",
-           "batch_probe_indices", "alone_vs_batch_cos", "alone_vs_batch_diff", "pair_name", "measure_retrieval", "fidelity_summary"]
+           "batch_probe_indices", "alone_vs_batch_cos", "alone_vs_batch_diff", "pair_name", "measure_retrieval", "fidelity_summary",
+           "maxsim", "measure_multivector_parity", "alone_vs_batch_token_cos"]
 
 BATCH_PROBES = 32
 
@@ -57,13 +58,18 @@ class Gates:
     rank_top1_agreement: float = 0.9
     # A pair alone vs inside a batch: the "same pair, same score" promise.
     batch_score_diff_max: float = 1e-4
+    # Multi-vector models: each token's vector by cosine (the cos_min floors above, FP32 and
+    # FP16), the MaxSim scores of the probe queries against the probe pages relative to
+    # FP32's, and, for every precision, each query's order of the pages (the rank_ floors).
+    fp32_maxsim_rel_diff_max: float = 1e-4
+    fp16_maxsim_rel_diff_max: float = 0.01
 
     def record(self, precision: str, task: str = "embed") -> dict[str, float]:
         """The figures a variant was exported under, kept in its recipe so every device
         judges it by the gate it was shipped with."""
         if task == "rerank":
             return {**self.limits(precision, task), "batch_diff_max": self.batch_score_diff_max}
-        return {**self.limits(precision), "batch_cos_min": self.batch_cos_min}
+        return {**self.limits(precision, task), "batch_cos_min": self.batch_cos_min}
 
     @classmethod
     def recorded(cls, precision: str, recipe: dict) -> Gates:
@@ -74,6 +80,11 @@ class Gates:
             return cls(int8_cos_mean=0.99, int8_cos_min=0.97)
         prefix = {"fp32": "fp32", "mlx-fp32": "fp32", "fp16": "fp16", "mlx-fp16": "fp16", "int4": "int4"}.get(
             precision, "int8")
+        if "top1_agreement" in kept and "score_diff_max" not in kept:  # a multi-vector model
+            values = {f"rank_{f}": kept[f] for f in ("kendall_tau_mean", "top1_agreement")}
+            values.update({f"{prefix}_{f}": kept[f] for f in ("cos_min", "maxsim_rel_diff_max") if f in kept})
+            values["batch_cos_min"] = kept.get("batch_cos_min", cls.batch_cos_min)
+            return cls(**values)
         if "score_diff_max" in kept:
             values = {f"{prefix}_score_diff_max": kept["score_diff_max"]}
             values.update({f"rank_{f}": kept[f] for f in ("kendall_tau_mean", "top1_agreement") if f in kept})
@@ -98,6 +109,14 @@ class Gates:
             prefix = {"fp32": "fp32", "fp16": "fp16", "int4": "int4"}.get(precision, "int8")
             return {"score_diff_max": getattr(self, f"{prefix}_score_diff_max"),
                     "kendall_tau_mean": self.rank_kendall_tau_mean, "top1_agreement": self.rank_top1_agreement}
+        if task == "multivector":
+            # 16 and 32 bits by each token's vector and the MaxSim scores; the quantized
+            # variants by the ranking MaxSim gives, which is what a retriever consumes.
+            order = {"kendall_tau_mean": self.rank_kendall_tau_mean, "top1_agreement": self.rank_top1_agreement}
+            if precision in ("fp32", "fp16"):
+                return {"cos_min": getattr(self, f"{precision}_cos_min"),
+                        "maxsim_rel_diff_max": getattr(self, f"{precision}_maxsim_rel_diff_max"), **order}
+            return order
         if precision in ("fp32", "mlx-fp32"):
             return {"cos_min": self.fp32_cos_min}
         if precision in ("fp16", "mlx-fp16"):
@@ -268,7 +287,8 @@ def alone_vs_batch_diff(alone: np.ndarray, batched: np.ndarray, activation: str)
 
 def gate_failure(precision: str, parity: Parity | ScoreParity, gates: Gates) -> GateError | None:
     """The error for the first figure past its gate, or None when the variant passes."""
-    task = "rerank" if isinstance(parity, ScoreParity) else "embed"
+    task = ("rerank" if isinstance(parity, ScoreParity) else
+            "multivector" if isinstance(parity, MultiVectorParity) else "embed")
     for figure, limit in gates.limits(precision, task).items():
         worst = parity.worst_text
         if figure in RETRIEVAL_FIGURES:
@@ -295,9 +315,12 @@ def gate_failure(precision: str, parity: Parity | ScoreParity, gates: Gates) -> 
     return None
 
 
-def fidelity_summary(parity: Parity | ScoreParity) -> str:
+def fidelity_summary(parity: Parity | ScoreParity | MultiVectorParity) -> str:
     """A variant's fidelity to FP32 in a few words: cosine (and, for a quantized embedder,
     the ranking it keeps) for vectors, score and order for scores."""
+    if isinstance(parity, MultiVectorParity):
+        return (f"token cos min {parity.cos_min:.4f}, MaxSim rel diff max {parity.maxsim_rel_diff_max:.2e}, "
+                f"Kendall tau mean {parity.kendall_tau_mean:.3f}, top-1 {parity.top1_agreement:.3f}")
     if isinstance(parity, ScoreParity):
         return f"score diff max {parity.score_diff_max:.4f}, Kendall tau mean {parity.kendall_tau_mean:.3f}"
     text = f"cos min {parity.cos_min:.4f}"
@@ -312,3 +335,44 @@ def check_gate(precision: str, parity: Parity | ScoreParity, gates: Gates) -> No
     failure = gate_failure(precision, parity, gates)
     if failure is not None:
         raise failure
+
+
+def maxsim(query: np.ndarray, pages: list[np.ndarray]) -> np.ndarray:
+    """ColBERT's late interaction: for each page, the sum over the query's token vectors of
+    their best dot product with the page's token vectors (float32 [len(pages)]). Pages are
+    scored on their own rows only: no padding row can win a max."""
+    query = np.asarray(query, dtype=np.float32)
+    return np.array([float((query @ np.asarray(page, dtype=np.float32).T).max(axis=1).sum()) for page in pages],
+                    dtype=np.float32)
+
+
+def measure_multivector_parity(reference: list[np.ndarray], candidate: list[np.ndarray], names: list[str],
+                               queries: list[int], pages: list[int]) -> MultiVectorParity:
+    """Each token's vector against the reference's (cosine, over every token of every input),
+    and the MaxSim scores of `queries` against `pages` (indices into the inputs): their
+    difference relative to the reference's largest score, and each query's order of the pages."""
+    cos, owner = [], []
+    for i, (ref, cand) in enumerate(zip(reference, candidate)):
+        if ref.shape != cand.shape:
+            raise ValueError(f"{names[i]!r}: {cand.shape} token vectors, the reference has {ref.shape}")
+        cos.append((_unit(ref) * _unit(cand)).sum(axis=1))
+        owner += [i] * len(ref)
+    every = np.concatenate(cos)
+    worst = owner[int(np.argmin(every))]
+    ref_scores = np.stack([maxsim(reference[q], [reference[p] for p in pages]) for q in queries]).astype(np.float64)
+    cand_scores = np.stack([maxsim(candidate[q], [candidate[p] for p in pages]) for q in queries]).astype(np.float64)
+    scale = np.abs(ref_scores).max(axis=1, keepdims=True)
+    rel = np.abs(cand_scores - ref_scores) / np.maximum(scale, 1e-12)
+    taus = [_kendall_tau(r, c) for r, c in zip(ref_scores, cand_scores)]
+    top1 = [float(np.argmax(r) == np.argmax(c)) for r, c in zip(ref_scores, cand_scores)]
+    return MultiVectorParity(
+        probes=len(reference), tokens=int(every.size), cos_min=round(float(every.min()), 6),
+        cos_mean=round(float(every.mean()), 6), queries=len(queries), pages=len(pages),
+        maxsim_rel_diff_max=round(float(rel.max()), 8), kendall_tau_min=round(float(min(taus)), 4),
+        kendall_tau_mean=round(float(np.mean(taus)), 4), top1_agreement=round(float(np.mean(top1)), 4),
+        worst_text=names[worst])
+
+
+def alone_vs_batch_token_cos(alone: list[np.ndarray], batched: list[np.ndarray]) -> float:
+    """The worst cosine between an input's token vectors alone and in a batch."""
+    return round(float(min((_unit(a) * _unit(b)).sum(axis=1).min() for a, b in zip(alone, batched))), 7)

@@ -37,14 +37,17 @@ from .errors import (
     NonFiniteOutputError,
     WrongTaskError,
 )
-from .manifest import Parity, ScoreParity, check_dimensions
+from .manifest import MultiVectorParity, Parity, ScoreParity, check_dimensions
 from .parity import (
     Gates,
     alone_vs_batch_cos,
     alone_vs_batch_diff,
+    alone_vs_batch_token_cos,
     batch_probe_indices,
     gate_failure,
     measure_parity,
+    maxsim,
+    measure_multivector_parity,
     measure_score_parity,
     pair_name,
     scores_from_logits,
@@ -172,10 +175,19 @@ def _image_name(image: object) -> str:
     return getattr(image, "name", "image")
 
 
+def _token_matrix(value: np.ndarray, dim: int, field: str) -> np.ndarray:
+    """A caller's token vectors, checked: [tokens, dim], finite."""
+    if value.ndim != 2 or value.shape[1] != dim or value.shape[0] == 0:
+        raise InvalidInputError(f"{field} must be token vectors [tokens, {dim}], got shape {value.shape}")
+    if not np.isfinite(value).all():
+        raise InvalidInputError(f"{field} holds non-finite values")
+    return value.astype(np.float32, copy=False)
+
+
 def wrong_task(model_id: str, task: str, wanted: str) -> WrongTaskError:
     """The error for a request of one task sent to a model of the other, naming both."""
-    kind = {"embed": "an embedding model", "rerank": "a reranker"}
-    verb = {"embed": "embed texts", "rerank": "rerank documents"}
+    kind = {"embed": "an embedding model", "rerank": "a reranker", "multivector": "a multi-vector model"}
+    verb = {"embed": "embed texts", "rerank": "rerank documents", "multivector": "give a vector per token"}
     return WrongTaskError(f"{model_id} is {kind[task]} and cannot {verb[wanted]}; send this request to "
                           f"{kind[wanted]}")
 
@@ -257,7 +269,7 @@ class BundleEmbedder(abc.ABC):
             execution_providers=self.execution_providers,
             threads=self.threads,
             instruction_aware=(m.rerank.takes_instruction if m.rerank is not None
-                               else m.instruction_template is not None or m.vl is not None),
+                               else m.instruction_template is not None or (m.vl is not None and m.multivector is None)),
             default_instruction=m.rerank.default_instruction if m.rerank is not None else m.default_instruction,
             batch_invariant=self.batch_invariant,
             stepped_rows=self.limits.stepped_rows,
@@ -395,6 +407,96 @@ class BundleEmbedder(abc.ABC):
     def finish(self, pooled: np.ndarray, width: int, normalize: bool, *, field: str = "texts") -> np.ndarray:
         return finish_vectors(pooled, width, normalize, field=field, what=f"the {self.precision} model")
 
+    # -- multi-vector models (ColQwen3) -----------------------------------------------------
+
+    def tokenize_multi(self, items: Sequence[object], *, kind: str = "document", truncate: bool = True,
+                       field: str = "items") -> list[VLInput]:
+        """Validated inputs of a multi-vector model -> what its graphs read, through its query
+        or its document template (`kind`)."""
+        if self.manifest.task != "multivector":
+            raise wrong_task(self.manifest.model_id, self.manifest.task, "multivector")
+        if kind not in ("query", "document"):
+            raise InvalidInputError(f"kind must be 'query' or 'document', got {kind!r}")
+        if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+            raise InvalidInputError(f"{field} must be a list of inputs (texts, images or lists of both), got "
+                                    f"{type(items).__name__}")
+        self._check_parts(items, field)
+        return [self._vl.encode(item, instruction=None, truncate=truncate, field=f"{field}[{i}]", kind=kind)
+                for i, item in enumerate(items)]
+
+    def run_multi(self, seqs: Sequence[VLInput]) -> list[np.ndarray]:
+        """Each input's token vectors [its tokens, dim] (float32, unit length), batched under
+        `limits` in input order."""
+        out: list[np.ndarray] = [np.empty((0, self.manifest.dim), np.float32)] * len(seqs)
+        lengths = [len(s) for s in seqs]
+        for batch in plan_batches(lengths, self.limits.max_batch_tokens, self.limits.max_batch_size,
+                                  stepped_rows=self.limits.stepped_rows) if seqs else []:
+            tokens = self.run_batch([seqs[i] for i in batch])
+            for j, i in enumerate(batch):
+                rows = np.ascontiguousarray(tokens[j, : lengths[i]], dtype=np.float32)
+                if not np.isfinite(rows).all():
+                    raise NonFiniteOutputError(f"the {self.precision} model produced a non-finite vector for "
+                                               f"input {i}")
+                out[i] = rows
+        return out
+
+    def embed_multi(self, items: Sequence[object], *, kind: str = "document",
+                    truncate: bool = True) -> list[np.ndarray]:
+        """One matrix per input: a unit vector per token ([tokens, dim] float32), the input read
+        as a query or as a document (a page: an image, a text, or both)."""
+        return self.run_multi(self.tokenize_multi(items, kind=kind, truncate=truncate))
+
+    def maxsim(self, query: str | np.ndarray, pages: Sequence[object]) -> np.ndarray:
+        """MaxSim scores of `query` (a text, or its token vectors) against `pages` (inputs, or
+        their token vectors from embed_multi), float32 [len(pages)]."""
+        if isinstance(query, np.ndarray):
+            query_vectors = _token_matrix(query, self.manifest.dim, "query")
+        else:
+            (query_vectors,) = self.embed_multi([query], kind="query")
+        if isinstance(pages, (str, bytes)) or not isinstance(pages, Sequence):
+            raise InvalidInputError(f"pages must be a list, got {type(pages).__name__}")
+        given = [i for i, p in enumerate(pages) if isinstance(p, np.ndarray)]
+        matrices: list[np.ndarray] = [np.empty(0)] * len(pages)
+        for i in given:
+            matrices[i] = _token_matrix(pages[i], self.manifest.dim, f"pages[{i}]")
+        rest = [i for i in range(len(pages)) if i not in set(given)]
+        for i, m in zip(rest, self.embed_multi([pages[i] for i in rest]) if rest else []):
+            matrices[i] = m
+        return maxsim(query_vectors, matrices)
+
+    def _check_multivector_parity(self, probes: int, enforce: bool, gates: Gates) -> MultiVectorParity:
+        """The boot check: the golden queries and pages embedded here (pages spread over the
+        set, about `probes` inputs in all), token vectors and MaxSim against the FP32 ones."""
+        kinds, parts, reference = self.bundle.golden_multivector()
+        queries = [i for i, k in enumerate(kinds) if k == "query"]
+        pages = [i for i, k in enumerate(kinds) if k == "document"]
+        chosen_pages = sorted({pages[i] for i in np.linspace(0, len(pages) - 1, min(len(pages), max(
+            4, probes - len(queries)))).astype(int).tolist()})
+        picked = queries + chosen_pages
+        opened: dict[str, Image] = {}
+        seqs = []
+        for i in picked:
+            item = [p if isinstance(p, str) else opened.setdefault(p.name, Image.open(p.data, field=f"golden image "
+                                                                                                 f"{p.name}"))
+                    for p in parts[i]]
+            seqs += self.tokenize_multi([item if len(item) > 1 else item[0]], kind=kinds[i], field="golden")
+        names = [describe_parts(parts[i], _image_name) for i in picked]
+        vectors = self.run_multi(seqs)
+        batch = None
+        if self.batch_invariant:
+            sample = seqs[:: max(1, len(seqs) // 8)][:8]
+            together = self.run_batch(sample)
+            batch = alone_vs_batch_token_cos([self.run_multi([s])[0] for s in sample],
+                                             [together[j, : len(s)] for j, s in enumerate(sample)])
+        parity = dataclasses.replace(measure_multivector_parity(
+            [reference[i] for i in picked], vectors, names, list(range(len(queries))),
+            list(range(len(queries), len(picked)))), batch_cos_min=batch)
+        if len(chosen_pages) < len(pages):
+            # Order figures over a subset of the pages move in bigger steps: judged by the
+            # vectors and scores here; the order was judged over every page at export.
+            gates = dataclasses.replace(gates, rank_kendall_tau_mean=-1.0, rank_top1_agreement=0.0)
+        return self._judge(parity, enforce, gates)
+
     # -- rerankers ----------------------------------------------------------------------
 
     def tokenize_pairs(self, query: str | Image | Sequence[str | Image], documents: Sequence[object], *,
@@ -431,8 +533,17 @@ class BundleEmbedder(abc.ABC):
     def rerank(self, query: str | Image | Sequence[str | Image], documents: Sequence[object], *,
                instruction: str | None = None, top_n: int | None = None, return_documents: bool = False,
                truncate: bool = True) -> list[RerankResult]:
-        """The documents' indices and scores, best first (`top_n` of them)."""
+        """The documents' indices and scores, best first (`top_n` of them). A multi-vector
+        model scores them by MaxSim of the query's token vectors against theirs."""
         top_n = check_top_n(top_n)
+        if self.manifest.task == "multivector":
+            if instruction is not None:
+                raise InvalidInputError(f"{self.manifest.model_id} takes no instruction")
+            if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
+                raise InvalidInputError(f"documents must be a list, got {type(documents).__name__}")
+            (query_vectors,) = self.embed_multi([query], kind="query", truncate=truncate)
+            pages = self.embed_multi(documents, truncate=truncate) if documents else []
+            return ranked(maxsim(query_vectors, pages), list(documents), top_n, return_documents)
         seqs = self.tokenize_pairs(query, documents, instruction=instruction, truncate=truncate)
         if not seqs:
             return []
@@ -509,6 +620,8 @@ class BundleEmbedder(abc.ABC):
         gates = gates or self.shipped_gates()
         if self.manifest.task == "rerank":
             return self._check_score_parity(probes, enforce, gates)
+        if self.manifest.task == "multivector":
+            return self._check_multivector_parity(probes, enforce, gates)
         texts, reference = self.bundle.golden()
         export_worst = self.manifest.variants[self.precision].parity.worst_text
         picked = sorted(set(np.linspace(0, len(texts) - 1, min(probes, len(texts))).astype(int).tolist())

@@ -103,6 +103,11 @@ class BundleTokenizer:
         fixed = sum(1 for start, _ in encoding.offsets if start < fixed_chars)
         return encoding.ids, fixed
 
+    def split_specials(self, text: str) -> list[str]:
+        """`text` as alternating pieces: text at even positions, the tokenizer's special
+        tokens at odd ones."""
+        return self._special_pattern.split(text) if self._special_pattern is not None else [text]
+
     def template_ids(self, template: str, fill: dict[str, str]) -> list[int]:
         """A model's template part as tokens: its special tokens are control tokens; the text
         between them, with the user's `fill` values put in, is tokenized as user text."""

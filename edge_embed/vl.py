@@ -121,11 +121,25 @@ def _with_period(instruction: str) -> str:
 @dataclass
 class _Run:
     """A stretch of one chat's content: an image, or text joined from adjacent parts, whose
-    first `fixed` characters (template text, a query) truncation never cuts."""
+    first `fixed` characters (template text, a query) and last `suffix` characters (the
+    template's text after the content) truncation never cuts."""
 
     text: str = ""
     image: EncodedImage | None = None
     fixed: int = 0
+    suffix: int = 0
+
+
+@dataclass(frozen=True)
+class _Template:
+    """A template around {content}: its token ids before and after, and the text that meets
+    the content on either side without a special token between (tokenized with it, as the
+    whole prompt would be)."""
+
+    head: str
+    lead: str
+    trail: str
+    tail_ids: tuple[int, ...]
 
 
 class VLEncoder:
@@ -139,19 +153,29 @@ class VLEncoder:
     def __init__(self, tokenizer, manifest: Manifest):
         spec = manifest.vl
         self._manifest, self._spec, self._tokenizer = manifest, spec, tokenizer
-        head, tail = spec.template.split("{content}")
-        self._head, self._tail = head, tail
         self._image_id = tokenizer.token_id(spec.image_token)
         self._start_id, self._end_id = tokenizer.token_id(spec.vision_start), tokenizer.token_id(spec.vision_end)
-        self._tail_ids = tokenizer.template_ids(tail, {})
-        self._heads: dict[str, list[int]] = {}
+        multi = manifest.multivector
+        self._templates = {"default": self._template(spec.template)}
+        if multi is not None:
+            self._templates.update(query=self._template(multi.query_template),
+                                   document=self._template(multi.document_template))
+        self._heads: dict[tuple[str, str], list[int]] = {}
 
-    def _head_ids(self, instruction: str) -> list[int]:
-        if instruction not in self._heads:
+    def _template(self, template: str) -> _Template:
+        head, tail = template.split("{content}")
+        before, after = self._tokenizer.split_specials(head), self._tokenizer.split_specials(tail)
+        lead, trail = before[-1], after[0]
+        return _Template(head=head[: len(head) - len(lead)], lead=lead, trail=trail,
+                         tail_ids=tuple(self._tokenizer.template_ids(tail[len(trail):], {})))
+
+    def _head_ids(self, template: _Template, instruction: str) -> list[int]:
+        key = (template.head, instruction)
+        if key not in self._heads:
             if len(self._heads) > 64:
                 self._heads.clear()
-            self._heads[instruction] = self._tokenizer.template_ids(self._head, {"instruction": instruction})
-        return self._heads[instruction]
+            self._heads[key] = self._tokenizer.template_ids(template.head, {"instruction": instruction})
+        return self._heads[key]
 
     def _parts(self, item: object, field: str, max_pixels: int | None) -> list[str | EncodedImage]:
         """One input's parts, checked, its images decoded and preprocessed."""
@@ -172,11 +196,20 @@ class VLEncoder:
         return out
 
     def encode(self, item: str | Image | Sequence[str | Image], *, instruction: str | None, truncate: bool,
-               field: str, max_pixels: int | None = None) -> VLInput:
+               field: str, max_pixels: int | None = None, kind: str = "default") -> VLInput:
+        """One input through the chat template; a multi-vector model's `kind` is "query" or
+        "document" (its two templates), and it takes no instruction."""
         if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
             raise InvalidInputError("instruction must be a non-empty string")
-        head = self._head_ids(_with_period(instruction or self._manifest.default_instruction))
-        return self._assemble(head, [(p, False) for p in self._parts(item, field, max_pixels)], truncate, field)
+        template = self._templates[kind]
+        if kind == "default":
+            head = self._head_ids(template, _with_period(instruction or self._manifest.default_instruction))
+        elif instruction is not None:
+            raise InvalidInputError(f"{self._manifest.model_id} takes no instruction")
+        else:
+            head = self._head_ids(template, "")
+        return self._assemble(head, [(template.lead, True), *((p, False) for p in self._parts(item, field, max_pixels))],
+                              truncate, field, template)
 
     def encode_pairs(self, query: str | Image | Sequence[str | Image],
                      documents: Sequence[str | Image | Sequence[str | Image]], *, instruction: str | None,
@@ -191,21 +224,24 @@ class VLEncoder:
         before_query, rest = spec.template.split("{query}", 1)
         between = rest.removesuffix("{document}")
         # Plain replacement, not str.format: braces in an instruction stay literal.
-        lead = instruction.join(before_query.split("{instruction}"))
+        template = self._templates["default"]
+        lead = template.lead + instruction.join(before_query.split("{instruction}"))
         query_parts = [(p, True) for p in self._parts(query, "query", None)]
-        head = self._head_ids("")
+        head = self._head_ids(template, "")
         fixed = [(lead, True), *query_parts, (between, True)]
         return [self._assemble(head, fixed + [(p, False) for p in self._parts(doc, f"{field}[{i}]", None)],
-                               truncate, f"{field}[{i}]")
+                               truncate, f"{field}[{i}]", template)
                 for i, doc in enumerate(documents)]
 
     def _assemble(self, head: list[int], parts: list[tuple[str | EncodedImage, bool]], truncate: bool,
-                  field: str) -> VLInput:
+                  field: str, template: _Template) -> VLInput:
         """Head, content parts (each marked fixed or cuttable; fixed ones come first) and the
         template's tail as one chat's tokens, cut to the model's limit from the end of the
-        cuttable text."""
+        cuttable text. The template's text next to the content is tokenized with it."""
         runs: list[_Run] = []
-        for part, fixed in parts:
+        for part, fixed in [*parts, (template.trail, None)]:
+            if not part:
+                continue
             if isinstance(part, EncodedImage):
                 runs.append(_Run(image=part))
             elif runs and runs[-1].image is None:
@@ -214,24 +250,25 @@ class VLEncoder:
                     raise ValueError("fixed content after cuttable content in one run")
                 run.text += part
                 run.fixed += len(part) if fixed else 0
+                run.suffix = len(part) if fixed is None else 0
             else:
-                runs.append(_Run(text=part, fixed=len(part) if fixed else 0))
-        texts = {i: self._tokenizer.user_text_split(run.text, run.fixed) for i, run in enumerate(runs)
-                 if run.image is None}
+                runs.append(_Run(text=part, fixed=len(part) if fixed else 0, suffix=len(part) if fixed is None else 0))
+        texts = {i: self._split(run) for i, run in enumerate(runs) if run.image is None}
         visual = sum(run.image.tokens + 2 for run in runs if run.image is not None)
         limit = self._manifest.max_length
-        room = limit - len(head) - len(self._tail_ids) - visual
+        tail_ids = list(template.tail_ids)
+        room = limit - len(head) - len(tail_ids) - visual
         if room < 0:
             raise InvalidInputError(f"{field}: its images take {visual} of {self._manifest.model_id}'s {limit} tokens "
                                     "with the template; send smaller images or fewer")
-        excess = sum(len(ids) for ids, _ in texts.values()) - room
+        excess = sum(len(ids) for ids, _, _ in texts.values()) - room
         cut: dict[int, int] = {}
         if excess > 0:
             if not truncate:
                 raise InvalidInputError(f"{field} is longer than the model's {limit} tokens and truncate is false")
             for i in sorted(texts, reverse=True):  # the end of the content goes first
-                ids, fixed = texts[i]
-                cut[i] = min(excess, len(ids) - fixed)
+                ids, fixed, suffix = texts[i]
+                cut[i] = min(excess, len(ids) - fixed - len(suffix))
                 excess -= cut[i]
             if excess > 0:
                 raise InvalidInputError(f"{field}: the query and the template take more than the model's {limit} "
@@ -239,16 +276,26 @@ class VLEncoder:
         ids, kinds, images = list(head), [TEXT_TOKEN] * len(head), []
         for i, run in enumerate(runs):
             if run.image is None:
-                kept = texts[i][0][: len(texts[i][0]) - cut.get(i, 0)]
+                whole, _, suffix = texts[i]
+                kept = whole
+                if cut.get(i):  # the cut text, then the template's text after it on its own
+                    kept = whole[: len(whole) - len(suffix) - cut[i]] + suffix
                 ids += kept
                 kinds += [TEXT_TOKEN] * len(kept)
             else:
                 ids += [self._start_id] + [self._image_id] * run.image.tokens + [self._end_id]
                 kinds += [TEXT_TOKEN] + [IMAGE_TOKEN] * run.image.tokens + [TEXT_TOKEN]
                 images.append(run.image)
-        ids += self._tail_ids
-        kinds += [TEXT_TOKEN] * len(self._tail_ids)
+        ids += tail_ids
+        kinds += [TEXT_TOKEN] * len(tail_ids)
         return VLInput(np.asarray(ids, dtype=np.int64), np.asarray(kinds, dtype=np.int8), tuple(images))
+
+    def _split(self, run: _Run) -> tuple[list[int], int, list[int]]:
+        """A text run's tokens (tokenized whole), how many of the first are fixed, and the
+        tokens of its template suffix alone (what follows a cut)."""
+        ids, fixed = self._tokenizer.user_text_split(run.text, run.fixed)
+        suffix = self._tokenizer.user_text_ids(run.text[len(run.text) - run.suffix:]) if run.suffix else []
+        return ids, fixed, suffix
 
 
 def describe_parts(parts: str | Sequence[object], image_name: Callable[[object], str]) -> str:

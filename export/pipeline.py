@@ -560,12 +560,15 @@ def export(
     if any(variant_format(p) == "mlx" for p in wanted):
         _check_mlx_can_export(draft)
     if draft.vl is not None:
-        what = ("reranker (queries and documents of texts, images or both; P(yes) against P(no) at the last "
-                "token)" if draft.task == "rerank" else f"embedder (texts, images and both in one input), dim {draft.dim}")
+        what = {"rerank": "reranker (queries and documents of texts, images or both; P(yes) against P(no) at the "
+                          "last token)",
+                "multivector": f"multi-vector model (a {draft.dim}-dim vector per token, scored by MaxSim; head "
+                               f"{draft.multivector.head if draft.multivector else ''})",
+                }.get(draft.task, f"embedder (texts, images and both in one input), dim {draft.dim}")
         progress(f"{draft.model_id}: {draft.architecture} {what}, max length {draft.max_length}, images "
                  f"{draft.image.min_pixels}..{draft.image.max_pixels} pixels ({draft.image.tokens} visual tokens at "
                  "most)")
-        if task is None:
+        if task is None and draft.task != "multivector":
             progress(f"exported as {'a reranker' if draft.task == 'rerank' else 'an embedder'}, as its name says; "
                      "--task embed or --task rerank decides it")
     elif "image" in draft.modalities:

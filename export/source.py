@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 from ..errors import ExportError
 from ..manifest import Manifest, RerankSpec
 from .dual import DUAL_ARCHITECTURES, read_dual_source
-from .vl import VL_ARCHITECTURES, read_vl_source
+from .vl import MULTIVECTOR_HEADS, VL_ARCHITECTURES, multivector_head, read_vl_source
 
 __all__ = ["SourceModel", "read_source", "ARCHITECTURES"]
 
@@ -32,7 +32,7 @@ QWEN3_RERANK_TEMPLATE = (
     "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 )
 RERANK_OUTPUT = "rerank_logit"
-TASKS = ("embed", "rerank")
+TASKS = ("embed", "rerank", "multivector")
 
 
 @dataclass(frozen=True)
@@ -187,10 +187,15 @@ def read_source(
     if arch in VL_ARCHITECTURES:
         if task is not None and task not in TASKS:
             raise ExportError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+        head = multivector_head(path)
         if task is None:
             # Qwen3-VL-Embedding and Qwen3-VL-Reranker share one architecture and one
             # checkpoint layout: only the name tells them apart (--task says it outright).
-            task = "rerank" if "reranker" in (model_id or path.name).lower() else "embed"
+            # A ColQwen3 checkpoint carries its projection head.
+            task = "multivector" if head else "rerank" if "reranker" in (model_id or path.name).lower() else "embed"
+        if (task == "multivector") != (head is not None):
+            raise ExportError(f"{path}: a multi-vector model carries a projection head ({' or '.join(MULTIVECTOR_HEADS)}); "
+                              f"this one {'does' if head else 'does not'}, so it cannot be exported as a {task} model")
         return read_vl_source(path, config, Tokenizer.from_file(str(path / "tokenizer.json")),
                               _optional_json(path / "tokenizer_config.json"), model_id=model_id,
                               revision=revision, max_length=max_length, copied=_copied_files(path),

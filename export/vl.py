@@ -33,7 +33,7 @@ from tokenizers import Tokenizer
 from ..bundle import GOLDEN_FILE, file_sha256
 from ..errors import ExportError, GateError
 from ..images import Image, ImageSpec
-from ..manifest import MLX_PRECISIONS, Manifest, Parity, RerankSpec, ScoreParity, Variant, VLSpec
+from ..manifest import MLX_PRECISIONS, Manifest, MultiVectorSpec, Parity, RerankSpec, ScoreParity, Variant, VLSpec
 from ..parity import (Gates, alone_vs_batch_cos, alone_vs_batch_diff, check_gate, measure_parity,
                       measure_retrieval, measure_score_parity, pair_name)
 from ..tokenization import BundleTokenizer
@@ -60,6 +60,37 @@ VL_RERANK_CHAT = ("<|im_start|>system\nJudge whether the Document meets the requ
                   "<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n")
 VL_RERANK_TEMPLATE = "<Instruct>: {instruction}<Query>:{query}\n<Document>:{document}"
 VL_RERANK_DEFAULT_INSTRUCTION = "Given a search query, retrieve relevant candidates that answer the query."
+# ColQwen's projection of every token: Tomoro's name, then colpali-engine's.
+MULTIVECTOR_HEADS = ("embedding_proj_layer", "custom_text_proj")
+# ColQwen's inputs as colpali-engine (transformers' ColQwen2Processor) writes them, where the
+# model's processor_config.json does not say: a query with ten pad tokens as reasoning
+# buffers, a page as a user turn asking to describe the image.
+_MULTIVECTOR_QUERY_PREFIX = "Query: "
+_MULTIVECTOR_VISUAL_PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the image."
+                              "<|im_end|><|endoftext|>")
+_MULTIVECTOR_QUERY_BUFFERS = 10
+
+
+def multivector_head(path: Path) -> str | None:
+    """The name of the projection weight a ColQwen checkpoint carries, or None."""
+    import json
+
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        keys = list(json.loads(index.read_text()).get("weight_map", {}))
+    else:
+        keys = []
+        for file in files:
+            with safe_open(str(file), framework="numpy") as fh:
+                keys += list(fh.keys())
+    for head in MULTIVECTOR_HEADS:
+        found = [k for k in keys if k == f"{head}.weight" or k.endswith(f".{head}.weight")]
+        if found:
+            return found[0]
+    return None
 VISION_OUTPUTS = ("image_embeds", "deepstack")
 _TEXT_PROBES = 48
 _MIXED_PROBES = 12
@@ -117,6 +148,13 @@ def read_vl_source(path: Path, config: dict[str, Any], tokenizer: Tokenizer, tok
     side = int(round(int(vision.get("num_position_embeddings", 2304)) ** 0.5))
     vl = VLSpec(template=VL_TEMPLATE, merge_size=merge, position_table_side=side,
                 deepstack_layers=len(vision.get("deepstack_visual_indexes") or (8, 16, 24)), **tokens)
+    if task == "multivector":
+        return _multivector_source(path, tokenizer, tok_config, manifest_fields=dict(
+            model_id=model_id or path.name, revision=revision, architecture="qwen3_vl", padding_side="right",
+            append_eos=False, eos_token_id=tokenizer.token_to_id("<|im_end|>"), pad_token_id=int(pad_id),
+            max_length=max_length or natural, matryoshka_min_dim=None, instruction_template=None,
+            default_instruction=None, graph_inputs=DECODER_INPUTS, modalities=("text", "image"), image=spec),
+            vl=dataclasses.replace(vl, hidden_size=hidden), copied=(*copied, "preprocessor_config.json"))
     if task == "rerank":
         from .source import RERANK_OUTPUT
 
@@ -159,6 +197,40 @@ def read_vl_source(path: Path, config: dict[str, Any], tokenizer: Tokenizer, tok
     return SourceModel(path=path, copied_files=(*copied, "preprocessor_config.json"), manifest=manifest)
 
 
+def _multivector_source(path: Path, tokenizer: Tokenizer, tok_config: dict[str, Any], *,
+                        manifest_fields: dict[str, Any], vl: VLSpec, copied: tuple[str, ...]) -> Any:
+    """The draft manifest of a ColQwen3 directory: its templates (the processor config's
+    query prefix and visual prompt, else colpali-engine's), its head's width."""
+    from safetensors import safe_open
+
+    from .source import SourceModel, _optional_json, _token_id
+
+    head = multivector_head(path)
+    shape = None
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="numpy") as fh:
+            if head in fh.keys():
+                shape = fh.get_slice(head).get_shape()
+    if shape is None or len(shape) != 2 or shape[1] != vl.hidden_size:
+        raise ExportError(f"{path}: the projection {head} has shape {shape}; a multi-vector head maps the decoder's "
+                          f"{vl.hidden_size} dims to the vectors' width")
+    processor = _optional_json(path / "processor_config.json")
+    query_prefix = processor.get("query_prefix") or _MULTIVECTOR_QUERY_PREFIX
+    visual = processor.get("visual_prompt_prefix") or _MULTIVECTOR_VISUAL_PROMPT
+    image_slot = f"{vl.vision_start}{vl.image_token}{vl.vision_end}"
+    if visual.count(image_slot) != 1:
+        raise ExportError(f"{path}: the visual prompt {visual!r} must hold the image once ({image_slot})")
+    buffer = tok_config.get("pad_token") if isinstance(tok_config.get("pad_token"), str) else "<|endoftext|>"
+    if _token_id(tokenizer, buffer) is None:
+        raise ExportError(f"{path}: the query buffer token {buffer!r} is not in the tokenizer")
+    spec = MultiVectorSpec(query_template=query_prefix + "{content}" + buffer * _MULTIVECTOR_QUERY_BUFFERS + "\n",
+                           document_template=visual.replace(image_slot, "{content}"), head=head)
+    manifest = Manifest(task="multivector", pooling="tokens", dim=int(shape[0]), graph_output="token_embeddings",
+                        multivector=spec, vl=dataclasses.replace(vl, template=spec.document_template),
+                        **manifest_fields)
+    return SourceModel(path=path, copied_files=copied, manifest=manifest)
+
+
 # -- tracing ---------------------------------------------------------------------------------
 
 
@@ -193,9 +265,10 @@ def exportable_qwen3_vl():
         mq.Qwen3VLVisionAttention.forward, mq.Qwen3VLTextModel._deepstack_process = saved
 
 
-def _graph_modules(model: Any, direction: Any = None) -> tuple[Any, Any]:
+def _graph_modules(model: Any, direction: Any = None, projection: Any = None) -> tuple[Any, Any]:
     """The vision and decoder graphs' modules; with `direction` (a reranker's W[yes] - W[no])
-    the decoder's one output is the pair's logit, h_last . direction."""
+    the decoder's one output is the pair's logit, h_last . direction; with `projection` (a
+    multi-vector model's head) every token's projected, L2-normalized vector, zero on padding."""
     import torch
 
     class VisionGraphModule(torch.nn.Module):
@@ -213,6 +286,7 @@ def _graph_modules(model: Any, direction: Any = None) -> tuple[Any, Any]:
         def __init__(self):
             super().__init__()
             self.language_model = model.language_model
+            self.projection = projection
 
         def forward(self, input_ids, attention_mask, position_ids, image_rows, image_embeds, deepstack):
             embeds = self.language_model.embed_tokens(input_ids)
@@ -220,6 +294,10 @@ def _graph_modules(model: Any, direction: Any = None) -> tuple[Any, Any]:
             hidden = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
                                          position_ids=position_ids, visual_pos_masks=image_rows,
                                          deepstack_visual_embeds=list(deepstack.unbind(0))).last_hidden_state
+            if projection is not None:
+                tokens = projection(hidden)
+                tokens = tokens / tokens.norm(dim=-1, keepdim=True)
+                return tokens * attention_mask.unsqueeze(-1).to(tokens.dtype)
             last = hidden[torch.arange(hidden.shape[0]), attention_mask.sum(1) - 1]
             return last if direction is None else (last @ direction).unsqueeze(-1)
 
@@ -246,9 +324,10 @@ def _export(module: Any, feeds: dict[str, np.ndarray], outputs: tuple[str, ...],
 
 
 def _reference(model: Any, processor: Any, inputs: list[VLInput], originals: list[list[Image]],
-               progress: Callable[[str], None], bounds: dict[str, int]) -> np.ndarray:
+               progress: Callable[[str], None], bounds: dict[str, int], projection: Any = None) -> Any:
     """The transformers model's pooled vectors: its own forward (vision tower, DeepStack,
-    M-RoPE from its get_rope_index) on each input alone, pixels from its own processor."""
+    M-RoPE from its get_rope_index) on each input alone, pixels from its own processor. With
+    a multi-vector `projection`: every token's projected, L2-normalized vector, per input."""
     import torch
 
     out = []
@@ -267,10 +346,14 @@ def _reference(model: Any, processor: Any, inputs: list[VLInput], originals: lis
             ids = torch.from_numpy(seq.ids)[None]
             hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids),
                            mm_token_type_ids=torch.from_numpy(seq.kinds.astype(np.int32))[None], **extra)
-            out.append(hidden.last_hidden_state[0, -1].numpy())
+            if projection is not None:
+                tokens = projection(hidden.last_hidden_state[0])
+                out.append((tokens / tokens.norm(dim=-1, keepdim=True)).numpy().astype(np.float32))
+            else:
+                out.append(hidden.last_hidden_state[0, -1].numpy())
             if (n + 1) % 25 == 0:
                 progress(f"reference vectors: {n + 1}/{len(inputs)} probes")
-    return np.stack(out).astype(np.float32)
+    return out if projection is not None else np.stack(out).astype(np.float32)
 
 
 class _Graphs:
@@ -431,6 +514,10 @@ def build_vl(source: Any, work: Path, wanted: tuple[str, ...], gates: Gates,
     from .quantize import INT4_BLOCK_SIZES, quantize_int4, quantize_per_token_int8, to_fp16
 
     draft = source.manifest
+    if draft.task == "multivector":
+        from .multivector import build_multivector
+
+        return build_multivector(source, work, wanted, gates, progress)
     reranker = draft.task == "rerank"
     unsupported = [p for p in wanted if p not in ("fp32", "fp16", "int8", "int4", *(() if reranker else MLX_PRECISIONS))]
     if unsupported:

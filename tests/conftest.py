@@ -252,6 +252,36 @@ def qwen3_vl_reranker_bundle(qwen3_vl_reranker_source: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def colqwen3_source() -> Path:
+    return _cached("colqwen3-source", build_tiny_colqwen3)
+
+
+@pytest.fixture(scope="session")
+def colqwen3_bundle(colqwen3_source: Path) -> Path:
+    from edge_embed.export import Gates, export
+
+    return _cached("colqwen3", lambda dest: export(
+        colqwen3_source, dest / "bundle", "fp32,fp16,int8", model_id="tiny-colqwen3",
+        gates=Gates(**RANDOM_RERANKER_GATES))) / "bundle"
+
+
+def build_tiny_colqwen3(dest: Path) -> None:
+    """ColQwen3's layout: the tiny Qwen3-VL of build_tiny_qwen3_vl and, beside its weights,
+    the projection of every token to 320 dims named as Tomoro's checkpoints name it
+    (`embedding_proj_layer`), random like the rest."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    build_tiny_qwen3_vl(dest)
+    (weights,) = dest.glob("*.safetensors")
+    tensors = load_file(str(weights))
+    generator = torch.Generator().manual_seed(3)
+    tensors["embedding_proj_layer.weight"] = torch.randn(320, 64, generator=generator) * 0.1
+    tensors["embedding_proj_layer.bias"] = torch.randn(320, generator=generator) * 0.01
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="session")
 def siglip_source() -> Path:
     return _cached("siglip-source", lambda dest: build_tiny_dual_encoder(dest, "siglip"))
 
