@@ -59,7 +59,7 @@ from .errors import (
 from .images import Image
 from .v1 import embed_pb2 as pb
 
-__all__ = ["EmbedClient", "AsyncEmbedClient", "SERVICE_CONFIG", "ERROR_TRAILER", "health_service_name"]
+__all__ = ["EmbedClient", "AsyncEmbedClient", "SERVICE_CONFIG", "ERROR_TRAILER", "health_service_name", "token_matrices"]
 
 _SERVICE = "edge_embed.v1.EmbeddingService"
 _METHOD = f"/{_SERVICE}/"
@@ -158,6 +158,29 @@ def _item(value: object, index: int, field: str = "texts") -> pb.Input:
         return pb.Input(parts=pb.Parts(parts=parts))
     raise InvalidInputError(f"{field}[{index}] must be a str, an edge_embed.Image or a list of both, got "
                             f"{type(value).__name__}")
+
+
+def token_matrices(response: pb.EmbedResponse) -> list[np.ndarray]:
+    """A multi-vector model's answer: each input's [tokens, dim] token vectors (float32, or
+    float16 as the request asked)."""
+    out = []
+    for i, m in enumerate(response.matrices):
+        dtype = {"float32": "<f4", "float16": "<f2"}.get(m.dtype)
+        if dtype is None or len(m.data) != m.rows * m.dim * np.dtype(dtype).itemsize:
+            raise InvalidInputError(f"matrices[{i}] does not hold {m.rows} x {m.dim} {m.dtype} values")
+        out.append(np.frombuffer(m.data, dtype=dtype).reshape(m.rows, m.dim))
+    return out
+
+
+def _multi_request(items: Sequence[object], input_type: str, matrix_dtype: str, truncate: bool,
+                   model: str | None) -> pb.EmbedRequest:
+    if isinstance(items, str):
+        raise InvalidInputError("items must be a list, not a single string")
+    dtypes = {"float32": pb.MATRIX_DTYPE_FLOAT32, "float16": pb.MATRIX_DTYPE_FLOAT16}
+    if matrix_dtype not in dtypes:
+        raise InvalidInputError(f"matrix_dtype must be float32 or float16, got {matrix_dtype!r}")
+    return pb.EmbedRequest(items=[_item(x, i, "items") for i, x in enumerate(items)], input_type=input_type,
+                           matrix_dtype=dtypes[matrix_dtype], truncate=truncate, model=model or "")
 
 
 def _vectors(response: pb.EmbedResponse) -> np.ndarray:
@@ -291,6 +314,12 @@ class EmbedClient:
         o = {"instruction": None, "dimensions": None, "normalize": True, "truncate": True, "model": None, **options}
         return self._call(self._embed, _request(texts, **o))
 
+    def embed_multi(self, items: Sequence[object], *, input_type: str = "document", matrix_dtype: str = "float32",
+                    truncate: bool = True, model: str | None = None) -> list[np.ndarray]:
+        """A multi-vector model's token vectors: one [tokens, dim] matrix per input (texts,
+        Images or lists of both), read as queries or documents."""
+        return token_matrices(self._call(self._embed, _multi_request(items, input_type, matrix_dtype, truncate, model)))
+
     def rerank(self, query: str | Image | Sequence[str | Image], documents: Sequence[object], *,
                instruction: str | None = None, top_n: int | None = None, return_documents: bool = False,
                model: str | None = None) -> pb.RerankResponse:
@@ -347,6 +376,12 @@ class AsyncEmbedClient:
     async def embed_response(self, texts: Sequence[str], **options) -> pb.EmbedResponse:
         o = {"instruction": None, "dimensions": None, "normalize": True, "truncate": True, "model": None, **options}
         return await self._call(self._embed, _request(texts, **o))
+
+    async def embed_multi(self, items: Sequence[object], *, input_type: str = "document",
+                          matrix_dtype: str = "float32", truncate: bool = True,
+                          model: str | None = None) -> list[np.ndarray]:
+        return token_matrices(await self._call(self._embed, _multi_request(items, input_type, matrix_dtype, truncate,
+                                                                           model)))
 
     async def rerank(self, query: str | Image | Sequence[str | Image], documents: Sequence[object], *,
                      instruction: str | None = None, top_n: int | None = None, return_documents: bool = False,

@@ -431,13 +431,20 @@ class BundleEmbedder(abc.ABC):
         lengths = [len(s) for s in seqs]
         for batch in plan_batches(lengths, self.limits.max_batch_tokens, self.limits.max_batch_size,
                                   stepped_rows=self.limits.stepped_rows) if seqs else []:
-            tokens = self.run_batch([seqs[i] for i in batch])
-            for j, i in enumerate(batch):
-                rows = np.ascontiguousarray(tokens[j, : lengths[i]], dtype=np.float32)
-                if not np.isfinite(rows).all():
-                    raise NonFiniteOutputError(f"the {self.precision} model produced a non-finite vector for "
-                                               f"input {i}")
+            for i, rows in zip(batch, self.run_multi_batch([seqs[i] for i in batch])):
                 out[i] = rows
+        return out
+
+    def run_multi_batch(self, seqs: Sequence[VLInput]) -> np.ndarray:
+        """Exactly this batch, each input's token vectors cut to its length: an object array
+        of [tokens, dim] matrices (what the server's batcher hands back per input)."""
+        tokens = self.run_batch(seqs)
+        out = np.empty(len(seqs), dtype=object)
+        for j, seq in enumerate(seqs):
+            rows = np.ascontiguousarray(tokens[j, : len(seq)], dtype=np.float32)
+            if not np.isfinite(rows).all():
+                raise NonFiniteOutputError(f"the {self.precision} model produced a non-finite token vector")
+            out[j] = rows
         return out
 
     def embed_multi(self, items: Sequence[object], *, kind: str = "document",

@@ -5,16 +5,27 @@ prompt as Qwen's tokenizer reads it, token by token, and by MaxSim."""
 
 from __future__ import annotations
 
+import base64
+import json
+import random
+
+import grpc
 import numpy as np
 import pytest
 
 import edge_embed
+from edge_embed.client import EmbedClient
 from edge_embed.errors import InvalidInputError, WrongTaskError
 from edge_embed.images import Image
 from edge_embed.manifest import Manifest
 from edge_embed.parity import maxsim
+from edge_embed.v1 import embed_pb2 as pb
+from edge_embed.v1 import embed_pb2_grpc
 
 from .conftest import skimage_photo
+from .servers import running_server
+from .test_http import post
+from .test_image_serving import _malformed, _seed_images
 
 pytestmark = pytest.mark.slow
 
@@ -172,3 +183,98 @@ def test_bad_input_is_refused_by_name(fp32):
     with pytest.raises(InvalidInputError, match=r"pages\[0\] must be token vectors"):
         fp32.maxsim("q", [np.zeros((0, 320), np.float32)])
     assert fp32.embed_multi([]) == []
+
+
+# -- over the wire ------------------------------------------------------------------------------
+
+
+def _http(port: int, route: str, payload: dict) -> tuple[int, dict]:
+    status, _, body = post(port, route, json.dumps(payload).encode())
+    return status, body
+
+
+def test_token_matrices_over_grpc_and_http_equal_in_process_bit_for_bit(fp32):
+    page = skimage_photo("page.png").read_bytes()
+    items = [Image.open(page), "a text page about scanners", [Image.open(page), "with a caption"]]
+    local = fp32.embed_multi(items)
+    local_q = fp32.embed_multi(["which page?"], kind="query")
+    with running_server(fp32, http_port=0) as (edge, target):
+        with EmbedClient(target) as client:
+            over = client.embed_multi(items)
+            assert all(np.array_equal(a, b) for a, b in zip(over, local)) and len(over) == 3
+            half = client.embed_multi(items, matrix_dtype="float16")
+            assert all(h.dtype == np.float16 and np.array_equal(h, a.astype(np.float16)) for h, a in zip(half, local))
+            (q,) = client.embed_multi(["which page?"], input_type="query")
+            assert np.array_equal(q, local_q[0])
+            response = client.rerank("which page?", items)
+            expected = fp32.rerank("which page?", items)
+            assert [(r.index, r.score) for r in response.results] == [(r.index, r.score) for r in expected]
+            assert list(response.token_counts) == [len(m) for m in local]
+            with pytest.raises(InvalidInputError, match="takes no instruction"):
+                client.embed(["a"], instruction="Represent")
+            with pytest.raises(InvalidInputError, match="input_type must be query or document"):
+                client.embed_multi(["a"], input_type="passage")
+            with pytest.raises(InvalidInputError, match="neither dimensions"):
+                client.embed(["a"], dimensions=64)
+        image_part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+                                                         + base64.b64encode(page).decode()}}
+        http_items = [image_part, "a text page about scanners", [image_part, {"type": "text", "text": "with a caption"}]]
+        status, body = _http(edge.http_port, "/v1/embeddings", {"input": http_items})
+        assert status == 200, body
+        assert all(np.array_equal(np.array(d["embedding"], dtype=np.float32), m) for d, m in zip(body["data"], local))
+        status, body = _http(edge.http_port, "/v1/embeddings", {"input": ["which page?"], "input_type": "query",
+                                                                "encoding_format": "base64"})
+        assert status == 200, body
+        (row,) = body["data"]
+        assert row["shape"] == list(local_q[0].shape) and row["dtype"] == "float32"
+        decoded = np.frombuffer(base64.b64decode(row["embedding"]), dtype="<f4").reshape(row["shape"])
+        assert np.array_equal(decoded, local_q[0])
+        status, body = _http(edge.http_port, "/v1/rerank", {"query": "which page?", "documents": http_items})
+        assert status == 200, body
+        assert [(r["index"], r["relevance_score"]) for r in body["results"]] == [(r.index, r.score) for r in expected]
+
+
+def test_a_fuzz_of_hostile_multivector_requests_gets_only_clear_refusals(fp32):
+    rng = random.Random(31)
+    seeds = _seed_images()
+    known = [Image.open(skimage_photo("page.png")), "a text page"]
+    before = fp32.embed_multi(known)
+    codes: dict[str, int] = {}
+    with running_server(fp32, http_port=0, max_image_pixels=4_000_000) as (edge, target):
+        stub = embed_pb2_grpc.EmbeddingServiceStub(grpc.insecure_channel(target))
+        for case in range(300):
+            bad = _malformed(rng, seeds)
+            kind = rng.randrange(6)
+            if case % 2:
+                request = [
+                    pb.EmbedRequest(items=[pb.Input(image=bad)], input_type=rng.choice(["", "query", "document"])),
+                    pb.EmbedRequest(inputs=["a"], input_type=rng.choice(["passage", "QUERY", "x" * 300])),
+                    pb.EmbedRequest(inputs=["a"], matrix_dtype=rng.choice([1, 7, 255])),
+                    pb.EmbedRequest(inputs=["a"], dimensions=rng.choice([1, 64, 320, 10_000])),
+                    pb.EmbedRequest(items=[pb.Input(parts=pb.Parts(parts=[pb.Part(text="a"), pb.Part(image=bad)]))]),
+                    pb.EmbedRequest(inputs=["a"], instruction="x", normalize=False),
+                ][kind]
+                try:
+                    stub.Embed(request, timeout=30)
+                    code = "OK"
+                except grpc.RpcError as exc:
+                    code = exc.code().name
+            else:
+                payload = [
+                    {"input": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+                                                                   + base64.b64encode(bad).decode()}}]},
+                    {"input": ["a"], "input_type": rng.choice(["passage", 3, None, ["query"]])},
+                    {"input": ["a"], "encoding_format": rng.choice(["float16", "base64", 1])},
+                    {"input": ["a"], "dimensions": rng.choice([1, 320, -5, "a"])},
+                    {"input": [[{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "data:,"}}]]},
+                    {"input": ["a"], "instruction": "x"},
+                ][kind]
+                status, body = _http(edge.http_port, "/v1/embeddings", payload)
+                code = {200: "OK", 400: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 413: "RESOURCE_EXHAUSTED"}.get(
+                    status, f"HTTP {status}: {body}")
+            codes[code] = codes.get(code, 0) + 1
+        with EmbedClient(target) as client:
+            after = client.embed_multi(known)
+    assert set(codes) <= {"OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}, codes
+    assert codes.get("INVALID_ARGUMENT", 0) >= 200, codes
+    assert all(np.array_equal(a, b) for a, b in zip(after, before))

@@ -87,6 +87,8 @@ def warmup_token_ids(runner: ModelRunner) -> list:
     canary that tells a failing input from a failing model."""
     if runner.info.task == "rerank":
         return runner.tokenize_pairs(WARMUP_TEXTS[0], WARMUP_TEXTS)
+    if runner.info.task == "multivector":
+        return runner.tokenize_multi(WARMUP_TEXTS, kind="query")
     return runner.tokenize(WARMUP_TEXTS)
 
 
@@ -135,7 +137,7 @@ async def create_server(config: ServerConfig, models: ModelRunner | ModelPool, *
     def make_batcher(model: PooledModel) -> TokenBudgetBatcher:
         runner = model.runner
         return TokenBudgetBatcher(
-            runner.run_batch,
+            runner.run_multi_batch if runner.info.task == "multivector" else runner.run_batch,
             limits=runner.info.batch_limits(config.limits),
             max_wait_s=config.max_wait_ms / 1000,
             max_queue_tokens=config.queue_tokens,

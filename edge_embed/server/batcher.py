@@ -587,8 +587,8 @@ class TokenBudgetBatcher:
     def _deliver(self, batch: list[tuple[Ticket, int]], vectors: np.ndarray, seconds: float) -> None:
         started = time.monotonic() - seconds
         for row, (ticket, index) in enumerate(batch):
-            if ticket.vectors is None:
-                ticket.vectors = np.empty((len(ticket.seqs), vectors.shape[1]), dtype=np.float32)
+            if ticket.vectors is None:  # [n, dim] floats, or n matrices (a multi-vector model's)
+                ticket.vectors = np.empty((len(ticket.seqs), *vectors.shape[1:]), dtype=vectors.dtype)
                 ticket.started = started
             ticket.vectors[index] = vectors[row]
             ticket.done += 1

@@ -25,6 +25,7 @@ from ..errors import EdgeEmbedError, InvalidInputError, OverloadedError
 from ..images import MAX_IMAGE_BYTES, Image
 from ..manifest import Manifest
 from ..memory import release_free_memory
+from ..parity import maxsim
 from ..provider import ModelRunner, RerankResult, check_top_n, ranked, wrong_task
 from .batcher import REQUEST_ID, Ticket, TokenBudgetBatcher
 from .config import ServerConfig
@@ -196,7 +197,8 @@ class RequestMemory:
 
 @dataclass(frozen=True)
 class Embedded:
-    """One request's vectors and facts, before a transport shapes the answer."""
+    """One request's vectors and facts, before a transport shapes the answer: a [n, dim]
+    array, or for a multi-vector model an object array of n [tokens, dim] matrices."""
 
     vectors: np.ndarray
     token_counts: list[int]
@@ -315,9 +317,13 @@ class EmbeddingService:
         return sum(len(p) if isinstance(p, str) else len(p.data) for p in parts)
 
     @staticmethod
-    def _check_task(model: PooledModel, wanted: str) -> None:
+    def _task(model: PooledModel) -> str:
+        return model.info.task if model.info is not None else model.source_manifest().task
+
+    @classmethod
+    def _check_task(cls, model: PooledModel, wanted: str) -> None:
         """A request for the other task is refused before any work, naming both kinds."""
-        task = model.info.task if model.info is not None else model.source_manifest().task
+        task = cls._task(model)
         if task != wanted:
             raise wrong_task(model.name, task, wanted)
 
@@ -376,7 +382,7 @@ class EmbeddingService:
     async def embed_texts(self, model_name: str, count: int, nbytes: int, texts: Callable[[], list[EmbedInput]],
                           *, instruction: str = "", dimensions: int | None = None, normalize: bool = True,
                           truncate: bool = True, deadline: float | None = None, field: str = "inputs",
-                          images: int = 0) -> Embedded:
+                          images: int = 0, input_type: str | None = None) -> Embedded:
         """The one embedding path of every transport: checks, admission by tokens, the model's
         batcher, then the Matryoshka cut and normalization.
 
@@ -385,10 +391,26 @@ class EmbeddingService:
         and Images of the inputs: a text token takes at least one byte of UTF-8, an image
         costs the model's visual tokens whatever its bytes, and no text passes the model's
         limit. Images are decoded with the tokenizing, off the event loop, one at a time.
-        `field` is what errors call the inputs.
+        `field` is what errors call the inputs. A multi-vector model answers one matrix of
+        token vectors per input (`Embedded.vectors` then holds them as an object array),
+        reading the inputs as queries or documents (`input_type`, default document).
         """
         start = time.monotonic()
-        self._check_task(self.pool.find(model_name), "embed")
+        multi = self._task(self.pool.find(model_name)) == "multivector"
+        if multi:
+            if instruction:
+                raise InvalidInputError(f"{model_name or 'the model'} is a multi-vector model and takes no instruction; "
+                                        "send input_type query or document")
+            if dimensions or not normalize:
+                raise InvalidInputError("a multi-vector model's token vectors have one width and unit length: "
+                                        "send neither dimensions nor normalize=false")
+        else:
+            self._check_task(self.pool.find(model_name), "embed")
+            if input_type is not None:
+                raise InvalidInputError("input_type is for multi-vector models (query or document); this model "
+                                        "reads queries through its instruction")
+        if input_type not in (None, "query", "document"):
+            raise InvalidInputError(f"input_type must be query or document, got {str(input_type)[:40]!r}")
         self._check_count(count, field)
         self._check_instruction(instruction)
         async with self.pool.use(model_name, deadline) as model:
@@ -407,11 +429,14 @@ class EmbeddingService:
             def materialize() -> tuple[int, Callable[[], list[np.ndarray]]]:
                 inputs = texts()
                 self._check_inputs(inputs, field)
+                if multi:
+                    return self._size(inputs), lambda: runner.tokenize_multi(
+                        inputs, kind=input_type or "document", truncate=truncate, field=field)
                 return self._size(inputs), lambda: runner.tokenize(
                     inputs, instruction=instruction or None, truncate=truncate, field=field)
 
             seqs, result = await self._admitted(batcher, bound, deadline, materialize)
-            vectors = runner.finish(result.vectors, width, normalize, field=field)
+            vectors = result.vectors if multi else runner.finish(result.vectors, width, normalize, field=field)
         self.metrics.queue_seconds.observe(result.queue_s)
         self.metrics.total_seconds.observe(time.monotonic() - start)
         return Embedded(vectors, [len(s) for s in seqs], model.name, width, result.queue_s, result.inference_s)
@@ -429,7 +454,11 @@ class EmbeddingService:
         or document is a text, or, for a reranker that reads images, an image or a mix.
         """
         start = time.monotonic()
-        self._check_task(self.pool.find(model_name), "rerank")
+        multi = self._task(self.pool.find(model_name)) == "multivector"
+        if not multi:
+            self._check_task(self.pool.find(model_name), "rerank")
+        elif instruction:
+            raise InvalidInputError(f"{model_name or 'the model'} is a multi-vector model and takes no instruction")
         self._check_count(count, field)
         self._check_instruction(instruction)
         check_top_n(top_n)
@@ -454,11 +483,19 @@ class EmbeddingService:
             def materialize() -> tuple[int, Callable[[], list[np.ndarray]]]:
                 docs.extend(documents())
                 self._check_inputs(docs, field)
+                if multi:  # the query's token vectors and each document's, scored here by MaxSim
+                    return query_chars + self._size(docs), lambda: [
+                        *runner.tokenize_multi([query], kind="query", field="query"),
+                        *runner.tokenize_multi(docs, field=field)]
                 return query_chars * len(docs) + self._size(docs), lambda: runner.tokenize_pairs(
                     query, docs, instruction=instruction or None, field=field)
 
             seqs, result = await self._admitted(batcher, bound, deadline, materialize)
-            scores = runner.finish_scores(result.vectors, field=field)
+            if multi:
+                scores = maxsim(result.vectors[0], list(result.vectors[1:]))
+                seqs = seqs[1:]  # token counts are the documents'
+            else:
+                scores = runner.finish_scores(result.vectors, field=field)
         self.metrics.queue_seconds.observe(result.queue_s)
         self.metrics.total_seconds.observe(time.monotonic() - start)
         return Reranked(ranked(scores, docs, top_n, return_documents), [len(s) for s in seqs], model.name,

@@ -158,15 +158,23 @@ class GrpcApi:
             instruction=request.instruction, dimensions=request.dimensions or None,
             normalize=request.normalize if request.HasField("normalize") else True,
             truncate=request.truncate if request.HasField("truncate") else True,
-            deadline=_deadline(context), field=field, images=images,
+            deadline=_deadline(context), field=field, images=images, input_type=request.input_type or None,
         )
         packed = request.vector_format == pb.VECTOR_FORMAT_PACKED
+        multi = done.vectors.dtype == object
+        if not multi and request.matrix_dtype != pb.MATRIX_DTYPE_FLOAT32:
+            raise InvalidInputError("matrix_dtype is for multi-vector models, whose answers are matrices")
+        dtype = "<f2" if request.matrix_dtype == pb.MATRIX_DTYPE_FLOAT16 else "<f4"
 
         def build() -> pb.EmbedResponse:
             response = pb.EmbedResponse(token_counts=done.token_counts, model=done.model,
                                         dimensions=done.dimensions, queue_ms=done.queue_s * 1000,
                                         inference_ms=done.inference_s * 1000)
-            if packed:
+            if multi:
+                response.matrices.extend(
+                    pb.TokenMatrix(rows=m.shape[0], dim=m.shape[1], dtype="float16" if dtype == "<f2" else "float32",
+                                   data=m.astype(dtype).tobytes()) for m in done.vectors)
+            elif packed:
                 response.packed = np.ascontiguousarray(done.vectors, dtype="<f4").tobytes()
             else:
                 add = response.embeddings.add
@@ -174,7 +182,8 @@ class GrpcApi:
                     add().values.extend(v)
             return response
 
-        return await self.service.shape(0 if packed else done.vectors.size, build)
+        values = sum(m.size for m in done.vectors) if multi else 0 if packed else done.vectors.size
+        return await self.service.shape(values, build)
 
     async def rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
         if request.HasField("query_item") and request.query:

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from aiohttp import web
 
 from ..errors import (
@@ -51,7 +52,8 @@ log = logging.getLogger(__name__)
 
 # Every field /v1/embeddings reads. Any other field is refused: a client that sends, say,
 # `input_type: "query"` to another server's API must not get document vectors silently.
-EMBEDDINGS_FIELDS = ("input", "messages", "model", "dimensions", "encoding_format", "user", "instruction", "truncate")
+EMBEDDINGS_FIELDS = ("input", "messages", "model", "dimensions", "encoding_format", "user", "instruction", "truncate",
+                     "input_type")
 RERANK_FIELDS = ("query", "documents", "model", "top_n", "return_documents", "instruction", "user")
 _OPEN_PATHS = ("/health", "/ready")
 _ROUTES = ("/v1/embeddings", "/v1/rerank", "/v1/models", "/health", "/ready")
@@ -498,28 +500,37 @@ class HttpTransport:
             if _SURROGATE.search(instruction):
                 raise InvalidInputError("instruction holds an unpaired surrogate (\\ud800-\\udfff): not valid text")
             truncate = _optional(payload, "truncate", bool, "a boolean")
+            input_type = _optional(payload, "input_type", str, '"query" or "document"')
             field = "messages" if "messages" in payload else "input"
             del payload
             done = await self.service.embed_texts(
                 model, len(items), nbytes, lambda: _opened(items, self.service), instruction=instruction,
                 dimensions=dimensions, truncate=True if truncate is None else truncate, field=field,
-                images=images)
+                images=images, input_type=input_type)
         tokens = sum(done.token_counts)
+        multi = done.vectors.dtype == object
+
+        def item(i: int, v: np.ndarray) -> dict[str, Any]:
+            """One input's answer: a vector, or a multi-vector model's [tokens, dim] matrix (a
+            2-D array, as vLLM's pooling answers; in base64 with its shape and dtype)."""
+            out: dict[str, Any] = {"object": "embedding", "index": i}
+            if encoding == "base64":  # little-endian float32, as OpenAI sends it
+                out["embedding"] = base64.b64encode(v.astype("<f4", copy=False).tobytes()).decode("ascii")
+                if multi:
+                    out.update(shape=list(v.shape), dtype="float32")
+            else:
+                out["embedding"] = v.tolist()  # float32 values; their repr reads back exactly
+            return out
 
         def build() -> bytes:
-            if encoding == "base64":  # little-endian float32, as OpenAI sends it
-                rows = [base64.b64encode(v.astype("<f4", copy=False).tobytes()).decode("ascii")
-                        for v in done.vectors]
-            else:
-                rows = [v.tolist() for v in done.vectors]  # float32 values; their repr reads back exactly
             return _json_bytes({
                 "object": "list",
-                "data": [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)],
+                "data": [item(i, v) for i, v in enumerate(done.vectors)],
                 "model": done.model,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             })
 
-        body = await self.service.shape(done.vectors.size, build)
+        body = await self.service.shape(sum(v.size for v in done.vectors) if multi else done.vectors.size, build)
         return web.Response(body=body, content_type="application/json")
 
     async def _rerank(self, request: web.Request) -> web.Response:

@@ -7,15 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class MatrixDtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MATRIX_DTYPE_FLOAT32: _ClassVar[MatrixDtype]
+    MATRIX_DTYPE_FLOAT16: _ClassVar[MatrixDtype]
+
 class VectorFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     VECTOR_FORMAT_FLOATS: _ClassVar[VectorFormat]
     VECTOR_FORMAT_PACKED: _ClassVar[VectorFormat]
+MATRIX_DTYPE_FLOAT32: MatrixDtype
+MATRIX_DTYPE_FLOAT16: MatrixDtype
 VECTOR_FORMAT_FLOATS: VectorFormat
 VECTOR_FORMAT_PACKED: VectorFormat
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("inputs", "instruction", "dimensions", "normalize", "truncate", "model", "request_id", "vector_format", "items")
+    __slots__ = ("inputs", "instruction", "dimensions", "normalize", "truncate", "model", "request_id", "vector_format", "items", "input_type", "matrix_dtype")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +32,8 @@ class EmbedRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FORMAT_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    MATRIX_DTYPE_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedScalarFieldContainer[str]
     instruction: str
     dimensions: int
@@ -34,7 +43,21 @@ class EmbedRequest(_message.Message):
     request_id: str
     vector_format: VectorFormat
     items: _containers.RepeatedCompositeFieldContainer[Input]
-    def __init__(self, inputs: _Optional[_Iterable[str]] = ..., instruction: _Optional[str] = ..., dimensions: _Optional[int] = ..., normalize: _Optional[bool] = ..., truncate: _Optional[bool] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ..., vector_format: _Optional[_Union[VectorFormat, str]] = ..., items: _Optional[_Iterable[_Union[Input, _Mapping]]] = ...) -> None: ...
+    input_type: str
+    matrix_dtype: MatrixDtype
+    def __init__(self, inputs: _Optional[_Iterable[str]] = ..., instruction: _Optional[str] = ..., dimensions: _Optional[int] = ..., normalize: _Optional[bool] = ..., truncate: _Optional[bool] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ..., vector_format: _Optional[_Union[VectorFormat, str]] = ..., items: _Optional[_Iterable[_Union[Input, _Mapping]]] = ..., input_type: _Optional[str] = ..., matrix_dtype: _Optional[_Union[MatrixDtype, str]] = ...) -> None: ...
+
+class TokenMatrix(_message.Message):
+    __slots__ = ("rows", "dim", "dtype", "data")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    dim: int
+    dtype: str
+    data: bytes
+    def __init__(self, rows: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Input(_message.Message):
     __slots__ = ("text", "image", "parts")
@@ -67,7 +90,7 @@ class Embedding(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
-    __slots__ = ("embeddings", "token_counts", "model", "dimensions", "queue_ms", "inference_ms", "packed")
+    __slots__ = ("embeddings", "token_counts", "model", "dimensions", "queue_ms", "inference_ms", "packed", "matrices")
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_COUNTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +98,7 @@ class EmbedResponse(_message.Message):
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_MS_FIELD_NUMBER: _ClassVar[int]
     PACKED_FIELD_NUMBER: _ClassVar[int]
+    MATRICES_FIELD_NUMBER: _ClassVar[int]
     embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
     token_counts: _containers.RepeatedScalarFieldContainer[int]
     model: str
@@ -82,7 +106,8 @@ class EmbedResponse(_message.Message):
     queue_ms: float
     inference_ms: float
     packed: bytes
-    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., token_counts: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., dimensions: _Optional[int] = ..., queue_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., packed: _Optional[bytes] = ...) -> None: ...
+    matrices: _containers.RepeatedCompositeFieldContainer[TokenMatrix]
+    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., token_counts: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., dimensions: _Optional[int] = ..., queue_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., packed: _Optional[bytes] = ..., matrices: _Optional[_Iterable[_Union[TokenMatrix, _Mapping]]] = ...) -> None: ...
 
 class StreamError(_message.Message):
     __slots__ = ("code", "message")
