@@ -207,6 +207,9 @@ def _parser() -> argparse.ArgumentParser:
     bc.add_argument("output", type=Path, help="folder for the Parquet shards (a rerun resumes it)")
     _bundle_options(bc, with_backend=False)
     bc.add_argument("--text-field", default="text", help="field holding the text (default: text)")
+    bc.add_argument("--image-field", help="field holding an image (a path relative to the JSONL file, or bytes in a "
+                                          "Parquet binary column), for bundles that read images; a row is its image, "
+                                          "its text or both")
     bc.add_argument("--id-field", default="id", help="field holding the row id (default: id)")
     bc.add_argument("--dimensions", type=_positive_int, help="Matryoshka output width")
     bc.add_argument("--no-truncate", action="store_true", help="send texts over the token limit to the errors file")
@@ -559,7 +562,7 @@ def _cmd_embed_corpus(args: argparse.Namespace) -> None:
         raise InvalidInputError("--actors, --cpus-per-actor and --ship-bundle need --ray")
     report = embed_corpus(
         args.bundle or ensure_default_bundle(), args.input, args.output, text_field=args.text_field,
-        id_field=args.id_field, precision=args.precision, dimensions=args.dimensions, truncate=not args.no_truncate,
+        id_field=args.id_field, image_field=args.image_field, precision=args.precision, dimensions=args.dimensions, truncate=not args.no_truncate,
         rows_per_shard=args.rows_per_shard, threads=int(args.threads) if args.threads else None, ray=args.ray,
         actors=args.actors, cpus_per_actor=args.cpus_per_actor, ship_bundle=args.ship_bundle,
     )

@@ -20,7 +20,11 @@ resumes it.
 
 OUTPUT holds:
     corpus.json                  the bundle (model id, precision, sha256), fields, inputs, totals
-    part-IIIII-PPPPP.parquet     id (string), embedding (fixed-size list of float32), tokens (int32)
+    part-IIIII-PPPPP.parquet     id (string), embedding (fixed-size list of float32), tokens (int32);
+                                 a multi-vector model's embedding is a list of token vectors (each a
+                                 fixed-size list of float32): tokens x dim x 4 bytes a row
+    (with an image field, a row is its image, its text, or both: an image path relative to
+    its JSONL file, or image bytes in a Parquet binary column)
     part-IIIII-PPPPP.errors.jsonl rows of that unit that could not be embedded: id, reason
     errors.jsonl                 every error row, gathered when the run completes
 """
@@ -106,6 +110,8 @@ class _Job:
     model_id: str
     precision: str
     sha256: str
+    image_field: str | None = None
+    multivector: bool = False
 
 
 # -- input -------------------------------------------------------------------------------
@@ -221,27 +227,62 @@ class _Rows:
         self.texts: list[str] = []
         self.errors: list[tuple[str, str]] = []
 
-    def take(self, row_id: Any, text: Any, where: str, job: _Job) -> None:
+    def take(self, row_id: Any, text: Any, where: str, job: _Job, image: Any = None, folder: Path | None = None) -> None:
+        """One row: its text, or with an image field its image, its text or both."""
         if row_id is None or (isinstance(row_id, str) and not row_id.strip()):
             self.errors.append((where, f"no {job.id_field!r} field"))
+            return
+        row_id = str(row_id)
+        if job.image_field is not None and image is not None:
+            try:
+                opened = _row_image(image, job.image_field, folder)
+            except InvalidInputError as exc:
+                self.errors.append((row_id, str(exc)))
+                return
+            if isinstance(text, str) and text.strip():
+                self.ids.append(row_id)
+                self.texts.append([opened, text])
+            elif text is None:
+                self.ids.append(row_id)
+                self.texts.append(opened)
+            else:
+                self.errors.append((row_id, f"{job.text_field!r} is not a non-empty string"))
         elif not isinstance(text, str):
-            self.errors.append((str(row_id), f"{job.text_field!r} is missing" if text is None
+            missing = f"{job.text_field!r}" + (f" and {job.image_field!r} are" if job.image_field else " is")
+            self.errors.append((row_id, f"{missing} missing" if text is None
                                 else f"{job.text_field!r} is a {type(text).__name__}, not a string"))
         elif not text.strip():
-            self.errors.append((str(row_id), f"{job.text_field!r} is empty"))
+            self.errors.append((row_id, f"{job.text_field!r} is empty"))
         else:
-            self.ids.append(str(row_id))
+            self.ids.append(row_id)
             self.texts.append(text)
+
+
+def _row_image(value: Any, field: str, folder: Path | None) -> Any:
+    """A row's image, its header checked (nothing decoded yet): a path (relative to the
+    JSONL file's folder) or the encoded bytes of a Parquet binary column."""
+    from .images import Image
+
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return Image.open(bytes(value), field=field)
+    if isinstance(value, str) and value.strip():
+        path = Path(value)
+        if not path.is_absolute() and folder is not None:
+            path = folder / path
+        if not path.is_file():
+            raise InvalidInputError(f"{field!r}: no image file at {path}")
+        return Image.open(path, field=field)
+    raise InvalidInputError(f"{field!r} must be an image path or image bytes, got {type(value).__name__}")
 
 
 def read_span(span: Sequence[Unit], job: _Job) -> Iterator[tuple[Unit, _Rows]]:
     """Each unit of a span with its rows, in order; rows that cannot be embedded become errors."""
     name = Path(span[0].source).name
     if _is_parquet(span[0].source):
-        for unit, pairs in _parquet_span(span, job):
+        for unit, records in _parquet_span(span, job):
             rows = _Rows()
-            for offset, (row_id, text) in enumerate(pairs):
-                rows.take(row_id, text, f"{name}:row {unit.first_row + offset}", job)
+            for offset, (row_id, text, image) in enumerate(records):
+                rows.take(row_id, text, f"{name}:row {unit.first_row + offset}", job, image)
             yield unit, rows
         return
     for unit in span:
@@ -270,28 +311,37 @@ def _jsonl_unit(unit: Unit, job: _Job) -> _Rows:
             if not isinstance(record, dict):
                 rows.errors.append((where, f"not a JSON object but a {type(record).__name__}"))
                 continue
-            rows.take(record.get(job.id_field), record.get(job.text_field), where, job)
+            image = record.get(job.image_field) if job.image_field else None
+            rows.take(record.get(job.id_field), record.get(job.text_field), where, job, image,
+                      Path(unit.source).parent)
     return rows
 
 
-def _parquet_span(span: Sequence[Unit], job: _Job) -> Iterator[tuple[Unit, list[tuple[Any, Any]]]]:
-    """Each unit's (id, text) pairs, streaming the row groups that hold the span once."""
+def _parquet_span(span: Sequence[Unit], job: _Job) -> Iterator[tuple[Unit, list[tuple[Any, Any, Any]]]]:
+    """Each unit's (id, text, image) rows (image None without an image field; text None
+    where an image-only corpus has no text column), streaming the row groups that hold the
+    span once."""
     source = span[0].source
     pf = _parquet_file(source)
     names = set(pf.schema_arrow.names)
-    for field in (job.id_field, job.text_field):
+    required = [job.id_field, job.image_field] if job.image_field else [job.id_field, job.text_field]
+    for field in required:
         if field not in names:
             raise InvalidInputError(f"{source} has no column {field!r} (it has: {', '.join(sorted(names))})")
+    columns = [c for c in dict.fromkeys([job.id_field, job.text_field, job.image_field]) if c in names]
     starts = _row_group_starts(pf.metadata)
     first = bisect.bisect_right(starts, span[0].start) - 1
     end = span[-1].start + span[-1].rows
     groups = [g for g in range(first, pf.metadata.num_row_groups) if starts[g] < end]
     # Batches no longer than a unit: a span that ends early in a row group decodes no further.
     batches = pf.iter_batches(batch_size=min(_READ_BATCH_ROWS, max(u.rows for u in span)), row_groups=groups,
-                              columns=list(dict.fromkeys([job.id_field, job.text_field])))
+                              columns=columns)
     held, held_start = None, starts[first]  # the batch last read and the shard row it starts at
+    def column(part: Any, name: str | None) -> list[Any]:
+        return part.column(name).to_pylist() if name in columns else [None] * part.num_rows
+
     for unit in span:
-        pairs: list[tuple[Any, Any]] = []
+        pairs: list[tuple[Any, Any, Any]] = []
         row, stop = unit.start, unit.start + unit.rows
         while row < stop:
             if held is None or held_start + held.num_rows <= row:
@@ -302,7 +352,7 @@ def _parquet_span(span: Sequence[Unit], job: _Job) -> Iterator[tuple[Unit, list[
                     raise CorpusError(f"{source} ended before row {row}: it changed since the run was planned")
                 continue
             part = held.slice(row - held_start, stop - row)
-            pairs += zip(part.column(job.id_field).to_pylist(), part.column(job.text_field).to_pylist())
+            pairs += zip(column(part, job.id_field), column(part, job.text_field), column(part, job.image_field))
             row += part.num_rows
         yield unit, pairs
 
@@ -329,15 +379,20 @@ def run_unit(provider: ModelRunner, unit: Unit, rows: _Rows, job: _Job) -> dict[
     seqs = _tokenize_rows(provider, rows.ids, rows.texts, errors, job)
     kept = [i for i, s in enumerate(seqs) if s is not None]
     width = info.check_dimensions(job.dimensions)
-    vectors = _embed_rows(provider, info, [seqs[i] for i in kept], [rows.ids[i] for i in kept], width, errors)
+    vectors = _embed_rows(provider, info, [seqs[i] for i in kept], [rows.ids[i] for i in kept], width, errors,
+                          job)
     ok = [i for i, v in zip(kept, vectors) if v is not None]
-    matrix = np.stack([v for v in vectors if v is not None]) if ok else np.empty((0, width), np.float32)
+    if job.multivector:
+        matrix: Any = [v for v in vectors if v is not None]
+    else:
+        matrix = np.stack([v for v in vectors if v is not None]) if ok else np.empty((0, width), np.float32)
     out = Path(job.output)
     if errors:
         _write_atomically(out / f"{unit.name}.errors.jsonl", "".join(
             json.dumps({"id": i, "reason": r}) + "\n" for i, r in errors).encode())
     facts = {"unit": dataclasses.asdict(unit), "rows_in": unit.rows, "rows_out": len(ok), "errors": len(errors),
-             "model_id": job.model_id, "precision": job.precision, "sha256": job.sha256, "dimensions": width}
+             "model_id": job.model_id, "precision": job.precision, "sha256": job.sha256, "dimensions": width,
+             **({"multivector": True} if job.multivector else {})}
     if len(ok) + len(errors) != unit.rows:
         raise CorpusError(f"{unit.name}: {unit.rows} rows in but {len(ok)} embedded and {len(errors)} errors")
     _write_shard(out / f"{unit.name}.parquet", [rows.ids[i] for i in ok], matrix,
@@ -351,26 +406,42 @@ def _tokenize_rows(provider: ModelRunner, ids: list[str], texts: list[str], erro
     if not texts:
         return []
     try:
-        return list(provider.tokenize(texts, truncate=job.truncate))
+        return list(_tokenize(provider, texts, job))
     except InvalidInputError:
         pass
     seqs: list[np.ndarray | None] = []
     for row_id, text in zip(ids, texts):
         try:
-            seqs.append(provider.tokenize([text], truncate=job.truncate)[0])
+            seqs.append(_tokenize(provider, [text], job)[0])
         except InvalidInputError as exc:
             errors.append((row_id, str(exc).replace("texts[0] ", "the text ")))
             seqs.append(None)
     return seqs
 
 
-def _embed(provider: ModelRunner, info: ProviderInfo, seqs: Sequence[np.ndarray], width: int) -> np.ndarray:
-    """Finished vectors of tokenized rows, in batches planned as the provider's own `embed`
-    plans them, so a corpus vector is the one a device computes for the same text."""
+def _tokenize(provider: ModelRunner, items: list[Any], job: _Job) -> list[Any]:
+    """Rows as the model reads them: a multi-vector model reads them as documents."""
+    if job.multivector:
+        return provider.tokenize_multi(items, truncate=job.truncate)
+    return provider.tokenize(items, truncate=job.truncate)
+
+
+def _embed(provider: ModelRunner, info: ProviderInfo, seqs: Sequence[np.ndarray], width: int,
+           job: _Job) -> np.ndarray | list[np.ndarray]:
+    """Finished vectors of tokenized rows (a multi-vector model's token matrices), in
+    batches planned as the provider's own `embed` plans them, so a corpus vector is the one a
+    device computes for the same text."""
     limits = info.batch_limits(BatchLimits())
+    plan = plan_batches([len(s) for s in seqs], limits.max_batch_tokens, limits.max_batch_size,
+                        stepped_rows=limits.stepped_rows)
+    if job.multivector:
+        matrices: list[np.ndarray] = [np.empty(0)] * len(seqs)
+        for batch in plan:
+            for i, m in zip(batch, provider.run_multi_batch([seqs[i] for i in batch])):
+                matrices[i] = m
+        return matrices
     pooled = np.empty((len(seqs), info.dim), dtype=np.float32)
-    for batch in plan_batches([len(s) for s in seqs], limits.max_batch_tokens, limits.max_batch_size,
-                              stepped_rows=limits.stepped_rows):
+    for batch in plan:
         pooled[batch] = provider.run_batch([seqs[i] for i in batch])
     return provider.finish(pooled, width, True)
 
@@ -386,7 +457,7 @@ def _not_the_rows(exc: BaseException) -> bool:
 
 
 def _embed_rows(provider: ModelRunner, info: ProviderInfo, seqs: list[np.ndarray], ids: list[str], width: int,
-                errors: list[tuple[str, str]]) -> list[np.ndarray | None]:
+                errors: list[tuple[str, str]], job: _Job) -> list[np.ndarray | None]:
     """Finished vectors per row. A failed batch (out of memory included) is rerun row by
     row, and a row that fails alone is an error row, once the model has shown it still
     embeds a known text; a model or machine that fails everything, or a row that runs out
@@ -394,7 +465,7 @@ def _embed_rows(provider: ModelRunner, info: ProviderInfo, seqs: list[np.ndarray
     if not seqs:
         return []
     try:
-        return list(_embed(provider, info, seqs, width))
+        return list(_embed(provider, info, seqs, width, job))
     except EdgeEmbedError as exc:
         if isinstance(exc, WorkerStoppedError):
             raise
@@ -403,7 +474,7 @@ def _embed_rows(provider: ModelRunner, info: ProviderInfo, seqs: list[np.ndarray
     failures: list[tuple[str, str]] = []
     for row_id, seq in zip(ids, seqs):
         try:
-            vectors.append(_embed(provider, info, [seq], width)[0])
+            vectors.append(_embed(provider, info, [seq], width, job)[0])
         except EdgeEmbedError as exc:
             if _not_the_rows(exc):
                 raise
@@ -411,7 +482,7 @@ def _embed_rows(provider: ModelRunner, info: ProviderInfo, seqs: list[np.ndarray
             vectors.append(None)
     if failures:
         try:
-            _embed(provider, info, provider.tokenize([_KNOWN_TEXT]), width)
+            _embed(provider, info, _tokenize(provider, [_KNOWN_TEXT], job), width, job)
         except EdgeEmbedError as exc:
             raise CorpusError(f"{len(failures)} rows failed, and then so did a known text, so the fault is not "
                               f"the rows'; the first row's error: {failures[0][1]}; the known text's: {exc}") from exc
@@ -428,12 +499,21 @@ def _write_atomically(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _write_shard(path: Path, ids: list[str], vectors: np.ndarray, tokens: list[int], facts: dict) -> None:
+def _write_shard(path: Path, ids: list[str], vectors: np.ndarray | list[np.ndarray], tokens: list[int],
+                 facts: dict) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    dim = vectors.shape[1]
-    embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.astype(np.float32).reshape(-1), pa.float32()), dim)
+    if isinstance(vectors, list):  # a multi-vector model's: a list of token vectors per row
+        dim = int(facts["dimensions"])
+        flat = np.concatenate(vectors).astype(np.float32) if vectors else np.empty((0, dim), np.float32)
+        tokens_of = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), pa.float32()), dim)
+        offsets = np.cumsum([0] + [len(v) for v in vectors]).astype(np.int32)
+        embedding = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), tokens_of)
+    else:
+        dim = vectors.shape[1]
+        embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.astype(np.float32).reshape(-1), pa.float32()),
+                                                      dim)
     table = pa.table({"id": pa.array(ids, pa.string()), "embedding": embedding,
                       "tokens": pa.array(tokens, pa.int32())})
     table = table.replace_schema_metadata({_META: json.dumps(facts).encode()})
@@ -477,6 +557,7 @@ def embed_corpus(
     *,
     text_field: str = "text",
     id_field: str = "id",
+    image_field: str | None = None,
     precision: str = "auto",
     dimensions: int | None = None,
     truncate: bool = True,
@@ -505,17 +586,26 @@ def embed_corpus(
     _need_pyarrow()
     started = time.monotonic()
     source = load_bundle(bundle)
-    if source.manifest.task != "embed":
+    multivector = source.manifest.task == "multivector"
+    if source.manifest.task != "embed" and not multivector:
         raise wrong_task(source.manifest.model_id, source.manifest.task, "embed")
+    if image_field is not None and "image" not in source.manifest.modalities:
+        raise InvalidInputError(f"{source.manifest.model_id} reads text only: image_field needs a bundle that reads "
+                                "images")
+    if multivector and dimensions is not None:
+        raise InvalidInputError(f"{source.manifest.model_id} is a multi-vector model: its token vectors have one "
+                                "width, so dimensions does not apply")
     chosen = planned_precision(source.manifest, precision)
     variant = source.variant(chosen)
     width = source.manifest.check_dimensions(dimensions)
     job = _Job(output=str(Path(output).resolve()), text_field=text_field, id_field=id_field,
                dimensions=dimensions, truncate=truncate, model_id=source.manifest.model_id,
-               precision=chosen, sha256=variant.sha256)
+               precision=chosen, sha256=variant.sha256, image_field=image_field, multivector=multivector)
     shards = input_shards(input)
     units = plan_units(shards, rows_per_shard)
-    run = {"model_id": job.model_id, "precision": chosen, "sha256": variant.sha256, "dimensions": width,
+    # (Keys a run of a text embedder leaves out, so that runs recorded before them still resume.)
+    extra = {**({"multivector": True} if multivector else {}), **({"image_field": image_field} if image_field else {})}
+    run = {"model_id": job.model_id, "precision": chosen, "sha256": variant.sha256, "dimensions": width, **extra,
            "text_field": text_field, "id_field": id_field, "truncate": truncate, "rows_per_shard": rows_per_shard,
            "inputs": [{"path": str(p.resolve()), "bytes": p.stat().st_size} for p in shards],
            "rows": sum(u.rows for u in units)}

@@ -278,3 +278,57 @@ def test_a_fuzz_of_hostile_multivector_requests_gets_only_clear_refusals(fp32):
     assert set(codes) <= {"OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}, codes
     assert codes.get("INVALID_ARGUMENT", 0) >= 200, codes
     assert all(np.array_equal(a, b) for a, b in zip(after, before))
+
+
+# -- a corpus of pages --------------------------------------------------------------------------
+
+
+def test_embed_corpus_writes_multivector_shards_and_resumes(fp32, colqwen3_bundle, tmp_path):
+    """Pages by path (relative to the JSONL file) and by bytes (Parquet), texts, and both:
+    each row's token vectors equal embed_multi's bit for bit; bad rows are listed; a rerun
+    after a lost shard redoes only that shard."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from edge_embed.corpus import ERRORS_FILE, embed_corpus
+
+    folder = tmp_path / "pages"
+    (folder / "scans").mkdir(parents=True)
+    (folder / "scans" / "page.png").write_bytes(skimage_photo("page.png").read_bytes())
+    (folder / "scans" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    rows = [{"id": "scan", "image": "scans/page.png"}, {"id": "text", "text": "a text page about scanners"},
+            {"id": "both", "image": "scans/page.png", "text": "with a caption"},
+            {"id": "missing", "image": "scans/nope.png"}, {"id": "broken", "image": "scans/broken.png"},
+            {"id": "empty"}, {"id": "abs", "image": str(skimage_photo("text.png"))}]
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "index"
+    report = embed_corpus(colqwen3_bundle, folder / "corpus.jsonl", out, image_field="image", precision="fp32",
+                          rows_per_shard=3, progress=False)
+    assert (report.rows_in, report.rows_out, report.errors) == (7, 4, 3)
+    page = Image.open(skimage_photo("page.png"))
+    expected = dict(zip(["scan", "text", "both", "abs"], fp32.embed_multi(
+        [page, "a text page about scanners", [page, "with a caption"], Image.open(skimage_photo("text.png"))])))
+    got = {}
+    for shard in sorted(out.glob("part-*.parquet")):
+        table = pq.read_table(shard)
+        for row_id, vectors, tokens in zip(*(table.column(c).to_pylist() for c in ("id", "embedding", "tokens"))):
+            got[row_id] = np.array(vectors, dtype=np.float32)
+            assert tokens == len(vectors)
+    assert set(got) == set(expected)
+    assert all(np.array_equal(got[k], expected[k]) for k in expected)
+    errors = {json.loads(line)["id"]: json.loads(line)["reason"] for line in (out / ERRORS_FILE).read_text().splitlines()}
+    assert set(errors) == {"missing", "broken", "empty"} and "no image file" in errors["missing"]
+    (out / "part-00000-00001.parquet").unlink()
+    again = embed_corpus(colqwen3_bundle, folder / "corpus.jsonl", out, image_field="image", precision="fp32",
+                         rows_per_shard=3, progress=False)
+    assert again.units_skipped == again.units - 1 and again.rows_out == 4
+    parquet = tmp_path / "pages.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "image": [skimage_photo("page.png").read_bytes(), b"not an image"]}),
+                   parquet)
+    report = embed_corpus(colqwen3_bundle, parquet, tmp_path / "index2", image_field="image", precision="fp32",
+                          progress=False)
+    assert (report.rows_out, report.errors) == (1, 1)
+    (table,) = [pq.read_table(p) for p in (tmp_path / "index2").glob("part-*.parquet")]
+    assert np.array_equal(np.array(table.column("embedding").to_pylist()[0], dtype=np.float32), expected["scan"])
+    with pytest.raises(InvalidInputError, match="dimensions does not apply"):
+        embed_corpus(colqwen3_bundle, parquet, tmp_path / "index3", image_field="image", dimensions=64, progress=False)
