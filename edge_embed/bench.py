@@ -52,6 +52,16 @@ class BenchSettings:
 def _workloads(bundle: Bundle, settings: BenchSettings) -> list[tuple[str, list[Any]]]:
     """(kind, samples): texts (or a reranker's pairs), and images when asked for."""
     manifest = bundle.manifest
+    if manifest.task == "multivector":
+        # Queries as a retriever sends them, and pages: the golden images (--images of them,
+        # default as many as the text samples), each a matrix of token vectors.
+        kinds, parts, _ = bundle.golden_multivector()
+        queries = [parts[i] for i, k in enumerate(kinds) if k == "query"]
+        pages = [parts[i] for i, k in enumerate(kinds) if k == "document" and not any(isinstance(p, str)
+                                                                                        for p in parts[i])]
+        count = settings.images or settings.text_samples
+        return [("queries", [queries[i % len(queries)] for i in range(settings.text_samples)]),
+                ("pages", [pages[i % len(pages)] for i in range(count)])]
     if manifest.task == "rerank":
         queries, documents, groups, _ = bundle.golden_pairs()
         pairs = [(int(groups[i]), queries[i], documents[i]) for i in range(len(queries))]
@@ -73,6 +83,12 @@ def _runner(provider: Any, kind: str) -> Callable[[list[Any]], None]:
 
     if kind == "images":
         return lambda batch: provider.embed([Image.open(blob, field="image") for blob in batch])
+    if kind in ("queries", "pages"):
+        def embed_multi(batch: list[list[Any]]) -> None:
+            items = [[p if isinstance(p, str) else Image.open(p.data, field="image") for p in parts] for parts in batch]
+            provider.embed_multi([x[0] if len(x) == 1 else x for x in items],
+                                 kind="query" if kind == "queries" else "document")
+        return embed_multi
     if kind == "pairs":
         def opened(item: Any) -> Any:
             """A golden text as it is; a vision-language reranker's parts with their images read."""
@@ -89,6 +105,14 @@ def _runner(provider: Any, kind: str) -> Callable[[list[Any]], None]:
 
 
 def _peak_rss_bytes() -> int:
+    """This process's own high-water mark: Linux's VmHWM belongs to its address space, where
+    ru_maxrss keeps the parent's peak across fork and exec (a bench run after an export in
+    the same process would report the export's peak for every variant)."""
+    from .memory import peak_rss_bytes
+
+    peak = peak_rss_bytes()
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS reports bytes, Linux KiB
 
@@ -125,6 +149,7 @@ def _measure(path: str, precision: str, backend: str, settings: BenchSettings, q
                                "execution_providers": list(provider.info.execution_providers),
                                "threads": provider.info.threads,
                                "parity_cos_min": getattr(provider.info.parity, "cos_min", None),
+                               "parity": dataclasses.asdict(provider.info.parity) if provider.info.parity else None,
                                "workloads": []}
         for kind, samples in _workloads(bundle, settings):
             run = _runner(provider, kind)

@@ -69,3 +69,18 @@ def test_device_memory_is_read_for_the_process_asked_about():
     assert device_memory_bytes(77, listing) == 1536 * 2**20
     assert device_memory_bytes(78, listing) is None
     assert device_memory_bytes(77, "") is None
+
+
+@pytest.mark.slow
+def test_a_variants_peak_is_its_own_not_its_parents(minilm_bundle):
+    """Linux keeps a parent's ru_maxrss across fork and exec: a bench called from a process
+    that holds a big heap (an export just ran in it) must still report each child's own peak."""
+    import numpy as np
+
+    from edge_embed.bench import BenchSettings, bench_bundle
+
+    ballast = np.ones(1024 * 2**20 // 8)  # 1 GiB, touched
+    report = bench_bundle(minilm_bundle, ["int8"], BenchSettings(warmup=0, steps=1, text_samples=4, batch_size=4))
+    (row,) = report["rows"]
+    assert row["peak_rss_bytes"] < 700 * 2**20, row["peak_rss_bytes"]
+    del ballast

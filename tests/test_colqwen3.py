@@ -332,3 +332,28 @@ def test_embed_corpus_writes_multivector_shards_and_resumes(fp32, colqwen3_bundl
     assert np.array_equal(np.array(table.column("embedding").to_pylist()[0], dtype=np.float32), expected["scan"])
     with pytest.raises(InvalidInputError, match="dimensions does not apply"):
         embed_corpus(colqwen3_bundle, parquet, tmp_path / "index3", image_field="image", dimensions=64, progress=False)
+
+
+def test_bench_measures_queries_and_pages(colqwen3_bundle, tmp_path):
+    from .test_cli import run
+
+    out = tmp_path / "report.json"
+    done = run("bench", "--bundle", str(colqwen3_bundle), "--precision", "fp32,int8", "--warmup", "0", "--steps", "2",
+               "--text-samples", "8", "--images", "4", "--batch-size", "4", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["task"] == "multivector"
+    for row in report["rows"]:
+        assert [(w["kind"], w["items"]) for w in row["workloads"]] == [("queries", 8), ("pages", 8)]
+        assert row["parity"]["maxsim_rel_diff_max"] is not None and row["peak_rss_bytes"] > 0
+
+
+def test_int4_that_loses_the_maxsim_ranking_is_not_written(colqwen3_source, tmp_path):
+    """Random weights leave near-ties that 4-bit blocks swap: under the default ranking
+    gate (Kendall tau mean 0.9, top-1 0.9) every block size misses, and nothing is written."""
+    from edge_embed.errors import GateError
+    from edge_embed.export import export
+
+    with pytest.raises(GateError, match="int4 variant failed its gate: (kendall_tau_mean|top1_agreement)"):
+        export(colqwen3_source, tmp_path / "bundle", "fp32,int4", model_id="tiny-colqwen3")
+    assert not (tmp_path / "bundle").exists()
