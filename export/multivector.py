@@ -20,15 +20,15 @@ from typing import Any
 import numpy as np
 
 from ..bundle import GOLDEN_FILE
-from ..errors import ExportError, GateError
+from ..errors import ExportError
 from ..images import Image
 from ..manifest import Manifest, MultiVectorParity
 from ..parity import Gates, alone_vs_batch_token_cos, check_gate, measure_multivector_parity
 from ..tokenization import BundleTokenizer
-from ..vl import VLEncoder, VLInput, decoder_feeds, vision_feeds
+from ..vl import VLEncoder, VLInput
 from .dual import _quiet_transformers
 from .probes import PROBE_CATEGORIES, probe_images, probe_texts
-from .vl import VISION_OUTPUTS, _export, _graph_modules, _Graphs, _reference, exportable_qwen3_vl
+from .vl import _Graphs, _reference, export_graphs, graph_variants
 from .writing import finish_bundle, image_variant
 
 __all__ = ["build_multivector", "multi_vectors"]
@@ -121,8 +121,6 @@ def build_multivector(source: Any, work: Path, wanted: tuple[str, ...], gates: G
     import torch
     from transformers import AutoImageProcessor, AutoModel
 
-    from .quantize import INT4_BLOCK_SIZES, quantize_int4, quantize_per_token_int8, to_fp16
-
     draft = source.manifest
     unsupported = [p for p in wanted if p not in ("fp32", "fp16", "int8", "int4")]
     if unsupported:
@@ -144,21 +142,8 @@ def build_multivector(source: Any, work: Path, wanted: tuple[str, ...], gates: G
     with torch.no_grad():
         reference = _reference(model, processor, seqs, originals, progress, bounds, projection=projection)
 
-    progress("exporting the vision and decoder graphs (TorchScript)")
-    vision_module, decoder_module = _graph_modules(model, projection=projection)
-    first_image = next(s for s in seqs if s.images)
-    vision_sample = vision_feeds(first_image.images[0], draft)
-    vision_path, decoder_path = work / "vision.fp32.onnx", work / "model.fp32.onnx"
-    _export(vision_module, vision_sample, VISION_OUTPUTS, vision_path,
-            {**{n: {0: "patches"} for n in vision_sample}, "image_embeds": {0: "tokens"}, "deepstack": {1: "tokens"}})
-    with torch.no_grad(), exportable_qwen3_vl():
-        sample_vision = tuple(t.numpy() for t in vision_module(*(torch.from_numpy(a) for a in vision_sample.values())))
-    sample = decoder_feeds([first_image, seqs[0]], draft, lambda f: sample_vision)
-    _export(decoder_module, sample, (draft.graph_output,), decoder_path,
-            {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-             "position_ids": {1: "batch", 2: "sequence"}, "image_rows": {0: "batch", 1: "sequence"},
-             "image_embeds": {0: "rows"}, "deepstack": {1: "rows"}, draft.graph_output: {0: "batch", 1: "sequence"}})
-    del model, vision_module, decoder_module
+    vision_path, decoder_path = export_graphs(model, draft, seqs, work, progress, projection=projection)
+    del model
 
     graphs = _Graphs(draft)
     batch_rows = sorted(set(query_rows[::3] + page_rows[::3]))
@@ -180,40 +165,7 @@ def build_multivector(source: Any, work: Path, wanted: tuple[str, ...], gates: G
         # The pages are the inputs that hold images: one parity judges both graphs.
         return parity, parity
 
-    fp32_recipe = {"method": "torch.onnx.export (TorchScript), edge-embed's Qwen3-VL split", "batch_invariant": True}
-    built: dict[str, tuple[Path, dict, Any, Path, dict, Any, str]] = {}
-    whole, pages = judge("fp32", decoder_path, vision_path, fp32_recipe)
-    built["fp32"] = (decoder_path, fp32_recipe, whole, vision_path, fp32_recipe, pages, "fp32")
-    if "fp16" in wanted:
-        progress("converting both graphs to FP16")
-        d16, v16 = work / "model.fp16.onnx", work / "vision.fp16.onnx"
-        recipe = to_fp16(decoder_path, d16)
-        to_fp16(vision_path, v16)
-        whole, pages = judge("fp16", d16, v16, recipe)
-        built["fp16"] = (d16, recipe, whole, v16, recipe, pages, "fp16")
-    if "int8" in wanted:
-        progress("quantizing the decoder to INT8 (per token); the vision tower stays FP32")
-        d8 = work / "model.int8.onnx"
-        recipe = {**quantize_per_token_int8(decoder_path, d8), "batch_invariant": True}
-        whole, pages = judge("int8", d8, vision_path, recipe)
-        built["int8"] = (d8, recipe, whole, vision_path, fp32_recipe, pages, "fp32")
-    if "int4" in wanted:
-        # W4A16's CPU form: 4-bit weights of the decoder's MatMuls, activations in float;
-        # the vision tower stays FP32. The block sizes in order, the first that passes.
-        d4, misses = work / "model.int4.onnx", []
-        for block in INT4_BLOCK_SIZES:
-            progress(f"quantizing the decoder to 4 bits (weight-only, blocks of {block}); the vision tower stays FP32")
-            recipe = quantize_int4(decoder_path, d4, block_size=block)
-            try:
-                whole, pages = judge("int4", d4, vision_path, recipe)
-            except GateError as miss:
-                misses.append(miss)
-                continue
-            built["int4"] = (d4, recipe, whole, vision_path, fp32_recipe, pages, "fp32")
-            break
-        else:
-            d4.unlink()
-            raise misses[-1]
+    built = graph_variants(work, wanted, decoder_path, vision_path, judge, progress)
     if "fp32" not in wanted:
         decoder_path.unlink()
         if not {"int8", "int4"} & set(built):

@@ -511,8 +511,6 @@ def build_vl(source: Any, work: Path, wanted: tuple[str, ...], gates: Gates,
     import torch
     from transformers import AutoImageProcessor, AutoModel
 
-    from .quantize import INT4_BLOCK_SIZES, quantize_int4, quantize_per_token_int8, to_fp16
-
     draft = source.manifest
     if draft.task == "multivector":
         from .multivector import build_multivector
@@ -567,21 +565,8 @@ def build_vl(source: Any, work: Path, wanted: tuple[str, ...], gates: Gates,
         mlx_recipes = {p: save_mlx_weights(model.language_model, work / f"model.{p}.safetensors",
                                            p.removeprefix("mlx-")) for p in mlx_wanted}
 
-    progress("exporting the vision and decoder graphs (TorchScript)")
-    vision_module, decoder_module = _graph_modules(model, direction)
-    first_image = next(s for s in seqs if s.images)
-    vision_sample = vision_feeds(first_image.images[0], draft)
-    vision_path, decoder_path = work / "vision.fp32.onnx", work / "model.fp32.onnx"
-    _export(vision_module, vision_sample, VISION_OUTPUTS, vision_path,
-            {**{n: {0: "patches"} for n in vision_sample}, "image_embeds": {0: "tokens"}, "deepstack": {1: "tokens"}})
-    with torch.no_grad(), exportable_qwen3_vl():
-        sample_vision = tuple(t.numpy() for t in vision_module(*(torch.from_numpy(a) for a in vision_sample.values())))
-    sample = decoder_feeds([first_image, seqs[0]], draft, lambda f: sample_vision)
-    _export(decoder_module, sample, (draft.graph_output,), decoder_path,
-            {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-             "position_ids": {1: "batch", 2: "sequence"}, "image_rows": {0: "batch", 1: "sequence"},
-             "image_embeds": {0: "rows"}, "deepstack": {1: "rows"}, draft.graph_output: {0: "batch"}})
-    del model, vision_module, decoder_module
+    vision_path, decoder_path = export_graphs(model, draft, seqs, work, progress, direction=direction)
+    del model
 
     graphs = _Graphs(draft)
     batch_rows = sorted(set(text_rows[::6] + image_rows[::6]))
@@ -632,41 +617,7 @@ def build_vl(source: Any, work: Path, wanted: tuple[str, ...], gates: Gates,
         check_gate(precision, with_images, gates)
         return whole, with_images
 
-    fp32_recipe = {"method": "torch.onnx.export (TorchScript), edge-embed's Qwen3-VL split", "batch_invariant": True}
-    built: dict[str, tuple[Path, dict, Any, Path, dict, Any, str]] = {}
-    tp, ip = judge("fp32", decoder_path, vision_path, fp32_recipe)
-    built["fp32"] = (decoder_path, fp32_recipe, tp, vision_path, fp32_recipe, ip, "fp32")
-    if "fp16" in wanted:
-        progress("converting both graphs to FP16")
-        d16, v16 = work / "model.fp16.onnx", work / "vision.fp16.onnx"
-        recipe = to_fp16(decoder_path, d16)
-        to_fp16(vision_path, v16)
-        tp, ip = judge("fp16", d16, v16, recipe)
-        built["fp16"] = (d16, recipe, tp, v16, recipe, ip, "fp16")
-    if "int8" in wanted:
-        progress("quantizing the decoder to INT8 (per token); the vision tower stays FP32")
-        d8 = work / "model.int8.onnx"
-        recipe = {**quantize_per_token_int8(decoder_path, d8), "batch_invariant": True}
-        tp, ip = judge("int8", d8, vision_path, recipe)
-        built["int8"] = (d8, recipe, tp, vision_path, fp32_recipe, ip, "fp32")
-    if "int4" in wanted:
-        # Weight-only: what makes an 8B decoder fit a small device. The block sizes in
-        # order, the first that passes; the vision tower stays FP32.
-        d4, misses = work / "model.int4.onnx", []
-        for block in INT4_BLOCK_SIZES:
-            progress(f"quantizing the decoder to 4 bits (weight-only, blocks of {block}); the vision tower "
-                     "stays FP32")
-            recipe = quantize_int4(decoder_path, d4, block_size=block)
-            try:
-                tp, ip = judge("int4", d4, vision_path, recipe)
-            except GateError as miss:
-                misses.append(miss)
-                continue
-            built["int4"] = (d4, recipe, tp, vision_path, fp32_recipe, ip, "fp32")
-            break
-        else:
-            d4.unlink()
-            raise misses[-1]  # the finest blocks' miss
+    built = graph_variants(work, wanted, decoder_path, vision_path, judge, progress)
     mlx_built = {p: _judge_mlx(p, work / f"model.{p}.safetensors", mlx_recipes[p], draft,
                                [seqs[i] for i in text_rows], reference[text_rows], [names[i] for i in text_rows],
                                gates, progress)
@@ -688,3 +639,73 @@ def build_vl(source: Any, work: Path, wanted: tuple[str, ...], gates: Gates,
     }
     variants.update(mlx_built)
     return finish_bundle(work, draft, [*source.copied_files, GOLDEN_FILE], variants)
+
+
+def export_graphs(model: Any, draft: Manifest, seqs: list[VLInput], work: Path, progress: Callable[[str], None], *,
+                  direction: Any = None, projection: Any = None) -> tuple[Path, Path]:
+    """The FP32 vision and decoder graphs (the decoder ending as `_graph_modules` says), traced
+    on the first probe with an image and a second input."""
+    import torch
+
+    progress("exporting the vision and decoder graphs (TorchScript)")
+    vision_module, decoder_module = _graph_modules(model, direction, projection)
+    first_image = next(s for s in seqs if s.images)
+    vision_sample = vision_feeds(first_image.images[0], draft)
+    vision_path, decoder_path = work / "vision.fp32.onnx", work / "model.fp32.onnx"
+    _export(vision_module, vision_sample, VISION_OUTPUTS, vision_path,
+            {**{n: {0: "patches"} for n in vision_sample}, "image_embeds": {0: "tokens"}, "deepstack": {1: "tokens"}})
+    with torch.no_grad(), exportable_qwen3_vl():
+        sample_vision = tuple(t.numpy() for t in vision_module(*(torch.from_numpy(a) for a in vision_sample.values())))
+    sample = decoder_feeds([first_image, seqs[0]], draft, lambda f: sample_vision)
+    output_axes = {0: "batch", 1: "sequence"} if projection is not None else {0: "batch"}
+    _export(decoder_module, sample, (draft.graph_output,), decoder_path,
+            {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+             "position_ids": {1: "batch", 2: "sequence"}, "image_rows": {0: "batch", 1: "sequence"},
+             "image_embeds": {0: "rows"}, "deepstack": {1: "rows"}, draft.graph_output: output_axes})
+    return vision_path, decoder_path
+
+
+def graph_variants(work: Path, wanted: tuple[str, ...], decoder_path: Path, vision_path: Path,
+                   judge: Callable[[str, Path, Path, dict], tuple[Any, Any]],
+                   progress: Callable[[str], None]) -> dict[str, tuple[Path, dict, Any, Path, dict, Any, str]]:
+    """The FP32 pair and the FP16, INT8 and INT4 ones asked for, each judged (`judge` raises
+    GateError on a miss): precision -> (decoder, its recipe, its parity, vision graph, its
+    recipe, its parity, its precision). INT8 and INT4 quantize the decoder only; INT4 tries
+    the block sizes in order and keeps the first that passes, or raises the finest's miss."""
+    from .quantize import INT4_BLOCK_SIZES, quantize_int4, quantize_per_token_int8, to_fp16
+
+    fp32_recipe = {"method": "torch.onnx.export (TorchScript), edge-embed's Qwen3-VL split", "batch_invariant": True}
+    built: dict[str, tuple[Path, dict, Any, Path, dict, Any, str]] = {}
+    tp, ip = judge("fp32", decoder_path, vision_path, fp32_recipe)
+    built["fp32"] = (decoder_path, fp32_recipe, tp, vision_path, fp32_recipe, ip, "fp32")
+    if "fp16" in wanted:
+        progress("converting both graphs to FP16")
+        d16, v16 = work / "model.fp16.onnx", work / "vision.fp16.onnx"
+        recipe = to_fp16(decoder_path, d16)
+        to_fp16(vision_path, v16)
+        tp, ip = judge("fp16", d16, v16, recipe)
+        built["fp16"] = (d16, recipe, tp, v16, recipe, ip, "fp16")
+    if "int8" in wanted:
+        progress("quantizing the decoder to INT8 (per token); the vision tower stays FP32")
+        d8 = work / "model.int8.onnx"
+        recipe = {**quantize_per_token_int8(decoder_path, d8), "batch_invariant": True}
+        tp, ip = judge("int8", d8, vision_path, recipe)
+        built["int8"] = (d8, recipe, tp, vision_path, fp32_recipe, ip, "fp32")
+    if "int4" in wanted:
+        # Weight-only (W4A16's CPU form): what makes an 8B decoder fit a small device.
+        d4, misses = work / "model.int4.onnx", []
+        for block in INT4_BLOCK_SIZES:
+            progress(f"quantizing the decoder to 4 bits (weight-only, blocks of {block}); the vision tower "
+                     "stays FP32")
+            recipe = quantize_int4(decoder_path, d4, block_size=block)
+            try:
+                tp, ip = judge("int4", d4, vision_path, recipe)
+            except GateError as miss:
+                misses.append(miss)
+                continue
+            built["int4"] = (d4, recipe, tp, vision_path, fp32_recipe, ip, "fp32")
+            break
+        else:
+            d4.unlink()
+            raise misses[-1]  # the finest blocks' miss
+    return built
