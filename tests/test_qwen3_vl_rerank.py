@@ -26,6 +26,7 @@ from .conftest import skimage_photo
 from .servers import running_server
 from .test_http import post
 from .test_image_serving import _malformed, _seed_images
+from .vl_reference import whole_prompt_hidden
 
 pytestmark = pytest.mark.slow
 
@@ -74,16 +75,9 @@ class _Reference:
     def __call__(self, prompt: str, images: list[Image]) -> tuple[list[int], float]:
         import torch
 
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
-        extra = {}
-        if images:
-            extra = dict(self.processor(images=[im.rgb() for im in images], return_tensors="pt", size=self.bounds))
-        t = torch.tensor([ids])
-        image_id = self.tokenizer.token_to_id("<|image_pad|>")
+        ids, hidden = whole_prompt_hidden(self.model, self.tokenizer, self.processor, self.bounds, prompt, images)
         with torch.no_grad():
-            hidden = self.model(input_ids=t, attention_mask=torch.ones_like(t), mm_token_type_ids=(t == image_id).int(),
-                                **extra).last_hidden_state[:, -1]
-            return ids, float(torch.sigmoid(self.linear(hidden))[0, 0])
+            return ids, float(torch.sigmoid(self.linear(hidden[-1:]))[0, 0])
 
 
 @pytest.fixture(scope="module")
