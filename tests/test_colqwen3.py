@@ -351,3 +351,28 @@ def test_int4_that_loses_the_maxsim_ranking_is_not_written(colqwen3_source, tmp_
     with pytest.raises(GateError, match="int4 variant failed its gate: (kendall_tau_mean|top1_agreement)"):
         export(colqwen3_source, tmp_path / "bundle", "fp32,int4", model_id="tiny-colqwen3")
     assert not (tmp_path / "bundle").exists()
+
+
+def test_a_multivector_answer_is_charged_to_the_request_memory_until_sent(fp32):
+    """A page's answer is a thousand vectors: it is charged before it is built (JSON floats
+    at ~22 bytes a value, gRPC float16 at 8) and released once sent."""
+    page = skimage_photo("page.png").read_bytes()
+    with running_server(fp32, http_port=0) as (edge, target):
+        memory = edge.service.memory
+        charged: list[int] = []
+        take = memory.take
+
+        def recording_take(reservation, nbytes):
+            charged.append(nbytes)
+            return take(reservation, nbytes)
+
+        memory.take = recording_take
+        (expected,) = fp32.embed_multi([Image.open(page)])
+        status, body = _http(edge.http_port, "/v1/embeddings", {"input": [{"type": "image_url", "image_url": {
+            "url": "data:image/png;base64," + base64.b64encode(page).decode()}}]})
+        assert status == 200 and np.array_equal(np.array(body["data"][0]["embedding"], np.float32), expected)
+        assert expected.size * 22 in charged
+        with EmbedClient(target) as client:
+            client.embed_multi([Image.open(page)], matrix_dtype="float16")
+        assert expected.size * 8 in charged
+        assert memory.held == 0

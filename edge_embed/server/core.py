@@ -206,6 +206,13 @@ class Embedded:
     dimensions: int
     queue_s: float
     inference_s: float
+    # A multi-vector answer's memory, charged to the request budget until the transport has
+    # sent it: `release()` once the response is built.
+    answer: Reservation | None = None
+
+    def release(self) -> None:
+        if self.answer is not None:
+            self.answer.release()
 
 
 @dataclass(frozen=True)
@@ -382,7 +389,8 @@ class EmbeddingService:
     async def embed_texts(self, model_name: str, count: int, nbytes: int, texts: Callable[[], list[EmbedInput]],
                           *, instruction: str = "", dimensions: int | None = None, normalize: bool = True,
                           truncate: bool = True, deadline: float | None = None, field: str = "inputs",
-                          images: int = 0, input_type: str | None = None) -> Embedded:
+                          images: int = 0, input_type: str | None = None,
+                          answer_bytes_per_value: float = 8.0) -> Embedded:
         """The one embedding path of every transport: checks, admission by tokens, the model's
         batcher, then the Matryoshka cut and normalization.
 
@@ -393,7 +401,11 @@ class EmbeddingService:
         limit. Images are decoded with the tokenizing, off the event loop, one at a time.
         `field` is what errors call the inputs. A multi-vector model answers one matrix of
         token vectors per input (`Embedded.vectors` then holds them as an object array),
-        reading the inputs as queries or documents (`input_type`, default document).
+        reading the inputs as queries or documents (`input_type`, default document). Its
+        answer (tokens x dim values, `answer_bytes_per_value` each as the transport writes
+        them, the vectors included) is charged to the request memory before it is built, and
+        refused with RESOURCE_EXHAUSTED when the budget has no room: a page is a thousand
+        vectors, so its answer is hundreds of times its request's tokens.
         """
         start = time.monotonic()
         multi = self._task(self.pool.find(model_name)) == "multivector"
@@ -439,7 +451,12 @@ class EmbeddingService:
             vectors = result.vectors if multi else runner.finish(result.vectors, width, normalize, field=field)
         self.metrics.queue_seconds.observe(result.queue_s)
         self.metrics.total_seconds.observe(time.monotonic() - start)
-        return Embedded(vectors, [len(s) for s in seqs], model.name, width, result.queue_s, result.inference_s)
+        answer = None
+        if multi:
+            answer = Reservation(self.memory)
+            self.memory.take(answer, int(sum(m.size for m in vectors) * answer_bytes_per_value))
+        return Embedded(vectors, [len(s) for s in seqs], model.name, width, result.queue_s, result.inference_s,
+                        answer)
 
     async def rerank_documents(self, model_name: str, query: EmbedInput, count: int, nbytes: int,
                                documents: Callable[[], list[EmbedInput]], *, instruction: str = "",

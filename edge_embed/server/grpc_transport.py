@@ -153,18 +153,27 @@ class GrpcApi:
             field, count = "items", len(request.items)
             images = sum(1 for item in request.items for kind in _kinds(item) if kind == "image")
             inputs = lambda: _typed_inputs(self.service, request.items)  # noqa: E731
+        if request.matrix_dtype not in (pb.MATRIX_DTYPE_FLOAT32, pb.MATRIX_DTYPE_FLOAT16):
+            raise InvalidInputError(f"matrix_dtype {request.matrix_dtype} is not FLOAT32 or FLOAT16")
+        dtype = "<f2" if request.matrix_dtype == pb.MATRIX_DTYPE_FLOAT16 else "<f4"
         done = await self.service.embed_texts(
             request.model, count, request.ByteSize(), inputs,
             instruction=request.instruction, dimensions=request.dimensions or None,
             normalize=request.normalize if request.HasField("normalize") else True,
             truncate=request.truncate if request.HasField("truncate") else True,
             deadline=_deadline(context), field=field, images=images, input_type=request.input_type or None,
+            answer_bytes_per_value=4 + 2 * np.dtype(dtype).itemsize,  # the vectors, the data bytes, the message
         )
+        try:
+            return await self._embed_response(request, done, dtype)
+        finally:
+            done.release()
+
+    async def _embed_response(self, request: pb.EmbedRequest, done: Any, dtype: str) -> pb.EmbedResponse:
         packed = request.vector_format == pb.VECTOR_FORMAT_PACKED
         multi = done.vectors.dtype == object
         if not multi and request.matrix_dtype != pb.MATRIX_DTYPE_FLOAT32:
             raise InvalidInputError("matrix_dtype is for multi-vector models, whose answers are matrices")
-        dtype = "<f2" if request.matrix_dtype == pb.MATRIX_DTYPE_FLOAT16 else "<f4"
 
         def build() -> pb.EmbedResponse:
             response = pb.EmbedResponse(token_counts=done.token_counts, model=done.model,

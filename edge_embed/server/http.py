@@ -506,13 +506,22 @@ class HttpTransport:
             done = await self.service.embed_texts(
                 model, len(items), nbytes, lambda: _opened(items, self.service), instruction=instruction,
                 dimensions=dimensions, truncate=True if truncate is None else truncate, field=field,
-                images=images, input_type=input_type)
+                images=images, input_type=input_type,
+                # The vectors and their JSON text: up to ~16 characters a float, or 4/3 bytes of base64 per byte.
+                answer_bytes_per_value=4 + (6 if encoding == "base64" else 18))
+        try:
+            return await self._embeddings_response(done, encoding)
+        finally:
+            done.release()
+
+    async def _embeddings_response(self, done: Any, encoding: str) -> web.Response:
         tokens = sum(done.token_counts)
         multi = done.vectors.dtype == object
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
 
         def item(i: int, v: np.ndarray) -> dict[str, Any]:
-            """One input's answer: a vector, or a multi-vector model's [tokens, dim] matrix (a
-            2-D array, as vLLM's pooling answers; in base64 with its shape and dtype)."""
+            """One input's answer: a vector, or a multi-vector model's [tokens, dim] matrix in
+            base64 with its shape and dtype."""
             out: dict[str, Any] = {"object": "embedding", "index": i}
             if encoding == "base64":  # little-endian float32, as OpenAI sends it
                 out["embedding"] = base64.b64encode(v.astype("<f4", copy=False).tobytes()).decode("ascii")
@@ -523,12 +532,17 @@ class HttpTransport:
             return out
 
         def build() -> bytes:
-            return _json_bytes({
-                "object": "list",
-                "data": [item(i, v) for i, v in enumerate(done.vectors)],
-                "model": done.model,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            })
+            if multi and encoding == "float":
+                # 2-D arrays (vLLM's pooling shape), written row by row: a page's hundreds of
+                # thousands of values never live as Python floats all at once.
+                data = ",".join(
+                    f'{{"object":"embedding","index":{i},"embedding":['
+                    + ",".join(_json_bytes(row.tolist()).decode() for row in v) + "]}"
+                    for i, v in enumerate(done.vectors))
+                return (f'{{"object":"list","data":[{data}],"model":{_json_bytes(done.model).decode()},'
+                        f'"usage":{_json_bytes(usage).decode()}}}').encode()
+            return _json_bytes({"object": "list", "data": [item(i, v) for i, v in enumerate(done.vectors)],
+                                "model": done.model, "usage": usage})
 
         body = await self.service.shape(sum(v.size for v in done.vectors) if multi else done.vectors.size, build)
         return web.Response(body=body, content_type="application/json")
