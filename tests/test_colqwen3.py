@@ -25,7 +25,7 @@ from edge_embed.v1 import embed_pb2_grpc
 from .conftest import skimage_photo
 from .servers import running_server
 from .test_http import post
-from .test_image_serving import _malformed, _seed_images
+from .test_image_serving import _malformed, _seed_images, grpc_code, http_code
 from .vl_reference import whole_prompt_hidden
 
 pytestmark = pytest.mark.slow
@@ -248,11 +248,7 @@ def test_a_fuzz_of_hostile_multivector_requests_gets_only_clear_refusals(fp32):
                     pb.EmbedRequest(items=[pb.Input(parts=pb.Parts(parts=[pb.Part(text="a"), pb.Part(image=bad)]))]),
                     pb.EmbedRequest(inputs=["a"], instruction="x", normalize=False),
                 ][kind]
-                try:
-                    stub.Embed(request, timeout=30)
-                    code = "OK"
-                except grpc.RpcError as exc:
-                    code = exc.code().name
+                code = grpc_code(lambda: stub.Embed(request, timeout=30))
             else:
                 payload = [
                     {"input": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,"
@@ -264,8 +260,7 @@ def test_a_fuzz_of_hostile_multivector_requests_gets_only_clear_refusals(fp32):
                     {"input": ["a"], "instruction": "x"},
                 ][kind]
                 status, body = _http(edge.http_port, "/v1/embeddings", payload)
-                code = {200: "OK", 400: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 413: "RESOURCE_EXHAUSTED"}.get(
-                    status, f"HTTP {status}: {body}")
+                code = http_code(status, body)
             codes[code] = codes.get(code, 0) + 1
         with EmbedClient(target) as client:
             after = client.embed_multi(known)

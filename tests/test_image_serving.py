@@ -104,6 +104,21 @@ def test_what_the_wire_cannot_carry_is_refused_by_name(clip, minilm_bundle):
             client.embed([Image.open(photo)])
 
 
+def grpc_code(call) -> str:
+    """The gRPC status of one call: "OK", or its error's code name."""
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return exc.code().name
+    return "OK"
+
+
+def http_code(status: int, body: object) -> str:
+    """An HTTP answer named as the gRPC status it stands for (the fuzzes compare both)."""
+    return {200: "OK", 400: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 413: "RESOURCE_EXHAUSTED"}.get(
+        status, f"HTTP {status}: {body}")
+
+
 def _malformed(rng: random.Random, seeds: list[bytes]) -> bytes:
     """One hostile image: a real file cut, bit-flipped, spliced or re-headered, or a header
     that lies about its size."""
@@ -153,16 +168,11 @@ def test_a_fuzz_of_malformed_images_gets_only_clear_refusals_over_both_transport
         for case in range(600):
             data = _malformed(rng, seeds)
             if case % 2:
-                try:
-                    stub.Embed(pb.EmbedRequest(items=[pb.Input(text="ok"), pb.Input(image=data)]), timeout=30)
-                    code = "OK"
-                except grpc.RpcError as exc:
-                    code = exc.code().name
+                code = grpc_code(lambda: stub.Embed(pb.EmbedRequest(items=[pb.Input(text="ok"), pb.Input(image=data)]), timeout=30))
             else:
                 status, body = _http_embed(edge.http_port, {"input": [
                     "ok", {"type": "image_url", "image_url": {"url": _data_uri(data)}}]})
-                code = {200: "OK", 400: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 413: "RESOURCE_EXHAUSTED"}.get(
-                    status, f"HTTP {status}: {body}")
+                code = http_code(status, body)
             codes[code] = codes.get(code, 0) + 1
         grown = rss_bytes() - rss_start
         with EmbedClient(target) as client:

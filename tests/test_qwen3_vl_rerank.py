@@ -25,7 +25,7 @@ from edge_embed.v1 import embed_pb2_grpc
 from .conftest import skimage_photo
 from .servers import running_server
 from .test_http import post
-from .test_image_serving import _malformed, _seed_images
+from .test_image_serving import _malformed, _seed_images, grpc_code, http_code
 from .vl_reference import whole_prompt_hidden
 
 pytestmark = pytest.mark.slow
@@ -290,15 +290,10 @@ def test_a_fuzz_of_hostile_rerank_fields_gets_only_clear_refusals_over_both_tran
         for case in range(400):
             request, payload = _hostile_rerank(rng, seeds)
             if case % 2:
-                try:
-                    stub.Rerank(request, timeout=30)
-                    code = "OK"
-                except grpc.RpcError as exc:
-                    code = exc.code().name
+                code = grpc_code(lambda: stub.Rerank(request, timeout=30))
             else:
                 status, body = _http_rerank(edge.http_port, payload)
-                code = {200: "OK", 400: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 413: "RESOURCE_EXHAUSTED"}.get(
-                    status, f"HTTP {status}: {body}")
+                code = http_code(status, body)
             codes[code] = codes.get(code, 0) + 1
         with EmbedClient(target) as client:
             after = [(r.index, r.score) for r in client.rerank(*known).results]
