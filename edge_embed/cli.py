@@ -118,6 +118,11 @@ def _parser() -> argparse.ArgumentParser:
     _bundle_options(rr, with_bundle=False)
     rr.add_argument("--bundle", type=Path, default=_env("RERANKER"),
                     help="reranker bundle directory (env EDGE_EMBED_RERANKER); or --server")
+    rr.add_argument("--image-document", action="append", type=Path, default=[], metavar="FILE",
+                    help="an image file as a document (repeatable; rerankers that read images): image documents "
+                         "come first, in the order given, then the texts")
+    rr.add_argument("--query-image", type=Path, metavar="FILE",
+                    help="an image the query holds before its text (rerankers that read images)")
     rr.add_argument("--instruction", help="the task relevance is judged for (default: the model's own)")
     rr.add_argument("--top-n", type=_positive_int, help="print only the best N")
     rr.add_argument("--server", default=_env("SERVER"), help="HOST:PORT of an edge-embed server to ask instead")
@@ -371,6 +376,12 @@ def _cmd_embed(args: argparse.Namespace) -> None:
     if args.server:
         model = _server_model(args)
         with _client(args) as client, _naming_models_for(client, "embed"):
+            if client.info(model).task == "multivector":
+                if args.instruction or args.dimensions or args.no_normalize:
+                    raise InvalidInputError("a multi-vector model takes no --instruction, --dimensions or --no-normalize")
+                _print_matrices(client.embed_multi(texts, input_type="query" if args.query else "document",
+                                                   truncate=not args.no_truncate, model=model))
+                return
             instruction = args.instruction
             if args.query:
                 instruction = client.info(model).default_instruction or None
@@ -382,6 +393,12 @@ def _cmd_embed(args: argparse.Namespace) -> None:
         return
     _server_model(args)
     with _open(args) as provider:
+        if provider.manifest.task == "multivector":
+            if args.instruction or args.dimensions or args.no_normalize:
+                raise InvalidInputError("a multi-vector model takes no --instruction, --dimensions or --no-normalize")
+            _print_matrices(provider.embed_multi(texts, kind="query" if args.query else "document",
+                                                 truncate=not args.no_truncate))
+            return
         instruction = args.instruction
         if args.query:
             instruction = provider.manifest.default_instruction
@@ -397,6 +414,14 @@ def _cmd_embed(args: argparse.Namespace) -> None:
     _print_vectors(vectors)
 
 
+def _print_matrices(matrices) -> None:
+    """A multi-vector model's answer: per input its token count and token vectors."""
+    out = sys.stdout
+    for i, matrix in enumerate(matrices):
+        rows = [[round(float(x), 7) for x in row] for row in matrix]
+        out.write(json.dumps({"index": i, "tokens": len(rows), "embedding": rows}) + "\n")
+
+
 def _print_vectors(vectors) -> None:
     out = sys.stdout
     for i, vector in enumerate(vectors):
@@ -404,16 +429,24 @@ def _print_vectors(vectors) -> None:
 
 
 def _cmd_rerank(args: argparse.Namespace) -> None:
+    from .images import Image
+
     if args.documents == ["-"]:
-        documents = [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    elif args.documents:
-        documents = list(args.documents)
+        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
     else:
+        texts = list(args.documents)
+    images = [Image.open(path, field=f"--image-document {path}") for path in args.image_document]
+    documents: list = [*images, *texts]
+    if not documents:
         raise InvalidInputError("give documents to score, or '-' to read them from stdin")
+    shown = [f"image:{path}" for path in args.image_document] + texts
+    query = args.query
+    if args.query_image is not None:
+        query = [Image.open(args.query_image, field=f"--query-image {args.query_image}"), args.query]
     if args.server:
         model = _server_model(args)
         with _client(args) as client, _naming_models_for(client, "rerank"):
-            response = client.rerank(args.query, documents, instruction=args.instruction, top_n=args.top_n,
+            response = client.rerank(query, documents, instruction=args.instruction, top_n=args.top_n,
                                      model=model)
         results = [(r.index, r.score) for r in response.results]
     else:
@@ -421,11 +454,11 @@ def _cmd_rerank(args: argparse.Namespace) -> None:
         if args.bundle is None:
             raise InvalidInputError("give a reranker bundle (--bundle or EDGE_EMBED_RERANKER) or --server")
         with _open(args) as provider:
-            results = [(r.index, r.score) for r in provider.rerank(args.query, documents,
+            results = [(r.index, r.score) for r in provider.rerank(query, documents,
                                                                   instruction=args.instruction, top_n=args.top_n)]
     for index, score in results:
         sys.stdout.write(json.dumps({"index": index, "score": round(float(score), 7),
-                                     "document": documents[index]}, ensure_ascii=False) + "\n")
+                                     "document": shown[index]}, ensure_ascii=False) + "\n")
 
 
 def _cmd_info(args: argparse.Namespace) -> None:

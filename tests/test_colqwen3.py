@@ -371,3 +371,19 @@ def test_a_multivector_answer_is_charged_to_the_request_memory_until_sent(fp32):
             client.embed_multi([Image.open(page)], matrix_dtype="float16")
         assert expected.size * 8 in charged
         assert memory.held == 0
+
+
+def test_cli_embed_prints_token_matrices(fp32, colqwen3_bundle):
+    from .test_cli import run
+
+    done = run("embed", "--bundle", str(colqwen3_bundle), "--precision", "fp32", "--image", str(skimage_photo("page.png")), "a text page")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    expected = fp32.embed_multi([Image.open(skimage_photo("page.png")), "a text page"])
+    assert [r["tokens"] for r in rows] == [len(m) for m in expected]
+    assert all(np.abs(np.array(r["embedding"]) - m).max() < 1e-6 for r, m in zip(rows, expected))
+    done = run("embed", "--bundle", str(colqwen3_bundle), "--precision", "fp32", "--query", "which page?")
+    (row,) = [json.loads(line) for line in done.stdout.splitlines()]
+    assert row["tokens"] == len(fp32.embed_multi(["which page?"], kind="query")[0])
+    done = run("embed", "--bundle", str(colqwen3_bundle), "--dimensions", "64", "a")
+    assert done.returncode == 2 and "multi-vector model takes no" in done.stderr

@@ -315,3 +315,17 @@ def test_bench_measures_the_image_pairs(qwen3_vl_reranker_bundle, tmp_path):
     for row in rows:
         (pairs,) = row["workloads"]
         assert (pairs["kind"], pairs["items"]) == ("pairs", 12) and pairs["items_per_s"] > 0
+
+
+def test_cli_rerank_takes_image_documents_and_a_query_image(qwen3_vl_reranker_bundle):
+    from .test_cli import run
+
+    moon, coffee = skimage_photo("moon.png"), skimage_photo("coffee.png")
+    done = run("rerank", "--bundle", str(qwen3_vl_reranker_bundle), "--precision", "fp32", "--image-document", str(moon), "--query-image",
+               str(coffee), "which photo?", "a cup of coffee", "the moon")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    provider = edge_embed.load(qwen3_vl_reranker_bundle, precision="fp32")
+    expected = provider.rerank([Image.open(coffee), "which photo?"], [Image.open(moon), "a cup of coffee", "the moon"])
+    assert [(r["index"], r["score"]) for r in rows] == [(e.index, round(e.score, 7)) for e in expected]
+    assert {r["index"]: r["document"] for r in rows}[0] == f"image:{moon}"
