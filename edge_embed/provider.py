@@ -171,10 +171,6 @@ class Reranker(ModelRunner, Protocol):
                truncate: bool = True) -> list[RerankResult]: ...
 
 
-def _image_name(image: object) -> str:
-    return getattr(image, "name", "image")
-
-
 def _token_matrix(value: np.ndarray, dim: int, field: str) -> np.ndarray:
     """A caller's token vectors, checked: [tokens, dim], finite."""
     if value.ndim != 2 or value.shape[1] != dim or value.shape[0] == 0:
@@ -462,11 +458,9 @@ class BundleEmbedder(abc.ABC):
             (query_vectors,) = self.embed_multi([query], kind="query")
         if isinstance(pages, (str, bytes)) or not isinstance(pages, Sequence):
             raise InvalidInputError(f"pages must be a list, got {type(pages).__name__}")
-        given = [i for i, p in enumerate(pages) if isinstance(p, np.ndarray)]
-        matrices: list[np.ndarray] = [np.empty(0)] * len(pages)
-        for i in given:
-            matrices[i] = _token_matrix(pages[i], self.manifest.dim, f"pages[{i}]")
-        rest = [i for i in range(len(pages)) if i not in set(given)]
+        matrices = [_token_matrix(p, self.manifest.dim, f"pages[{i}]") if isinstance(p, np.ndarray) else None
+                    for i, p in enumerate(pages)]
+        rest = [i for i, m in enumerate(matrices) if m is None]
         for i, m in zip(rest, self.embed_multi([pages[i] for i in rest]) if rest else []):
             matrices[i] = m
         return maxsim(query_vectors, matrices)
@@ -487,7 +481,7 @@ class BundleEmbedder(abc.ABC):
                                                                                                  f"{p.name}"))
                     for p in parts[i]]
             seqs += self.tokenize_multi([item if len(item) > 1 else item[0]], kind=kinds[i], field="golden")
-        names = [describe_parts(parts[i], _image_name) for i in picked]
+        names = [describe_parts(parts[i]) for i in picked]
         vectors = self.run_multi(seqs)
         batch = None
         if self.batch_invariant:
@@ -695,7 +689,7 @@ class BundleEmbedder(abc.ABC):
         """The reranker's boot check: whole query groups of the golden pairs (about `probes`
         pairs, plus the export's worst pair's group) scored here against the FP32 scores."""
         queries, documents, groups, reference = self.bundle.golden_pairs()
-        names = [pair_name(describe_parts(q, _image_name), describe_parts(d, _image_name))
+        names = [pair_name(describe_parts(q), describe_parts(d))
                  for q, d in zip(queries, documents)]
         if self._vl is not None:
             opened: dict[str, Image] = {}  # one decode per golden image, as a query's images are shared

@@ -132,8 +132,9 @@ class _Run:
 
 @dataclass(frozen=True)
 class _Template:
-    """A template around {content}: its token ids before and after, and the text that meets
-    the content on either side without a special token between (tokenized with it, as the
+    """A template around {content}: the text before it up to its last special token (`head`),
+    the token ids after its first one (`tail_ids`), and the text that meets the content on
+    either side without a special token between (`lead`, `trail`: tokenized with it, as the
     whole prompt would be)."""
 
     head: str
@@ -298,12 +299,12 @@ class VLEncoder:
         return ids, fixed, suffix
 
 
-def describe_parts(parts: str | Sequence[object], image_name: Callable[[object], str]) -> str:
-    """A readable name of one input (its texts, and `image_name` of each image), for gates'
-    worst-probe reports and the golden pairs' names."""
+def describe_parts(parts: str | Sequence[object]) -> str:
+    """A readable name of one golden input (its texts, and `image:<name>` of each image), as
+    the export named its probes: the gates' worst-probe reports and the golden pairs' names."""
     if isinstance(parts, str):
         return parts
-    return " + ".join(p if isinstance(p, str) else f"image:{image_name(p)}" for p in parts)
+    return " + ".join(p if isinstance(p, str) else f"image:{getattr(p, 'name', 'image')}" for p in parts)
 
 
 def vision_feeds(image: EncodedImage, manifest: Manifest) -> dict[str, np.ndarray]:
