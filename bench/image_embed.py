@@ -127,7 +127,8 @@ json.dump(result, sys.stdout)
 
 # Qwen3-VL-2B's shape: the whole vision tower (24 layers of 1024, DeepStack after 5, 11 and 17)
 # and `--vl-layers` of the decoder's 28 layers at full width (2048, 16 / 8 heads, MLP 6144):
-# an image's time is the tower's, and 3 layers keep the decoder graph under ONNX's 2 GB.
+# an image's time is the tower's, and 3 layers keep the export short (past 3 the FP32
+# decoder graph keeps its weights in a data file beside it).
 VL_IMAGES = {"448x448": (448, 448), "1024x768": (1024, 768)}
 
 

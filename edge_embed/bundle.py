@@ -63,6 +63,8 @@ class Bundle:
             raise BundleError(f"the {precision} variant of {self.path} has no vision graph")
         path = self.path / vision.file
         _verify(path, vision.sha256, f"{precision} vision graph")
+        for name in vision.external_data:
+            _verify(self.path / name, self.manifest.files.get(name), f"{precision} vision graph's external data")
         return path
 
     def golden_images(self) -> tuple[list[str], list[bytes], np.ndarray]:
@@ -154,6 +156,7 @@ def load_bundle(path: str | Path) -> Bundle:
     if TOKENIZER_FILE not in manifest.files:
         raise BundleError(f"manifest of {path} lists no {TOKENIZER_FILE}")
     for name, digest in manifest.files.items():
-        if not any(name in v.external_data for v in manifest.variants.values()):
+        if not any(name in v.external_data or (v.vision is not None and name in v.vision.external_data)
+                   for v in manifest.variants.values()):
             _verify(path / name, digest, "bundle file")
     return Bundle(path=path, manifest=manifest)

@@ -234,7 +234,8 @@ class VisionGraph:
     """A variant's second graph, for bundles that read images: `pixel_values` in,
     `sentence_embedding` out, in the same vector space as the text graph. Its precision
     may differ from the variant's (the vision tower stays FP32 where quantizing it costs
-    more than it saves); `parity` is on the golden images."""
+    more than it saves); `parity` is on the golden images. A graph past 2 GB keeps its
+    weights in `external_data`, files listed (and hashed) in the manifest's `files`."""
 
     file: str
     sha256: str
@@ -242,6 +243,7 @@ class VisionGraph:
     precision: str
     parity: Parity
     recipe: dict[str, Any] = field(default_factory=dict)
+    external_data: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -391,7 +393,8 @@ class Manifest:
 
 
 def _vision(data: dict[str, Any] | None) -> VisionGraph | None:
-    return None if data is None else VisionGraph(**{**data, "parity": _parity(data["parity"])})
+    return None if data is None else VisionGraph(**{**data, "parity": _parity(data["parity"]),
+                                                    "external_data": tuple(data.get("external_data", ()))})
 
 
 def _parity(data: dict[str, Any]) -> Parity | ScoreParity | MultiVectorParity:

@@ -29,6 +29,7 @@ from ..images import Image, ImageSpec
 from ..manifest import Manifest, Parity
 from ..parity import Gates, alone_vs_batch_cos, batch_probe_indices, check_gate, measure_parity, measure_retrieval
 from ..tokenization import BundleTokenizer, model_inputs
+from .onnx_files import remove_graph
 from .probes import probe_images, probe_texts
 from .writing import finish_bundle, image_variant, save_golden_with_images
 
@@ -379,15 +380,15 @@ def build_dual(source: Any, work: Path, wanted: tuple[str, ...], gates: Gates,
         except GateError as exc:
             # The vision tower is the one that usually gives: keep it FP32 under the INT8 text graph.
             progress(f"int8 vision graph missed its gate ({exc}); trying the text graph alone in int8")
-            v8.unlink()
+            remove_graph(v8)
             tp, ip = judge("int8", t8, recipe, vision_path, fp32_recipe, "fp32")
             built["int8"] = (t8, recipe, tp, vision_path, {**fp32_recipe, "kept": "fp32: int8 missed its gate"}, ip)
 
     if "fp32" not in wanted:
         kept_files = {p.name for name, v in built.items() if name != "fp32" for p in (v[0], v[3])}
         if vision_path.name not in kept_files:
-            vision_path.unlink()
-        text_path.unlink()
+            remove_graph(vision_path)
+        remove_graph(text_path)
         del built["fp32"]
 
     save_golden_with_images(work, texts, text_ref, named, image_ref)

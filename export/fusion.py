@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import ExportError
+from .onnx_files import save_graph
 
 __all__ = ["fuse_graph", "FUSED_OPS"]
 
@@ -82,7 +83,9 @@ def fuse_graph(src: Path, dst: Path, *, family: str, num_heads: int, hidden_size
             fused = SymbolicShapeInference.infer_shapes(fused, auto_merge=True)
     if not any(entry.domain == "com.microsoft" for entry in fused.opset_import):
         fused.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))  # the fused ops' domain
-    if external:
+    if not external:
+        save_graph(fused, dst)
+    else:
         data = dst.name + ".data"
         if len(external) != 1:
             raise ExportError(f"{src.name} keeps its weights in {len(external)} files; expected one")
@@ -92,7 +95,7 @@ def fuse_graph(src: Path, dst: Path, *, family: str, num_heads: int, hidden_size
             for entry in tensor.external_data:
                 if entry.key == "location":
                     entry.value = data
-    onnx.save(fused, str(dst))
+        onnx.save(fused, str(dst))
     counts = collections.Counter(node.op_type for node in fused.graph.node)
     kept = {op: counts[op] for op in FUSED_OPS.get(family, ()) if counts[op]}
     return {"fusions": "onnxruntime.transformers optimizer", "fused_ops": kept}

@@ -28,6 +28,7 @@ from ..manifest import (
 )
 from ..platform import usable_cpu_count
 from ..tokenization import BundleTokenizer, model_inputs
+from .onnx_files import data_files, move_graph, remove_graph
 from .probes import PROBE_CATEGORIES, PROBE_LANGUAGES, probe_texts, rerank_probe_pairs, retrieval_probes
 from .reference_cache import reference_path
 from .source import SourceModel, read_source
@@ -345,7 +346,7 @@ def _search(precision: str, fp32_path: Path, work: Path, run: _Runner, reference
 
     def finish(made: dict, parity: Parity) -> tuple[Path, dict, Parity]:
         final = work / f"model.{precision}.onnx"
-        candidate.replace(final)
+        move_graph(candidate, final)
         return final, made, parity
 
     results = []
@@ -404,7 +405,7 @@ def _search(precision: str, fp32_path: Path, work: Path, run: _Runner, reference
         made, parity, failure = attempt(label, lambda: make(candidate))
         if failure is None:
             return finish(made, parity)
-    candidate.unlink(missing_ok=True)
+    remove_graph(candidate)
     best_try = max(tried, key=lambda t: _quality(t[1]))
     raise best_try[2]
 
@@ -690,7 +691,6 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
     fusion = _fuse(source, raw_path, fp32_path, quant_base if {"int8", "int4"} & set(wanted) else None)
     for name in [raw_path.name, *raw_external]:
         (work / name).unlink()
-    external = [fp32_path.name + ".data"] if raw_external else []
     if not quant_base.exists():
         quant_base = fp32_path
     progress(f"fused: {', '.join(f'{n} {op}' for op, n in fusion['fused_ops'].items()) or 'no patterns matched'}")
@@ -732,8 +732,7 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
             if min(speed["vs_fp32"].values()) < 1.0:
                 _warn_slower(precision, speed)
     if quant_base != fp32_path:
-        for path in (quant_base, quant_base.with_name(quant_base.name + ".data")):
-            path.unlink(missing_ok=True)
+        remove_graph(quant_base)
 
     for precision, (path, recipe) in mlx_weights.items():
         from .mlx_weights import mlx_encoder
@@ -745,16 +744,14 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
         built[precision] = (path, recipe, parity)
 
     if "fp32" not in wanted:
-        fp32_path.unlink()
-        for name in external:
-            (work / name).unlink()
+        remove_graph(fp32_path)
         del built["fp32"]
 
     variants = {}
     for precision, (path, recipe, parity) in built.items():
         recipe = {**recipe, "gate": gates.record(precision, draft.task)}
         onnx = variant_format(precision) == "onnx"
-        extra = tuple(external) if precision == "fp32" else ()
+        extra = data_files(path) if onnx else ()
         variants[precision] = Variant(
             precision=precision,
             file=path.name,
@@ -767,5 +764,4 @@ def _build(source: SourceModel, work: Path, wanted: tuple[str, ...], gates: Gate
             parity=parity,
             external_data=extra,
         )
-    shared = [*source.copied_files, GOLDEN_FILE, *(external if "fp32" in wanted else [])]
-    return finish_bundle(work, draft, shared, variants)
+    return finish_bundle(work, draft, [*source.copied_files, GOLDEN_FILE], variants)

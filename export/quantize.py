@@ -15,6 +15,8 @@ from pathlib import Path
 
 import onnx
 
+from .onnx_files import save_graph
+
 __all__ = ["to_fp16", "quantize_dynamic_int8", "quantize_per_token_int8", "quantize_weight_only_int8",
            "activation_channel_max",
            "quantize_int4", "quantizable_matmuls", "INT4_BLOCK_SIZES", "INT4_ACCURACY_LEVEL"]
@@ -118,7 +120,8 @@ def to_fp16(src: Path, dst: Path) -> dict:
     finally:
         os.chdir(previous)
         shape_logger.setLevel(level)
-    model.save_model_to_file(str(dst))
+    model.topological_sort()
+    save_graph(model.model, dst)
     return {"method": "onnxruntime.transformers float16", "keep_io_types": True, "fp32_ops": ["Softmax"],
             "batch_invariant": True}
 
@@ -509,7 +512,7 @@ def quantize_weight_only_int8(src: Path, dst: Path, *, block_size: int = 32) -> 
     with _graph_with_lazy_weights(src) as model:
         model = _matmul_nbits(model, bits=8, block_size=block_size, accuracy_level=None)
         onnx.load_external_data_for_model(model, ".")
-    onnx.save(model, str(dst))
+    save_graph(model, dst)
     return {
         "method": "onnxruntime MatMulNBits weight-only",
         "weights": f"int8 symmetric, blocks of {block_size}",
@@ -565,7 +568,7 @@ def quantize_int4(src: Path, dst: Path, *, block_size: int = 32, accuracy_level:
                                   include=list(keep_8bit))
         onnx.load_external_data_for_model(model, ".")
         table_recipe = _quantize_embedding_tables(model)
-    onnx.save(model, str(dst))
+    save_graph(model, dst)
     return {
         "method": "onnxruntime MatMulNBits weight-only",
         "weights": f"int4 symmetric, blocks of {block_size}",

@@ -39,6 +39,7 @@ from ..parity import (Gates, alone_vs_batch_cos, alone_vs_batch_diff, check_gate
 from ..tokenization import BundleTokenizer
 from ..vl import DECODER_INPUTS, VLEncoder, VLInput, decoder_feeds, text_feeds, vision_feeds
 from .dual import _quiet_transformers
+from .onnx_files import gather_external_data, remove_graph
 from .probes import probe_images, probe_texts
 from .writing import finish_bundle, image_variant, save_golden_pairs_with_images, save_golden_with_images
 
@@ -312,12 +313,21 @@ def _export(module: Any, feeds: dict[str, np.ndarray], outputs: tuple[str, ...],
     from .graph import ONNX_OPSET
 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), \
-            exportable_qwen3_vl(), traced_whole_sequence_attention(ONNX_OPSET):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, tuple(torch.from_numpy(a) for a in feeds.values()), str(out),
-                          input_names=list(feeds), output_names=list(outputs), dynamic_axes=axes,
-                          opset_version=ONNX_OPSET, dynamo=False)
+    # Past 2 GB the exporter writes a file per tensor beside the graph: in a folder of its
+    # own, gathered into one data file.
+    staging = out.with_name(out.name + ".export")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), \
+                exportable_qwen3_vl(), traced_whole_sequence_attention(ONNX_OPSET):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, tuple(torch.from_numpy(a) for a in feeds.values()), str(staging / out.name),
+                              input_names=list(feeds), output_names=list(outputs), dynamic_axes=axes,
+                              opset_version=ONNX_OPSET, dynamo=False)
+        gather_external_data(staging / out.name, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # -- the reference and the graphs on the probes ------------------------------------------------

@@ -18,14 +18,16 @@ __all__ = ["finish_bundle", "image_variant", "save_golden_with_images", "save_go
 
 
 def finish_bundle(work: Path, draft: Manifest, shared: list[str], variants: dict[str, Variant]) -> Manifest:
-    """The manifest (shared files hashed, variants, exporter versions) written into `work`,
-    every file readable by all."""
+    """The manifest (shared files and the variants' external data hashed, variants, exporter
+    versions) written into `work`, every file readable by all."""
     import onnxruntime
     import torch
 
+    external = [name for v in variants.values()
+                for name in (*v.external_data, *(v.vision.external_data if v.vision is not None else ()))]
     manifest = dataclasses.replace(
         draft,
-        files={name: file_sha256(work / name) for name in shared},
+        files={name: file_sha256(work / name) for name in dict.fromkeys([*shared, *external])},
         variants=variants,
         exporter={"edge_embed": __version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
     )
@@ -42,15 +44,20 @@ def image_variant(precision: str, graph: Path, recipe: dict[str, Any], parity: P
     """A variant of a bundle that reads images: its text or decoder graph, and its vision graph
     with the precision it runs at and the gate (`vision_gate`: a precision) its images are
     judged by. Its bytes are both graphs': what loading it reads. A reranker's parities are
-    on scores (the vision graph's: the pairs that hold images)."""
+    on scores (the vision graph's: the pairs that hold images). A graph past 2 GB keeps its
+    weights in a data file beside it: the variant lists it."""
     from .graph import MIN_ONNXRUNTIME, ONNX_OPSET
+    from .onnx_files import data_files
 
+    external, vision_external = data_files(graph), data_files(vision)
+    graph_bytes = sum((graph.parent / name).stat().st_size for name in (graph.name, *external))
+    vision_bytes = sum((vision.parent / name).stat().st_size for name in (vision.name, *vision_external))
     return Variant(
-        precision=precision, file=graph.name, sha256=file_sha256(graph),
-        bytes=graph.stat().st_size + vision.stat().st_size, format="onnx",
+        precision=precision, file=graph.name, sha256=file_sha256(graph), bytes=graph_bytes + vision_bytes,
+        format="onnx", external_data=external,
         opset=recipe.get("opset", ONNX_OPSET), min_onnxruntime=MIN_ONNXRUNTIME,
         recipe={**recipe, "gate": gates.record(precision, task)}, parity=parity,
-        vision=VisionGraph(file=vision.name, sha256=file_sha256(vision), bytes=vision.stat().st_size,
+        vision=VisionGraph(file=vision.name, sha256=file_sha256(vision), bytes=vision_bytes, external_data=vision_external,
                            precision=vision_precision, parity=vision_parity,
                            recipe={**vision_recipe, "gate": gates.record(vision_gate, task)}),
     )

@@ -387,3 +387,52 @@ def test_cli_embed_prints_token_matrices(fp32, colqwen3_bundle):
     assert row["tokens"] == len(fp32.embed_multi(["which page?"], kind="query")[0])
     done = run("embed", "--bundle", str(colqwen3_bundle), "--dimensions", "64", "a")
     assert done.returncode == 2 and "multi-vector model takes no" in done.stderr
+
+
+def test_graphs_past_2_gb_keep_their_weights_in_data_files_the_bundle_verifies(fp32, colqwen3_bundle, tmp_path,
+                                                                                 monkeypatch):
+    """A 2B model's FP32 decoder is 7 GB: past protobuf's 2 GB its weights travel in a data
+    file beside the graph, listed and hashed by the manifest. The tiny bundle's FP32 graphs
+    written that way (the limit lowered) load, verify and give the same vectors bit for bit;
+    a changed byte in a data file is refused at load."""
+    import shutil
+
+    import onnx
+
+    from edge_embed.errors import BundleError
+    from edge_embed.export import onnx_files
+    from edge_embed.export.writing import finish_bundle, image_variant
+    from edge_embed.parity import Gates
+
+    work = tmp_path / "bundle"
+    shutil.copytree(colqwen3_bundle, work)
+    manifest = Manifest.read(work / "manifest.json")
+    old = manifest.variants["fp32"]
+    monkeypatch.setattr(onnx_files, "EXTERNAL_DATA_BYTES", 1024)
+    for name in (old.file, old.vision.file):
+        onnx_files.save_graph(onnx.load(str(work / name)), work / name)
+    variant = image_variant("fp32", work / old.file, old.recipe, old.parity, work / old.vision.file,
+                            old.vision.recipe, old.vision.parity, old.vision.precision,
+                            Gates.recorded("fp32", old.recipe), vision_gate="fp32", task="multivector")
+    data, vision_data = old.file + ".data", old.vision.file + ".data"
+    assert variant.external_data == (data,) and variant.vision.external_data == (vision_data,)
+    written = finish_bundle(work, manifest, list(manifest.files), {**manifest.variants, "fp32": variant})
+    assert {data, vision_data} <= set(written.files)
+    assert Manifest.read(work / "manifest.json").variants["fp32"].vision.external_data == (vision_data,)
+
+    moved = edge_embed.load(work, precision="fp32")
+    items = [Image.open(skimage_photo("page.png")), ["the moon: ", Image.open(skimage_photo("moon.png"))], "a page"]
+    for ours, theirs in zip(moved.embed_multi(items), fp32.embed_multi(items)):
+        assert np.array_equal(ours, theirs)
+    (q_moved,), (q_kept,) = moved.embed_multi(["where?"], kind="query"), fp32.embed_multi(["where?"], kind="query")
+    assert np.array_equal(q_moved, q_kept)
+    moved.close()
+
+    for name in (data, vision_data):
+        blob = bytearray((work / name).read_bytes())
+        blob[len(blob) // 2] ^= 1
+        saved = (work / name).read_bytes()
+        (work / name).write_bytes(bytes(blob))
+        with pytest.raises(BundleError, match="external data.*fails its checksum"):
+            edge_embed.load(work, precision="fp32")
+        (work / name).write_bytes(saved)
