@@ -11,7 +11,7 @@ FP32 in both. Random weights leave a query's pages at nearly equal MaxSim, so th
 floors are set to 0 here, to measure speed and memory; the figures the export measured
 (token cosine, MaxSim difference, Kendall tau, top-1) are printed beside them.
 
-`--layers 28` is the whole model (export about 15 minutes and 20 GB of memory on 2 cores);
+`--layers 28` is the whole model (its export takes about 12 minutes and 16 GB on 2 cores);
 with a few layers the vision tower and the vocabulary table weigh as much as the decoder, so
 INT4's share of FP32's memory is far above a whole model's: the script also states the ratio
 the registry's rule gives at 28 layers.

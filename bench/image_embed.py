@@ -15,8 +15,9 @@ writes JSON; names the CPU and its int8 kernels.
 
 Qwen3-VL-2B's shape (the whole vision tower, 3 of the decoder's 28 layers at full width): one
 image of 448x448 and one of 1024x768, end to end (decoding, preprocessing, vision tower,
-decoder), edge-embed FP32, INT8 (decoder per token) and INT4 (decoder weight-only 4-bit)
-against the transformers model.
+decoder), edge-embed FP32, INT8 (decoder per token) and INT4 (decoder weight-only 4-bit),
+the vision tower in INT8 under both where the export's gate keeps it so, against the
+transformers model.
 
     python bench/image_embed.py [--models siglip2-base,clip-b32] [--threads 2] [--rounds 3] [--no-vl]
 """
@@ -194,9 +195,13 @@ def bench_vl(args, cpu: str, kernels: str) -> dict:
             rows[kind] = {"error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]}
             continue
         rows[kind] = json.loads(done.stdout)
+    from edge_embed.manifest import Manifest
+
+    variants = Manifest.read(bundle / "manifest.json").variants
+    towers = ", ".join(f"{p} {variants[p].vision.precision}" for p in ("int8", "int4") if p in variants)
     print(f"\nqwen3-vl-2b shape (full vision tower, {args.vl_layers} of 28 decoder layers, random weights); {cpu}, "
           f"{kernels} int8 kernels, {args.threads} threads; int8 = decoder per token, int4 = decoder weight-only "
-          "4-bit; the vision tower fp32 in both")
+          f"4-bit; the vision tower: {towers}")
     print(f"{'contender':<18}" + "".join(f"{'P50 ' + n:>16}{'x torch':>9}{'cos':>10}" for n in VL_IMAGES)
           + f"{'peak RSS':>11}")
     for kind, row in rows.items():

@@ -233,8 +233,8 @@ class VLSpec:
 class VisionGraph:
     """A variant's second graph, for bundles that read images: `pixel_values` in,
     `sentence_embedding` out, in the same vector space as the text graph. Its precision
-    may differ from the variant's (the vision tower stays FP32 where quantizing it costs
-    more than it saves); `parity` is on the golden images. A graph past 2 GB keeps its
+    may differ from the variant's (the vision tower stays FP32 where its INT8 form misses
+    the variant's gate); `parity` is on the golden images. A graph past 2 GB keeps its
     weights in `external_data`, files listed (and hashed) in the manifest's `files`."""
 
     file: str

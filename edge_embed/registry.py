@@ -52,9 +52,10 @@ PRECISIONS = ("fp32", "fp16", "int8", "int4")
 _LINEAR_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5 + 4 / 32}
 # Vocabulary tables: int8 rows (one FP32 scale per row) in both quantized recipes.
 _EMBEDDING_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 1.0}
-# A vision-language model's vision tower: its INT8 and INT4 variants quantize the decoder
-# only and run the tower in FP32 (an image's features cost more to lose than to keep).
-_VISION_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 4.0, "int4": 4.0}
+# A vision-language model's vision tower: its INT8 and INT4 variants run it per token in
+# INT8 where the variant passes its gate so (an export whose tower misses keeps it FP32,
+# and its manifest says so: a bundle's own bytes then decide).
+_VISION_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 1.0}
 # Python, numpy, tokenizers, ONNX Runtime and gRPC before any model (measured ~60 MB
 # on x86 Linux with ONNX Runtime imported; rounded up for the server's threads).
 PROCESS_BASE_BYTES = 100 * _MB

@@ -166,11 +166,6 @@ def build_multivector(source: Any, work: Path, wanted: tuple[str, ...], gates: G
         return parity, parity
 
     built = graph_variants(work, wanted, decoder_path, vision_path, judge, progress)
-    if "fp32" not in wanted:
-        decoder_path.unlink()
-        if not {"int8", "int4"} & set(built):
-            vision_path.unlink()
-        del built["fp32"]
 
     save_golden_multivector(work, stored, reference, named)
     variants = {

@@ -250,7 +250,7 @@ _PER_ROW_OPSET = 21  # QuantizeLinear with block_size: one scale per row in one 
 
 
 def quantize_per_token_int8(src: Path, dst: Path, *, reduce_range: bool = False,
-                            exclude: tuple[str, ...] = (), tables: bool = True,
+                            exclude: tuple[str, ...] = (), tables: bool = True, gemms: bool = False,
                             smoothing: dict[str, "np.ndarray"] | None = None, smooth_alpha: float = 0.5) -> dict:
     """INT8 that is batch-invariant by construction: activations quantized per token.
 
@@ -276,12 +276,52 @@ def quantize_per_token_int8(src: Path, dst: Path, *, reduce_range: bool = False,
     calibration texts: each channel is divided by s = max|x|^a / max|w|^(1-a) before the
     per-token quantization and the weight rows multiplied by s, so a few outlier channels
     no longer set every token's scale.
+
+    With `gemms`, weight Gemms (the exporter's form of a linear layer on a 2-D input, as in
+    Qwen3-VL's vision tower, which reads an image's patches as [patches, width]) are first
+    written as the MatMul and bias Add they compute, so they are quantized too.
     """
     with _graph_with_lazy_weights(src) as model:
+        if gemms:
+            _gemms_as_matmuls(model)
         recipe = _per_token_int8(model, reduce_range=reduce_range, exclude=exclude, tables=tables,
                                  smoothing=smoothing or {}, smooth_alpha=smooth_alpha)
-    onnx.save(model, str(dst))
+    save_graph(model, dst)
     return recipe
+
+
+def _gemms_as_matmuls(model: onnx.ModelProto) -> int:
+    """Each Gemm `A @ op(B) + C` with a constant B (alpha and beta 1, A not transposed) as
+    MatMul(A, B or its transpose) and Add(C): the same sums. Returns how many."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    weights = {init.name: init for init in graph.initializer}
+    rewritten, added, count = [], [], 0
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.input[1] not in weights or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            rewritten.append(node)
+            continue
+        weight = node.input[1]
+        if attrs.get("transB", 0):
+            transposed = numpy_helper.from_array(_weight_array(weights[weight]).T.copy(), f"{weight}_as_matmul")
+            added.append(transposed)
+            weight = transposed.name
+        product = f"{node.output[0]}_matmul" if len(node.input) > 2 and node.input[2] else node.output[0]
+        rewritten.append(helper.make_node("MatMul", [node.input[0], weight], [product], name=f"{node.name}_MatMul"))
+        if product != node.output[0]:
+            rewritten.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]],
+                                              name=f"{node.name}_Bias"))
+        count += 1
+    del graph.node[:]
+    graph.node.extend(rewritten)
+    used = {i for n in rewritten for i in n.input}
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + added)
+    return count
 
 
 def _per_token_int8(model: onnx.ModelProto, *, reduce_range: bool, exclude: tuple[str, ...],

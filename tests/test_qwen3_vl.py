@@ -136,7 +136,7 @@ def test_the_manifest_pins_the_template_and_the_pixel_bounds(qwen3_vl_bundle):
     assert manifest.default_instruction == "Represent the user's input."
     assert (manifest.image.min_pixels, manifest.image.max_pixels) == (64 * 64, 256 * 256)
     int8 = manifest.variants["int8"]
-    assert int8.vision.file == "vision.fp32.onnx" and int8.vision.precision == "fp32"
+    assert int8.vision.file == "vision.int8.onnx" and int8.vision.precision == "int8"
     for variant in manifest.variants.values():
         assert variant.parity.batch_cos_min >= 0.99999 and variant.vision.parity.probes >= 50
     raw = json.loads((qwen3_vl_bundle / "manifest.json").read_text())
@@ -144,18 +144,21 @@ def test_the_manifest_pins_the_template_and_the_pixel_bounds(qwen3_vl_bundle):
                                    "deepstack"]
 
 
-def test_int4_is_a_4bit_decoder_beside_the_fp32_vision_tower_gated_on_texts_and_images(qwen3_vl_bundle):
+def test_int4_is_a_4bit_decoder_beside_the_int8_vision_tower_gated_on_texts_and_images(qwen3_vl_bundle):
     """Weight-only INT4 of the decoder (what fits an 8B model on a small device): MatMulNBits
-    4-bit blocks, the FP32 vision graph, gated on text, image and mixed probes and on the
-    text->image ranking; it runs images and is never what auto picks."""
+    4-bit blocks, the vision tower per token in INT8 (its linear layers, Gemms in the export,
+    all quantized), gated on text, image and mixed probes and on the text->image ranking;
+    it runs images and is never what auto picks."""
     import onnx
 
     manifest = Manifest.read(qwen3_vl_bundle / "manifest.json")
     int4 = manifest.variants["int4"]
-    assert int4.vision.file == "vision.fp32.onnx" and int4.vision.precision == "fp32"
+    assert int4.vision.file == "vision.int8.onnx" and int4.vision.precision == "int8"
     assert int4.recipe["weights"].startswith("int4") and int4.parity.retrieval is not None
     ops = {n.op_type for n in onnx.load(str(qwen3_vl_bundle / int4.file), load_external_data=False).graph.node}
     assert "MatMulNBits" in ops
+    tower = [n.op_type for n in onnx.load(str(qwen3_vl_bundle / int4.vision.file), load_external_data=False).graph.node]
+    assert "Gemm" not in tower and tower.count("MatMulInteger") == int4.vision.recipe["quantized_nodes"] >= 3 * 4
     assert int4.parity.cos_min >= 0.95 and int4.vision.parity.cos_min >= 0.95
     inputs = ["a red bicycle", Image.open(skimage_photo("coffee.png")),
               ["a cup of coffee", Image.open(skimage_photo("coffee.png"))]]
@@ -179,3 +182,34 @@ def test_an_export_may_pin_fewer_pixels_and_images_keep_to_them(qwen3_vl_source,
     provider = edge_embed.load(tmp_path / "small", precision="fp32")
     (encoded,) = provider.tokenize([Image.open(skimage_photo("retina.jpg"))])
     assert encoded.images[0].tokens <= 16
+
+
+def test_a_vision_tower_that_misses_the_gate_in_int8_stays_fp32(qwen3_vl_bundle, tmp_path):
+    """The quantized variants try the INT8 tower first; where the variant then misses its
+    gate it keeps the FP32 tower, says so in the recipe, and no graph it does not use is left.
+    The judge here stands in for the export's (it refuses any INT8 tower); the graphs and
+    their quantization are real."""
+    import shutil
+
+    from edge_embed.errors import GateError
+    from edge_embed.export.vl import graph_variants
+
+    for name in ("model.fp32.onnx", "vision.fp32.onnx"):
+        shutil.copyfile(qwen3_vl_bundle / name, tmp_path / name)
+    judged = []
+
+    def judge(precision, decoder, vision, recipe):
+        judged.append((precision, decoder.name, vision.name))
+        if vision.name == "vision.int8.onnx":
+            raise GateError(precision, "cos_min", 0.5, 0.97, "a probe image")
+        return "text parity", "image parity"
+
+    built = graph_variants(tmp_path, ("int8",), tmp_path / "model.fp32.onnx", tmp_path / "vision.fp32.onnx", judge,
+                           lambda line: None)
+    assert judged == [("fp32", "model.fp32.onnx", "vision.fp32.onnx"), ("int8", "model.int8.onnx", "vision.int8.onnx"),
+                      ("int8", "model.int8.onnx", "vision.fp32.onnx")]
+    decoder, _, _, vision, vision_recipe, _, vision_precision = built["int8"]
+    assert list(built) == ["int8"] and (decoder.name, vision.name, vision_precision) == (
+        "model.int8.onnx", "vision.fp32.onnx", "fp32")
+    assert vision_recipe["kept"] == "fp32: int8 missed its gate"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.int8.onnx", "vision.fp32.onnx"]
