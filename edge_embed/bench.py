@@ -219,10 +219,19 @@ def bench_bundle(path: str | Path, precisions: Sequence[str] | None, settings: B
                  f"{precision}: " + ", ".join(f"{w['kind']} {w['items_per_s']:.1f} items/s" for w in row["workloads"])
                  + f", peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB")
     return {"bundle": str(bundle.path), "model_id": manifest.model_id, "task": manifest.task,
-            "device": {"os": info.os, "arch": info.arch, "cpu": info.cpu_model, "cpus": info.cpus,
-                       "isa": sorted(f for f in info.cpu_flags if f.startswith(("avx", "amx", "asimd", "sve", "neon"))
-                                     or f in ("dotprod", "i8mm"))},
-            "settings": dataclasses.asdict(settings), "rows": rows}
+            "device": device_facts(info), "settings": dataclasses.asdict(settings), "rows": rows}
+
+
+def device_facts(info: Any = None) -> dict[str, Any]:
+    """The machine a figure was measured on: OS, CPU, its count and the ISA extensions its
+    kernels choose by (vector, matrix and dot-product ones)."""
+    if info is None:
+        from .platform import snapshot_platform
+
+        info = snapshot_platform()
+    return {"os": info.os, "arch": info.arch, "cpu": info.cpu_model, "cpus": info.cpus,
+            "isa": sorted(f for f in info.cpu_flags if f.startswith(("avx", "amx", "asimd", "sve", "neon"))
+                          or f in ("dotprod", "i8mm"))}
 
 
 def format_table(report: dict[str, Any]) -> str:

@@ -156,7 +156,6 @@ def load_bundle(path: str | Path) -> Bundle:
     if TOKENIZER_FILE not in manifest.files:
         raise BundleError(f"manifest of {path} lists no {TOKENIZER_FILE}")
     for name, digest in manifest.files.items():
-        if not any(name in v.external_data or (v.vision is not None and name in v.vision.external_data)
-                   for v in manifest.variants.values()):
+        if not any(name in v.data_files for v in manifest.variants.values()):
             _verify(path / name, digest, "bundle file")
     return Bundle(path=path, manifest=manifest)

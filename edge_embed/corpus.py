@@ -765,15 +765,8 @@ def _root_cause(exc: BaseException) -> str:
 
 def _bundle_files(source, precision: str) -> dict[str, bytes]:
     """The bundle as bytes for the object store, less the model files of other precisions."""
-    def files(variant) -> set[str]:
-        vision = variant.vision
-        return {variant.file, *variant.external_data, *((vision.file, *vision.external_data) if vision else ())}
-
-    others = set()
-    for name, variant in source.manifest.variants.items():
-        if name != precision:
-            others |= files(variant)
-    others -= files(source.manifest.variants[precision])
+    others = {name for variant in source.manifest.variants.values() for name in variant.files}
+    others -= set(source.manifest.variants[precision].files)
     return {p.name: p.read_bytes() for p in sorted(source.path.iterdir()) if p.is_file() and p.name not in others}
 
 

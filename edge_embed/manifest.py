@@ -234,8 +234,8 @@ class VisionGraph:
     """A variant's second graph, for bundles that read images: `pixel_values` in,
     `sentence_embedding` out, in the same vector space as the text graph. Its precision
     may differ from the variant's (the vision tower stays FP32 where its INT8 form misses
-    the variant's gate); `parity` is on the golden images. A graph past 2 GB keeps its
-    weights in `external_data`, files listed (and hashed) in the manifest's `files`."""
+    the variant's gate); `parity` is on the golden images. A large graph keeps its weights
+    in `external_data`, files listed (and hashed) in the manifest's `files`."""
 
     file: str
     sha256: str
@@ -262,6 +262,16 @@ class Variant:
     parity: Parity | ScoreParity | MultiVectorParity
     external_data: tuple[str, ...] = ()
     vision: VisionGraph | None = None
+
+    @property
+    def data_files(self) -> tuple[str, ...]:
+        """The external data of its graph and of its vision graph."""
+        return (*self.external_data, *(self.vision.external_data if self.vision is not None else ()))
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Every file loading it reads: its graph, its vision graph, their data files."""
+        return (self.file, *((self.vision.file,) if self.vision is not None else ()), *self.data_files)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -4,8 +4,8 @@ which the bundle lists as the variant's external data.
 Two reasons. Protobuf cannot hold more than 2 GB (a 2B-parameter decoder is 7 GB at FP32).
 And ONNX Runtime maps a data file whose tensors start on page boundaries, where it parses an
 inline graph into a buffer beside the tensors it builds from it: measured on Qwen3-VL-2B's
-shape, the INT4 decoder (1.19 GB) loaded at 1.98 GB inline and 1.27 GB mapped, the FP32
-vision tower (1.63 GB) at 2.43 GB and 1.63 GB. So every step that writes a graph (the
+shape (bench/graph_load.py), the INT4 decoder (1.19 GB) loads at 2.07 GB inline and 1.33
+GB mapped, the FP32 vision tower (1.63 GB) at 2.55 GB and 1.71 GB. So every step that writes a graph (the
 export, FP16, the quantizers) goes through `save_graph`, and the variant records what
 `data_files` finds.
 """

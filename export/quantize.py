@@ -290,14 +290,14 @@ def quantize_per_token_int8(src: Path, dst: Path, *, reduce_range: bool = False,
     return recipe
 
 
-def _gemms_as_matmuls(model: onnx.ModelProto) -> int:
+def _gemms_as_matmuls(model: onnx.ModelProto) -> None:
     """Each Gemm `A @ op(B) + C` with a constant B (alpha and beta 1, A not transposed) as
-    MatMul(A, B or its transpose) and Add(C): the same sums. Returns how many."""
+    MatMul(A, B or its transpose) and Add(C): the same sums."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
     weights = {init.name: init for init in graph.initializer}
-    rewritten, added, count = [], [], 0
+    rewritten, added = [], []
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if (node.op_type != "Gemm" or node.input[1] not in weights or attrs.get("transA", 0)
@@ -314,14 +314,12 @@ def _gemms_as_matmuls(model: onnx.ModelProto) -> int:
         if product != node.output[0]:
             rewritten.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]],
                                               name=f"{node.name}_Bias"))
-        count += 1
     del graph.node[:]
     graph.node.extend(rewritten)
     used = {i for n in rewritten for i in n.input}
     kept = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept + added)
-    return count
 
 
 def _per_token_int8(model: onnx.ModelProto, *, reduce_range: bool, exclude: tuple[str, ...],

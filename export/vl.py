@@ -680,8 +680,8 @@ def graph_variants(work: Path, wanted: tuple[str, ...], decoder_path: Path, visi
     that passes kept, else the finest's miss raised). Under both the vision tower runs per
     token in INT8 where the variant then passes its gate, else in FP32 (the recipe says
     why): on a CPU that is what takes the tower's memory down, since FP16 weights are
-    widened to FP32 where a kernel has no FP16 (the 2B tower: 1.63 GB at FP32, 1.74 GB
-    loaded from FP16 on x86)."""
+    widened to FP32 where a kernel has no FP16 (the 2B tower loads at 1.71 GB from FP32,
+    1.87 GB from FP16 on x86, 0.48 GB from INT8: bench/graph_load.py)."""
     from .quantize import INT4_BLOCK_SIZES, quantize_int4, quantize_per_token_int8, to_fp16
 
     fp32_recipe = {"method": "torch.onnx.export (TorchScript), edge-embed's Qwen3-VL split", "batch_invariant": True}

@@ -23,8 +23,7 @@ def finish_bundle(work: Path, draft: Manifest, shared: list[str], variants: dict
     import onnxruntime
     import torch
 
-    external = [name for v in variants.values()
-                for name in (*v.external_data, *(v.vision.external_data if v.vision is not None else ()))]
+    external = [name for v in variants.values() for name in v.data_files]
     manifest = dataclasses.replace(
         draft,
         files={name: file_sha256(work / name) for name in dict.fromkeys([*shared, *external])},

@@ -418,6 +418,7 @@ def test_graphs_past_2_gb_keep_their_weights_in_data_files_the_bundle_verifies(f
     assert variant.external_data == (data,) and variant.vision.external_data == (vision_data,)
     written = finish_bundle(work, manifest, list(manifest.files), {**manifest.variants, "fp32": variant})
     assert {data, vision_data} <= set(written.files)
+    assert written.variants["fp32"].files == (old.file, old.vision.file, data, vision_data)
     assert Manifest.read(work / "manifest.json").variants["fp32"].vision.external_data == (vision_data,)
 
     moved = edge_embed.load(work, precision="fp32")
